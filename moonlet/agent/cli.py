@@ -123,9 +123,10 @@ class Session:
         if launch["base_url"]:
             url = launch["base_url"]
         else:
-            if not launch["model_path"] and not self.saved:
-                from .profiles import bundled_tiny_profile
-                profile = bundled_tiny_profile()  # the bundled model only knows its trained tools
+            if not self.saved:
+                from .profiles import model_profile
+                # a small trained model (the bundled one included) only knows the tools it was trained with
+                profile = model_profile(launch["model_path"])
                 if profile:
                     launch["tools"] = launch["tools"] or profile["tools"]
                     launch["tool_overrides"] = profile["overrides"]
@@ -346,11 +347,12 @@ async def _run_async(args, resume: bool) -> int:
 
 def _main(args, resume: bool) -> int:
     from .client import APIError
+    from .loop import ContextTooSmall
     from .tools.base import ToolError
     from .tools.mcp import McpError
     try:
         return asyncio.run(_run_async(args, resume))
-    except (APIError, McpError, RuntimeError, ToolError) as e:
+    except (APIError, ContextTooSmall, McpError, RuntimeError, ToolError) as e:
         # the session (if one started) is saved; say what failed and how to go on
         print(f"moonlet agent: error: {e}", file=sys.stderr)
         return 1

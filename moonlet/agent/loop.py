@@ -25,6 +25,13 @@ from .tools.workspace import Workspace
 MAX_RESULT_CHARS = 60_000  # a backstop; tools truncate their own output sooner, with a note
 
 
+MIN_REPLY_TOKENS = 16  # a compacted context must leave at least this much of the window for a reply
+
+
+class ContextTooSmall(ValueError):
+    """The fixed part of the context (system prompt, tools, the user's messages) cannot fit the window."""
+
+
 @dataclass
 class Budgets:
     """Limits over the whole session (resumed runs included); None means unlimited."""
@@ -300,9 +307,17 @@ class Agent:
         if not any(m["_kind"] != "head" for m in self.messages):
             return
         before = self.last_tokens or (await self.counter.count(self.request(), exact_above=None))[0]
+        fixed, _ = await self.counter.count(self.request(messages=[{"role": "user", "content": "."}]),
+                                            exact_above=0)
+        if fixed + MIN_REPLY_TOKENS > self.config.context_window:
+            self._too_small(before, None, fixed)  # no summary could help: do not spend a model call on one
         result = await self.compressor.compact(self, instructions)
         for usage in result.usages:
             self._add_usage(usage, "compaction", result.started_at, 0.0, None)
+        after, _ = await self.counter.count(self.request(messages=[dict(result.head, _kind="head")] + result.tail),
+                                            exact_above=0)
+        if after + MIN_REPLY_TOKENS > self.config.context_window:
+            self._too_small(before, after, fixed)
         head = self._append(result.head, "head")
         self.messages.pop()  # _append put it last; it belongs first
         self.messages = [head] + result.tail
@@ -315,6 +330,17 @@ class Agent:
                                      summarized=result.summarized, summary=result.summary,
                                      context=[m["_seq"] for m in self.messages])
         self.events.compaction(self, reason, before, after, result)
+
+    def _too_small(self, before: int, after: int | None, fixed: int) -> None:
+        """The compacted context would leave no room for a reply: the system prompt, the tool
+        definitions and the user's own messages (kept verbatim) fill the window. Nothing is changed;
+        compacting again would only grow the context."""
+        raise ContextTooSmall(
+            f"the context does not fit the model's {self.config.context_window}-token window even after "
+            f"compaction ({before} tokens{'' if after is None else f', {after} after compacting'}): the system "
+            f"prompt and {len(self.tools.tools)} tool definitions alone take {fixed}. Offer fewer tools (--tools), "
+            f"shorten the system prompt or the task, or use a model with a larger window (--context-window if "
+            f"the server's window is larger than assumed)")
 
     def _add_usage(self, usage: dict, purpose: str, t0: float, duration: float, stop_reason) -> None:
         self.state.input_tokens += int(usage.get("input_tokens") or 0)

@@ -1,28 +1,75 @@
 """Tool profiles: which tools an agent offers, and under which descriptions.
 
-The bundled moonlet-tiny is a small demonstration model trained on conversations with exactly two
-tools (calculator and read_file, declared as in `moonlet.train.synth.TOOLS`) and a few fixed system
-prompts. It only calls tools reliably when the request looks like its training data, so when the
-agent serves the bundled model it offers those two tools with the trained names, descriptions and
-schemas, and the trained system prompt."""
+A small model only calls tools reliably when the request looks like its training data. A checkpoint
+can say so in an ``agent_profile.json`` next to its config.json::
+
+    {"tools": [{"name": "calculator", "description": "...", "input_schema": {...}}, ...],
+     "system_prompt": "You are ..."}
+
+(tools in the Anthropic shape, or OpenAI's ``{"type": "function", "function": {...}}``). When the agent
+serves such a checkpoint itself it offers exactly those tools, with the trained names, descriptions
+and schemas, and the trained system prompt. The tiny recipe writes the file on export, so the bundled
+moonlet-tiny (trained with calculator and read_file, `moonlet.train.synth.TOOLS`) and any checkpoint
+trained with the recipe carry their profile; other checkpoints get every tool."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 from .tools.base import ToolError, ToolRegistry
 
+PROFILE_FILE = "agent_profile.json"
 
-def bundled_tiny_profile() -> dict | None:
-    """{"tools": [...], "overrides": {name: {description, input_schema}}, "system_prompt": str} or None."""
-    try:
-        from moonlet.train.synth import SYSTEM_PROMPTS, TOOLS
-    except ImportError:
-        return None
-    overrides = {}
-    for t in TOOLS:
-        fn = t.get("function", t)
-        overrides[fn["name"]] = {"description": fn.get("description", ""), "input_schema": fn["parameters"]}
-    system = next((p for p in SYSTEM_PROMPTS if p), None)
+
+def _normalize_tool(spec: dict, where: str) -> tuple[str, dict]:
+    fn = spec.get("function", spec) if isinstance(spec, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise ValueError(f"{where}: each tool needs a name (Anthropic or OpenAI shape); got {spec!r}")
+    schema = fn.get("input_schema", fn.get("parameters", {"type": "object", "properties": {}}))
+    return fn["name"], {"description": fn.get("description", ""), "input_schema": schema}
+
+
+def profile_from_dict(data: dict, where: str = PROFILE_FILE) -> dict:
+    """{"tools": [names], "overrides": {name: {description, input_schema}}, "system_prompt": str|None}."""
+    if not isinstance(data, dict) or not isinstance(data.get("tools"), list) or not data["tools"]:
+        raise ValueError(f"{where}: expected an object with a non-empty \"tools\" list")
+    overrides = dict(_normalize_tool(t, where) for t in data["tools"])
+    system = data.get("system_prompt")
+    if system is not None and not isinstance(system, str):
+        raise ValueError(f"{where}: \"system_prompt\" must be a string")
     return {"tools": list(overrides), "overrides": overrides, "system_prompt": system}
+
+
+def checkpoint_profile(model_dir: str | os.PathLike) -> dict | None:
+    """The profile a checkpoint directory declares (see the module docstring), or None."""
+    path = Path(model_dir) / PROFILE_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); fix or delete it") from None
+    return profile_from_dict(data, str(path))
+
+
+def model_profile(model_path: str | os.PathLike | None) -> dict | None:
+    """The profile for the model the agent serves itself: the checkpoint's own file, or for the
+    bundled moonlet-tiny (``model_path`` None) the trained profile when its file is missing."""
+    if model_path is not None:
+        return checkpoint_profile(model_path)
+    from moonlet.assets import default_model_path
+
+    try:
+        found = checkpoint_profile(default_model_path())
+    except FileNotFoundError:
+        found = None
+    if found is None:
+        from moonlet.train.synth import agent_profile
+
+        found = profile_from_dict(agent_profile())
+    return found
 
 
 def apply_profile(registry: ToolRegistry, names: list[str] | None, overrides: dict | None) -> ToolRegistry:

@@ -33,6 +33,16 @@ TOOLS = [
         "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}},
 ]
 SYSTEM_PROMPTS = [None, "You are moonlet-tiny, a small assistant that uses tools.", "You are a helpful assistant."]
+
+
+def agent_profile() -> dict:
+    """What a model trained on these tasks knows, as `moonlet agent` reads it from a checkpoint's
+    agent_profile.json: the tool declarations (Anthropic shape) and a trained system prompt."""
+    tools = [{"name": t["function"]["name"], "description": t["function"]["description"],
+              "input_schema": t["function"]["parameters"]} for t in TOOLS]
+    return {"tools": tools, "system_prompt": next(p for p in SYSTEM_PROMPTS if p)}
+
+
 HELDOUT_BUCKETS = 10  # 1 in 10 task keys is held out for evaluation
 
 _DIRS = ["notes", "data", "docs", "src", "logs", "tmp", "home/me", "project", "reports", "config"]
@@ -137,8 +147,28 @@ def run_tool(task: Task, name: str, arguments: dict) -> str:
 
 
 # ---- task generation ------------------------------------------------------------------------------
+class TaskRandom(random.Random):
+    """The task generator's random source, carrying the knobs that change what is drawn."""
+
+    wide_operands: float = 0.0
+
+
+def _wide_expr(rng: random.Random, ops: int) -> str:
+    """Up to two operators over operands of 1 to 4 digits (1..9999), no parentheses."""
+    terms = [str(rng.randint(1, 9999))]
+    for _ in range(min(ops, 2)):
+        terms += [rng.choice(["+", "-", "*"]), str(rng.randint(1, 9999))]
+    return " ".join(terms)
+
+
 def _expr(rng: random.Random, ops: int) -> str:
-    """A random expression with ``ops`` operators, small operands, sometimes parenthesized."""
+    """A random expression with ``ops`` operators, small operands, sometimes parenthesized; with
+    probability ``rng.wide_operands`` (a :class:`TaskRandom` knob, 0 by default) it is a wide one
+    instead (:func:`_wide_expr`). With the knob at 0 no extra number is drawn, so the tasks of a
+    given seed stay exactly what they were before the knob existed."""
+    wide = getattr(rng, "wide_operands", 0.0)
+    if wide and rng.random() < wide:
+        return _wide_expr(rng, ops)
     terms = [str(rng.randint(1, 99 if ops < 3 else 30))]
     for _ in range(ops):
         op = rng.choice(["+", "-", "*"])
@@ -265,15 +295,21 @@ def is_heldout(task: Task) -> bool:
 
 
 def generate_tasks(n: int, seed: int, heldout: bool = False, mix: dict[str, float] | None = None,
-                   quote_paths: bool = False) -> list[Task]:
+                   quote_paths: bool = False, wide_operands: float = 0.0) -> list[Task]:
     """``n`` tasks from ``mix`` (kind -> weight). ``heldout=True`` gives evaluation tasks, which no
     training call (``heldout=False``) ever produces. Chat tasks are never held out.
 
     ``quote_paths`` writes file paths in user requests in double quotes (``What's in "notes/a.txt"?``):
     the pre-tokenizer then cuts the path into the same tokens as in the tool call's JSON arguments,
-    which makes copying it much easier for a small model. The tasks are otherwise the same."""
+    which makes copying it much easier for a small model. The tasks are otherwise the same.
+
+    ``wide_operands`` (0..1) is the fraction of arithmetic expressions drawn with operands of up to
+    four digits (``1234 * 5678``) instead of the usual one or two."""
+    if not 0.0 <= wide_operands <= 1.0:
+        raise ValueError(f"wide_operands must be between 0 and 1; got {wide_operands!r}")
     mix = mix or (EVAL_MIX if heldout else TRAIN_MIX)
-    rng = random.Random(seed)
+    rng = TaskRandom(seed)
+    rng.wide_operands = wide_operands
     kinds, weights = zip(*sorted(mix.items()))
     out = []
     while len(out) < n:

@@ -56,16 +56,33 @@ def test_bad_arguments_give_clear_errors(tmp_path):
 
 
 def test_tools_flag_and_the_bundled_model_profile(tmp_path):
-    from moonlet.agent.profiles import apply_profile, bundled_tiny_profile
+    import json
+
+    import pytest
+
+    from moonlet.agent.profiles import PROFILE_FILE, apply_profile, checkpoint_profile, model_profile
     from moonlet.agent.tools import make_tools
     from moonlet.train.synth import SYSTEM_PROMPTS, TOOLS
 
-    profile = bundled_tiny_profile()
+    trained = [{"name": t["function"]["name"], "description": t["function"]["description"],
+                "input_schema": t["function"]["parameters"]} for t in TOOLS]
+    profile = model_profile(None)  # the bundled moonlet-tiny
     specs = apply_profile(make_tools(), profile["tools"], profile["overrides"]).specs()
     # exactly the declarations moonlet-tiny was trained with, in the Anthropic tool shape
-    assert specs == [{"name": t["function"]["name"], "description": t["function"]["description"],
-                      "input_schema": t["function"]["parameters"]} for t in TOOLS]
+    assert specs == trained
     assert profile["system_prompt"] in SYSTEM_PROMPTS
+
+    # any checkpoint directory can declare its profile (OpenAI-shaped tools accepted); none: all tools
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    assert model_profile(ckpt) is None
+    (ckpt / PROFILE_FILE).write_text(json.dumps({"tools": TOOLS[:1], "system_prompt": "Use the calculator."}))
+    own = checkpoint_profile(ckpt)
+    assert own["tools"] == ["calculator"] and own["system_prompt"] == "Use the calculator."
+    assert apply_profile(make_tools(), own["tools"], own["overrides"]).specs() == trained[:1]
+    (ckpt / PROFILE_FILE).write_text('{"tools": []}')
+    with pytest.raises(ValueError, match="non-empty"):
+        checkpoint_profile(ckpt)
 
     with ScriptedEndpoint(lambda body: Reply([text("ok")])) as ep:
         base = [sys.executable, "-m", "moonlet", "agent", "run", "hi", "--base-url", ep.url, "--model-name", "s",

@@ -165,3 +165,36 @@ def test_parse_sections_is_fixed_shape():
     assert "intro line" in parsed["Important context"]
     rendered = render_summary(parsed)
     assert [line for line in rendered.splitlines() if line.startswith("## ")] == [f"## {s}" for s in SUMMARY_SECTIONS]
+
+
+def test_context_that_cannot_fit_fails_clearly_without_calling_the_model(tmp_path):
+    """All tools at a 1,024-token window: the system prompt and tool definitions alone overflow it.
+    Compaction has nothing to summarize, so the run stops with an error that says so (and how to go
+    on) instead of growing the context and sending a request the server must reject."""
+    import pytest
+
+    from moonlet.agent.loop import ContextTooSmall
+
+    calls = []
+
+    def script(body):
+        calls.append(body)
+        return Reply([text("should not be reached")])
+
+    async def go(url):
+        agent = make_agent(url, tmp_path, context_window=1024, max_tokens=200)
+        try:
+            with pytest.raises(ContextTooSmall, match=r"1024-token window.*tool definitions.*--tools"):
+                await agent.run(TASK)
+            return agent
+        finally:
+            await agent.close()
+            await agent.client.aclose()
+
+    with ScriptedEndpoint(script, window=1024) as ep:
+        agent = asyncio.run(go(ep.url))
+    assert calls == [] and ep.oversized == []
+    assert agent.store.compactions(agent.session_id) == []
+    session = agent.store.get_session(agent.session_id)
+    assert session["status"] == "failed" and "ContextTooSmall" in session["error"]
+    assert [m["content"] for m in agent.store.messages(agent.session_id)] == [TASK]  # the task is kept

@@ -45,6 +45,26 @@ def test_tasks_are_consistent_with_their_tools():
             assert task.expect in task.answer
 
 
+def test_wide_operands_mix_in_four_digit_arithmetic_and_leave_other_seeds_alone():
+    import re
+
+    from moonlet.train.synth import TASK_MIX
+
+    base = generate_tasks(400, seed=11, mix=TASK_MIX)
+    assert [t.user for t in generate_tasks(400, seed=11, mix=TASK_MIX, wide_operands=0.0)] == [t.user for t in base]
+    wide = generate_tasks(400, seed=11, mix=TASK_MIX, wide_operands=0.5)
+    arith = [t for t in wide if t.kind in ("calc", "calc_chain")]
+    big = [t for t in arith if re.search(r"\b\d{4}\b", t.calls[0][1]["expression"])]
+    assert 0.25 * len(arith) < len(big) < 0.75 * len(arith)
+    assert not any(re.search(r"\b\d{4}\b", t.calls[0][1]["expression"]) for t in base
+                   if t.kind in ("calc", "calc_chain"))
+    for task in big:  # the answers are still what Python computes
+        expr = task.calls[0][1]["expression"]
+        assert run_tool(task, "calculator", {"expression": expr}) == str(eval(expr))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        generate_tasks(5, seed=1, wide_operands=1.5)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     return Tokenizer.from_pretrained(tiny_tokenizer_dir(tmp_path_factory.mktemp("tok")))

@@ -147,10 +147,11 @@ def test_tiny_recipe_phases_chain():
     from moonlet.train.recipes import get_recipe
 
     tiny = get_recipe("tiny")
-    (n1, pre), (n2, tasks), (n3, polish) = tiny.phases("out")
-    assert (n1, n2, n3) == ("pretrain", "tasks", "polish")
-    assert tasks.init_from == pre.out_dir and polish.init_from == tasks.out_dir
-    assert tasks.tokenizer_dir == pre.tokenizer_dir == polish.tokenizer_dir
+    (n1, pre), (n2, tasks), (n3, polish), (n4, digits) = tiny.phases("out")
+    assert (n1, n2, n3, n4) == ("pretrain", "tasks", "polish", "digits")
+    assert tasks.init_from == pre.out_dir and polish.init_from == tasks.out_dir and digits.init_from == polish.out_dir
+    assert tasks.tokenizer_dir == pre.tokenizer_dir == polish.tokenizer_dir == digits.tokenizer_dir
+    assert len({pre.train_data, tasks.train_data, polish.train_data, digits.train_data}) == 4
     cfg = pre.model_config()
     assert cfg.n_routed_experts >= 8 and cfg.num_experts_per_tok == 2 and cfg.n_shared_experts == 1
     assert cfg.first_k_dense_replace == 1 and 10e6 <= cfg.param_counts()["total"] <= 30e6

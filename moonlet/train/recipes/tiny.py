@@ -8,8 +8,10 @@ K2-format conversations (plain answers and calculator / read_file tool use, loss
 Three phases, all MuonClip at lr 2e-3, each starting from the previous one's weights: "pretrain"
 (700 steps, constant lr after warmup) on the mix above; "tasks" (400 steps, constant) on a
 conversation-heavy mix with dense copying practice and a little code; "polish" (400 steps, WSD with
-the decay over the last 40%) on the same mix with file paths quoted in the requests. About 1,500
-steps of 16 x 384 tokens (9.2M tokens), a bit over an hour on two CPU cores.
+the decay over the last 40%) on the same mix with file paths quoted in the requests; "digits"
+(150 steps at lr 1e-3, WSD) on that mix where half of the arithmetic uses operands of up to four
+digits, which the earlier phases never show (``1234 * 5678``). About 1,650 steps of 16 x 384 tokens
+(10.1M tokens), a bit over an hour on two CPU cores.
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ TASK_CONVERSATIONS = 24000
 TASK_CODE_CHARS = 400_000
 POLISH_STEPS = 400
 POLISH_CONVERSATIONS = 16000
+DIGITS_STEPS = 150
+DIGITS_CONVERSATIONS = 10000
+DIGITS_CODE_CHARS = 300_000
+DIGITS_WIDE_OPERANDS = 0.5
 
 
 def train_config(out_dir: str | os.PathLike = "runs/tiny", **overrides) -> TrainConfig:
@@ -94,10 +100,21 @@ def polish_config(out_dir: str | os.PathLike = "runs/tiny", **overrides) -> Trai
     return TrainConfig.from_dict(base)
 
 
+def digits_config(out_dir: str | os.PathLike = "runs/tiny", **overrides) -> TrainConfig:
+    """Phase 4, "digits": polish's mix (quoted paths) with half of the expressions over operands of
+    up to four digits, at half polish's lr; warmup, stable, decay over the last 40%."""
+    out = Path(out_dir)
+    base = polish_config(out_dir).to_dict()
+    base.update(train_data=str(out / "data" / "digits"), out_dir=str(out / "digits"), init_from=str(out / "polish"),
+                max_steps=DIGITS_STEPS, lr=1e-3, seed=5)
+    base.update(overrides)
+    return TrainConfig.from_dict(base)
+
+
 def phases(out_dir: str | os.PathLike = "runs/tiny", **overrides) -> list[tuple[str, TrainConfig]]:
     """The recipe's training phases in order; ``overrides`` apply to every phase."""
     return [("pretrain", train_config(out_dir, **overrides)), ("tasks", task_config(out_dir, **overrides)),
-            ("polish", polish_config(out_dir, **overrides))]
+            ("polish", polish_config(out_dir, **overrides)), ("digits", digits_config(out_dir, **overrides))]
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -185,18 +202,20 @@ def build_datasets(cfg: TrainConfig, log=print) -> None:
         yield from code[ci:]
 
     root = Path(cfg.train_data).parent
-    for split, n_conv, seed, heldout, chars, skip, mix, quote in (
-            ("train", TRAIN_CONVERSATIONS, DATA_SEED, False, CODE_CHARS, 0, TRAIN_MIX, False),
-            ("eval", EVAL_CONVERSATIONS, EVAL_DATA_SEED, True, EVAL_CODE_CHARS, CODE_CHARS, None, False),
-            ("tasks", TASK_CONVERSATIONS, DATA_SEED + 2, False, TASK_CODE_CHARS, 0, TASK_MIX, False),
-            ("polish", POLISH_CONVERSATIONS, DATA_SEED + 3, False, TASK_CODE_CHARS, 0, TASK_MIX, True)):
+    for split, n_conv, seed, heldout, chars, skip, mix, quote, wide in (
+            ("train", TRAIN_CONVERSATIONS, DATA_SEED, False, CODE_CHARS, 0, TRAIN_MIX, False, 0.0),
+            ("eval", EVAL_CONVERSATIONS, EVAL_DATA_SEED, True, EVAL_CODE_CHARS, CODE_CHARS, None, False, 0.0),
+            ("tasks", TASK_CONVERSATIONS, DATA_SEED + 2, False, TASK_CODE_CHARS, 0, TASK_MIX, False, 0.0),
+            ("polish", POLISH_CONVERSATIONS, DATA_SEED + 3, False, TASK_CODE_CHARS, 0, TASK_MIX, True, 0.0),
+            ("digits", DIGITS_CONVERSATIONS, DATA_SEED + 4, False, DIGITS_CODE_CHARS, 0, TASK_MIX, True,
+             DIGITS_WIDE_OPERANDS)):
         target = root / split
         if (target / "meta.json").is_file():
             continue
         log(f"building {split} data: {n_conv} conversations + {chars / 1e6:.2f}M characters of stdlib code")
-        tasks = generate_tasks(n_conv, seed=seed, heldout=heldout, mix=mix, quote_paths=quote)
+        tasks = generate_tasks(n_conv, seed=seed, heldout=heldout, mix=mix, quote_paths=quote, wide_operands=wide)
         info = {"conversations": n_conv, "code_chars": chars, "seed": seed, "heldout": heldout, "mix": mix,
-                "quote_paths": quote}
+                "quote_paths": quote, "wide_operands": wide}
         write_dataset(mixed(code_docs(code_texts(chars, skip)), chat_docs(tasks)), target, vocab, info=info)
 
 
@@ -218,8 +237,8 @@ def match_tokenizer(cfg: TrainConfig) -> None:
 
 
 def finish(cfg: TrainConfig, trainer, export_dir: str | os.PathLike | None = None, log=print) -> Path:
-    """Write the trained model in bf16 with its tokenizer (the shipped form) to ``export_dir``
-    (default: OUT/final) and a training summary next to it."""
+    """Write the trained model in bf16 with its tokenizer and agent profile (the shipped form) to
+    ``export_dir`` (default: OUT/final) and a training summary next to it."""
     from ...weights import save_model
 
     import torch
@@ -227,6 +246,10 @@ def finish(cfg: TrainConfig, trainer, export_dir: str | os.PathLike | None = Non
     dest = Path(export_dir) if export_dir else Path(cfg.out_dir) / "final"
     save_model(trainer.model, dest, dtype=torch.bfloat16)
     copy_tokenizer(cfg.tokenizer_dir, dest)
+    # the tools and system prompt it was trained with, which `moonlet agent` offers when serving it
+    from ..synth import agent_profile
+
+    (dest / "agent_profile.json").write_text(json.dumps(agent_profile(), indent=2) + "\n")
     summary = {
         "steps": trainer.step, "tokens": trainer.step * cfg.seq_len * cfg.batch_size * cfg.grad_accum,
         "final_loss": trainer.metrics[-1]["loss"] if trainer.metrics else None,
