@@ -1,0 +1,7 @@
+"""Fast paths for the CUDA engine, each with the plain-PyTorch reference it is tested against.
+
+- ``moe``: routed experts as grouped GEMMs over expert-sorted tokens (the shared expert fused in).
+- ``mla_decode``: absorbed MLA decode over the paged latent cache as a Triton kernel.
+
+Everything here imports without CUDA or Triton; the functions that need them say so when called.
+"""
