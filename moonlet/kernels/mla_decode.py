@@ -1,0 +1,314 @@
+"""Absorbed MLA decode over the paged latent cache as a Triton flash-decoding kernel.
+
+Drop-in for ``moonlet.engine.attention.paged_decode_attention`` (same signature, same result up to
+bf16 rounding): each decode query is the absorbed ``q_latent | q_pe`` [h, kv_lora + rope]; each
+cached token is ``latent | k_pe`` in the pool; scores are q . key, and the values are the keys'
+first kv_lora columns.
+
+Two launches:
+
+1. ``_split_kernel``, grid (head groups, splits, sequences). A program takes one sequence, a group
+   of its heads (all of them when there are at most ``MAX_HEADS_PER_PROGRAM``) and one contiguous
+   share of its context. It loads the group's queries once, then walks its tokens in tiles of
+   ``BLOCK_N`` rows gathered through the block table: each tile [BLOCK_N, kv_lora + rope] is loaded
+   once and serves both the scores of every head in the group (two dots, latent part and rope part,
+   so D = 576 needs no padding to 1024) and the value product (its latent columns). Online softmax
+   in fp32; it writes the split's normalized output and log-sum-exp.
+2. ``_merge_kernel`` combines the splits by log-sum-exp (``merge_split_outputs`` is the same in
+   torch: the reference it is tested against). With one split the first launch writes the result.
+
+Why head groups: a program holding all 64 heads of Kimi K2 would need a [64, 512] fp32 accumulator
+plus the [64, 576] queries in registers, more than one SM's register file. The groups of one
+(sequence, split) are adjacent in launch order, so the repeat reads of a tile come from L2, not HBM.
+
+The module imports without Triton; the kernel functions raise a clear error when called without it.
+Under ``TRITON_INTERPRET=1`` (set before this module is imported) the kernels run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU engine and the reference never need it
+    triton = None
+    tl = None
+
+# Heads one program handles at most (see the module docstring). tl.dot needs M >= 16, so smaller
+# head counts are padded up to 16 with masked rows.
+MAX_HEADS_PER_PROGRAM = 32
+# Tokens per tile: rows of the gathered latent tile; also the K dimension of the value dot (>= 16).
+BLOCK_N = 32
+# A split should read many more latent bytes than it writes partial-output bytes
+# (h x kv_lora fp32 per split, ~ as much as 28 tokens' latents at 16 heads): at least this many tokens.
+MIN_TOKENS_PER_SPLIT = 256
+MAX_SPLITS = 64
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+# Whether the kernels below were built for the interpreter (triton.jit decides when it decorates).
+_INTERPRET = _interpreting()
+
+
+def available() -> bool:
+    """True when the Triton kernel can serve the CUDA engine here: Triton importable and a CUDA GPU
+    of compute capability 8.0 or newer (bf16 tensor-core dots)."""
+    if triton is None or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability()[0] >= 8
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few programs are plenty
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+def heads_per_program(num_heads: int) -> int:
+    """Heads one program computes: all of them up to ``MAX_HEADS_PER_PROGRAM``, padded to a power of
+    two >= 16 (tl.dot's minimum M)."""
+    return min(max(16, _next_pow2(num_heads)), MAX_HEADS_PER_PROGRAM)
+
+
+def choose_num_splits(num_seqs: int, num_head_groups: int, max_ctx: int, num_sms: int) -> int:
+    """Splits of each sequence's context (flash-decoding).
+
+    About two programs per SM (``2 * num_sms`` over sequences x head groups, rounded down), but
+    never a split shorter than ``MIN_TOKENS_PER_SPLIT`` tokens of ``max_ctx`` (each split costs an
+    [h, kv_lora] fp32 partial write and read) and never more than ``MAX_SPLITS``. ``max_ctx`` comes
+    from the block table's width, not the context lengths, so choosing needs no device sync and is
+    fixed for a CUDA-graph-captured batch shape.
+    """
+    by_length = -(-max_ctx // MIN_TOKENS_PER_SPLIT)
+    by_occupancy = 2 * num_sms // max(1, num_seqs * num_head_groups)
+    return max(1, min(by_length, by_occupancy, MAX_SPLITS))
+
+
+def merge_split_outputs(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Combine attention computed over disjoint key splits.
+
+    out [..., splits, C]: each split's softmax-normalized output; lse [..., splits]: each split's
+    log-sum-exp of scores (natural log; -inf for an empty split, whose ``out`` must be finite)
+    -> [..., C] float32, the attention over the union of the splits.
+    """
+    lse = lse.float()
+    top = lse.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # all splits empty: no shift
+    weights = torch.exp(lse - top)  # [..., splits]
+    return (out.float() * weights[..., None]).sum(dim=-2) / weights.sum(dim=-1, keepdim=True)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _split_kernel(
+        q_ptr, pool_ptr, tables_ptr, ctx_ptr, out_ptr, lse_ptr,
+        num_heads, kv_lora, rope, table_width, qk_scale_log2,
+        q_s0, q_s1, q_s2,
+        p_s0, p_s1, p_s2,
+        t_s0, t_s1,
+        o_s0, o_s1, o_s2, o_s3,
+        l_s0, l_s1, l_s2,
+        BLOCK_SIZE: tl.constexpr,  # tokens per cache block (any positive int)
+        BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        DOTS_IN_FP32: tl.constexpr,  # interpreter only: its tl.dot mistakes bf16 for uint16
+    ):
+        pid_h = tl.program_id(0)
+        pid_split = tl.program_id(1)
+        seq = tl.program_id(2).to(tl.int64)
+
+        # Never past the block table (the reference's bound too): a bad length cannot read stray memory.
+        ctx_len = tl.minimum(tl.load(ctx_ptr + seq).to(tl.int32), table_width * BLOCK_SIZE)
+        # This split's tokens [start, end), aligned to whole tiles.
+        tiles = tl.cdiv(ctx_len, BLOCK_N)
+        tiles_per_split = tl.cdiv(tiles, NUM_SPLITS)
+        start = pid_split * tiles_per_split * BLOCK_N
+        end = tl.minimum(start + tiles_per_split * BLOCK_N, ctx_len)
+
+        heads = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
+        head_ok = heads < num_heads
+        cols_c = tl.arange(0, BLOCK_C)  # latent columns
+        cols_r = tl.arange(0, BLOCK_R)  # rope columns (after the latent ones)
+        c_ok = cols_c < kv_lora
+        r_ok = cols_r < rope
+
+        q_rows = q_ptr + seq * q_s0 + heads[:, None] * q_s1
+        q_c = tl.load(q_rows + cols_c[None, :] * q_s2, mask=head_ok[:, None] & c_ok[None, :], other=0.0)
+        q_r = tl.load(q_rows + (kv_lora + cols_r[None, :]) * q_s2, mask=head_ok[:, None] & r_ok[None, :],
+                      other=0.0)
+        # Dot operands in the pool's dtype (values rounded as on the GPU; exact upcast when DOTS_IN_FP32).
+        q_c = q_c.to(pool_ptr.dtype.element_ty)
+        q_r = q_r.to(pool_ptr.dtype.element_ty)
+        if DOTS_IN_FP32:
+            q_c = q_c.to(tl.float32)
+            q_r = q_r.to(tl.float32)
+
+        m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # running max (log2 units)
+        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)  # running sum of exp2
+        acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+
+        for t0 in range(start, end, BLOCK_N):
+            toks = t0 + tl.arange(0, BLOCK_N)  # [BN] positions in the sequence
+            tok_ok = toks < end
+            block_ids = tl.load(tables_ptr + seq * t_s0 + (toks // BLOCK_SIZE) * t_s1, mask=tok_ok, other=0)
+            rows = pool_ptr + block_ids.to(tl.int64) * p_s0 + (toks % BLOCK_SIZE) * p_s1  # [BN] row starts
+            k_c = tl.load(rows[:, None] + cols_c[None, :] * p_s2, mask=tok_ok[:, None] & c_ok[None, :],
+                          other=0.0)  # [BN, BC]: the latents, also the values
+            k_r = tl.load(rows[:, None] + (kv_lora + cols_r[None, :]) * p_s2,
+                          mask=tok_ok[:, None] & r_ok[None, :], other=0.0)  # [BN, BR]
+            if DOTS_IN_FP32:
+                k_c = k_c.to(tl.float32)
+                k_r = k_r.to(tl.float32)
+
+            s = tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PRECISION)
+            s = tl.dot(q_r, tl.trans(k_r), acc=s, input_precision=DOT_PRECISION)  # [BH, BN]
+            s = tl.where(tok_ok[None, :], s * qk_scale_log2, float("-inf"))
+
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile has a valid token
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+            p = p.to(pool_ptr.dtype.element_ty)
+            if DOTS_IN_FP32:
+                p = p.to(tl.float32)
+            acc = tl.dot(p, k_c, acc=acc, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        # An empty split (start >= end) leaves l_i = 0: output 0, lse -inf, weight 0 in the merge.
+        has = l_i > 0
+        out = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+
+        o_rows = out_ptr + seq * o_s0 + heads[:, None] * o_s1 + pid_split * o_s2
+        tl.store(o_rows + cols_c[None, :] * o_s3, out, mask=head_ok[:, None] & c_ok[None, :])
+        tl.store(lse_ptr + seq * l_s0 + heads * l_s1 + pid_split * l_s2, lse, mask=head_ok)
+
+    @triton.jit
+    def _merge_kernel(
+        part_ptr, lse_ptr, out_ptr, num_heads, kv_lora, num_splits,
+        p_s0, p_s1, p_s2, p_s3,
+        l_s0, l_s1, l_s2,
+        o_s0, o_s1, o_s2,
+        BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        # One program per (sequence, head): weights exp(lse_k - max lse) over its splits.
+        head = tl.program_id(0)
+        seq = tl.program_id(1).to(tl.int64)
+        ks = tl.arange(0, BLOCK_SPLITS)
+        k_ok = ks < num_splits
+        cols = tl.arange(0, BLOCK_C)
+        c_ok = cols < kv_lora
+        lse = tl.load(lse_ptr + seq * l_s0 + head * l_s1 + ks * l_s2, mask=k_ok, other=float("-inf"))
+        top = tl.max(lse, axis=0)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        w = tl.exp(lse - top)  # [splits]; 0 for empty or padded splits
+        parts = tl.load(part_ptr + seq * p_s0 + head * p_s1 + ks[:, None] * p_s2 + cols[None, :] * p_s3,
+                        mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        out = tl.sum(parts * w[:, None], axis=0) / tl.sum(w, axis=0)
+        tl.store(out_ptr + seq * o_s0 + head * o_s1 + cols * o_s2, out, mask=c_ok)
+
+
+def _check(q: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor, ctx_lens: torch.Tensor,
+           kv_lora: int) -> None:
+    if q.dim() != 3 or pool.dim() != 3:
+        raise ValueError(f"paged_decode_attention_triton: q must be [S, h, D] and pool [num_blocks, block_size, D]; "
+                         f"got q {tuple(q.shape)}, pool {tuple(pool.shape)}")
+    S, _, D = q.shape
+    if pool.shape[2] != D:
+        raise ValueError(f"paged_decode_attention_triton: q has D={D} but the pool's entries have {pool.shape[2]}")
+    if not 0 < kv_lora < D:
+        raise ValueError(f"paged_decode_attention_triton: kv_lora={kv_lora} must be in (0, D={D})")
+    if block_tables.dim() != 2 or block_tables.shape[0] != S or tuple(ctx_lens.shape) != (S,):
+        raise ValueError(f"paged_decode_attention_triton: expected block_tables [S={S}, nb] and ctx_lens [{S}]; "
+                         f"got {tuple(block_tables.shape)} and {tuple(ctx_lens.shape)}")
+    if block_tables.dtype.is_floating_point or ctx_lens.dtype.is_floating_point:
+        raise ValueError("paged_decode_attention_triton: block_tables and ctx_lens must be integer tensors")
+    for name, dt in (("q", q.dtype), ("pool", pool.dtype)):
+        if dt not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"paged_decode_attention_triton: {name} dtype {dt} is not float32/bfloat16/float16")
+    devices = {t.device for t in (q, pool, block_tables, ctx_lens)}
+    if len(devices) != 1:
+        raise ValueError(f"paged_decode_attention_triton: all inputs must be on one device, got {sorted(map(str, devices))}")
+    if triton is None:
+        raise RuntimeError("paged_decode_attention_triton needs the `triton` package (pip install triton); "
+                           "use moonlet.engine.attention.paged_decode_attention without it")
+    if q.device.type != "cuda" and not _INTERPRET:
+        raise ValueError(f"paged_decode_attention_triton: inputs are on {q.device}; the kernel runs on CUDA "
+                         "(or on CPU under TRITON_INTERPRET=1 set before importing moonlet.kernels.mla_decode)")
+
+
+def paged_decode_attention_triton(q: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor,
+                                  ctx_lens: torch.Tensor, scale: float, kv_lora: int, *,
+                                  num_splits: int | None = None, block_h: int | None = None) -> torch.Tensor:
+    """Same contract as ``moonlet.engine.attention.paged_decode_attention``:
+
+    q [S, h, D] (D = kv_lora + rope), pool [num_blocks, block_size, D], block_tables [S, nb] integer
+    (padded with any valid block id), ctx_lens [S] integer (>= 1) -> [S, h, kv_lora] float32.
+    Query s attends to its first ctx_lens[s] cached tokens; values are the keys' first kv_lora dims.
+
+    q is cast to the pool's dtype for the dots (fp32 accumulate). ``num_splits`` and ``block_h``
+    (heads per program: a power of two >= 16) override the heuristics (``choose_num_splits``,
+    ``heads_per_program``); for benchmarks and tests. No device sync: safe to capture in a CUDA graph.
+    """
+    _check(q, pool, block_tables, ctx_lens, kv_lora)
+    S, h, D = q.shape
+    block_size = pool.shape[1]
+    rope = D - kv_lora
+    if S > 65535:  # the launch grid's last axis
+        raise ValueError(f"paged_decode_attention_triton: {S} sequences in one call; at most 65535")
+    if S == 0:
+        return torch.empty(0, h, kv_lora, device=q.device, dtype=torch.float32)
+    bh = block_h or heads_per_program(h)
+    if bh < 16 or bh & (bh - 1):
+        raise ValueError(f"paged_decode_attention_triton: block_h={bh} must be a power of two >= 16")
+    groups = -(-h // bh)
+    splits = num_splits or choose_num_splits(S, groups, block_tables.shape[1] * block_size, _num_sms(q.device))
+    if splits < 1:
+        raise ValueError(f"paged_decode_attention_triton: num_splits={splits} must be >= 1")
+
+    part = torch.empty(S, h, splits, kv_lora, device=q.device, dtype=torch.float32)
+    lse = torch.empty(S, h, splits, device=q.device, dtype=torch.float32)
+    # fp32 pools: exact fp32 dots (the default would round operands to tf32); 16-bit: the default.
+    dot_precision = "ieee" if pool.dtype == torch.float32 else "tf32"
+    block_c = max(16, _next_pow2(kv_lora))
+    block_r = max(16, _next_pow2(rope))
+    num_warps = 4 if bh <= 16 else 8
+    _split_kernel[(groups, splits, S)](
+        q, pool, block_tables, ctx_lens, part, lse,
+        h, kv_lora, rope, block_tables.shape[1], float(scale) * math.log2(math.e),
+        *q.stride(), *pool.stride(), *block_tables.stride(), *part.stride(), *lse.stride(),
+        BLOCK_SIZE=block_size, BLOCK_H=bh, BLOCK_C=block_c, BLOCK_R=block_r, BLOCK_N=BLOCK_N,
+        NUM_SPLITS=splits, DOT_PRECISION=dot_precision,
+        DOTS_IN_FP32=_INTERPRET and pool.dtype == torch.bfloat16,
+        num_warps=num_warps, num_stages=2,
+    )
+    if splits == 1:
+        return part[:, :, 0]  # contiguous [S, h, kv_lora]
+    out = torch.empty(S, h, kv_lora, device=q.device, dtype=torch.float32)
+    _merge_kernel[(h, S)](
+        part, lse, out, h, kv_lora, splits,
+        *part.stride(), *lse.stride(), *out.stride(),
+        BLOCK_SPLITS=_next_pow2(splits), BLOCK_C=block_c,
+        num_warps=4,
+    )
+    return out
