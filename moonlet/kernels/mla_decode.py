@@ -121,12 +121,13 @@ if triton is not None:
     @triton.jit
     def _split_kernel(
         q_ptr, pool_ptr, tables_ptr, ctx_ptr, out_ptr, lse_ptr,
-        num_heads, kv_lora, rope, table_width, qk_scale_log2,
+        num_heads, table_width, qk_scale_log2,
         q_s0, q_s1, q_s2,
         p_s0, p_s1, p_s2,
         t_s0, t_s1,
         o_s0, o_s1, o_s2, o_s3,
         l_s0, l_s1, l_s2,
+        KV_LORA: tl.constexpr, ROPE: tl.constexpr,  # model constants: one compile per model, static masks
         BLOCK_SIZE: tl.constexpr,  # tokens per cache block (any positive int)
         BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
         NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -148,12 +149,12 @@ if triton is not None:
         head_ok = heads < num_heads
         cols_c = tl.arange(0, BLOCK_C)  # latent columns
         cols_r = tl.arange(0, BLOCK_R)  # rope columns (after the latent ones)
-        c_ok = cols_c < kv_lora
-        r_ok = cols_r < rope
+        c_ok = cols_c < KV_LORA
+        r_ok = cols_r < ROPE
 
         q_rows = q_ptr + seq * q_s0 + heads[:, None] * q_s1
         q_c = tl.load(q_rows + cols_c[None, :] * q_s2, mask=head_ok[:, None] & c_ok[None, :], other=0.0)
-        q_r = tl.load(q_rows + (kv_lora + cols_r[None, :]) * q_s2, mask=head_ok[:, None] & r_ok[None, :],
+        q_r = tl.load(q_rows + (KV_LORA + cols_r[None, :]) * q_s2, mask=head_ok[:, None] & r_ok[None, :],
                       other=0.0)
         # Dot operands in the pool's dtype (values rounded as on the GPU; exact upcast when DOTS_IN_FP32).
         q_c = q_c.to(pool_ptr.dtype.element_ty)
@@ -173,7 +174,7 @@ if triton is not None:
             rows = pool_ptr + block_ids.to(tl.int64) * p_s0 + (toks % BLOCK_SIZE) * p_s1  # [BN] row starts
             k_c = tl.load(rows[:, None] + cols_c[None, :] * p_s2, mask=tok_ok[:, None] & c_ok[None, :],
                           other=0.0)  # [BN, BC]: the latents, also the values
-            k_r = tl.load(rows[:, None] + (kv_lora + cols_r[None, :]) * p_s2,
+            k_r = tl.load(rows[:, None] + (KV_LORA + cols_r[None, :]) * p_s2,
                           mask=tok_ok[:, None] & r_ok[None, :], other=0.0)  # [BN, BR]
             if DOTS_IN_FP32:
                 k_c = k_c.to(tl.float32)
@@ -295,12 +296,13 @@ def paged_decode_attention_triton(q: torch.Tensor, pool: torch.Tensor, block_tab
     num_warps = 4 if bh <= 16 else 8
     _split_kernel[(groups, splits, S)](
         q, pool, block_tables, ctx_lens, part, lse,
-        h, kv_lora, rope, block_tables.shape[1], float(scale) * math.log2(math.e),
+        h, block_tables.shape[1], float(scale) * math.log2(math.e),
         *q.stride(), *pool.stride(), *block_tables.stride(), *part.stride(), *lse.stride(),
-        BLOCK_SIZE=block_size, BLOCK_H=bh, BLOCK_C=block_c, BLOCK_R=block_r, BLOCK_N=BLOCK_N,
+        KV_LORA=kv_lora, ROPE=rope, BLOCK_SIZE=block_size, BLOCK_H=bh, BLOCK_C=block_c, BLOCK_R=block_r, BLOCK_N=BLOCK_N,
         NUM_SPLITS=splits, DOT_PRECISION=dot_precision,
         DOTS_IN_FP32=_INTERPRET and pool.dtype == torch.bfloat16,
-        num_warps=num_warps, num_stages=2,
+        # fp32 tiles are twice the bytes: one stage keeps shared memory within A100's 164 KiB.
+        num_warps=num_warps, num_stages=2 if pool.element_size() == 2 else 1,
     )
     if splits == 1:
         return part[:, :, 0]  # contiguous [S, h, kv_lora]
