@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..kernels.moe import grouped_experts, stack_experts
 
 
 class MLP(nn.Module):
@@ -98,15 +99,73 @@ class MoE(nn.Module):
             MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
             if config.n_shared_experts else None
         )
+        # Set by fuse_experts: the experts' weights stacked for grouped GEMMs (a plain attribute,
+        # not a buffer, so state_dict and .to() see only the per-expert views).
+        self.stacked = None
+        self._stack_ptrs: tuple[int, ...] = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, indices = self.gate(flat)
-        out = self.route_tokens(flat, weights, indices)
-        if self.shared_experts is not None:
+        # Training keeps the loop: gradients flow per expert Linear (and Muon works per expert
+        # matrix anyway); the grouped path serves inference once fuse_experts() has run.
+        stacked = self._current_stack() if self.stacked is not None and not torch.is_grad_enabled() else None
+        if stacked is not None:
+            out = grouped_experts(flat, weights, indices, stacked)
+        else:
+            out = self.route_tokens(flat, weights, indices)
+        if self.shared_experts is not None and (stacked is None or not stacked.shared_slot):
             out = out + self.shared_experts(flat)
         return out.view(shape)
+
+    @torch.no_grad()
+    def fuse_experts(self) -> None:
+        """Stack the experts' weights for the grouped-GEMM inference path (``moonlet.kernels.moe``).
+
+        The stacked tensors become the storage of the weights: each expert's ``gate_proj`` /
+        ``up_proj`` / ``down_proj`` weight is re-pointed to a view of them, so memory is not doubled
+        and state_dict() keeps the hub names. A shared expert of the routed experts' size
+        (n_shared_experts == 1: K2, DeepSeek-V3) is stacked as one more group that every token
+        uses with weight 1; a wider one (DeepSeek-V2, Moonlight) stays a dense MLP. Calling it
+        again is a no-op while the views hold; after .to(), cast() or replacing weight tensors
+        it re-stacks (forward does that by itself too).
+        """
+        if self.stacked is not None and self._stack_is_current():
+            return
+        mlps = list(self.experts)
+        shared = self.shared_experts
+        shared_slot = shared is not None and shared.gate_proj.weight.shape == mlps[0].gate_proj.weight.shape
+        if shared_slot:
+            mlps.append(shared)
+        self.stacked = None  # release the previous stack before allocating the new one
+        stacked = stack_experts([m.gate_proj.weight for m in mlps], [m.up_proj.weight for m in mlps],
+                                [m.down_proj.weight for m in mlps], shared_slot=shared_slot)
+        for g, mlp in enumerate(mlps):
+            for linear, view in zip((mlp.gate_proj, mlp.up_proj, mlp.down_proj), stacked.views(g)):
+                linear.weight.data = view  # same Parameter object, now backed by the stack
+        self.stacked = stacked
+        self._stack_ptrs = tuple(w.data_ptr() for w in self._watched_weights())
+
+    def _watched_weights(self) -> tuple[torch.Tensor, ...]:
+        # The first and last group's weights: .to(), cast() and load_model replace every weight,
+        # and checking all of them on every forward would cost more than the check is worth.
+        last = self.shared_experts if self.stacked.shared_slot else self.experts[-1]
+        return (self.experts[0].gate_proj.weight, self.experts[0].down_proj.weight,
+                last.gate_proj.weight, last.down_proj.weight)
+
+    def _stack_is_current(self) -> bool:
+        """Whether the watched weights are still views of the stack (the stack keeps its storage
+        alive, so no other tensor on its device can have the same address)."""
+        watched = self._watched_weights()
+        return (watched[0].device == self.stacked.gate_up.device
+                and tuple(w.data_ptr() for w in watched) == self._stack_ptrs)
+
+    def _current_stack(self):
+        if not self._stack_is_current():
+            with torch.inference_mode(False):  # the new stack must stay usable outside inference mode
+                self.fuse_experts()
+        return self.stacked
 
     def route_tokens(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Σ_k weights[:, k] · expert[indices[:, k]](x), visiting only the experts some token chose."""
