@@ -249,7 +249,8 @@ def _check(q: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor, ctx_
             raise ValueError(f"paged_decode_attention_triton: {name} dtype {dt} is not float32/bfloat16/float16")
     devices = {t.device for t in (q, pool, block_tables, ctx_lens)}
     if len(devices) != 1:
-        raise ValueError(f"paged_decode_attention_triton: all inputs must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError("paged_decode_attention_triton: all inputs must be on one device, "
+                         f"got {sorted(map(str, devices))}")
     if triton is None:
         raise RuntimeError("paged_decode_attention_triton needs the `triton` package (pip install triton); "
                            "use moonlet.engine.attention.paged_decode_attention without it")
@@ -298,7 +299,8 @@ def paged_decode_attention_triton(q: torch.Tensor, pool: torch.Tensor, block_tab
         q, pool, block_tables, ctx_lens, part, lse,
         h, block_tables.shape[1], float(scale) * math.log2(math.e),
         *q.stride(), *pool.stride(), *block_tables.stride(), *part.stride(), *lse.stride(),
-        KV_LORA=kv_lora, ROPE=rope, BLOCK_SIZE=block_size, BLOCK_H=bh, BLOCK_C=block_c, BLOCK_R=block_r, BLOCK_N=BLOCK_N,
+        KV_LORA=kv_lora, ROPE=rope, BLOCK_SIZE=block_size,
+        BLOCK_H=bh, BLOCK_C=block_c, BLOCK_R=block_r, BLOCK_N=BLOCK_N,
         NUM_SPLITS=splits, DOT_PRECISION=dot_precision,
         DOTS_IN_FP32=_INTERPRET and pool.dtype == torch.bfloat16,
         # fp32 tiles are twice the bytes: one stage keeps shared memory within A100's 164 KiB.
