@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..kernels.moe import fuse_moe_experts
 from .cache import KVCacheManager, LatentCachePool
 from .config import EngineConfig, resolve
 from .errors import PromptTooLongError
@@ -82,6 +83,7 @@ class EngineCore:
         if dtype is not None and dtype != model.dtype:
             model = model.cast(dtype)
         self.model = model.eval()
+        fuse_moe_experts(self.model)  # grouped-GEMM MoE for inference, on every device (after any cast)
         self.tokenizer = tokenizer
         self.model_config = model.config
         self.config = resolve(config, model.config, model.device, model.dtype)

@@ -91,9 +91,11 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
     """Σ_k weights[t, k] · expert_{indices[t, k]}(x[t]) (+ the shared expert when ``experts.shared_slot``).
 
     x [N, H]; weights [N, k] (float32 from the router); indices [N, k] in [0, num routed experts).
-    Returns [N, H] in x.dtype. Each expert's output is rounded to x.dtype (as the per-expert loop
-    rounds each Linear's output); the weighted sum over the slots is one batched matmul that
-    accumulates in float32 and rounds once, deterministically (no atomics).
+    Inference only: no autograd (training uses the per-expert loop).
+    Returns [N, H] in x.dtype. As in the per-expert loop, each expert's output is rounded to x.dtype
+    and its product with the float32 routing weight is computed in float32 and rounded once; the sum
+    over a token's slots then accumulates in float32 (the loop adds in x.dtype) and is
+    deterministic (a reduction, no atomics).
     """
     n, hidden = x.shape
     if experts.shared_slot:
@@ -110,9 +112,13 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
     ip = experts.down.shape[-1]
     act = F.silu(h[:, :ip]) * h[:, ip:]  # [N*k, I'], contiguous
     y = F.grouped_mm(act, experts.down.transpose(1, 2), offs=offs)  # [N*k, H']
-    # Back to token order: row j of y belongs to flat slot order[j] (a permutation, no accumulation).
-    per_slot = torch.empty((n * k, hp), dtype=y.dtype, device=y.device).index_copy_(0, order, y)
-    out = torch.bmm(weights.to(x.dtype).unsqueeze(1), per_slot.view(n, k, hp)).view(n, hp)
+    # Back to token order: row j of y belongs to flat slot order[j]. A gather through the inverse
+    # permutation (no accumulation, deterministic; index_copy_ is far slower on CPU).
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=order.device))
+    per_slot = y.index_select(0, inverse)  # [N*k, H']
+    weighted = torch.empty((n, k, hp), dtype=x.dtype, device=x.device)
+    torch.mul(per_slot.view(n, k, hp), weights.unsqueeze(-1), out=weighted)  # in float32, rounded once
+    out = weighted.sum(dim=1)  # [N, H']; the reduction accumulates in float32
     return out if hp == hidden else out[:, :hidden].contiguous()
 
 
