@@ -40,6 +40,8 @@ def register(sub) -> None:
     e.add_argument("--show-failures", type=int, default=5)
     e.add_argument("--unquoted-paths", action="store_true",
                    help="write file paths in the requests without quotes (moonlet-tiny's last phase quoted them)")
+    e.add_argument("--wide-operands", type=float, default=0.0, metavar="P",
+                   help="fraction of expressions with operands of up to four digits (default 0: one or two)")
     e.set_defaults(func=run_eval)
 
 
@@ -129,10 +131,11 @@ def run_eval(args) -> int:
     from ..commands.generate import resolve_model_path
 
     return _print_eval(resolve_model_path(args.model), args.tasks, args.seed, args.json_out, args.device,
-                       args.show_failures, quote_paths=not args.unquoted_paths)
+                       args.show_failures, quote_paths=not args.unquoted_paths, wide_operands=args.wide_operands)
 
 
-def _print_eval(path: str, tasks: int, seed, json_out, device: str, show: int, quote_paths: bool = True) -> int:
+def _print_eval(path: str, tasks: int, seed, json_out, device: str, show: int, quote_paths: bool = True,
+                wide_operands: float = 0.0) -> int:
     import torch
 
     from ..tokenizer import Tokenizer
@@ -143,7 +146,7 @@ def _print_eval(path: str, tasks: int, seed, json_out, device: str, show: int, q
     model = load_model(path, device=device, dtype=torch.float32)
     tok = Tokenizer.from_pretrained(path)
     report = evaluate_tool_use(model, tok, tasks, EVAL_SEED if seed is None else seed, progress=True,
-                               quote_paths=quote_paths)
+                               quote_paths=quote_paths, wide_operands=wide_operands)
     print(f"model: {path}")
     print(f"held-out tool-use tasks: {report['num_tasks']}  ({report['seconds']:.0f}s)")
     print(f"  pass (right calls, right arguments, right final answer): {report['pass_rate']:.1%}")

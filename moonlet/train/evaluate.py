@@ -91,11 +91,12 @@ def run_task(model, tokenizer, task: Task, max_tokens: int = 96) -> TaskResult:
 
 
 def evaluate_tool_use(model, tokenizer, num_tasks: int = 200, seed: int = EVAL_SEED, progress: bool = False,
-                      quote_paths: bool = True) -> dict:
-    """Run ``num_tasks`` held-out tasks (file paths quoted in the requests, as in moonlet-tiny's last
-    training phase, unless ``quote_paths=False``); returns {"pass_rate", "well_formed_rate", "args_rate",
+                      quote_paths: bool = True, wide_operands: float = 0.0) -> dict:
+    """Run ``num_tasks`` held-out tasks (file paths quoted in the requests, as in moonlet-tiny's
+    training, unless ``quote_paths=False``; ``wide_operands`` of the expressions with operands of up
+    to four digits, see ``generate_tasks``); returns {"pass_rate", "well_formed_rate", "args_rate",
     "by_kind": {kind: pass rate}, "failures": [...first 20...], "seconds"}."""
-    tasks = generate_tasks(num_tasks, seed, heldout=True, quote_paths=quote_paths)
+    tasks = generate_tasks(num_tasks, seed, heldout=True, quote_paths=quote_paths, wide_operands=wide_operands)
     start = time.perf_counter()
     results = []
     for i, task in enumerate(tasks):

@@ -132,3 +132,24 @@ def _smooth(xy: tuple[list, list], window: int = 20) -> tuple[list, list]:
     kernel = np.ones(window) / window
     sm = np.convolve(np.asarray(ys, dtype=np.float64), kernel, mode="valid")
     return xs[window - 1:], sm.tolist()
+
+
+def plot_phases(run_dir: str | os.PathLike, phases: list[str], png_path: str | os.PathLike) -> Path:
+    """One chart for a multi-phase run (``run_dir/<phase>/metrics.jsonl``): each phase's smoothed
+    training loss in its own colour (COLORS in phase order), then the eval loss of all phases in the
+    next colour, against the global step (each phase's steps offset by the phases before it)."""
+    series, evals, offset = {}, ([], []), 0
+    for name in phases:
+        train = ([], [])
+        with open(Path(run_dir) / name / "metrics.jsonl", encoding="utf-8") as fh:
+            for line in fh:
+                rec = json.loads(line)
+                train[0].append(offset + rec["step"])
+                train[1].append(rec["loss"])
+                if rec.get("eval_loss") is not None:
+                    evals[0].append(offset + rec["step"])
+                    evals[1].append(rec["eval_loss"])
+        series[name] = _smooth(train)
+        offset = train[0][-1] if train[0] else offset
+    series["eval"] = evals
+    return line_chart(series, png_path, log_y=True)

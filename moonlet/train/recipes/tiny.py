@@ -5,8 +5,8 @@ dense, the others MoE with 8 routed experts (top-2, sigmoid noaux_tc router) + 1
 hidden 256; a 4096-token byte-level BPE + K2's 256 special slots. About 11M parameters (6M active).
 Data: Python source from this interpreter's standard library (about 17% of tokens) and synthetic
 K2-format conversations (plain answers and calculator / read_file tool use, loss on assistant turns).
-Three phases, all MuonClip at lr 2e-3, each starting from the previous one's weights: "pretrain"
-(700 steps, constant lr after warmup) on the mix above; "tasks" (400 steps, constant) on a
+Four phases, all MuonClip, each starting from the previous one's weights: "pretrain" (lr 2e-3,
+700 steps, constant lr after warmup) on the mix above; "tasks" (400 steps, constant) on a
 conversation-heavy mix with dense copying practice and a little code; "polish" (400 steps, WSD with
 the decay over the last 40%) on the same mix with file paths quoted in the requests; "digits"
 (150 steps at lr 1e-3, WSD) on that mix where half of the arithmetic uses operands of up to four
