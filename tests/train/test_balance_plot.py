@@ -74,3 +74,22 @@ def test_line_chart_writes_a_valid_png(tmp_path):
     w, h, raw = _read_png(tmp_path / "c.png")
     assert (w, h) == (300, 200)
     assert bytes([31, 119, 180]) in raw and bytes([214, 39, 40]) in raw  # both series' colours drawn
+
+
+def test_plot_phases_offsets_each_phase_and_draws_every_colour(tmp_path):
+    import json
+
+    from moonlet.train.plot import COLORS, plot_phases
+
+    for name, n in (("first", 30), ("second", 20)):
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / "metrics.jsonl", "w") as fh:
+            for step in range(1, n + 1):
+                rec = {"step": step, "loss": 3.0 / step}
+                if step % 10 == 0:
+                    rec["eval_loss"] = 2.0
+                fh.write(json.dumps(rec) + "\n")
+    plot_phases(tmp_path, ["first", "second"], tmp_path / "p.png")
+    w, h, raw = _read_png(tmp_path / "p.png")
+    assert (w, h) == (800, 480)
+    assert all(bytes(COLORS[i]) in raw for i in range(3))  # two phases and the eval series
