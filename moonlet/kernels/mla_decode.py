@@ -44,6 +44,12 @@ except ImportError:  # the CPU engine and the reference never need it
 MAX_HEADS_PER_PROGRAM = 32
 # Tokens per tile: rows of the gathered latent tile; also the K dimension of the value dot (>= 16).
 BLOCK_N = 32
+# Launch settings, read at each call (a benchmark may change them). Chosen from an offline sm_90
+# compile (no GPU run yet): at 16 or 32 heads per program, 8 warps and 3 stages keep registers at
+# 100-160 per thread with no spills and pipeline the tile loads; 4 warps sit at the 255 ceiling.
+# fp32 tiles are twice the bytes: one stage (shared memory within A100's 164 KiB), no spills.
+NUM_WARPS = 8
+NUM_STAGES = {2: 3, 4: 1}  # by element size
 # A split should read many more latent bytes than it writes partial-output bytes
 # (h x kv_lora fp32 per split, ~ as much as 28 tokens' latents at 16 heads): at least this many tokens.
 MIN_TOKENS_PER_SPLIT = 256
@@ -121,7 +127,7 @@ if triton is not None:
     @triton.jit
     def _split_kernel(
         q_ptr, pool_ptr, tables_ptr, ctx_ptr, out_ptr, lse_ptr,
-        num_heads, table_width, qk_scale_log2,
+        num_heads, table_width, num_splits, qk_scale_log2,
         q_s0, q_s1, q_s2,
         p_s0, p_s1, p_s2,
         t_s0, t_s1,
@@ -130,7 +136,7 @@ if triton is not None:
         KV_LORA: tl.constexpr, ROPE: tl.constexpr,  # model constants: one compile per model, static masks
         BLOCK_SIZE: tl.constexpr,  # tokens per cache block (any positive int)
         BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
         DOTS_IN_FP32: tl.constexpr,  # interpreter only: its tl.dot mistakes bf16 for uint16
     ):
         pid_h = tl.program_id(0)
@@ -141,7 +147,7 @@ if triton is not None:
         ctx_len = tl.minimum(tl.load(ctx_ptr + seq).to(tl.int32), table_width * BLOCK_SIZE)
         # This split's tokens [start, end), aligned to whole tiles.
         tiles = tl.cdiv(ctx_len, BLOCK_N)
-        tiles_per_split = tl.cdiv(tiles, NUM_SPLITS)
+        tiles_per_split = tl.cdiv(tiles, num_splits)
         start = pid_split * tiles_per_split * BLOCK_N
         end = tl.minimum(start + tiles_per_split * BLOCK_N, ctx_len)
 
@@ -229,6 +235,18 @@ if triton is not None:
         tl.store(out_ptr + seq * o_s0 + head * o_s1 + cols * o_s2, out, mask=c_ok)
 
 
+def _split_constants(pool_dtype: torch.dtype, kv_lora: int, rope: int, block_size: int, block_h: int) -> dict:
+    """The compile-time arguments of ``_split_kernel``: fixed for a model and engine, so serving compiles a
+    handful of variants (Triton also specializes integer arguments equal to 1 or divisible by 16)."""
+    return dict(
+        KV_LORA=kv_lora, ROPE=rope, BLOCK_SIZE=block_size, BLOCK_H=block_h,
+        BLOCK_C=max(16, _next_pow2(kv_lora)), BLOCK_R=max(16, _next_pow2(rope)), BLOCK_N=BLOCK_N,
+        # fp32 pools: exact fp32 dots (the default would round operands to tf32); 16-bit: the default.
+        DOT_PRECISION="ieee" if pool_dtype == torch.float32 else "tf32",
+        DOTS_IN_FP32=_INTERPRET and pool_dtype == torch.bfloat16,
+    )
+
+
 def _check(q: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor, ctx_lens: torch.Tensor,
            kv_lora: int) -> None:
     if q.dim() != 3 or pool.dim() != 3:
@@ -283,36 +301,36 @@ def paged_decode_attention_triton(q: torch.Tensor, pool: torch.Tensor, block_tab
     bh = block_h or heads_per_program(h)
     if bh < 16 or bh & (bh - 1):
         raise ValueError(f"paged_decode_attention_triton: block_h={bh} must be a power of two >= 16")
-    groups = -(-h // bh)
-    splits = num_splits or choose_num_splits(S, groups, block_tables.shape[1] * block_size, _num_sms(q.device))
+    splits = num_splits or choose_num_splits(S, -(-h // bh), block_tables.shape[1] * block_size, _num_sms(q.device))
     if splits < 1:
         raise ValueError(f"paged_decode_attention_triton: num_splits={splits} must be >= 1")
 
     part = torch.empty(S, h, splits, kv_lora, device=q.device, dtype=torch.float32)
     lse = torch.empty(S, h, splits, device=q.device, dtype=torch.float32)
-    # fp32 pools: exact fp32 dots (the default would round operands to tf32); 16-bit: the default.
-    dot_precision = "ieee" if pool.dtype == torch.float32 else "tf32"
-    block_c = max(16, _next_pow2(kv_lora))
-    block_r = max(16, _next_pow2(rope))
-    num_warps = 4 if bh <= 16 else 8
-    _split_kernel[(groups, splits, S)](
-        q, pool, block_tables, ctx_lens, part, lse,
-        h, block_tables.shape[1], float(scale) * math.log2(math.e),
-        *q.stride(), *pool.stride(), *block_tables.stride(), *part.stride(), *lse.stride(),
-        KV_LORA=kv_lora, ROPE=rope, BLOCK_SIZE=block_size,
-        BLOCK_H=bh, BLOCK_C=block_c, BLOCK_R=block_r, BLOCK_N=BLOCK_N,
-        NUM_SPLITS=splits, DOT_PRECISION=dot_precision,
-        DOTS_IN_FP32=_INTERPRET and pool.dtype == torch.bfloat16,
-        # fp32 tiles are twice the bytes: one stage keeps shared memory within A100's 164 KiB.
-        num_warps=num_warps, num_stages=2 if pool.element_size() == 2 else 1,
-    )
+    grid, args, consts = _split_launch(q, pool, block_tables, ctx_lens, part, lse, scale, bh)
+    _split_kernel[grid](*args, **consts, num_warps=NUM_WARPS, num_stages=NUM_STAGES[pool.element_size()])
     if splits == 1:
         return part[:, :, 0]  # contiguous [S, h, kv_lora]
     out = torch.empty(S, h, kv_lora, device=q.device, dtype=torch.float32)
-    _merge_kernel[(h, S)](
-        part, lse, out, h, kv_lora, splits,
-        *part.stride(), *lse.stride(), *out.stride(),
-        BLOCK_SPLITS=_next_pow2(splits), BLOCK_C=block_c,
-        num_warps=4,
-    )
+    grid, args, consts = _merge_launch(part, lse, out)
+    _merge_kernel[grid](*args, **consts, num_warps=4)
     return out
+
+
+def _split_launch(q, pool, block_tables, ctx_lens, part, lse, scale: float, block_h: int):
+    """(grid, positional args, compile-time args) of ``_split_kernel``; part [S, h, splits, kv_lora] and
+    lse [S, h, splits] are its outputs."""
+    S, h, splits, kv_lora = part.shape
+    rope = q.shape[2] - kv_lora
+    grid = (-(-h // block_h), splits, S)  # head groups vary fastest: a tile's re-reads stay in L2
+    args = (q, pool, block_tables, ctx_lens, part, lse,
+            h, block_tables.shape[1], splits, float(scale) * math.log2(math.e),
+            *q.stride(), *pool.stride(), *block_tables.stride(), *part.stride(), *lse.stride())
+    return grid, args, _split_constants(pool.dtype, kv_lora, rope, pool.shape[1], block_h)
+
+
+def _merge_launch(part, lse, out):
+    """(grid, positional args, compile-time args) of ``_merge_kernel``."""
+    S, h, splits, kv_lora = part.shape
+    args = (part, lse, out, h, kv_lora, splits, *part.stride(), *lse.stride(), *out.stride())
+    return (h, S), args, dict(BLOCK_SPLITS=_next_pow2(splits), BLOCK_C=max(16, _next_pow2(kv_lora)))
