@@ -91,13 +91,19 @@ class PagedLatentKV:
 
     ``decode_kernel`` / ``prefill_kernel`` default to the reference functions above; a faster
     implementation with the same signature (e.g. a GPU kernel) can be passed instead.
+
+    With ``expanded_prefill=True`` the attention layers call ``attend_heads`` instead of ``attend``:
+    decodes stay absorbed, prefill chunks run on expanded keys and values
+    (``moonlet.kernels.mla_prefill``), and the result is per-head values rather than latents.
     """
 
-    def __init__(self, pool: LatentCachePool, kv_lora_rank: int, decode_kernel=None, prefill_kernel=None):
+    def __init__(self, pool: LatentCachePool, kv_lora_rank: int, decode_kernel=None, prefill_kernel=None,
+                 expanded_prefill: bool = False):
         self.pool = pool
         self.kv_lora = kv_lora_rank
         self.decode_kernel = decode_kernel or paged_decode_attention
         self.prefill_kernel = prefill_kernel or paged_prefill_attention
+        self.expanded_prefill = expanded_prefill
         self.layout: BatchLayout | None = None
 
     def set_batch(self, layout: BatchLayout) -> None:
@@ -115,10 +121,7 @@ class PagedLatentKV:
                k_pe: torch.Tensor, scale: float) -> torch.Tensor:
         """q_latent [1,N,h,c], q_pe [1,N,h,r], latent [1,N,c], k_pe [1,N,r] -> [1,N,h,c]."""
         lay = self.layout
-        pool = self.pool.layer(layer)  # [num_blocks, block_size, D]
-        D = pool.shape[-1]
-        entries = torch.cat([latent[0], k_pe[0]], dim=-1).to(pool.dtype)  # [N, D]
-        pool.view(-1, D).index_copy_(0, lay.slot_mapping, entries)
+        pool = self._store(layer, latent, k_pe)
         q = torch.cat([q_latent[0], q_pe[0]], dim=-1)  # [N, h, D]
         N, h = q.shape[:2]
         out = torch.empty(N, h, self.kv_lora, device=q.device, dtype=torch.float32)
@@ -130,6 +133,38 @@ class PagedLatentKV:
             s, e = span.start, span.start + span.num_tokens
             out[s:e] = self.prefill_kernel(q[s:e], pool, span.block_ids, span.ctx_len, scale, self.kv_lora)
         return out[None].to(q_latent.dtype)
+
+    def _store(self, layer: int, latent: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
+        """Write the new tokens' [latent | k_pe] into their slots; returns the layer's pool."""
+        pool = self.pool.layer(layer)  # [num_blocks, block_size, D]
+        D = pool.shape[-1]
+        entries = torch.cat([latent[0], k_pe[0]], dim=-1).to(pool.dtype)  # [N, D]
+        pool.view(-1, D).index_copy_(0, self.layout.slot_mapping, entries)
+        return pool
+
+    def attend_heads(self, layer: int, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+                     k_pe: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor, scale: float) -> torch.Tensor:
+        """q_nope [1,N,h,nope], q_pe [1,N,h,r], latent [1,N,c], k_pe [1,N,r], W_UK [h,nope,c], W_UV [h,v,c]
+        -> [1,N,h,v]: absorbed decodes, expanded prefill chunks."""
+        from ..kernels.mla_prefill import expanded_prefill_attention
+
+        lay = self.layout
+        pool = self._store(layer, latent, k_pe)
+        N, h = q_nope.shape[1:3]
+        out = torch.empty(N, h, w_uv.shape[1], device=q_nope.device, dtype=torch.float32)
+        nd = lay.num_decodes
+        if nd:
+            q_latent = torch.einsum("thd,hdc->thc", q_nope[0, :nd], w_uk)
+            q = torch.cat([q_latent, q_pe[0, :nd].to(q_latent.dtype)], dim=-1)
+            o = self.decode_kernel(q, pool, lay.decode_block_tables, lay.decode_ctx_lens, scale, self.kv_lora)
+            out[:nd] = torch.einsum("thc,hvc->thv", o.to(w_uv.dtype), w_uv)
+        D = pool.shape[-1]
+        for span in lay.prefills:
+            s, e = span.start, span.start + span.num_tokens
+            ctx = pool[span.block_ids].reshape(-1, D)[:span.ctx_len]
+            out[s:e] = expanded_prefill_attention(q_nope[0, s:e], q_pe[0, s:e], ctx, self.kv_lora, w_uk, w_uv,
+                                                  scale)
+        return out[None].to(q_nope.dtype)
 
     def end(self) -> None:
         pass

@@ -40,6 +40,9 @@ class EngineConfig:
     dtype: str | None = None
     seed: int | None = None
     model_name: str | None = None
+    # prefill attention: "expanded" (per-head keys/values, fused attention; default on CUDA) or
+    # "absorbed" (over the latents, as decode; default on CPU). Decode is always absorbed.
+    prefill_attention: str | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -58,6 +61,9 @@ class EngineConfig:
             raise ValueError(f"engine argument max_num_seqs={self.max_num_seqs!r} must be >= 1")
         if self.max_waiting < 0:
             raise ValueError(f"engine argument max_waiting={self.max_waiting!r} must be >= 0")
+        if self.prefill_attention not in (None, "expanded", "absorbed"):
+            raise ValueError(f"engine argument prefill_attention={self.prefill_attention!r} must be 'expanded' or "
+                             f"'absorbed'")
         if self.kv_cache_fraction is not None and not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"engine argument kv_cache_fraction={self.kv_cache_fraction!r} must be in (0, 1]")
 
@@ -76,6 +82,7 @@ class ResolvedConfig:
     enable_chunked_prefill: bool
     max_waiting: int
     seed: int | None
+    expanded_prefill: bool = False
 
 
 def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.dtype) -> ResolvedConfig:
@@ -117,6 +124,7 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
         max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=max_batched,
         enable_prefix_caching=cfg.enable_prefix_caching, enable_chunked_prefill=cfg.enable_chunked_prefill,
         max_waiting=cfg.max_waiting, seed=cfg.seed,
+        expanded_prefill=(cfg.prefill_attention or ("expanded" if on_cuda else "absorbed")) == "expanded",
     )
 
 
@@ -138,6 +146,9 @@ def add_engine_cli_args(parser) -> None:
                    help="compute each prompt in one step")
     g.add_argument("--max-waiting", type=int, default=1024,
                    help="waiting requests beyond which new ones are refused as overloaded")
+    g.add_argument("--prefill-attention", choices=["expanded", "absorbed"], default=None,
+                   help="prefill on expanded per-head keys/values or over the latents (default: expanded on GPU, "
+                        "absorbed on CPU)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model and cache dtype (default: the checkpoint's)")
@@ -152,5 +163,5 @@ def engine_args_from_cli(args) -> dict:
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
         enable_chunked_prefill=args.enable_chunked_prefill, max_waiting=args.max_waiting, device=args.device,
-        dtype=args.dtype, seed=args.engine_seed,
+        dtype=args.dtype, seed=args.engine_seed, prefill_attention=args.prefill_attention,
     )

@@ -93,7 +93,7 @@ class EngineCore:
                                     model.config.latent_dim, dtype=model.dtype, device=model.device)
         self.cache = KVCacheManager(rc.num_blocks, rc.block_size, rc.enable_prefix_caching)
         self.scheduler = Scheduler(self.cache, rc.max_num_seqs, rc.max_num_batched_tokens, rc.enable_chunked_prefill)
-        self.runner = ModelRunner(self.model, self.pool)
+        self.runner = ModelRunner(self.model, self.pool, expanded_prefill=rc.expanded_prefill)
         self.sampler = Sampler(model.device, rc.seed)
         self.requests: dict[str, Sequence] = {}
         eos = set(model.config.eos_token_ids)

@@ -15,12 +15,12 @@ class ModelRunner:
     """Owns the model and the latent pool. ``execute`` runs a ``ScheduledBatch`` as a single forward
     over [1, total_tokens] on the absorbed path."""
 
-    def __init__(self, model: torch.nn.Module, pool: LatentCachePool):
+    def __init__(self, model: torch.nn.Module, pool: LatentCachePool, expanded_prefill: bool = False):
         self.model = model
         self.pool = pool
         self.block_size = pool.block_size
         self.device = model.device
-        self.kv = PagedLatentKV(pool, model.config.kv_lora_rank)
+        self.kv = PagedLatentKV(pool, model.config.kv_lora_rank, expanded_prefill=expanded_prefill)
 
     def build_layout(self, batch: ScheduledBatch) -> tuple[torch.Tensor, BatchLayout, list[int]]:
         """input_ids [1, N], the layout, and the flat index of each sampled sequence's last token

@@ -146,6 +146,8 @@ class MLAttention(nn.Module):
 
     def _absorbed(self, q_nope, q_pe, latent, k_pe, kv: LatentKV) -> torch.Tensor:
         w_uk, w_uv = self.absorbed_weights()
+        if getattr(kv, "expanded_prefill", False):  # the cache attends per head itself (see PagedLatentKV)
+            return kv.attend_heads(self.layer_idx, q_nope, q_pe, latent, k_pe, w_uk, w_uv, self.softmax_scale)
         q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # [B, T, h, kv_lora]
         out_latent = kv.attend(self.layer_idx, q_latent, q_pe, latent, k_pe, self.softmax_scale)
         return torch.einsum("bthc,hvc->bthv", out_latent.to(w_uv.dtype), w_uv)  # [B, T, h, v]
