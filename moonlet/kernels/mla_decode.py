@@ -103,7 +103,7 @@ def choose_num_splits(num_seqs: int, num_head_groups: int, max_ctx: int, num_sms
     from the block table's width, not the context lengths, so choosing needs no device sync and is
     fixed for a CUDA-graph-captured batch shape.
     """
-    by_length = -(-max_ctx // MIN_TOKENS_PER_SPLIT)
+    by_length = max_ctx // MIN_TOKENS_PER_SPLIT
     by_occupancy = 2 * num_sms // max(1, num_seqs * num_head_groups)
     return max(1, min(by_length, by_occupancy, MAX_SPLITS))
 

@@ -183,7 +183,8 @@ def test_choose_num_splits_bounds():
 
     assert choose_num_splits(1, 1, 16, 132) == 1  # short context: no split
     assert choose_num_splits(256, 1, 4096, 132) == 1  # enough sequences to fill the GPU
-    for S, ctx in [(1, 4096), (8, 1024), (64, 4096), (1, 1 << 20)]:
+    assert choose_num_splits(1, 1, 2 * MIN_TOKENS_PER_SPLIT - 1, 132) == 1
+    for S, ctx in [(1, 4096), (8, 1000), (64, 4096), (1, 1 << 20), (3, 777)]:
         n = choose_num_splits(S, 1, ctx, 132)
         assert 1 <= n <= MAX_SPLITS
         assert n == 1 or ctx / n >= MIN_TOKENS_PER_SPLIT
@@ -240,6 +241,7 @@ COMPILE_CASES = [  # (name, arch, dtype, heads, kv_lora, rope, block_size)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs the `triton` package")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 @pytest.mark.parametrize("name,arch,dtype,heads,kv_lora,rope,block_size", COMPILE_CASES,
                          ids=[c[0] for c in COMPILE_CASES])
 def test_kernels_compile_for_gpu_offline(name, arch, dtype, heads, kv_lora, rope, block_size):
