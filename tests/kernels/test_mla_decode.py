@@ -79,6 +79,11 @@ INTERPRET_CASES = [
      dict(num_splits=2)),
     ("bf16_one_split", dict(ctx_lens=[11, 4], heads=2, kv_lora=64, rope=16, block_size=16, dtype=torch.bfloat16),
      {}),
+    # The real latent width (512 + 64) and engine block size, at Moonlight's and Kimi K2's head counts.
+    ("moonlight_shape_bf16", dict(ctx_lens=[1, 63, 65, 200], heads=16, kv_lora=512, rope=64, block_size=64,
+                                  dtype=torch.bfloat16), dict(num_splits=3)),
+    ("k2_heads_bf16", dict(ctx_lens=[1, 70], heads=64, kv_lora=512, rope=64, block_size=64, dtype=torch.bfloat16),
+     dict(num_splits=2)),
 ]
 
 
