@@ -1,9 +1,12 @@
 """The Triton MLA decode kernel against the plain-PyTorch reference (moonlet.engine.attention).
 
 - On CUDA (skipped without): bf16 at the Kimi K2 (64 heads) and Moonlight (16 heads) shapes.
-- On CPU under the Triton interpreter (skipped without the `triton` package): tiny shapes covering
-  the masking paths. The interpreter is chosen when triton.jit decorates, i.e. at import time, so
-  those cases run in one subprocess with TRITON_INTERPRET=1 (this file run as a script).
+- On CPU under the Triton interpreter (skipped without the `triton` package): small shapes covering
+  the masking paths, plus the real 512 + 64 width. The interpreter is chosen when triton.jit
+  decorates, i.e. at import time, so those cases run in one subprocess with TRITON_INTERPRET=1
+  (this file run as a script).
+- With `triton` but no GPU: both kernels compiled to sm_90 / sm_80 cubins (what the interpreter
+  does not check: dot shapes, layouts, shared memory).
 - Always: the log-sum-exp merge in torch, and importing/validating without Triton.
 """
 
