@@ -43,6 +43,13 @@ class EngineConfig:
     # prefill attention: "expanded" (per-head keys/values, fused attention; default on CUDA) or
     # "absorbed" (over the latents, as decode; default on CPU). Decode is always absorbed.
     prefill_attention: str | None = None
+    # decode steps from CUDA graphs: "cuda" (captured, the default on CUDA), "eager" (the same static
+    # buffers and padding without capture: for testing on CPU) or "off" (the default on CPU)
+    decode_graphs: str | None = None
+    # decode attention kernel: "triton" (moonlet.kernels.mla_decode; the default on CUDA when Triton
+    # is installed) or "reference" (plain PyTorch, moonlet.engine.attention)
+    decode_kernel: str | None = None
+    decode_graph_batch_sizes: tuple[int, ...] | None = None  # default DEFAULT_BATCH_SIZES up to max_num_seqs
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -64,6 +71,15 @@ class EngineConfig:
         if self.prefill_attention not in (None, "expanded", "absorbed"):
             raise ValueError(f"engine argument prefill_attention={self.prefill_attention!r} must be 'expanded' or "
                              f"'absorbed'")
+        if self.decode_kernel not in (None, "triton", "reference"):
+            raise ValueError(f"engine argument decode_kernel={self.decode_kernel!r} must be 'triton' or 'reference'")
+        if self.decode_graphs not in (None, "cuda", "eager", "off"):
+            raise ValueError(f"engine argument decode_graphs={self.decode_graphs!r} must be 'cuda', 'eager' or 'off'")
+        if self.decode_graph_batch_sizes is not None and (
+                not self.decode_graph_batch_sizes or any(not isinstance(b, int) or b < 1
+                                                         for b in self.decode_graph_batch_sizes)):
+            raise ValueError(f"engine argument decode_graph_batch_sizes={self.decode_graph_batch_sizes!r} must be "
+                             f"positive integers")
         if self.kv_cache_fraction is not None and not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"engine argument kv_cache_fraction={self.kv_cache_fraction!r} must be in (0, 1]")
 
@@ -83,6 +99,9 @@ class ResolvedConfig:
     max_waiting: int
     seed: int | None
     expanded_prefill: bool = False
+    decode_graphs: str = "off"
+    decode_graph_batch_sizes: tuple[int, ...] = ()
+    triton_decode: bool = False
 
 
 def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.dtype) -> ResolvedConfig:
@@ -119,12 +138,27 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
         max_batched = 8192 if on_cuda else 512
     if not cfg.enable_chunked_prefill:
         max_batched = max(max_batched, max_model_len)  # a whole prompt must fit one step
+    from ..kernels import mla_decode
+
+    if cfg.decode_kernel == "triton" and not (on_cuda and mla_decode.available()):
+        raise ValueError("engine argument decode_kernel='triton' needs a CUDA GPU (compute capability >= 8.0) and "
+                         "the triton package; use 'reference'")
+    triton_decode = cfg.decode_kernel == "triton" or (cfg.decode_kernel is None and on_cuda and mla_decode.available())
+    graphs = cfg.decode_graphs or ("cuda" if on_cuda else "off")
+    if graphs == "cuda" and not on_cuda:
+        raise ValueError("engine argument decode_graphs='cuda' needs a CUDA device; use 'eager' or 'off'")
+    from .cuda_graph import DEFAULT_BATCH_SIZES
+
+    sizes = cfg.decode_graph_batch_sizes or tuple(b for b in DEFAULT_BATCH_SIZES if b < cfg.max_num_seqs)
+    graph_sizes = tuple(sorted({min(b, cfg.max_num_seqs) for b in sizes} | {cfg.max_num_seqs})) \
+        if graphs != "off" else ()
     return ResolvedConfig(
         device=device, block_size=block_size, num_blocks=num_blocks, max_model_len=max_model_len,
         max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=max_batched,
         enable_prefix_caching=cfg.enable_prefix_caching, enable_chunked_prefill=cfg.enable_chunked_prefill,
         max_waiting=cfg.max_waiting, seed=cfg.seed,
         expanded_prefill=(cfg.prefill_attention or ("expanded" if on_cuda else "absorbed")) == "expanded",
+        decode_graphs=graphs, decode_graph_batch_sizes=graph_sizes, triton_decode=triton_decode,
     )
 
 
@@ -149,6 +183,10 @@ def add_engine_cli_args(parser) -> None:
     g.add_argument("--prefill-attention", choices=["expanded", "absorbed"], default=None,
                    help="prefill on expanded per-head keys/values or over the latents (default: expanded on GPU, "
                         "absorbed on CPU)")
+    g.add_argument("--decode-kernel", choices=["triton", "reference"], default=None,
+                   help="MLA decode attention kernel (default: triton on GPU when installed)")
+    g.add_argument("--decode-graphs", choices=["cuda", "eager", "off"], default=None,
+                   help="replay decode steps from CUDA graphs (default: cuda on GPU, off on CPU)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model and cache dtype (default: the checkpoint's)")
@@ -164,4 +202,5 @@ def engine_args_from_cli(args) -> dict:
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
         enable_chunked_prefill=args.enable_chunked_prefill, max_waiting=args.max_waiting, device=args.device,
         dtype=args.dtype, seed=args.engine_seed, prefill_attention=args.prefill_attention,
+        decode_graphs=args.decode_graphs, decode_kernel=args.decode_kernel,
     )

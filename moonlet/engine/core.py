@@ -89,11 +89,18 @@ class EngineCore:
         self.config = resolve(config, model.config, model.device, model.dtype)
         rc = self.config
         self.model_name = config.model_name or model_name or "moonlet"
-        self.pool = LatentCachePool(model.config.num_hidden_layers, rc.num_blocks, rc.block_size,
+        # with decode graphs, one block more than the cache manager hands out: the padding rows' scratch
+        scratch = 1 if rc.decode_graphs != "off" else 0
+        self.pool = LatentCachePool(model.config.num_hidden_layers, rc.num_blocks + scratch, rc.block_size,
                                     model.config.latent_dim, dtype=model.dtype, device=model.device)
         self.cache = KVCacheManager(rc.num_blocks, rc.block_size, rc.enable_prefix_caching)
         self.scheduler = Scheduler(self.cache, rc.max_num_seqs, rc.max_num_batched_tokens, rc.enable_chunked_prefill)
-        self.runner = ModelRunner(self.model, self.pool, expanded_prefill=rc.expanded_prefill)
+        self.runner = ModelRunner(self.model, self.pool, expanded_prefill=rc.expanded_prefill,
+                                  triton_decode=rc.triton_decode)
+        if rc.decode_graphs != "off":
+            self.runner.enable_decode_graphs(scratch_block=rc.num_blocks, max_model_len=rc.max_model_len,
+                                             batch_sizes=rc.decode_graph_batch_sizes,
+                                             capture=rc.decode_graphs == "cuda")
         self.sampler = Sampler(model.device, rc.seed)
         self.requests: dict[str, Sequence] = {}
         eos = set(model.config.eos_token_ids)

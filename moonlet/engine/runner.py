@@ -15,12 +15,26 @@ class ModelRunner:
     """Owns the model and the latent pool. ``execute`` runs a ``ScheduledBatch`` as a single forward
     over [1, total_tokens] on the absorbed path."""
 
-    def __init__(self, model: torch.nn.Module, pool: LatentCachePool, expanded_prefill: bool = False):
+    def __init__(self, model: torch.nn.Module, pool: LatentCachePool, expanded_prefill: bool = False,
+                 triton_decode: bool = False):
         self.model = model
         self.pool = pool
         self.block_size = pool.block_size
         self.device = model.device
-        self.kv = PagedLatentKV(pool, model.config.kv_lora_rank, expanded_prefill=expanded_prefill)
+        decode_kernel = None
+        if triton_decode:
+            from ..kernels.mla_decode import paged_decode_attention_triton as decode_kernel
+        self.kv = PagedLatentKV(pool, model.config.kv_lora_rank, decode_kernel=decode_kernel,
+                                expanded_prefill=expanded_prefill)
+        self.graphs = None
+        self.graph_steps = 0  # decode steps served from the graphs (or their eager stand-in)
+
+    def enable_decode_graphs(self, scratch_block: int, max_model_len: int, batch_sizes, capture: bool) -> None:
+        """Serve decode-only steps from ``DecodeGraphs`` (``capture=False``: its static buffers, run eagerly)."""
+        from .cuda_graph import DecodeGraphs
+
+        self.graphs = DecodeGraphs(self.model, self.kv, scratch_block, -(-max_model_len // self.block_size),
+                                   batch_sizes, capture=capture)
 
     def build_layout(self, batch: ScheduledBatch) -> tuple[torch.Tensor, BatchLayout, list[int]]:
         """input_ids [1, N], the layout, and the flat index of each sampled sequence's last token
@@ -73,6 +87,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None]:
         """Run the batch; returns the sequences to sample and their logits [S, vocab] (float32)."""
+        if self.graphs is not None and batch.seqs and all(n == 1 for n in batch.num_new_tokens) and \
+                self.graphs.can_run(len(batch.seqs), max(len(s.block_table) for s in batch.seqs)):
+            return self._execute_graph(batch)
         input_ids, layout, sample_at = self.build_layout(batch)
         self.kv.set_batch(layout)
         hidden = self.model.hidden_states(input_ids, positions=layout.positions[None], kv=self.kv)  # [1, N, H]
@@ -83,3 +100,16 @@ class ModelRunner:
         index = torch.tensor([sample_at[i] for i in rows], device=self.device)
         logits = self.model.lm_head(hidden[0, index]).float()  # only the rows we sample from
         return [batch.seqs[i] for i in rows], logits
+
+    def _execute_graph(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None]:
+        seqs = batch.seqs
+        starts = [s.num_computed_tokens for s in seqs]
+        logits = self.graphs.run([s.token_ids[p] for s, p in zip(seqs, starts)], starts,
+                                 [s.block_table for s in seqs])
+        self.graph_steps += 1
+        rows = [i for i, (s, p) in enumerate(zip(seqs, starts)) if p + 1 == s.num_tokens]
+        if not rows:
+            return [], None
+        if len(rows) < len(seqs):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        return [seqs[i] for i in rows], logits

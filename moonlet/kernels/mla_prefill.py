@@ -105,7 +105,7 @@ def expanded_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: to
     for s0 in range(0, L - T, prefix_chunk):  # the cached prefix: every key visible to every query
         s1 = min(L - T, s0 + prefix_chunk)
         k, v = expand(latent[s0:s1], k_pe[s0:s1], w_uk, w_uv)
-        parts.append(attention_with_lse(q, k, v, scale, causal=True))
+        parts.append(attention_with_lse(q, k, v, scale, causal=False))
     k, v = expand(latent[L - T:], k_pe[L - T:], w_uk, w_uv)
     parts.append(attention_with_lse(q, k, v, scale, causal=True))
     return merge_by_lse(parts).transpose(0, 1)  # [T, h, v]
