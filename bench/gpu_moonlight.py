@@ -11,10 +11,11 @@ identical weights: as a moonlet ``Transformer`` served by ``moonlet.engine`` and
 - prefill tokens/s: one request of ``--prefill-len`` random tokens generating one token (the time
   to first token: moonlet ``LLM.generate(max_tokens=1)``, transformers ``generate(max_new_tokens=1)``);
 - decode ms/step at each ``--batches`` size B: B requests of ``--prompt-len`` random tokens, each
-  generating ``--decode-steps`` tokens, greedy. moonlet: the engine is stepped directly and only
-  the steps after every request has its first token are timed (all pure decode steps of B
-  sequences). transformers: ``generate`` with max_new_tokens = min_new_tokens = N and with 1, both
-  timed; ms/step = (t(N) - t(1)) / (N - 1), which cancels prefill and set-up. DynamicCache
+  generating N = ``--decode-steps`` tokens, greedy; ms/step = time from the first generated token
+  to the last / (N - 1), so prefill and set-up are excluded the same way for both. moonlet: the
+  engine is stepped directly and the timed steps are checked to be pure decode steps of all B
+  sequences. transformers: ``generate(max_new_tokens=N, min_new_tokens=N, do_sample=False)`` with a
+  streamer that marks each token as it is ready (a CUDA event); DynamicCache, the default
   (``--hf-cache static`` for the static one, which also makes transformers compile);
 - KV-cache bytes per token: moonlet's pool bytes / pool slots; transformers' cache tensors after a
   generate / (batch x cached tokens);
@@ -26,16 +27,23 @@ identical weights: as a moonlet ``Transformer`` served by ``moonlet.engine`` and
 Times are medians of ``--repeats`` runs after ``--warmup`` runs, between ``torch.cuda.synchronize``
 points, measured with CUDA events (``time.perf_counter`` on CPU).
 
-Checks, printed under the table (the exit status is 1 when one fails):
-- logits: moonlet's model forward vs transformers' on a short prompt, relative error (Frobenius)
-  within the dtype's tolerance, and the share of positions whose top-1 token agrees;
+Checks, printed under the table (the exit status is 1 when one fails), on a short prompt
+(``--check-prompt-len``):
+- logits: moonlet's model forward vs transformers', by the median over positions of each
+  position's relative error (robust to the odd position where rounding flipped an MoE routing
+  near-tie). In bf16 the bound comes from the same run: transformers is also run in float32 as the
+  truth, and moonlet in bf16 must be no further from it than twice transformers in bf16 (+1e-3);
+  measured on CPU both sit about 1% away for small shapes and over 10% (whole-tensor) through 27
+  random Moonlight layers, so a fixed bound would either miss bugs or fail correct code. In float32
+  (or with ``--no-fp32-reference``) the bound is fixed (LOGITS_TOLERANCE);
 - greedy tokens: moonlet's engine on ``--device`` in the benchmark dtype vs the engine on CPU in
-  float32 with the same (rounded) weights, on a short prompt. The CPU side runs a copy of the shape
-  cut to ``--check-layers`` layers (default 4: the dense layer and three MoE layers; full width and
-  vocabulary), because all 27 layers in float32 are slow on CPU and 64 GB; both sides use that copy.
-  Where the tokens first differ, the reference's margin between its token and the device's is set
-  against the logit difference between the two at that position: a margin inside that noise is
-  reported as a near-tie of rounding, not as a failure.
+  float32 with the same (rounded) weights. The CPU side runs a copy of the shape cut to
+  ``--check-layers`` layers (default 4: the dense layer and three MoE layers, full width and
+  vocabulary), because all 27 layers in float32 are slow on CPU and 64 GB; both sides use that
+  copy. Identical sequences pass. Otherwise each of the device's tokens is judged teacher-forced
+  against the CPU model's logits given the device's own prefix: it must be the reference's argmax,
+  or within a near-tie (reference margin <= twice the largest logit difference between the device
+  model and the reference at that step), since bf16 rounding decides near-ties either way.
 
 Random weights: every tensor drawn from its own generator seeded by (--seed, tensor name), normal
 with std = initializer_range (0.02, as ``Transformer.init_weights``), norms 1 + 0.1 N(0, 1), router
@@ -451,10 +459,45 @@ def bench_moonlet(model: Transformer, args, device: torch.device) -> dict:
 
 
 # ---- transformers ----------------------------------------------------------------------------------
-def hf_generate(hf, ids: torch.Tensor, n: int, cache: str):
+def hf_generate(hf, ids: torch.Tensor, n: int, cache: str, streamer=None):
     kwargs = {"cache_implementation": "static"} if cache == "static" else {}
     return hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                       min_new_tokens=n, return_dict_in_generate=True, **kwargs)
+                       min_new_tokens=n, return_dict_in_generate=True, streamer=streamer, **kwargs)
+
+
+def step_clock(device: torch.device):
+    """A transformers streamer that marks the moment each generated token is ready.
+
+    ``generate`` calls ``put`` once with the prompt, then once per generated token (after that
+    token's forward). On CUDA each mark is an event recorded there, so the time between two marks
+    is the device's timeline between the two tokens (host gaps included); on CPU perf_counter.
+    ``decode_seconds()`` -> (seconds from the first generated token to the last, decode steps).
+    """
+    from transformers.generation.streamers import BaseStreamer
+
+    class StepClock(BaseStreamer):
+        def __init__(self):
+            self.marks = []
+
+        def put(self, value) -> None:
+            if device.type == "cuda":
+                event = torch.cuda.Event(enable_timing=True)
+                event.record()
+                self.marks.append(event)
+            else:
+                self.marks.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+        def decode_seconds(self) -> tuple[float, int]:
+            first, last = self.marks[1], self.marks[-1]
+            if device.type == "cuda":
+                last.synchronize()
+                return first.elapsed_time(last) / 1000, len(self.marks) - 2
+            return last - first, len(self.marks) - 2
+
+    return StepClock()
 
 
 def cache_bytes_per_token(cache, batch: int) -> float:
@@ -487,11 +530,16 @@ def bench_transformers(hf, args, device: torch.device) -> dict:
         out["prefill_tok_s"] = args.prefill_len / seconds
         out["prefill_seconds"] = seconds
         for b in args.batches:
-            ids = tensor(b, args.prompt_len, 4000 + b)
-            t_one = median_seconds(lambda i: hf_generate(hf, ids, 1, args.hf_cache), device, args.warmup, args.repeats)
-            t_all = median_seconds(lambda i: hf_generate(hf, ids, args.decode_steps, args.hf_cache), device,
-                                   args.warmup, args.repeats)
-            out["decode_ms_per_step"][str(b)] = 1000 * (t_all - t_one) / (args.decode_steps - 1)
+            runs = []
+            for r in range(-args.warmup, args.repeats):
+                clock = step_clock(device)
+                hf_generate(hf, tensor(b, args.prompt_len, 4000 + 97 * b + r), args.decode_steps, args.hf_cache, clock)
+                seconds, steps = clock.decode_seconds()
+                if steps != args.decode_steps - 1:
+                    raise RuntimeError(f"transformers streamed {steps + 1} tokens, want {args.decode_steps}")
+                if r >= 0:
+                    runs.append(1000 * seconds / steps)
+            out["decode_ms_per_step"][str(b)] = statistics.median(runs)
         result = hf_generate(hf, tensor(1, args.prompt_len, 5000), args.decode_steps, args.hf_cache)
         out["kv_bytes_per_token"] = cache_bytes_per_token(result.past_key_values, 1)
         del result
