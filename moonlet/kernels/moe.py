@@ -110,15 +110,14 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
         rows = F.pad(rows, (0, hp - hidden))
     h = F.grouped_mm(rows, experts.gate_up.transpose(1, 2), offs=offs)  # [N*k, 2I']
     ip = experts.down.shape[-1]
-    act = F.silu(h[:, :ip]) * h[:, ip:]  # [N*k, I'], contiguous
+    act = F.silu(h[:, :ip]).mul_(h[:, ip:])  # [N*k, I']; in place: big CPU temporaries cost page faults
     y = F.grouped_mm(act, experts.down.transpose(1, 2), offs=offs)  # [N*k, H']
+    # Each row times its routing weight: computed in float32 (the weights' dtype), rounded once to x.dtype.
+    y.mul_(weights.reshape(-1).index_select(0, order).unsqueeze(-1))
     # Back to token order: row j of y belongs to flat slot order[j]. A gather through the inverse
     # permutation (no accumulation, deterministic; index_copy_ is far slower on CPU).
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=order.device))
-    per_slot = y.index_select(0, inverse)  # [N*k, H']
-    weighted = torch.empty((n, k, hp), dtype=x.dtype, device=x.device)
-    torch.mul(per_slot.view(n, k, hp), weights.unsqueeze(-1), out=weighted)  # in float32, rounded once
-    out = weighted.sum(dim=1)  # [N, H']; the reduction accumulates in float32
+    out = y.index_select(0, inverse).view(n, k, hp).sum(dim=1)  # [N, H']; accumulates in float32
     return out if hp == hidden else out[:, :hidden].contiguous()
 
 
