@@ -9,6 +9,10 @@ Shapes: ``tiny`` (tiny_k2_config: H 64, 8 experts, top-3, one shared expert stac
 shared expert run as a dense MLP) and ``moonlight-1shared`` (the same with one shared expert of the
 routed size, stacked as K2 and DeepSeek-V3 do). Each row times --layers MoE layers applied in turn
 (the router included) and prints the median over --repeat runs after a warm-up.
+
+On CPU the grouped path's [tokens*k, H] temporaries are large enough that glibc serves them with
+mmap, and the page faults of each fresh mapping can cost more than the GEMMs at small H; running
+with MALLOC_MMAP_THRESHOLD_=64000000 (or jemalloc/tcmalloc) removes that effect from both columns.
 """
 
 from __future__ import annotations
