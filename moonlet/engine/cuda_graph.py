@@ -90,7 +90,7 @@ class DecodeGraphs:
         self.ctx_lens[:bs].copy_(ctx, non_blocking=True)
         if self.capture:
             self.graphs[bs].replay()
-            return self.logits[bs][:n]
+            return self.logits[bs][:n].clone()  # the next replay overwrites the static output
         return self._forward(bs)[:n]
 
     # ---- capture ---------------------------------------------------------------------------------
