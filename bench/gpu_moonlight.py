@@ -42,8 +42,10 @@ Checks, printed under the table (the exit status is 1 when one fails), on a shor
   vocabulary), because all 27 layers in float32 are slow on CPU and 64 GB; both sides use that
   copy. Identical sequences pass. Otherwise each of the device's tokens is judged teacher-forced
   against the CPU model's logits given the device's own prefix: it must be the reference's argmax,
-  or within a near-tie (reference margin <= twice the largest logit difference between the device
-  model and the reference at that step), since bf16 rounding decides near-ties either way.
+  or within a near-tie (reference margin <= 4 x the rms logit difference between the device model
+  and the reference at that step), since bf16 rounding decides near-ties either way. On CPU, bf16
+  against float32 on a 4-layer Moonlight copy (16 experts, 16K vocabulary) gave 14-15 of 16 tokens
+  equal and the rest near-ties with margins below 0.09 (logit std 0.9).
 
 Random weights: every tensor drawn from its own generator seeded by (--seed, tensor name), normal
 with std = initializer_range (0.02, as ``Transformer.init_weights``), norms 1 + 0.1 N(0, 1), router
@@ -83,6 +85,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 # Median per-position relative error of logits allowed between moonlet and transformers, by dtype
 # (in float32, or in bf16 with --no-fp32-reference).
 LOGITS_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+# A greedy step whose reference margin is within this many rms logit differences is a near-tie.
+NEAR_TIE = 4.0
 _RUNS = itertools.count()  # request ids of decode runs stay unique within the engine
 EXPERT_NAME = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 
@@ -397,7 +401,8 @@ def engine_decode_seconds(llm, prompts: list[list[int]], steps: int, watch: Stop
     if max(counts.values()) != 1:
         raise RuntimeError(f"some requests got a second token before all had their first ({counts}); "
                            f"raise max_num_batched_tokens so the prompts prefill together")
-    before, preempt = engine.num_steps, engine.scheduler.num_preemptions
+    stats = engine.stats()
+    before, preempt = stats["steps"], stats["preemptions"]
     watch.start()
     while engine.has_unfinished():
         outs = engine.step()
@@ -406,10 +411,11 @@ def engine_decode_seconds(llm, prompts: list[list[int]], steps: int, watch: Stop
         for out in outs:
             counts[out.request_id] = len(out.token_ids)
     seconds = watch.stop()
-    timed = engine.num_steps - before
-    if engine.scheduler.num_preemptions != preempt or timed != steps - 1 or set(counts.values()) != {steps}:
-        raise RuntimeError(f"decode run was not {steps - 1} clean steps: {timed} steps, "
-                           f"{engine.scheduler.num_preemptions - preempt} preemptions, token counts {set(counts.values())}")
+    stats = engine.stats()
+    timed, preempted = stats["steps"] - before, stats["preemptions"] - preempt
+    if preempted or timed != steps - 1 or set(counts.values()) != {steps}:
+        raise RuntimeError(f"decode run was not {steps - 1} clean steps: {timed} steps, {preempted} preemptions, "
+                           f"token counts {set(counts.values())}")
     return seconds, timed
 
 
@@ -603,20 +609,20 @@ def judge_greedy(got: list[int], ref_logits: torch.Tensor, dev_logits: torch.Ten
     ref_logits / dev_logits [n, vocab]: the reference's (float32) and the device model's logits for
     each step, both given the device's own prefix. A step passes when the device's token is the
     reference's argmax, or when the reference's margin between its argmax and the device's token is
-    within twice the largest logit difference between the two at that step (a near-tie that
-    rounding may decide either way).
+    at most NEAR_TIE x the root-mean-square logit difference between the two at that step: rounding
+    moves each logit by about that much, so it can decide such a near-tie either way.
     """
     ref_logits, dev_logits = ref_logits.float(), dev_logits.float()
     got_t = torch.tensor(got)
     best = ref_logits.argmax(-1)
     margin = ref_logits.gather(1, best[:, None])[:, 0] - ref_logits.gather(1, got_t[:, None])[:, 0]
-    noise = (dev_logits - ref_logits).abs().amax(-1)
+    noise = (dev_logits - ref_logits).pow(2).mean(-1).sqrt()
     agree = best == got_t
-    near_tie = ~agree & (margin <= 2 * noise)
+    near_tie = ~agree & (margin <= NEAR_TIE * noise)
     return {"agree": int(agree.sum()), "near_ties": int(near_tie.sum()),
             "failed_steps": [i for i in range(len(got)) if not (agree[i] or near_tie[i])],
-            "max_margin_at_disagreement": float(margin[~agree].max()) if (~agree).any() else 0.0,
-            "max_logit_noise": float(noise.max()), "logit_std": float(ref_logits.std())}
+            "margins_at_disagreement": [round(float(m), 5) for m in margin[~agree]],
+            "rms_logit_noise": float(noise.max()), "logit_std": float(ref_logits.std())}
 
 
 @torch.inference_mode()
@@ -632,14 +638,18 @@ def greedy_check(config: ModelConfig, args, device: torch.device, dtype: torch.d
     n = args.check_tokens
     model = build_moonlet(cfg, device, dtype, args.seed)
     got = engine_greedy(model, prompt, n)
-    state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
     with torch.device("meta"):
         ref_model = Transformer(cfg)
     ref_model.to_empty(device="cpu")
-    ref_model.load_state_dict(state)
+    targets = ref_model.state_dict(keep_vars=True)
+    source = model.state_dict()
+    if set(targets) != set(source):
+        raise RuntimeError(f"state dicts differ: {sorted(set(targets) ^ set(source))[:5]}")
+    for name, t in source.items():  # one tensor at a time: no second full copy in memory
+        targets[name].copy_(t)
     ref_model.reset_buffers()
     ref_model.eval()
-    del state
+    del targets, source
     want = engine_greedy(ref_model, prompt, n)
     ids = torch.tensor([prompt + got[:-1]])
     steps = slice(len(prompt) - 1, len(prompt) - 1 + n)  # logits that chose each generated token
@@ -725,9 +735,9 @@ def format_report(results: dict) -> str:
             verdict = "same tokens -> ok"
         else:
             verdict = (f"sequences differ; teacher-forced on the device's tokens: {c['agree']}/{c['tokens']} are the "
-                       f"reference's argmax, {c['near_ties']} near-ties (margin <= 2 x logit noise, at most "
-                       f"{c['max_logit_noise']:.3g}; logit std {c['logit_std']:.3g}), failed steps {c['failed_steps']} "
-                       f"-> {'ok' if c['ok'] else 'FAILED'}")
+                       f"reference's argmax, {c['near_ties']} near-ties (margins {c['margins_at_disagreement']} <= "
+                       f"{NEAR_TIE:g} x rms logit difference, at most {c['rms_logit_noise']:.3g}; logit std "
+                       f"{c['logit_std']:.3g}), failed steps {c['failed_steps']} -> {'ok' if c['ok'] else 'FAILED'}")
         lines.append(f"check greedy tokens, engine on {results['device']} in {results['dtype']} vs engine on CPU in "
                      f"float32 ({c['layers']}-layer copy, {c['prompt_len']}-token prompt, {c['tokens']} tokens): "
                      f"{verdict}")
@@ -780,6 +790,10 @@ def main(argv=None) -> int:
         print(f"--prefill-len {args.prefill_len} exceeds the shape's context ({config.max_position_embeddings})",
               file=sys.stderr)
         return 2
+    if config.model_type == "deepseek_v2" and not args.skip_transformers:
+        print("the transformers side is DeepseekV3ForCausalLM; a deepseek_v2 shape needs --skip-transformers",
+              file=sys.stderr)
+        return 2
     try:
         import transformers
 
@@ -796,7 +810,7 @@ def main(argv=None) -> int:
     results: dict = {
         "device": device.type, "device_name": device_name, "torch": torch.__version__,
         "transformers_version": hf_version, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if argv is None else " ".join(argv),
+        "command": "python bench/gpu_moonlight.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "preset": args.preset, "config": config.to_dict(), "dtype": str(dtype).removeprefix("torch."),
         "params": config.param_counts(), "prefill_len": args.prefill_len, "batches": args.batches,
         "prompt_len": args.prompt_len, "decode_steps": args.decode_steps, "warmup": args.warmup,

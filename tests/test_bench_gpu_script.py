@@ -146,7 +146,8 @@ def test_greedy_verdicts(gm):
     bad = gm.judge_greedy([2, 4, 5], ref, dev)  # step 2 picks a token 3 logits below the winner
     assert bad["agree"] == 2 and bad["failed_steps"] == [2]
     exact = gm.judge_greedy([2, 4, 0], ref, ref)
-    assert exact["agree"] == 3 and exact["max_logit_noise"] == 0
+    assert exact["agree"] == 3 and exact["rms_logit_noise"] == 0
+    assert gm.judge_greedy([2, 1, 0], ref, ref)["failed_steps"] == [1]  # no rounding: no near-tie either
 
 
 SMOKE = ["--preset", "tiny-k2", "--device", "cpu", "--prefill-len", "48", "--batches", "1,3", "--prompt-len", "8",
