@@ -67,7 +67,6 @@ import sys
 import threading
 import time
 import zlib
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
