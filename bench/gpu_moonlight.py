@@ -447,8 +447,11 @@ def bench_moonlet(model: Transformer, args, device: torch.device) -> dict:
         first = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
         hits = engine.stats()["prefix_cache_hits"]
 
+        # fresh tokens every run, so the prefix cache never hits
+        prompts = {i: random_ids(1, args.prefill_len, vocab, seed=1000 + i) for i in range(-args.warmup, args.repeats)}
+
         def prefill(i: int) -> None:
-            llm.generate(random_ids(1, args.prefill_len, vocab, seed=1000 + i), first)  # fresh tokens: no prefix hits
+            llm.generate(prompts[i], first)
 
         seconds = median_seconds(prefill, device, args.warmup, args.repeats)
         if engine.stats()["prefix_cache_hits"] != hits:
