@@ -21,6 +21,8 @@ tested against.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 # prefix tokens expanded at once: bounds the [tokens, heads, qk + v] expansion
@@ -63,8 +65,17 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
                        causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``attention_reference``'s contract; a fused kernel on CUDA for fp16/bf16 inputs."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        return _attention_cuda(q, k, v, scale, causal)
+        try:
+            return _attention_cuda(q, k, v, scale, causal)
+        except RuntimeError as e:  # a head size or GPU the fused kernel does not take: stay correct, say so once
+            if not _warned:
+                warnings.warn(f"moonlet: fused attention unavailable for q {tuple(q.shape)}, v {tuple(v.shape)} "
+                              f"({e}); expanded prefill falls back to the plain PyTorch computation")
+                _warned.append(True)
     return attention_reference(q, k, v, scale, causal)
+
+
+_warned: list[bool] = []
 
 
 def merge_by_lse(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
