@@ -138,12 +138,14 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
         max_batched = 8192 if on_cuda else 512
     if not cfg.enable_chunked_prefill:
         max_batched = max(max_batched, max_model_len)  # a whole prompt must fit one step
-    from ..kernels import mla_decode
+    triton_decode = False
+    if on_cuda and cfg.decode_kernel != "reference":  # importing Triton costs start-up time: only where it can run
+        from ..kernels import mla_decode
 
-    if cfg.decode_kernel == "triton" and not (on_cuda and mla_decode.available()):
+        triton_decode = mla_decode.available()
+    if cfg.decode_kernel == "triton" and not triton_decode:
         raise ValueError("engine argument decode_kernel='triton' needs a CUDA GPU (compute capability >= 8.0) and "
                          "the triton package; use 'reference'")
-    triton_decode = cfg.decode_kernel == "triton" or (cfg.decode_kernel is None and on_cuda and mla_decode.available())
     graphs = cfg.decode_graphs or ("cuda" if on_cuda else "off")
     if graphs == "cuda" and not on_cuda:
         raise ValueError("engine argument decode_graphs='cuda' needs a CUDA device; use 'eager' or 'off'")
