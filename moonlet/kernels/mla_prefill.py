@@ -82,10 +82,10 @@ def merge_by_lse(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor
     """Softmax attention over the union of disjoint key sets from each set's (out [h, T, dv], lse [h, T])."""
     if len(parts) == 1:
         return parts[0][0]
-    lses = torch.stack([lse for _, lse in parts])  # [P, h, T]
-    total = torch.logsumexp(lses, dim=0)  # [h, T]
-    weights = torch.exp(lses - total[None])  # each part's share of the probability mass
-    return sum(w[..., None] * out for w, (out, _) in zip(weights, parts))
+    from .mla_decode import merge_split_outputs  # the decode kernel's split merge, same math
+
+    return merge_split_outputs(torch.stack([out for out, _ in parts], dim=-2),
+                               torch.stack([lse for _, lse in parts], dim=-1))
 
 
 def expand(latent: torch.Tensor, k_pe: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor
