@@ -55,21 +55,13 @@ def checkpoint_profile(model_dir: str | os.PathLike) -> dict | None:
 
 
 def model_profile(model_path: str | os.PathLike | None) -> dict | None:
-    """The profile for the model the agent serves itself: the checkpoint's own file, or for the
-    bundled moonlet-tiny (``model_path`` None) the trained profile when its file is missing."""
-    if model_path is not None:
-        return checkpoint_profile(model_path)
-    from moonlet.assets import default_model_path
+    """The profile for the model the agent serves itself: the checkpoint's own file (``model_path``
+    None: the bundled moonlet-tiny, which ships one)."""
+    if model_path is None:
+        from moonlet.assets import default_model_path
 
-    try:
-        found = checkpoint_profile(default_model_path())
-    except FileNotFoundError:
-        found = None
-    if found is None:
-        from moonlet.train.synth import agent_profile
-
-        found = profile_from_dict(agent_profile())
-    return found
+        model_path = default_model_path()
+    return checkpoint_profile(model_path)
 
 
 def apply_profile(registry: ToolRegistry, names: list[str] | None, overrides: dict | None) -> ToolRegistry:
