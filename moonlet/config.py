@@ -60,6 +60,11 @@ class ModelConfig:
     num_nextn_predict_layers: int = 0
     torch_dtype: str | None = "bfloat16"
     quantization_config: dict | None = None
+    # MoBA block-sparse attention (moonlet's own key; see moonlet/model/sparse.py):
+    # {"block_size": B, "top_k": k, "full_attention_layers": [0-based layer ids that stay dense]}.
+    moba_config: dict | None = None
+    # MLA without positional encoding (Kimi Linear's full-attention layers): k_pe/q_pe are not rotated.
+    mla_use_nope: bool = False
     # Keys of config.json this class does not model, written back unchanged.
     extra: dict = field(default_factory=dict, repr=False)
     # For kimi_k25: the outer (multimodal) config, with our fields living under text_config.
@@ -79,6 +84,8 @@ class ModelConfig:
                 self.rope_scaling = None
             elif kind != "yarn":
                 raise ValueError(f"unsupported rope_scaling type {kind!r}; moonlet implements 'yarn' (or none)")
+        if self.moba_config is not None:
+            self.moba_config = _check_moba_config(self.moba_config, self.num_hidden_layers)
         if self.n_routed_experts % max(self.n_group, 1):
             raise ValueError(
                 f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}"
@@ -110,6 +117,10 @@ class ModelConfig:
             and layer >= self.first_k_dense_replace
             and layer % max(self.moe_layer_freq, 1) == 0
         )
+
+    def is_moba_layer(self, layer: int) -> bool:
+        """Whether ``layer``'s attention is MoBA block-sparse (``moba_config``) rather than dense."""
+        return self.moba_config is not None and layer not in self.moba_config["full_attention_layers"]
 
     @property
     def yarn_factor(self) -> float:
@@ -180,8 +191,9 @@ class ModelConfig:
                 continue
             out[f.name] = copy.deepcopy(getattr(self, f.name))
         out.update(copy.deepcopy(self.extra))
-        if out.get("quantization_config") is None:
-            out.pop("quantization_config")
+        for key, default in (("quantization_config", None), ("moba_config", None), ("mla_use_nope", False)):
+            if out.get(key) == default:  # absent from the published configs: keep their keys as they are
+                out.pop(key)
         if spelling == "transformers5":
             rope = {"rope_type": "default", "rope_theta": out.pop("rope_theta")}
             scaling = out.pop("rope_scaling")
@@ -270,6 +282,28 @@ class ModelConfig:
         per_head = self.num_attention_heads * (self.qk_head_dim + self.v_head_dim)
         expanded = per_head * self.num_hidden_layers * bytes_per_value
         return {"latent": latent, "expanded": expanded}
+
+
+def _check_moba_config(moba: dict, num_layers: int) -> dict:
+    """Validate ``moba_config`` and fill its defaults; errors name the bad value and the fix."""
+    if not isinstance(moba, dict):
+        raise ValueError(f"moba_config must be a dict {{block_size, top_k, full_attention_layers}}; got {moba!r}")
+    unknown = set(moba) - {"block_size", "top_k", "full_attention_layers"}
+    if unknown:
+        raise ValueError(f"moba_config has unknown keys {sorted(unknown)}; "
+                         "known: block_size, top_k, full_attention_layers")
+    out = dict(moba)
+    for key in ("block_size", "top_k"):
+        value = out.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"moba_config.{key} must be a positive integer; got {value!r}")
+    layers = out.get("full_attention_layers", [])
+    if not isinstance(layers, (list, tuple)) or any(
+            not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < num_layers for i in layers):
+        raise ValueError(f"moba_config.full_attention_layers must list 0-based layer ids below "
+                         f"num_hidden_layers={num_layers}; got {layers!r}")
+    out["full_attention_layers"] = sorted(set(layers))
+    return out
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

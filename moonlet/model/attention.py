@@ -67,6 +67,7 @@ class MLAttention(nn.Module):
         self.qk_head_dim = config.qk_head_dim
         self.v_head_dim = config.v_head_dim
         self.softmax_scale = config.softmax_scale
+        self.use_rope = not config.mla_use_nope  # NoPE MLA (Kimi Linear): q_pe/k_pe stay unrotated
         H, nh = config.hidden_size, config.num_attention_heads
         bias = config.attention_bias
         if self.q_lora_rank:
@@ -112,8 +113,9 @@ class MLAttention(nn.Module):
         B, T, _ = x.shape
         q_nope, q_pe = self.project_q(x)
         latent, k_pe = self.project_latent(x)
-        q_pe = apply_rope(q_pe, cos, sin)
-        k_pe = apply_rope(k_pe, cos, sin)
+        if self.use_rope:
+            q_pe = apply_rope(q_pe, cos, sin)
+            k_pe = apply_rope(k_pe, cos, sin)
         if kv is None:
             out = self._expanded(q_nope, q_pe, latent, k_pe, mask)
         else:
