@@ -17,11 +17,12 @@ with the same signature can replace them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .cache import LatentCachePool
+from .moba import MobaSpec, PageSums, moba_decode_attention, moba_prefill_attention
 
 # Prefill attention materializes [rows, heads, ctx] scores; bound that to this many elements.
 _MAX_SCORE_ELEMENTS = 1 << 25
@@ -80,10 +81,19 @@ class BatchLayout:
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] long
     decode_ctx_lens: torch.Tensor | None  # [num_decodes] long
     prefills: list[PrefillSpan]
+    _written_pages: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:
         return int(self.slot_mapping.shape[0])
+
+    def written_pages(self, page_size: int) -> torch.Tensor:
+        """The cache pages this step writes into (computed once per step; a decode-only step takes one
+        per row, duplicates and all, without a host sync, so it stays capturable in a CUDA graph)."""
+        if self._written_pages is None:
+            pages = self.slot_mapping // page_size
+            self._written_pages = pages.unique() if self.prefills else pages
+        return self._written_pages
 
 
 class PagedLatentKV:
@@ -95,15 +105,21 @@ class PagedLatentKV:
     With ``expanded_prefill=True`` the attention layers call ``attend_heads`` instead of ``attend``:
     decodes stay absorbed, prefill chunks run on expanded keys and values
     (``moonlet.kernels.mla_prefill``), and the result is per-head values rather than latents.
+
+    With ``moba`` (a ``MobaSpec``), the layers it names attend block-sparsely (``moonlet.engine.moba``),
+    decodes and prefill chunks alike, on the absorbed path; the cache keeps per-page sums for their gates.
     """
 
     def __init__(self, pool: LatentCachePool, kv_lora_rank: int, decode_kernel=None, prefill_kernel=None,
-                 expanded_prefill: bool = False):
+                 expanded_prefill: bool = False, moba: MobaSpec | None = None):
         self.pool = pool
         self.kv_lora = kv_lora_rank
         self.decode_kernel = decode_kernel or paged_decode_attention
         self.prefill_kernel = prefill_kernel or paged_prefill_attention
         self.expanded_prefill = expanded_prefill
+        self.moba = moba
+        self.page_sums = PageSums(moba.layers, pool.num_blocks, pool.latent_dim, pool.data.device) \
+            if moba is not None and moba.layers else None
         self.layout: BatchLayout | None = None
 
     def set_batch(self, layout: BatchLayout) -> None:
@@ -120,19 +136,33 @@ class PagedLatentKV:
     def attend(self, layer: int, q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                k_pe: torch.Tensor, scale: float) -> torch.Tensor:
         """q_latent [1,N,h,c], q_pe [1,N,h,r], latent [1,N,c], k_pe [1,N,r] -> [1,N,h,c]."""
-        lay = self.layout
         pool = self._store(layer, latent, k_pe)
         q = torch.cat([q_latent[0], q_pe[0]], dim=-1)  # [N, h, D]
+        return self._attend_latent(layer, q, pool, scale, range(len(self.layout.prefills)))[None].to(q_latent.dtype)
+
+    def _attend_latent(self, layer: int, q: torch.Tensor, pool: torch.Tensor, scale: float, spans) -> torch.Tensor:
+        """Absorbed attention of the decodes and of the prefill spans numbered in ``spans``:
+        q [N, h, D] -> [N, h, kv_lora] float32 (rows of other spans left unset)."""
+        lay = self.layout
         N, h = q.shape[:2]
         out = torch.empty(N, h, self.kv_lora, device=q.device, dtype=torch.float32)
+        moba = self.moba if self.page_sums is not None and layer in self.moba.layers else None
         nd = lay.num_decodes
-        if nd:
+        if nd and moba is not None:
+            out[:nd] = moba_decode_attention(q[:nd], pool, self.page_sums.layer(layer), lay.decode_block_tables,
+                                             lay.decode_ctx_lens, scale, self.kv_lora, moba.block_size, moba.top_k)
+        elif nd:
             out[:nd] = self.decode_kernel(q[:nd], pool, lay.decode_block_tables, lay.decode_ctx_lens, scale,
                                           self.kv_lora)
-        for span in lay.prefills:
+        for i in spans:
+            span = lay.prefills[i]
             s, e = span.start, span.start + span.num_tokens
-            out[s:e] = self.prefill_kernel(q[s:e], pool, span.block_ids, span.ctx_len, scale, self.kv_lora)
-        return out[None].to(q_latent.dtype)
+            if moba is not None:
+                out[s:e] = moba_prefill_attention(q[s:e], pool, self.page_sums.layer(layer), span.block_ids,
+                                                  span.ctx_len, scale, self.kv_lora, moba.block_size, moba.top_k)
+            else:
+                out[s:e] = self.prefill_kernel(q[s:e], pool, span.block_ids, span.ctx_len, scale, self.kv_lora)
+        return out
 
     def _store(self, layer: int, latent: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
         """Write the new tokens' [latent | k_pe] into their slots; returns the layer's pool."""
@@ -140,6 +170,8 @@ class PagedLatentKV:
         D = pool.shape[-1]
         entries = torch.cat([latent[0], k_pe[0]], dim=-1).to(pool.dtype)  # [N, D]
         pool.view(-1, D).index_copy_(0, self.layout.slot_mapping, entries)
+        if self.page_sums is not None and layer in self.moba.layers:
+            self.page_sums.update(layer, pool, self.layout.written_pages(self.pool.block_size))
         return pool
 
     def attend_heads(self, layer: int, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
@@ -153,6 +185,11 @@ class PagedLatentKV:
         N, h = q_nope.shape[1:3]
         out = torch.empty(N, h, w_uv.shape[1], device=q_nope.device, dtype=torch.float32)
         nd = lay.num_decodes
+        if self.page_sums is not None and layer in self.moba.layers:  # MoBA layers stay absorbed throughout
+            q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
+            q = torch.cat([q_latent[0], q_pe[0].to(q_latent.dtype)], dim=-1)
+            o = self._attend_latent(layer, q, pool, scale, range(len(lay.prefills)))
+            return torch.einsum("thc,hvc->thv", o.to(w_uv.dtype), w_uv)[None].to(q_nope.dtype)
         if nd:
             q_latent = torch.einsum("thd,hdc->thc", q_nope[0, :nd], w_uk)
             q = torch.cat([q_latent, q_pe[0, :nd].to(q_latent.dtype)], dim=-1)

@@ -7,6 +7,7 @@ import torch
 
 from .attention import BatchLayout, PagedLatentKV, PrefillSpan
 from .cache import LatentCachePool
+from .moba import MobaSpec
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
@@ -25,7 +26,8 @@ class ModelRunner:
         if triton_decode:
             from ..kernels.mla_decode import paged_decode_attention_triton as decode_kernel
         self.kv = PagedLatentKV(pool, model.config.kv_lora_rank, decode_kernel=decode_kernel,
-                                expanded_prefill=expanded_prefill)
+                                expanded_prefill=expanded_prefill,
+                                moba=MobaSpec.from_config(model.config, pool.block_size))
         self.graphs = None
         self.graph_steps = 0  # decode steps served from the graphs (or their eager stand-in)
 
