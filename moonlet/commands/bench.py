@@ -20,7 +20,8 @@ import random
 import time
 from datetime import date
 
-from .serve import add_engine_args, engine_kwargs, resolve_model
+from ..engine.config import add_engine_cli_args, engine_args_from_cli
+from .serve import resolve_model
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex bold jumpy zebras near "
          "old stone bridges under bright autumn skies").split()
@@ -43,7 +44,7 @@ def register(sub) -> None:
     off.add_argument("--baseline", action="store_true",
                      help="also time one-request-at-a-time generation over a contiguous cache")
     off.add_argument("--seed", type=int, default=0)
-    add_engine_args(off)
+    add_engine_cli_args(off)
     off.set_defaults(func=run_offline_cmd)
 
     on = modes.add_parser("online", help="load test against a running server")
@@ -112,7 +113,7 @@ def run_offline(model_path=None, random_config=None, num_prompts=32, input_len=1
 def run_offline_cmd(args) -> int:
     from ..engine.benchmark import format_table
 
-    kwargs = engine_kwargs(args)
+    kwargs = engine_args_from_cli(args)
     rows = run_offline(args.model, args.random, args.num_prompts, args.input_len, args.output_len, args.baseline,
                        args.seed, **kwargs)
     print(device_line(kwargs.get("device")))

@@ -14,7 +14,8 @@ import json
 import os
 import sys
 
-from .serve import add_engine_args, engine_kwargs, resolve_model
+from ..engine.config import add_engine_cli_args, engine_args_from_cli
+from .serve import resolve_model
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -36,7 +37,7 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=None, help="default: the server's / 1.0")
     p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="ask for reasoning (--thinking) or not (--no-thinking); default: the template's")
-    add_engine_args(p)
+    add_engine_cli_args(p)
     p.set_defaults(func=run)
 
 
@@ -147,7 +148,7 @@ class LocalChat:
         from ..engine import AsyncLLM
 
         self.args = args
-        self.engine = AsyncLLM(resolve_model(args.model), **engine_kwargs(args))
+        self.engine = AsyncLLM(resolve_model(args.model), **engine_args_from_cli(args))
         if self.engine.tokenizer is None:
             raise ValueError("this checkpoint ships no tokenizer (tiktoken.model); chat needs one")
         self.history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []

@@ -4,30 +4,7 @@ from __future__ import annotations
 
 import os
 
-
-def add_engine_args(p) -> None:
-    """Engine options shared by `serve`, `chat --model` and `bench offline`."""
-    g = p.add_argument_group("engine")
-    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default: the checkpoint's)")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    g.add_argument("--max-num-seqs", type=int, default=None, help="requests decoded together (default 128)")
-    g.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: sized from memory)")
-    g.add_argument("--block-size", type=int, default=None, help="tokens per KV cache block (16 CPU, 64 CUDA)")
-    g.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB (default: share of free memory)")
-    g.add_argument("--max-waiting", type=int, default=None, help="queued requests before 'overloaded' (default 1024)")
-    g.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
-
-
-def engine_kwargs(args) -> dict:
-    names = {"device": "device", "dtype": "dtype", "max_model_len": "max_model_len", "max_num_seqs": "max_num_seqs",
-             "num_blocks": "num_blocks", "block_size": "block_size", "kv_cache_memory": "kv_cache_memory",
-             "max_waiting": "max_waiting"}
-    out = {field: getattr(args, attr) for attr, field in names.items() if getattr(args, attr, None) is not None}
-    if getattr(args, "no_prefix_caching", False):
-        out["enable_prefix_caching"] = False
-    return out
+from ..engine.config import add_engine_cli_args, engine_args_from_cli
 
 
 def resolve_model(path: str | None) -> str:
@@ -60,7 +37,7 @@ def register(sub) -> None:
     p.add_argument("--max-concurrent-requests", type=int, default=None,
                    help="generation requests in flight before answering 429 (default: no limit)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    add_engine_args(p)
+    add_engine_cli_args(p)
     p.set_defaults(func=run)
 
 
@@ -74,7 +51,7 @@ def run(args) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path = resolve_model(args.model)
-    engine = AsyncLLM(path, start=False, **engine_kwargs(args))
+    engine = AsyncLLM(path, start=False, **engine_args_from_cli(args))
     app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
                      max_concurrent_requests=args.max_concurrent_requests, shutdown_engine_on_exit=True)
     name = app.state.moonlet.served_model_name

@@ -171,17 +171,19 @@ def add_engine_cli_args(parser) -> None:
                    help="bytes for the latent KV cache pool, e.g. 512MiB or 4GiB (default: a fraction of free memory)")
     g.add_argument("--kv-cache-fraction", type=float, default=None,
                    help="fraction of free memory for the KV cache (default 0.8 on GPU; 0.05, at most 1 GiB, on CPU)")
+    g.add_argument("--num-blocks", type=int, default=None,
+                   help="KV cache blocks (overrides --kv-cache-memory/--kv-cache-fraction)")
     g.add_argument("--block-size", type=int, default=None, help="tokens per cache block (default 16 on CPU, 64 on GPU)")
     g.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
-    g.add_argument("--max-num-seqs", type=int, default=128, help="most sequences in one step")
+    g.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one step (default 128)")
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="token budget per step (default 512 on CPU, 8192 on GPU)")
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="turn off prefix caching")
     g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
                    help="compute each prompt in one step")
-    g.add_argument("--max-waiting", type=int, default=1024,
-                   help="waiting requests beyond which new ones are refused as overloaded")
+    g.add_argument("--max-waiting", type=int, default=None,
+                   help="waiting requests beyond which new ones are refused as overloaded (default 1024)")
     g.add_argument("--prefill-attention", choices=["expanded", "absorbed"], default=None,
                    help="prefill on expanded per-head keys/values or over the latents (default: expanded on GPU, "
                         "absorbed on CPU)")
@@ -197,12 +199,17 @@ def add_engine_cli_args(parser) -> None:
 
 
 def engine_args_from_cli(args) -> dict:
-    """The EngineConfig keyword arguments from flags added by ``add_engine_cli_args``."""
-    return dict(
-        kv_cache_memory=args.kv_cache_memory, kv_cache_fraction=args.kv_cache_fraction, block_size=args.block_size,
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
-        enable_chunked_prefill=args.enable_chunked_prefill, max_waiting=args.max_waiting, device=args.device,
-        dtype=args.dtype, seed=args.engine_seed, prefill_attention=args.prefill_attention,
-        decode_graphs=args.decode_graphs, decode_kernel=args.decode_kernel,
+    """The EngineConfig keyword arguments from flags added by ``add_engine_cli_args``: only the flags
+    given, so EngineConfig's own defaults apply to the rest."""
+    names = dict(
+        kv_cache_memory="kv_cache_memory", kv_cache_fraction="kv_cache_fraction", num_blocks="num_blocks",
+        block_size="block_size", max_model_len="max_model_len", max_num_seqs="max_num_seqs",
+        max_num_batched_tokens="max_num_batched_tokens", max_waiting="max_waiting", device="device", dtype="dtype",
+        engine_seed="seed", prefill_attention="prefill_attention", decode_graphs="decode_graphs",
+        decode_kernel="decode_kernel",
     )
+    out = {field: getattr(args, attr) for attr, field in names.items() if getattr(args, attr, None) is not None}
+    for flag in ("enable_prefix_caching", "enable_chunked_prefill"):
+        if getattr(args, flag, True) is False:
+            out[flag] = False
+    return out

@@ -55,3 +55,18 @@ def test_benchmark_helpers_count_tokens():
     assert engine_row["prompt_tokens"] == 30
     table = format_table([engine_row, base_row])
     assert table.splitlines()[0].startswith("| run |") and len(table.splitlines()) == 4
+
+
+@pytest.mark.parametrize("command", [["serve"], ["chat"], ["bench", "offline"]])
+def test_every_engine_command_takes_the_same_engine_flags(command):
+    """serve, chat and bench offline share the engine's flag set, GPU settings included, and pass only
+    the flags given (the rest keep EngineConfig's defaults)."""
+    from moonlet.cli import build_parser
+
+    args = build_parser().parse_args(command + ["--decode-graphs", "eager", "--decode-kernel", "reference",
+                                                "--prefill-attention", "absorbed", "--num-blocks", "7",
+                                                "--no-chunked-prefill"])
+    assert engine_args_from_cli(args) == dict(decode_graphs="eager", decode_kernel="reference",
+                                              prefill_attention="absorbed", num_blocks=7,
+                                              enable_chunked_prefill=False)
+    assert engine_args_from_cli(build_parser().parse_args(command)) == {}
