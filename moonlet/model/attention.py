@@ -7,6 +7,10 @@ Absorbed path (serving): only the normalized latent (kv_lora_rank values) and th
 (qk_rope_head_dim values) are cached per token. The k_nope half of kv_b_proj (W_UK) is folded
 into the query, attention runs over the latent itself, and the v half (W_UV) is applied to the
 attended latent. The two paths compute the same function.
+
+MoBA layers (``config.moba_config``, ``config.is_moba_layer``): the expanded path runs block-sparse
+attention (``sparse.moba_attention``) instead of dense causal attention, and QK-Clip's max logit is
+taken over the pairs MoBA attends to.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch import nn
 from ..config import ModelConfig
 from .norm import RMSNorm
 from .rope import apply_rope
+from .sparse import moba_attention, moba_max_logit
 
 
 class LatentKV(Protocol):
@@ -68,6 +73,9 @@ class MLAttention(nn.Module):
         self.v_head_dim = config.v_head_dim
         self.softmax_scale = config.softmax_scale
         self.use_rope = not config.mla_use_nope  # NoPE MLA (Kimi Linear): q_pe/k_pe stay unrotated
+        # MoBA block-sparse attention on the expanded path: (block_size, top_k), or None for dense.
+        self.moba = ((config.moba_config["block_size"], config.moba_config["top_k"])
+                     if config.is_moba_layer(layer_idx) else None)
         H, nh = config.hidden_size, config.num_attention_heads
         bias = config.attention_bias
         if self.q_lora_rank:
@@ -129,9 +137,17 @@ class MLAttention(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, h, T, qk]
         k = torch.cat([k_nope, k_pe[:, :, None].expand(B, T, self.num_heads, -1)], dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)
+        if self.moba is not None and mask is not None:
+            raise ValueError(
+                f"layer {self.layer_idx} uses MoBA block-sparse attention (moba_config), which supports causal "
+                "attention without a padding mask only; got an attention_mask. Pass attention_mask=None "
+                "(unpadded or packed sequences of equal length), or list this layer in "
+                "moba_config['full_attention_layers'] to keep it dense.")
         if self.record_max_logit:
             self._record_max_logit(q, k, mask)
-        if mask is None:
+        if self.moba is not None:
+            out = moba_attention(q, k, v, self.moba[0], self.moba[1], self.softmax_scale)
+        elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.softmax_scale)
@@ -139,6 +155,10 @@ class MLAttention(nn.Module):
 
     @torch.no_grad()
     def _record_max_logit(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if self.moba is not None:  # only the pairs MoBA attends to
+            head_max = moba_max_logit(q, k, self.moba[0], self.moba[1], self.softmax_scale)
+            self.max_logit = head_max if self.max_logit is None else torch.maximum(self.max_logit, head_max)
+            return
         T = q.shape[2]
         logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.softmax_scale  # [B, h, T, T]
         allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()[None] if mask is None else mask
