@@ -1,7 +1,10 @@
-"""ModelConfig: the K2 / DeepSeek-V3 / DeepSeek-V2 family config, read from and written to HF config.json.
+"""ModelConfig: the K2 / DeepSeek-V3 / DeepSeek-V2 / Kimi Linear family config, read from and written to
+HF config.json.
 
 Field names are the checkpoint's own (``kv_lora_rank``, ``n_routed_experts`` ...) so a reader can hold
 the code against any config.json. Unknown keys are kept in ``extra`` and written back unchanged.
+Kimi Linear (``model_type: kimi_linear``) spells some MoE keys differently (``num_experts``,
+``num_experts_per_token`` ...): they are read into the same fields and written back in its spelling.
 """
 
 from __future__ import annotations
@@ -15,7 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("kimi_k2", "kimi_k25", "deepseek_v3", "deepseek_v2")
+SUPPORTED_MODEL_TYPES = ("kimi_k2", "kimi_k25", "deepseek_v3", "deepseek_v2", "kimi_linear")
+
+# Kimi Linear's config.json key -> the ModelConfig field it sets.
+KIMI_LINEAR_KEYS = {
+    "num_experts": "n_routed_experts",
+    "num_experts_per_token": "num_experts_per_tok",
+    "num_shared_experts": "n_shared_experts",
+    "moe_router_activation_func": "scoring_func",
+    "moe_renormalize": "norm_topk_prob",
+    "num_expert_group": "n_group",
+}
+LINEAR_ATTN_KEYS = ("full_attn_layers", "kda_layers", "num_heads", "head_dim", "short_conv_kernel_size")
 
 
 @dataclass
@@ -65,10 +79,16 @@ class ModelConfig:
     moba_config: dict | None = None
     # MLA without positional encoding (Kimi Linear's full-attention layers): k_pe/q_pe are not rotated.
     mla_use_nope: bool = False
+    # Kimi Linear's hybrid layout, as its config.json spells it: {"kda_layers": [...], "full_attn_layers":
+    # [...]} (1-based layer numbers!), "num_heads", "head_dim", "short_conv_kernel_size". See is_kda_layer.
+    linear_attn_config: dict | None = None
     # Keys of config.json this class does not model, written back unchanged.
     extra: dict = field(default_factory=dict, repr=False)
     # For kimi_k25: the outer (multimodal) config, with our fields living under text_config.
     outer: dict | None = field(default=None, repr=False)
+    # Fields the source config.json did not hold and from_dict filled in (kimi_linear only), with the
+    # value it used: to_dict leaves them out again while they keep that value, so the file round-trips.
+    implied: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -86,6 +106,8 @@ class ModelConfig:
                 raise ValueError(f"unsupported rope_scaling type {kind!r}; moonlet implements 'yarn' (or none)")
         if self.moba_config is not None:
             self.moba_config = _check_moba_config(self.moba_config, self.num_hidden_layers)
+        if self.linear_attn_config is not None:
+            self.linear_attn_config = _check_linear_attn_config(self.linear_attn_config, self.num_hidden_layers)
         if self.n_routed_experts % max(self.n_group, 1):
             raise ValueError(
                 f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}"
@@ -117,6 +139,17 @@ class ModelConfig:
             and layer >= self.first_k_dense_replace
             and layer % max(self.moe_layer_freq, 1) == 0
         )
+
+    def is_kda_layer(self, layer: int) -> bool:
+        """Whether ``layer`` (0-based) is a Kimi Delta Attention layer rather than MLA.
+
+        ``linear_attn_config.kda_layers`` holds 1-based layer numbers, as the published config does."""
+        return self.linear_attn_config is not None and (layer + 1) in self.linear_attn_config["kda_layers"]
+
+    @property
+    def kda_layer_ids(self) -> list[int]:
+        """0-based ids of the KDA layers (empty without linear_attn_config)."""
+        return [i for i in range(self.num_hidden_layers) if self.is_kda_layer(i)]
 
     def is_moba_layer(self, layer: int) -> bool:
         """Whether ``layer``'s attention is MoBA block-sparse (``moba_config``) rather than dense."""
@@ -166,7 +199,10 @@ class ModelConfig:
             data.setdefault("topk_method", "greedy")
             data.setdefault("scoring_func", "softmax")
             data.setdefault("norm_topk_prob", False)
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "outer"}
+        implied: dict[str, Any] = {}
+        if data.get("model_type") == "kimi_linear":
+            implied = _read_kimi_linear_keys(data)
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "outer", "implied"}
         known = {k: v for k, v in data.items() if k in names}
         extra = {k: v for k, v in data.items() if k not in names}
         if "num_experts" in extra and "n_routed_experts" not in known:
@@ -176,7 +212,7 @@ class ModelConfig:
                 known.pop(key, None)
         if known.get("n_routed_experts") is None:
             known["n_routed_experts"] = 0
-        cfg = cls(**known, extra=extra, outer=outer)
+        cfg = cls(**known, extra=extra, outer=outer, implied=implied)
         return cfg
 
     def to_dict(self, spelling: str = "hub") -> dict:
@@ -186,13 +222,21 @@ class ModelConfig:
         writes ``rope_parameters`` instead.
         """
         out: dict[str, Any] = {}
+        kimi_linear = self.model_type == "kimi_linear"
+        kimi_name = {name: key for key, name in KIMI_LINEAR_KEYS.items()}
         for f in dataclasses.fields(self):
-            if f.name in ("extra", "outer"):
+            if f.name in ("extra", "outer", "implied"):
                 continue
-            out[f.name] = copy.deepcopy(getattr(self, f.name))
+            value = getattr(self, f.name)
+            if kimi_linear:
+                if f.name in self.implied and value == self.implied[f.name]:
+                    continue  # the source config did not hold it
+                out[kimi_name.get(f.name, f.name)] = copy.deepcopy(value)
+            else:
+                out[f.name] = copy.deepcopy(value)
         out.update(copy.deepcopy(self.extra))
         for key, default in (("quantization_config", None), ("moba_config", None), ("mla_use_nope", False)):
-            if out.get(key) == default:  # absent from the published configs: keep their keys as they are
+            if key in out and out[key] == default:  # absent from the published configs: keep their keys as they are
                 out.pop(key)
         if spelling == "transformers5":
             rope = {"rope_type": "default", "rope_theta": out.pop("rope_theta")}
@@ -204,6 +248,8 @@ class ModelConfig:
             out["rope_parameters"] = rope
         elif spelling != "hub":
             raise ValueError(f"unknown spelling {spelling!r}; use 'hub' or 'transformers5'")
+        if kimi_linear:
+            out = dict(sorted(out.items()))  # as transformers writes it
         if self.outer is not None:
             outer = copy.deepcopy(self.outer)
             outer["text_config"] = out
@@ -258,10 +304,12 @@ class ModelConfig:
         norms = 2 * H
         expert = 3 * H * self.moe_intermediate_size
         dense = 3 * H * self.intermediate_size
+        kda = self.kda_layer_params()
         total = active = 0
         for layer in range(self.num_hidden_layers):
-            total += attn + norms
-            active += attn + norms
+            mixer = kda if self.is_kda_layer(layer) else attn
+            total += mixer + norms
+            active += mixer + norms
             if self.is_moe_layer(layer):
                 E, S, k = self.n_routed_experts, self.n_shared_experts, self.num_experts_per_tok
                 router = E * H + (E if self.topk_method == "noaux_tc" else 0)
@@ -276,12 +324,35 @@ class ModelConfig:
         active += embed + head + H
         return {"total": total, "active": active}
 
+    def kda_layer_params(self) -> int:
+        """Parameters of one KDA layer (0 without linear_attn_config): q/k/v projections and their short
+        convolutions, A_log, the low-rank decay (f_a, f_b) and dt_bias, b_proj, the low-rank output
+        gate (g_a, g_b), o_norm and o_proj."""
+        if self.linear_attn_config is None:
+            return 0
+        lin = self.linear_attn_config
+        H, nh, d, W = self.hidden_size, lin["num_heads"], lin["head_dim"], lin["short_conv_kernel_size"]
+        P = nh * d
+        return (3 * H * P + 3 * P * W + nh + (H * d + d * P + P) + H * nh + (H * d + d * P) + d + P * H)
+
     def kv_bytes_per_token(self, bytes_per_value: int = 2) -> dict[str, int]:
-        """Cache bytes per token over all layers: MLA's latent cache vs an expanded per-head K/V cache."""
-        latent = self.latent_dim * self.num_hidden_layers * bytes_per_value
+        """Cache bytes per token over the attention (MLA) layers: MLA's latent cache vs an expanded
+        per-head K/V cache. KDA layers keep a fixed-size state instead (``kda_state_bytes``)."""
+        layers = self.num_hidden_layers - len(self.kda_layer_ids)
+        latent = self.latent_dim * layers * bytes_per_value
         per_head = self.num_attention_heads * (self.qk_head_dim + self.v_head_dim)
-        expanded = per_head * self.num_hidden_layers * bytes_per_value
+        expanded = per_head * layers * bytes_per_value
         return {"latent": latent, "expanded": expanded}
+
+    def kda_state_bytes(self, conv_bytes_per_value: int = 2) -> int:
+        """Bytes one sequence's KDA state takes over all KDA layers, whatever its length: the float32
+        delta-rule state (heads × d × d) and the short convolutions' last kernel−1 inputs."""
+        if self.linear_attn_config is None:
+            return 0
+        lin = self.linear_attn_config
+        nh, d, W = lin["num_heads"], lin["head_dim"], lin["short_conv_kernel_size"]
+        per_layer = nh * d * d * 4 + 3 * (W - 1) * nh * d * conv_bytes_per_value
+        return per_layer * len(self.kda_layer_ids)
 
 
 def _check_moba_config(moba: dict, num_layers: int) -> dict:
@@ -304,6 +375,66 @@ def _check_moba_config(moba: dict, num_layers: int) -> dict:
                          f"num_hidden_layers={num_layers}; got {layers!r}")
     out["full_attention_layers"] = sorted(set(layers))
     return out
+
+
+# What transformers' KimiLinearConfig assumes for keys a kimi_linear config.json leaves out, where that
+# differs from this class's defaults (which are K2's).
+_KIMI_LINEAR_DEFAULTS = dict(
+    n_routed_experts=0, n_shared_experts=0, routed_scaling_factor=1.0, first_k_dense_replace=0, n_group=1,
+    topk_group=1, q_lora_rank=None, rope_theta=10000.0, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1,
+    eos_token_id=2, scoring_func="sigmoid", norm_topk_prob=True,
+    # moonlet-only fields: Kimi Linear's router always has the correction bias (noaux_tc); its
+    # context length is model_max_length; its dtype may be spelled "dtype" (kept in extra).
+    topk_method="noaux_tc", torch_dtype=None,
+)
+
+
+def _read_kimi_linear_keys(data: dict) -> dict:
+    """Rename a kimi_linear config's keys to ModelConfig fields in place and fill the fields it leaves out
+    with Kimi Linear's defaults. Returns {field: value} of what was filled in."""
+    for key, name in KIMI_LINEAR_KEYS.items():
+        if key in data and name not in data:
+            data[name] = data.pop(key)
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+                if f.default is not dataclasses.MISSING}
+    defaults.update(_KIMI_LINEAR_DEFAULTS)
+    defaults["max_position_embeddings"] = data.get("model_max_length", defaults["max_position_embeddings"])
+    defaults["num_key_value_heads"] = data.get("num_attention_heads", defaults["num_attention_heads"])
+    implied = {}
+    for name, value in defaults.items():
+        if name not in data and name not in ("model_type", "outer"):
+            data[name] = implied[name] = copy.deepcopy(value)
+    if data.get("n_routed_experts") is None:
+        data["n_routed_experts"] = 0  # "num_experts": null is a dense model
+    return implied
+
+
+def _check_linear_attn_config(lin: dict, num_layers: int) -> dict:
+    """Validate Kimi Linear's ``linear_attn_config``; errors name the bad value and the fix."""
+    if not isinstance(lin, dict):
+        raise ValueError(f"linear_attn_config must be a dict {{{', '.join(LINEAR_ATTN_KEYS)}}}; got {lin!r}")
+    unknown = set(lin) - set(LINEAR_ATTN_KEYS)
+    if unknown:
+        # e.g. a gate lower bound or a full-rank gate would change the layer's math: refuse, don't ignore
+        raise ValueError(f"linear_attn_config has keys moonlet does not implement: {sorted(unknown)}; "
+                         f"known: {', '.join(LINEAR_ATTN_KEYS)}")
+    missing = [k for k in LINEAR_ATTN_KEYS if k not in lin]
+    if missing:
+        raise ValueError(f"linear_attn_config lacks {missing}; it needs {', '.join(LINEAR_ATTN_KEYS)}")
+    for key in ("num_heads", "head_dim", "short_conv_kernel_size"):
+        value = lin[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"linear_attn_config.{key} must be a positive integer; got {value!r}")
+    for key in ("kda_layers", "full_attn_layers"):
+        layers = lin[key]
+        if not isinstance(layers, (list, tuple)) or any(
+                not isinstance(i, int) or isinstance(i, bool) or not 1 <= i <= num_layers for i in layers):
+            raise ValueError(f"linear_attn_config.{key} must list 1-based layer numbers from 1 to "
+                             f"num_hidden_layers={num_layers} (the published config counts from 1); got {layers!r}")
+    both = sorted(set(lin["kda_layers"]) & set(lin["full_attn_layers"]))
+    if both:
+        raise ValueError(f"linear_attn_config lists layers {both} both as kda_layers and as full_attn_layers")
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in lin.items()}
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -333,6 +464,25 @@ _INT4_EXPERTS = dict(
     config_groups={"group_0": {"targets": ["Linear"], "weights": {
         "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32, "dynamic": False}}},
     ignore=["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+)
+
+# Kimi-Linear-48B-A3B (moonshotai/Kimi-Linear-48B-A3B-Instruct), in its config.json's own keys: 27 layers,
+# KDA everywhere but the 1-based layers 4, 8, ..., 24, 27, which are NoPE MLA.
+_KIMI_LINEAR_48B = dict(
+    architectures=["KimiLinearForCausalLM"], model_type="kimi_linear", vocab_size=163840, hidden_size=2304,
+    head_dim=72, intermediate_size=9216, moe_intermediate_size=1024, num_hidden_layers=27, num_attention_heads=32,
+    num_key_value_heads=32, num_experts=256, num_experts_per_token=8, num_shared_experts=1, moe_layer_freq=1,
+    first_k_dense_replace=1, moe_renormalize=True, moe_router_activation_func="sigmoid", routed_scaling_factor=2.446,
+    use_grouped_topk=True, num_expert_group=1, topk_group=1, kv_lora_rank=512, q_lora_rank=None,
+    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, mla_use_nope=True,
+    linear_attn_config=dict(
+        full_attn_layers=[4, 8, 12, 16, 20, 24, 27],
+        kda_layers=[i for i in range(1, 28) if i not in (4, 8, 12, 16, 20, 24, 27)],
+        num_heads=32, head_dim=128, short_conv_kernel_size=4,
+    ),
+    model_max_length=1048576, rope_scaling=None, rope_theta=10000.0, rms_norm_eps=1e-5, hidden_act="silu",
+    initializer_range=0.02, tie_word_embeddings=False, num_nextn_predict_layers=0, use_cache=True,
+    bos_token_id=163584, eos_token_id=163586, pad_token_id=163839, torch_dtype="bfloat16",
 )
 
 PRESET_NOTES: dict[str, str] = {
@@ -379,6 +529,7 @@ PRESETS: dict[str, dict] = {
                           original_max_position_embeddings=4096),
         bos_token_id=100000, eos_token_id=100001,
     ),
+    "kimi-linear-48b-a3b": _KIMI_LINEAR_48B,
     # Forecast: K2's design scaled up (more layers, wider experts pool) with a 1M-token YaRN context.
     "kimi-k3-forecast": {
         **_K2, "num_hidden_layers": 80, "hidden_size": 8192, "num_attention_heads": 64, "q_lora_rank": 2048,
