@@ -112,7 +112,7 @@ class ModelConfig:
             raise ValueError(
                 f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}"
             )
-        if self.num_experts_per_tok > self.n_routed_experts:
+        if self.n_routed_experts and self.num_experts_per_tok > self.n_routed_experts:
             raise ValueError(
                 f"num_experts_per_tok={self.num_experts_per_tok} exceeds n_routed_experts={self.n_routed_experts}"
             )
