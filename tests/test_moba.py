@@ -67,7 +67,7 @@ def test_efficient_matches_reference_bf16():
 
 def test_many_tiles_and_chunks_match_reference(monkeypatch):
     # Tiny tiles and chunks: several chunks per key block, many tiles, several gate tiles.
-    monkeypatch.setattr(sparse, "_CHUNK", 3)
+    monkeypatch.setattr(sparse, "_CHUNK", 3)  # fixed, instead of the automatic size
     monkeypatch.setattr(sparse, "_TILE_ELEMS", 50)
     monkeypatch.setattr(sparse, "_GATE_TILE", 7)
     q, k, v = _qkv(41, dtype=torch.float64, requires_grad=True)
@@ -153,7 +153,7 @@ def test_max_logit_matches_brute_force():
     torch.testing.assert_close(moba_max_logit(q, k, 5, 3, 0.7), brute, atol=1e-5, rtol=1e-6)
     dense = (q @ k.transpose(-1, -2) * 0.7).masked_fill(~torch.ones(37, 37, dtype=torch.bool).tril(),
                                                          float("-inf")).amax(dim=(0, 2, 3))
-    assert (moba_max_logit(q, k, 5, 3, 0.7) <= dense + 1e-6).all()
+    assert (moba_max_logit(q, k, 5, 3, 0.7) <= dense + 1e-5).all()
 
 
 def test_bad_arguments_are_named():

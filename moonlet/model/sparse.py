@@ -23,8 +23,8 @@ Functions (q, k [batch, heads, T, d_qk]; v [batch, heads, T, d_v]):
 - ``moba_attention_reference``: dense attention under the token mask built from that selection;
   the independent, O(T^2) reference.
 - ``moba_attention``: the efficient form. The own-block part is computed block by block; the
-  history part gathers, for each history block, the queries that selected it (in chunks of
-  ``_CHUNK`` queries) and attends them to that block's keys only. Work grows with T * top_k * B
+  history part gathers, for each history block, the queries that selected it (in chunks of up to
+  256 queries) and attends them to that block's keys only. Work grows with T * top_k * B
   (plus the gate, T * T/B * d_qk); memory holds no [T, T] matrix. Forward and backward are tiled
   and recompute scores in the backward from the saved log-sum-exp (the flash-attention scheme), so
   autograd keeps only q, k, v, the output and the LSE.
@@ -36,8 +36,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Queries per history chunk: one chunk is one [_CHUNK, B] score matrix against one key block.
-_CHUNK = 64
+# Queries per history chunk (one chunk is one [chunk, B] score matrix against one key block); None
+# picks a power of two from the average number of queries per block, so padding stays ~1/8 of the
+# work while each gathered key block serves many queries.
+_CHUNK: int | None = None
+_MIN_CHUNK, _MAX_CHUNK = 16, 256
 # Score elements per tile (forward and backward); bounds the temporaries to ~tens of MB in float32.
 _TILE_ELEMS = 1 << 22
 # Queries per gate tile; bounds the [tile, blocks] gate matrix.
@@ -142,9 +145,9 @@ def _unblocked(x: torch.Tensor, N: int, T: int) -> torch.Tensor:
 
 
 class _HistoryPlan:
-    """Selected (query, history block) pairs grouped by block, in chunks of up to ``_CHUNK`` queries.
+    """Selected (query, history block) pairs grouped by block, in chunks of up to ``chunk`` queries.
 
-    ``entries`` [chunks, _CHUNK]: flat slot ids ``(bh * T + t) * s + slot`` into the selection, -1 as
+    ``entries`` [chunks, chunk]: flat slot ids ``(bh * T + t) * s + slot`` into the selection, -1 as
     padding; ``rows`` the matching query rows ``bh * T + t``; ``key_rows`` [chunks, B] the rows of the
     chunk's key block in the [bh * T] layout.
     """
@@ -159,12 +162,13 @@ class _HistoryPlan:
         group, order = torch.sort(group, stable=True)
         ent = ent[order]
         counts = torch.bincount(group, minlength=BH * nh)
-        chunks_per_group = (counts + _CHUNK - 1) // _CHUNK
+        chunk = _CHUNK or _auto_chunk(ent.numel(), int((counts > 0).sum()))
+        chunks_per_group = (counts + chunk - 1) // chunk
         chunk_start = torch.cumsum(chunks_per_group, 0) - chunks_per_group
         rank = torch.arange(ent.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[group]
         num_chunks = int(chunks_per_group.sum())
-        self.entries = torch.full((num_chunks, _CHUNK), -1, dtype=torch.long, device=device)
-        self.entries[chunk_start[group] + rank // _CHUNK, rank % _CHUNK] = ent
+        self.entries = torch.full((num_chunks, chunk), -1, dtype=torch.long, device=device)
+        self.entries[chunk_start[group] + rank // chunk, rank % chunk] = ent
         chunk_group = torch.repeat_interleave(torch.arange(BH * nh, device=device), chunks_per_group)
         self.pad = self.entries < 0
         self.rows = self.entries.clamp(min=0) // s
@@ -172,11 +176,17 @@ class _HistoryPlan:
         self.key_rows = block_start[:, None] + torch.arange(block_size, device=device)
         self.bh = chunk_group // nh
         self.num_chunks = num_chunks
-        self.step = max(1, _TILE_ELEMS // (_CHUNK * block_size))
+        self.step = max(1, _TILE_ELEMS // (chunk * block_size))
 
     def tiles(self):
         for c0 in range(0, self.num_chunks, self.step):
             yield slice(c0, min(self.num_chunks, c0 + self.step))
+
+
+def _auto_chunk(num_entries: int, num_groups: int) -> int:
+    per_group = num_entries // max(num_groups, 1)
+    chunk = 1 << max(0, (per_group // 4).bit_length() - 1)  # largest power of two <= per_group / 4
+    return min(_MAX_CHUNK, max(_MIN_CHUNK, chunk))
 
 
 def _own_tiles(num_blocks: int, block_size: int):
@@ -186,7 +196,30 @@ def _own_tiles(num_blocks: int, block_size: int):
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, cdt: torch.dtype) -> torch.Tensor:
-    return torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2)) * scale
+    return torch.matmul(q.to(cdt) * scale, k.to(cdt).transpose(-1, -2))  # scaling q is cheaper than [.., B]
+
+
+def _tile_forward(qt, kt, vt, scale: float, cdt: torch.dtype, mask: torch.Tensor | None = None):
+    """One tile of attention: qt [n, C, d_qk], kt [n, B, d_qk], vt [n, B, d_v] -> out [n, C, d_v], lse [n, C]."""
+    s = _scores(qt, kt, scale, cdt)
+    if mask is not None:
+        s.masked_fill_(~mask, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    p = s.sub_(m).exp_()
+    denom = p.sum(dim=-1, keepdim=True)
+    return torch.matmul(p, vt.to(cdt)).div_(denom), (m + denom.log()).squeeze(-1)
+
+
+def _tile_backward(qt, kt, vt, d_out, lse, delta, scale: float, cdt: torch.dtype, mask: torch.Tensor | None = None):
+    """Gradients of one tile from the final LSE and delta = rowsum(dO * O) - dLSE: dq, dk, dv."""
+    qs, kt, vt = qt.to(cdt) * scale, kt.to(cdt), vt.to(cdt)
+    s = torch.matmul(qs, kt.transpose(-1, -2))
+    if mask is not None:
+        s.masked_fill_(~mask, float("-inf"))
+    p = s.sub_(lse[..., None]).exp_()  # the global probabilities of this tile's pairs
+    dv = torch.matmul(p.transpose(-1, -2), d_out)
+    ds = torch.matmul(d_out, vt.transpose(-1, -2)).sub_(delta[..., None]).mul_(p)
+    return torch.matmul(ds, kt).mul_(scale), torch.matmul(ds.transpose(-1, -2), qs), dv
 
 
 class _MobaAttention(torch.autograd.Function):
@@ -204,12 +237,7 @@ class _MobaAttention(torch.autograd.Function):
         own_out = torch.empty(*vb.shape[:2], dv, dtype=cdt, device=q.device)
         own_lse = torch.empty(vb.shape[:2], dtype=cdt, device=q.device)
         for sl in _own_tiles(qb.shape[0], block_size):
-            s = _scores(qb[sl], kb[sl], scale, cdt).masked_fill_(~causal, float("-inf"))
-            m = s.amax(dim=-1, keepdim=True)
-            p = torch.exp(s - m)
-            denom = p.sum(dim=-1, keepdim=True)
-            own_out[sl] = torch.matmul(p, vb[sl].to(cdt)) / denom
-            own_lse[sl] = (m + denom.log()).squeeze(-1)
+            own_out[sl], own_lse[sl] = _tile_forward(qb[sl], kb[sl], vb[sl], scale, cdt, causal)
         out = _unblocked(own_out, BH, T)
         lse = _unblocked(own_lse, BH, T)
 
@@ -221,15 +249,12 @@ class _MobaAttention(torch.autograd.Function):
             hist_out = torch.zeros(BH * T * s_slots, dv, dtype=cdt, device=q.device)
             hist_lse = torch.full((BH * T * s_slots,), float("-inf"), dtype=cdt, device=q.device)
             for sl in plan.tiles():
-                s = _scores(q2[plan.rows[sl]], k2[plan.key_rows[sl]], scale, cdt)  # [n, C, B]
-                m = s.amax(dim=-1, keepdim=True)
-                p = torch.exp(s - m)
-                denom = p.sum(dim=-1, keepdim=True)
-                o = torch.matmul(p, v2[plan.key_rows[sl]].to(cdt)) / denom  # [n, C, dv]
+                key_rows = plan.key_rows[sl]
+                o, o_lse = _tile_forward(q2[plan.rows[sl]], k2[key_rows], v2[key_rows], scale, cdt)  # [n, C, dv]
                 keep = ~plan.pad[sl]
                 dest = plan.entries[sl][keep]
                 hist_out[dest] = o[keep]
-                hist_lse[dest] = (m + denom.log()).squeeze(-1)[keep]
+                hist_lse[dest] = o_lse[keep]
             # Merge own block and history slots by log-sum-exp.
             parts_lse = torch.cat([lse[..., None], hist_lse.view(BH, T, s_slots)], dim=-1)  # [BH, T, 1+s]
             total = torch.logsumexp(parts_lse, dim=-1)
@@ -262,13 +287,8 @@ class _MobaAttention(torch.autograd.Function):
         dkb = torch.zeros(kb.shape, dtype=cdt, device=q.device)
         dvb = torch.zeros(vb.shape, dtype=cdt, device=q.device)
         for sl in _own_tiles(qb.shape[0], block_size):
-            qt, kt, vt, dot = qb[sl].to(cdt), kb[sl].to(cdt), vb[sl].to(cdt), dob[sl]
-            s = _scores(qt, kt, scale, cdt).masked_fill_(~causal, float("-inf"))
-            p = torch.exp(s - lseb[sl][..., None])
-            dvb[sl] = torch.matmul(p.transpose(-1, -2), dot)
-            ds = p * (torch.matmul(dot, vt.transpose(-1, -2)) - deltab[sl][..., None])
-            dqb[sl] = torch.matmul(ds, kt) * scale
-            dkb[sl] = torch.matmul(ds.transpose(-1, -2), qt) * scale
+            dqb[sl], dkb[sl], dvb[sl] = _tile_backward(qb[sl], kb[sl], vb[sl], dob[sl], lseb[sl], deltab[sl],
+                                                       scale, cdt, causal)
         dq = _unblocked(dqb, BH, T).contiguous()
         dk = _unblocked(dkb, BH, T).contiguous()
         dvv = _unblocked(dvb, BH, T).contiguous()
@@ -279,15 +299,13 @@ class _MobaAttention(torch.autograd.Function):
             lse2, delta2, do2 = lse.reshape(-1), delta.reshape(-1), d_out.reshape(BH * T, dv)
             for sl in plan.tiles():
                 rows, key_rows = plan.rows[sl], plan.key_rows[sl]
-                qt, kt, vt = q2[rows].to(cdt), k2[key_rows].to(cdt), v2[key_rows].to(cdt)
                 row_lse = lse2[rows].masked_fill(plan.pad[sl], float("inf"))  # padding entries: P = 0
-                p = torch.exp(_scores(qt, kt, scale, cdt) - row_lse[..., None])  # [n, C, B]
-                dot = do2[rows]
-                ds = p * (torch.matmul(dot, vt.transpose(-1, -2)) - delta2[rows][..., None])
+                dq_t, dk_t, dv_t = _tile_backward(q2[rows], k2[key_rows], v2[key_rows], do2[rows], row_lse,
+                                                  delta2[rows], scale, cdt)
                 flat_keys = key_rows.reshape(-1)
-                dv2.index_add_(0, flat_keys, torch.matmul(p.transpose(-1, -2), dot).reshape(-1, dv))
-                dk2.index_add_(0, flat_keys, (torch.matmul(ds.transpose(-1, -2), qt) * scale).reshape(-1, dk2.shape[1]))
-                dq2.index_add_(0, rows.reshape(-1), (torch.matmul(ds, kt) * scale).reshape(-1, dq2.shape[1]))
+                dv2.index_add_(0, flat_keys, dv_t.reshape(-1, dv))
+                dk2.index_add_(0, flat_keys, dk_t.reshape(-1, dk2.shape[1]))
+                dq2.index_add_(0, rows.reshape(-1), dq_t.reshape(-1, dq2.shape[1]))
         return dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), None, None, None
 
 
