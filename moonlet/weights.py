@@ -4,6 +4,9 @@ A checkpoint directory holds ``config.json`` and either one ``model.safetensors`
 ``model-00001-of-0000N.safetensors`` listed by ``model.safetensors.index.json``
 (``{"metadata": {"total_size": bytes}, "weight_map": {tensor name: shard file}}``). Tensor names are
 the hub's (``model.layers.N.self_attn.kv_b_proj.weight`` ...), which are the model's state-dict keys.
+One exception: Kimi Linear's checkpoint names its MoE block ``block_sparse_moe`` and the experts'
+projections ``w1`` (gate), ``w3`` (up), ``w2`` (down); they are renamed to and from moonlet's
+``mlp.experts.E.gate_proj`` ... layout here (``kimi_linear_name`` / ``model_name_of_kimi_linear``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,31 @@ TEXT_PREFIX = "language_model."
 # Non-text parts of multimodal checkpoints: skipped, moonlet runs the text model only.
 _NON_TEXT_PREFIXES = ("vision_tower.", "mm_projector.", "multi_modal_projector.", "vision_model.")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+# Kimi Linear's MoE names: moonlet's model name <-> its checkpoint's.
+_KIMI_EXPERT_PROJ = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+_MOE_MODULE_RE = re.compile(r"^(model\.layers\.\d+\.)mlp\.(gate|experts|shared_experts)\.")
+_KIMI_MOE_MODULE_RE = re.compile(r"^(model\.layers\.\d+\.)block_sparse_moe\.")
+_EXPERT_PROJ_RE = re.compile(r"(\.experts\.\d+\.)(gate_proj|down_proj|up_proj)\.")
+_KIMI_EXPERT_PROJ_RE = re.compile(r"(\.experts\.\d+\.)(w1|w2|w3)\.")
+
+
+def kimi_linear_name(name: str) -> str:
+    """The Kimi Linear checkpoint's name for moonlet tensor ``name``
+    (``model.layers.3.mlp.experts.7.gate_proj.weight`` -> ``model.layers.3.block_sparse_moe.experts.7.w1.weight``;
+    dense layers' ``mlp.*`` and everything else keep their names)."""
+    renamed = _MOE_MODULE_RE.sub(r"\1block_sparse_moe.\2.", name)
+    if renamed == name:
+        return name
+    return _EXPERT_PROJ_RE.sub(lambda m: m.group(1) + _KIMI_EXPERT_PROJ[m.group(2)] + ".", renamed)
+
+
+def model_name_of_kimi_linear(name: str) -> str:
+    """The inverse of ``kimi_linear_name``."""
+    renamed = _KIMI_MOE_MODULE_RE.sub(r"\1mlp.", name)
+    if renamed == name:
+        return name
+    inverse = {v: k for k, v in _KIMI_EXPERT_PROJ.items()}
+    return _KIMI_EXPERT_PROJ_RE.sub(lambda m: m.group(1) + inverse[m.group(2)] + ".", renamed)
 
 
 def shard_name(index: int, count: int) -> str:
@@ -46,6 +74,7 @@ def _output_tensors(model: Transformer, dtype: torch.dtype, quant, prefix: str):
     """Yield (tensor name, tensor) as the checkpoint stores them, one model tensor at a time, so
     casting or quantizing never holds more than one extra tensor."""
     tied = model.config.tie_word_embeddings
+    rename = kimi_linear_name if model.config.model_type == "kimi_linear" else (lambda n: n)
     linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":
@@ -58,7 +87,7 @@ def _output_tensors(model: Transformer, dtype: torch.dtype, quant, prefix: str):
         else:
             pieces = {name: tensor}
         for piece_name, piece in pieces.items():
-            yield prefix + piece_name, piece.to("cpu").contiguous()
+            yield prefix + rename(piece_name), piece.to("cpu").contiguous()
 
 
 def save_model(model: Transformer, directory: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -239,6 +268,8 @@ def _canonical_name(raw: str, config: ModelConfig) -> str | None:
         mtp_layers = max(config.num_nextn_predict_layers or 0, 1)
         if config.num_hidden_layers <= layer < config.num_hidden_layers + mtp_layers:
             return None  # DeepSeek's multi-token-prediction module: not part of the decoder
+    if config.model_type == "kimi_linear":
+        return model_name_of_kimi_linear(name)
     return name
 
 
@@ -340,7 +371,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     """Load a checkpoint directory (config.json + safetensors) as a moonlet Transformer in eval mode.
 
     Reads model_type kimi_k2, kimi_k25 (the text model; ``language_model.`` prefixes and vision
-    tensors are handled), deepseek_v3 and deepseek_v2; sharded (index) or single-file checkpoints;
+    tensors are handled), deepseek_v3, deepseek_v2 and kimi_linear (its MoE names mapped); sharded (index) or single-file checkpoints;
     bf16/fp32 weights, block-FP8 and compressed-tensors INT4 (dequantized while loading). MTP layers
     and stray ``rotary_emb.inv_freq`` tensors are skipped. The model is built on the meta device and
     each tensor is materialized once, directly in its final dtype on ``device``, shard by shard,

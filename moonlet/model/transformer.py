@@ -3,6 +3,12 @@
 Module and parameter names are the hub checkpoint's (``model.layers.N.self_attn.kv_b_proj.weight``,
 ``model.layers.N.mlp.experts.E.up_proj.weight`` ...), so ``state_dict()`` keys are the tensor names
 of a published checkpoint.
+
+Kimi Linear (``model_type: kimi_linear``) is the same decoder with Kimi Delta Attention in place of
+MLA in the layers ``config.is_kda_layer`` names (``model.layers.N.self_attn`` as in its checkpoint)
+and NoPE MLA in the others. Its checkpoint calls the MoE block ``block_sparse_moe`` and the experts'
+projections ``w1``/``w3``/``w2``; moonlet keeps one MoE layout (``mlp.experts.E.gate_proj`` ...) for
+every model and ``moonlet.weights`` renames those tensors at the checkpoint boundary.
 """
 
 from __future__ import annotations
@@ -12,24 +18,42 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import LatentKV, MLAttention
+from .kda import KimiDeltaAttention
 from .moe import MLP, MoE
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
 
-# Tensors that stay float32 whatever dtype the model runs in.
-FP32_TENSORS = ("e_score_correction_bias",)
+# Tensors that stay float32 whatever dtype the model runs in: the router's correction bias and
+# KDA's decay parameters (exp(A_log) and softplus(· + dt_bias) set how fast the state forgets).
+FP32_TENSORS = ("e_score_correction_bias", "A_log", "dt_bias")
+
+
+def _kda_needs_no_cache(layer_idx: int) -> NotImplementedError:
+    return NotImplementedError(
+        f"layer {layer_idx} is a Kimi Delta Attention (KDA) layer: the cached (absorbed, kv=...) path has no "
+        "serving state for KDA layers yet. Run the model without a cache (kv=None, the expanded path), or "
+        "carry KimiDeltaAttention's own state (forward(..., state=..., return_state=True)) per layer.")
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = MLAttention(config, layer_idx)
+        self.layer_idx = layer_idx
+        self.is_kda = config.is_kda_layer(layer_idx)
+        self.self_attn = KimiDeltaAttention(config, layer_idx) if self.is_kda else MLAttention(config, layer_idx)
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv=None, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv=kv, mask=mask)
+    def forward(self, x, cos, sin, kv=None, mask=None, pad_mask=None):
+        """mask [B or 1, T, T] bool for MLA's expanded path; pad_mask [B, T] (1 = real token) for KDA."""
+        h = self.input_layernorm(x)
+        if self.is_kda:
+            if kv is not None:
+                raise _kda_needs_no_cache(self.layer_idx)
+            x = x + self.self_attn(h, pad_mask=pad_mask)
+        else:
+            x = x + self.self_attn(h, cos, sin, kv=kv, mask=mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -43,7 +67,8 @@ class Backbone(nn.Module):
 
 
 class Transformer(nn.Module):
-    """K2 / DeepSeek-V3 / DeepSeek-V2 causal LM. ``forward(input_ids)`` returns logits [B, T, vocab]."""
+    """K2 / DeepSeek-V3 / DeepSeek-V2 / Kimi Linear causal LM. ``forward(input_ids)`` returns logits
+    [B, T, vocab]."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -63,10 +88,14 @@ class Transformer(nn.Module):
 
         input_ids [B, T]. positions [B, T] or [T]; default 0..T-1, or the cache's next positions when
         ``kv`` is given. attention_mask [B, T] (1 = real token, 0 = padding) for the expanded path.
-        With ``kv``, attention runs on the absorbed path over the latent cache.
+        With ``kv``, attention runs on the absorbed path over the latent cache (not for models with
+        KDA layers: NotImplementedError). KDA layers handle left padding exactly (padded tokens do not
+        touch their state); right padding only affects the padded positions.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}")
+        if kv is not None and self.config.kda_layer_ids:
+            raise _kda_needs_no_cache(self.config.kda_layer_ids[0])
         B, T = input_ids.shape
         if positions is None:
             positions = kv.positions(T, input_ids.device) if kv is not None else torch.arange(T, device=input_ids.device)
@@ -81,8 +110,9 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         if kv is not None:
             kv.begin(T)
+        pad_mask = attention_mask if kv is None else None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, kv=kv, mask=mask)
+            x = layer(x, cos, sin, kv=kv, mask=mask, pad_mask=pad_mask)
         if kv is not None:
             kv.end()
         return self.model.norm(x)
@@ -91,7 +121,8 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int | None = None, std: float | None = None) -> "Transformer":
         """Random initialization: normal(0, initializer_range) for linear and embedding weights, ones for
-        norms, zeros for biases and the router's correction bias."""
+        norms, zeros for biases and the router's correction bias; KDA layers' decay parameters and
+        short convolutions as ``KimiDeltaAttention.reset_*_parameters`` sets them."""
         gen = torch.Generator(device="cpu")
         gen.manual_seed(0 if seed is None else seed)
         std = self.config.initializer_range if std is None else std
@@ -105,6 +136,10 @@ class Transformer(nn.Module):
         for name, b in self.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.zero_()
+        for module in self.modules():
+            if isinstance(module, KimiDeltaAttention):  # decay and convolution: not normal(0, std)
+                module.reset_decay_parameters(gen)
+                module.reset_conv_parameters(gen)
         self.reset_buffers()
         return self
 
