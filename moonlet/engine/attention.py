@@ -69,6 +69,7 @@ class PrefillSpan:
     num_tokens: int
     ctx_len: int  # cached + new tokens of this sequence after the step
     block_ids: torch.Tensor  # [nb] long, covering ctx_len
+    state_slot: int = -1  # the sequence's recurrent-state slot (models with KDA layers)
 
 
 @dataclass
@@ -81,6 +82,7 @@ class BatchLayout:
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] long
     decode_ctx_lens: torch.Tensor | None  # [num_decodes] long
     prefills: list[PrefillSpan]
+    decode_state_slots: torch.Tensor | None = None  # [num_decodes] long: recurrent-state slots (KDA models)
     _written_pages: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -111,8 +113,9 @@ class PagedLatentKV:
     """
 
     def __init__(self, pool: LatentCachePool, kv_lora_rank: int, decode_kernel=None, prefill_kernel=None,
-                 expanded_prefill: bool = False, moba: MobaSpec | None = None):
+                 expanded_prefill: bool = False, moba: MobaSpec | None = None, states=None):
         self.pool = pool
+        self.states = states  # RecurrentStates of the KDA layers (hybrid models), else None
         self.kv_lora = kv_lora_rank
         self.decode_kernel = decode_kernel or paged_decode_attention
         self.prefill_kernel = prefill_kernel or paged_prefill_attention
@@ -202,6 +205,12 @@ class PagedLatentKV:
             out[s:e] = expanded_prefill_attention(q_nope[0, s:e], q_pe[0, s:e], ctx, self.kv_lora, w_uk, w_uv,
                                                   scale)
         return out[None].to(q_nope.dtype)
+
+    def recurrent(self, layer: int, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A KDA layer's output for the step's tokens x [1, N, hidden], carrying each sequence's state."""
+        if self.states is None:
+            raise RuntimeError(f"layer {layer} is a KDA layer but this engine keeps no recurrent state")
+        return self.states.run(layer, module, x, self.layout)
 
     def end(self) -> None:
         pass

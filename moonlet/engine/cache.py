@@ -44,22 +44,33 @@ class LatentCachePool:
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, latent_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        self.num_layers, self.num_blocks = num_layers, num_blocks
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 layer_ids: list[int] | None = None):
+        # layer_ids: the model layers that cache latents (hybrid models: the MLA layers only); default all
+        self.layer_ids = list(range(num_layers)) if layer_ids is None else list(layer_ids)
+        self._index = {layer: i for i, layer in enumerate(self.layer_ids)}
+        self.num_layers, self.num_blocks = len(self.layer_ids), num_blocks
         self.block_size, self.latent_dim = block_size, latent_dim
-        self.data = torch.zeros(num_layers, num_blocks, block_size, latent_dim, dtype=dtype, device=device)
+        self.data = torch.zeros(self.num_layers, num_blocks, block_size, latent_dim, dtype=dtype, device=device)
 
     def layer(self, i: int) -> torch.Tensor:
-        return self.data[i]
+        return self.data[self._index[i]]
 
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
 
 
+def latent_layer_ids(config: "ModelConfig") -> list[int]:
+    """The layers that keep a latent cache: all but a hybrid model's KDA layers."""
+    if getattr(config, "linear_attn_config", None) is None:
+        return list(range(config.num_hidden_layers))
+    return [i for i in range(config.num_hidden_layers) if not config.is_kda_layer(i)]
+
+
 def bytes_per_block(config: "ModelConfig", block_size: int, dtype: torch.dtype) -> int:
     elem = torch.empty(0, dtype=dtype).element_size()
-    return config.num_hidden_layers * block_size * config.latent_dim * elem
+    return len(latent_layer_ids(config)) * block_size * config.latent_dim * elem
 
 
 def available_memory(device: torch.device) -> int:
@@ -181,10 +192,14 @@ class BlockAllocator:
 class KVCacheManager:
     """Block bookkeeping per sequence: prefix matching, growing block tables, freeing, caching."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, state_slots: int = 0):
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks, block_size, enable_prefix_caching)
         self.counters = CacheCounters()
+        # recurrent-state slots (models with KDA layers): a sequence holds one from its first
+        # allocation until its blocks are freed
+        self.state_slots = state_slots
+        self._free_slots = list(range(state_slots - 1, -1, -1))
 
     @property
     def num_blocks(self) -> int:
@@ -247,6 +262,10 @@ class KVCacheManager:
         need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
         if need > self.allocator.num_free:
             return False
+        if self.state_slots and seq.state_slot is None:
+            if not self._free_slots:
+                return False
+            seq.state_slot = self._free_slots.pop()
         for _ in range(need):
             seq.block_table.append(self.allocator.allocate())
         return True
@@ -258,6 +277,9 @@ class KVCacheManager:
             self.allocator.release(block)
         seq.block_table = []
         seq.num_registered_blocks = 0
+        if getattr(seq, "state_slot", None) is not None:
+            self._free_slots.append(seq.state_slot)
+            seq.state_slot = None
 
     def cache_full_blocks(self, seq: "Sequence") -> None:
         """Register the sequence's blocks that became full and written (after a step)."""

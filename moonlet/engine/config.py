@@ -110,6 +110,10 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
     on_cuda = device.type == "cuda"
     block_size = cfg.block_size or (64 if on_cuda else 16)
     per_block = bytes_per_block(model_config, block_size, dtype)
+    from .recurrent import state_bytes_per_sequence
+
+    # hybrid models (KDA layers): each running sequence also holds a recurrent-state slot
+    state_bytes = cfg.max_num_seqs * state_bytes_per_sequence(model_config, dtype)
     wanted_len = min(cfg.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
     if cfg.max_model_len and cfg.max_model_len > model_config.max_position_embeddings:
         raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's max_position_embeddings "
@@ -126,6 +130,7 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
             budget = int(available_memory(device) * fraction)
             if not on_cuda and cfg.kv_cache_fraction is None:
                 budget = min(budget, CPU_KV_MAX_BYTES)
+        budget -= state_bytes
         num_blocks = min(budget // per_block, useful_blocks)
         if num_blocks < 1:
             raise ValueError(f"the KV cache budget ({budget} bytes) is smaller than one block ({per_block} bytes: "
@@ -147,6 +152,15 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
         raise ValueError("engine argument decode_kernel='triton' needs a CUDA GPU (compute capability >= 8.0) and "
                          "the triton package; use 'reference'")
     graphs = cfg.decode_graphs or ("cuda" if on_cuda else "off")
+    prefix_caching = cfg.enable_prefix_caching
+    if state_bytes:
+        # a KDA layer's state after a cached prefix is not in the paged cache: no prefix skipping; and
+        # the decode graphs' static buffers carry no state slots
+        prefix_caching = False
+        if cfg.decode_graphs not in (None, "off"):
+            raise ValueError(f"engine argument decode_graphs={cfg.decode_graphs!r}: decode graphs do not support "
+                             "models with KDA layers (Kimi Linear) yet; use 'off'")
+        graphs = "off"
     if graphs == "cuda" and not on_cuda:
         raise ValueError("engine argument decode_graphs='cuda' needs a CUDA device; use 'eager' or 'off'")
     from .cuda_graph import DEFAULT_BATCH_SIZES
@@ -157,7 +171,7 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
     return ResolvedConfig(
         device=device, block_size=block_size, num_blocks=num_blocks, max_model_len=max_model_len,
         max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=max_batched,
-        enable_prefix_caching=cfg.enable_prefix_caching, enable_chunked_prefill=cfg.enable_chunked_prefill,
+        enable_prefix_caching=prefix_caching, enable_chunked_prefill=cfg.enable_chunked_prefill,
         max_waiting=cfg.max_waiting, seed=cfg.seed,
         expanded_prefill=(cfg.prefill_attention or ("expanded" if on_cuda else "absorbed")) == "expanded",
         decode_graphs=graphs, decode_graph_batch_sizes=graph_sizes, triton_decode=triton_decode,

@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 
 from ..kernels.moe import fuse_moe_experts
-from .cache import KVCacheManager, LatentCachePool
+from .cache import KVCacheManager, LatentCachePool, latent_layer_ids
 from .config import EngineConfig, resolve
 from .errors import PromptTooLongError
 from .params import SamplingParams
+from .recurrent import RecurrentStates, kda_layer_ids
 from .runner import ModelRunner
 from .sampler import Sampler
 from .scheduler import Scheduler
@@ -92,11 +93,15 @@ class EngineCore:
         # with decode graphs, one block more than the cache manager hands out: the padding rows' scratch
         scratch = 1 if rc.decode_graphs != "off" else 0
         self.pool = LatentCachePool(model.config.num_hidden_layers, rc.num_blocks + scratch, rc.block_size,
-                                    model.config.latent_dim, dtype=model.dtype, device=model.device)
-        self.cache = KVCacheManager(rc.num_blocks, rc.block_size, rc.enable_prefix_caching)
+                                    model.config.latent_dim, dtype=model.dtype, device=model.device,
+                                    layer_ids=latent_layer_ids(model.config))
+        hybrid = bool(kda_layer_ids(model.config))
+        self.cache = KVCacheManager(rc.num_blocks, rc.block_size, rc.enable_prefix_caching,
+                                    state_slots=rc.max_num_seqs if hybrid else 0)
         self.scheduler = Scheduler(self.cache, rc.max_num_seqs, rc.max_num_batched_tokens, rc.enable_chunked_prefill)
+        states = RecurrentStates(model.config, rc.max_num_seqs, model.dtype, model.device) if hybrid else None
         self.runner = ModelRunner(self.model, self.pool, expanded_prefill=rc.expanded_prefill,
-                                  triton_decode=rc.triton_decode)
+                                  triton_decode=rc.triton_decode, states=states)
         if rc.decode_graphs != "off":
             self.runner.enable_decode_graphs(scratch_block=rc.num_blocks, max_model_len=rc.max_model_len,
                                              batch_sizes=rc.decode_graph_batch_sizes,

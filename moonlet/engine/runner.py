@@ -17,7 +17,7 @@ class ModelRunner:
     over [1, total_tokens] on the absorbed path."""
 
     def __init__(self, model: torch.nn.Module, pool: LatentCachePool, expanded_prefill: bool = False,
-                 triton_decode: bool = False):
+                 triton_decode: bool = False, states=None):
         self.model = model
         self.pool = pool
         self.block_size = pool.block_size
@@ -27,7 +27,8 @@ class ModelRunner:
             from ..kernels.mla_decode import paged_decode_attention_triton as decode_kernel
         self.kv = PagedLatentKV(pool, model.config.kv_lora_rank, decode_kernel=decode_kernel,
                                 expanded_prefill=expanded_prefill,
-                                moba=MobaSpec.from_config(model.config, pool.block_size))
+                                moba=MobaSpec.from_config(model.config, pool.block_size), states=states)
+        self.states = states  # RecurrentStates (models with KDA layers) or None
         self.graphs = None
         self.graph_steps = 0  # decode steps served from the graphs (or their eager stand-in)
 
@@ -62,13 +63,14 @@ class ModelRunner:
             else:
                 blocks = torch.tensor(seq.block_table, dtype=torch.long)
                 pos = torch.arange(start, start + n)
-                prefills.append(PrefillSpan(flat, n, start + n, blocks.to(self.device)))
+                prefills.append(PrefillSpan(flat, n, start + n, blocks.to(self.device),
+                                            -1 if seq.state_slot is None else seq.state_slot))
                 pre_pos.append(pos)
                 pre_slots.append(blocks[pos // bs] * bs + pos % bs)
         assert num_decodes == 0 or all(n == 1 for n in batch.num_new_tokens[:num_decodes]), "decodes must lead"
 
         positions, slots = [], []
-        tables = ctx = None
+        tables = ctx = state_slots = None
         if num_decodes:
             width = max(len(t) for t in decode_tables)
             # padding: block 0 (finite values, masked out by the context length)
@@ -77,11 +79,14 @@ class ModelRunner:
             positions.append(dpos)
             slots.append(padded[torch.arange(num_decodes), dpos // bs] * bs + dpos % bs)
             tables, ctx = padded.to(self.device), (dpos + 1).to(self.device)
+            if self.states is not None:
+                state_slots = torch.tensor([s.state_slot for s in batch.seqs[:num_decodes]], device=self.device)
         positions += pre_pos
         slots += pre_slots
         layout = BatchLayout(
             positions=torch.cat(positions).to(self.device), slot_mapping=torch.cat(slots).to(self.device),
             num_decodes=num_decodes, decode_block_tables=tables, decode_ctx_lens=ctx, prefills=prefills,
+            decode_state_slots=state_slots,
         )
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         return input_ids, layout, sample_at

@@ -72,6 +72,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hit at first admission; -1 until admitted
         self.num_preemptions = 0
+        self.state_slot: int | None = None  # recurrent-state slot while running (models with KDA layers)
         # decoding state
         self.stop_ids = stop_ids
         self.generator: torch.Generator | None = None  # made by the sampler, on its device, from params.seed

@@ -30,9 +30,10 @@ FP32_TENSORS = ("e_score_correction_bias", "A_log", "dt_bias")
 
 def _kda_needs_no_cache(layer_idx: int) -> NotImplementedError:
     return NotImplementedError(
-        f"layer {layer_idx} is a Kimi Delta Attention (KDA) layer: the cached (absorbed, kv=...) path has no "
-        "serving state for KDA layers yet. Run the model without a cache (kv=None, the expanded path), or "
-        "carry KimiDeltaAttention's own state (forward(..., state=..., return_state=True)) per layer.")
+        f"layer {layer_idx} is a Kimi Delta Attention (KDA) layer: this cache has no recurrent state for it "
+        "(only the engine's PagedLatentKV does). Serve the model with moonlet.engine (LLM / moonlet serve), run "
+        "it without a cache (kv=None, the expanded path), or carry KimiDeltaAttention's own state "
+        "(forward(..., state=..., return_state=True)) per layer.")
 
 
 class DecoderLayer(nn.Module):
@@ -49,9 +50,12 @@ class DecoderLayer(nn.Module):
         """mask [B or 1, T, T] bool for MLA's expanded path; pad_mask [B, T] (1 = real token) for KDA."""
         h = self.input_layernorm(x)
         if self.is_kda:
-            if kv is not None:
+            if kv is None:
+                x = x + self.self_attn(h, pad_mask=pad_mask)
+            elif hasattr(kv, "recurrent"):  # the engine's cache carries each sequence's KDA state
+                x = x + kv.recurrent(self.layer_idx, self.self_attn, h)
+            else:
                 raise _kda_needs_no_cache(self.layer_idx)
-            x = x + self.self_attn(h, pad_mask=pad_mask)
         else:
             x = x + self.self_attn(h, cos, sin, kv=kv, mask=mask)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -94,7 +98,7 @@ class Transformer(nn.Module):
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}")
-        if kv is not None and self.config.kda_layer_ids:
+        if kv is not None and self.config.kda_layer_ids and not hasattr(kv, "recurrent"):
             raise _kda_needs_no_cache(self.config.kda_layer_ids[0])
         B, T = input_ids.shape
         if positions is None:

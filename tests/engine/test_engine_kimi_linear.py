@@ -1,0 +1,93 @@
+"""A hybrid model (Kimi Linear: KDA layers + NoPE MLA) in the engine: greedy outputs equal the model's
+own full-sequence forward however the engine batches, chunks or preempts, the KDA states live in
+slots that are all free again afterwards, and the latent pool holds only the MLA layers."""
+
+import pytest
+import torch
+
+from moonlet.config import ModelConfig
+from moonlet.engine import LLM, SamplingParams
+from moonlet.model.transformer import Transformer
+
+MAX_TOKENS = 8
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+def tiny_hybrid_config() -> ModelConfig:
+    return ModelConfig.from_dict(dict(
+        model_type="kimi_linear", vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+        num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2, num_experts=4, num_experts_per_token=2,
+        num_shared_experts=1, first_k_dense_replace=1, moe_layer_freq=1, moe_renormalize=True,
+        moe_router_activation_func="sigmoid", routed_scaling_factor=2.446, use_grouped_topk=True,
+        num_expert_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8,
+        qk_rope_head_dim=4, v_head_dim=8, mla_use_nope=True, rms_norm_eps=1e-5, rope_theta=10000.0,
+        rope_scaling=None, tie_word_embeddings=False, torch_dtype="float32", bos_token_id=0, eos_token_id=1,
+        max_position_embeddings=512,
+        linear_attn_config=dict(kda_layers=[1, 2, 4], full_attn_layers=[3], num_heads=2, head_dim=8,
+                                short_conv_kernel_size=4),
+    ))
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = Transformer(tiny_hybrid_config()).init_weights(seed=4)
+    gen = torch.Generator().manual_seed(5)
+    for name, buf in m.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buf.copy_(torch.randn(buf.shape, generator=gen) * 0.05)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randint(2, 96, (n,), generator=g).tolist() for n in (5, 40, 2, 23, 70)]
+    return base + [base[1][:30] + [7, 7]]  # shares a prefix: must not be skipped through the prefix cache
+
+
+@pytest.fixture(scope="module")
+def expected(model, prompts):
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = list(p)
+            for _ in range(MAX_TOKENS):
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+            out.append(ids[len(p):])
+    return out
+
+
+@pytest.mark.parametrize("engine_args", [
+    dict(num_blocks=64),
+    dict(num_blocks=64, max_num_seqs=1),
+    dict(num_blocks=64, max_num_batched_tokens=7),  # chunked prefill: state carried across chunks
+    dict(num_blocks=22, block_size=4, max_num_batched_tokens=24),  # preemption: recomputed from zero state
+    dict(num_blocks=64, max_num_seqs=3),  # more prompts than slots: slots are reused
+])
+def test_hybrid_engine_greedy_equals_full_forward(model, prompts, expected, engine_args):
+    llm = LLM(model=model, **engine_args)
+    assert not llm.engine.config.enable_prefix_caching
+    assert llm.engine.pool.layer_ids == [2]  # only the MLA layer keeps latents
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == expected
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == expected  # slots reused, no stale state
+    cache = llm.engine.cache
+    assert sorted(cache._free_slots) == list(range(cache.state_slots))
+    stats = llm.stats()
+    assert stats["blocks_free"] == stats["blocks_total"]
+    if engine_args.get("num_blocks") == 22:
+        assert stats["preemptions"] > 0
+
+
+def test_decode_graphs_are_refused_for_hybrid_models(model):
+    with pytest.raises(ValueError, match="decode_graphs='eager'.*KDA"):
+        LLM(model=model, num_blocks=16, decode_graphs="eager")
+
+
+def test_streaming_abort_frees_the_slot(model, prompts):
+    llm = LLM(model=model, num_blocks=64, max_num_seqs=2)
+    engine = llm.engine
+    engine.add_request("a", prompts[1], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    engine.step()
+    assert len(engine.cache._free_slots) == 1
+    engine.abort_request("a")
+    assert len(engine.cache._free_slots) == 2
