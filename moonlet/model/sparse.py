@@ -255,11 +255,13 @@ class _MobaAttention(torch.autograd.Function):
                 dest = plan.entries[sl][keep]
                 hist_out[dest] = o[keep]
                 hist_lse[dest] = o_lse[keep]
-            # Merge own block and history slots by log-sum-exp.
-            parts_lse = torch.cat([lse[..., None], hist_lse.view(BH, T, s_slots)], dim=-1)  # [BH, T, 1+s]
-            total = torch.logsumexp(parts_lse, dim=-1)
-            w = torch.exp(parts_lse - total[..., None])
-            out = w[..., :1] * out + (w[..., 1:, None] * hist_out.view(BH, T, s_slots, dv)).sum(dim=2)
+            # Merge own block and history slots by log-sum-exp, one slot at a time (no [.., s, dv] temporary).
+            hist_lse = hist_lse.view(BH, T, s_slots)
+            hist_out = hist_out.view(BH, T, s_slots, dv)
+            total = torch.logsumexp(torch.cat([lse[..., None], hist_lse], dim=-1), dim=-1)  # [BH, T]
+            out = out * torch.exp(lse - total)[..., None]
+            for slot in range(s_slots):
+                out.add_(hist_out[:, :, slot] * torch.exp(hist_lse[:, :, slot] - total)[..., None])
             lse = total
         else:
             plan = None
