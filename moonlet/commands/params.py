@@ -39,10 +39,14 @@ def report(config: ModelConfig, name: str) -> str:
     lines.append(f"total params   {counts['total']:,} ({_count(counts['total'])})")
     lines.append(f"active params  {counts['active']:,} ({_count(counts['active'])}) per token")
     lines.append(f"context        {config.max_position_embeddings:,} tokens")
+    mla_layers = config.num_hidden_layers - len(config.kda_layer_ids)
     lines.append(
-        f"KV cache/token {kv['latent']:,} bytes latent ({config.latent_dim} values x {config.num_hidden_layers} layers, "
+        f"KV cache/token {kv['latent']:,} bytes latent ({config.latent_dim} values x {mla_layers} MLA layers, "
         f"bf16) vs {kv['expanded']:,} bytes expanded per-head K/V ({kv['expanded'] / kv['latent']:.1f}x)"
     )
+    if config.kda_layer_ids:
+        lines.append(f"KDA state/seq  {config.kda_state_bytes():,} bytes ({_human(config.kda_state_bytes())}) over "
+                     f"{len(config.kda_layer_ids)} KDA layers, whatever the length")
     lines.append("")
     lines.append("weights        bf16            fp8             int4 (experts) ")
     total = counts["total"]

@@ -63,9 +63,8 @@ class LatentCachePool:
 
 def latent_layer_ids(config: "ModelConfig") -> list[int]:
     """The layers that keep a latent cache: all but a hybrid model's KDA layers."""
-    if getattr(config, "linear_attn_config", None) is None:
-        return list(range(config.num_hidden_layers))
-    return [i for i in range(config.num_hidden_layers) if not config.is_kda_layer(i)]
+    kda = set(config.kda_layer_ids)
+    return [i for i in range(config.num_hidden_layers) if i not in kda]
 
 
 def bytes_per_block(config: "ModelConfig", block_size: int, dtype: torch.dtype) -> int:

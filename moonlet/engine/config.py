@@ -110,10 +110,8 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
     on_cuda = device.type == "cuda"
     block_size = cfg.block_size or (64 if on_cuda else 16)
     per_block = bytes_per_block(model_config, block_size, dtype)
-    from .recurrent import state_bytes_per_sequence
-
     # hybrid models (KDA layers): each running sequence also holds a recurrent-state slot
-    state_bytes = cfg.max_num_seqs * state_bytes_per_sequence(model_config, dtype)
+    state_bytes = cfg.max_num_seqs * model_config.kda_state_bytes(torch.empty(0, dtype=dtype).element_size())
     wanted_len = min(cfg.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
     if cfg.max_model_len and cfg.max_model_len > model_config.max_position_embeddings:
         raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's max_position_embeddings "

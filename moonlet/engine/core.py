@@ -12,7 +12,7 @@ from .cache import KVCacheManager, LatentCachePool, latent_layer_ids
 from .config import EngineConfig, resolve
 from .errors import PromptTooLongError
 from .params import SamplingParams
-from .recurrent import RecurrentStates, kda_layer_ids
+from .recurrent import RecurrentStates
 from .runner import ModelRunner
 from .sampler import Sampler
 from .scheduler import Scheduler
@@ -95,7 +95,7 @@ class EngineCore:
         self.pool = LatentCachePool(model.config.num_hidden_layers, rc.num_blocks + scratch, rc.block_size,
                                     model.config.latent_dim, dtype=model.dtype, device=model.device,
                                     layer_ids=latent_layer_ids(model.config))
-        hybrid = bool(kda_layer_ids(model.config))
+        hybrid = bool(model.config.kda_layer_ids)
         self.cache = KVCacheManager(rc.num_blocks, rc.block_size, rc.enable_prefix_caching,
                                     state_slots=rc.max_num_seqs if hybrid else 0)
         self.scheduler = Scheduler(self.cache, rc.max_num_seqs, rc.max_num_batched_tokens, rc.enable_chunked_prefill)

@@ -23,23 +23,6 @@ import torch
 from ..model.kda import KDAState
 
 
-def kda_layer_ids(config) -> list[int]:
-    return [i for i in range(config.num_hidden_layers) if config.is_kda_layer(i)] \
-        if getattr(config, "linear_attn_config", None) else []
-
-
-def state_bytes_per_sequence(config, dtype: torch.dtype) -> int:
-    """Bytes of one sequence's KDA state over all KDA layers (conv states in ``dtype``, S in float32)."""
-    layers = kda_layer_ids(config)
-    if not layers:
-        return 0
-    lin = config.linear_attn_config
-    width = lin["num_heads"] * lin["head_dim"]
-    conv = 3 * (lin["short_conv_kernel_size"] - 1) * width * torch.empty(0, dtype=dtype).element_size()
-    recurrent = lin["num_heads"] * lin["head_dim"] * lin["head_dim"] * 4
-    return len(layers) * (conv + recurrent)
-
-
 class RecurrentStates:
     """The KDA layers' state slots: for each KDA layer, q/k/v conv states [slots, kernel − 1, H·d] in
     the model's dtype and S [slots, H, d, d] in float32."""
@@ -51,7 +34,7 @@ class RecurrentStates:
         self.states: dict[int, KDAState] = {
             layer: KDAState(*(torch.zeros(num_slots, k - 1, H * d, dtype=dtype, device=device) for _ in range(3)),
                             torch.zeros(num_slots, H, d, d, dtype=torch.float32, device=device))
-            for layer in kda_layer_ids(config)
+            for layer in config.kda_layer_ids
         }
 
     @property
