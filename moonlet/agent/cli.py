@@ -131,6 +131,7 @@ class Session:
                     launch["tools"] = launch["tools"] or profile["tools"]
                     launch["tool_overrides"] = profile["overrides"]
                     launch["system_prompt"] = profile["system_prompt"]
+                    launch["temperature"] = profile["temperature"]
             from .local import LocalServer
             self.local = LocalServer(launch["model_path"])
             if not self.args.quiet:
@@ -305,6 +306,8 @@ async def _run_async(args, resume: bool) -> int:
             config.system_prompt = args.system_prompt
         elif launch.get("system_prompt") and not resume:
             config.system_prompt = launch["system_prompt"]
+        if args.temperature is None and launch.get("temperature") is not None and not resume:
+            config.temperature = launch["temperature"]  # the checkpoint's evaluated sampling
 
         def factory(depth):
             return apply_profile(make_tools(depth, config.max_depth, sess.mcp_tools), launch.get("tools"),

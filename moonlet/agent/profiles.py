@@ -4,11 +4,13 @@ A small model only calls tools reliably when the request looks like its training
 can say so in an ``agent_profile.json`` next to its config.json::
 
     {"tools": [{"name": "calculator", "description": "...", "input_schema": {...}}, ...],
-     "system_prompt": "You are ..."}
+     "system_prompt": "You are ...", "temperature": 0}
 
 (tools in the Anthropic shape, or OpenAI's ``{"type": "function", "function": {...}}``). When the agent
 serves such a checkpoint itself it offers exactly those tools, with the trained names, descriptions
-and schemas, and the trained system prompt. The tiny recipe writes the file on export, so the bundled
+and schemas, the trained system prompt, and the sampling temperature the model was evaluated with
+(unless ``--temperature`` says otherwise; the API's default of 1.0 is far too random for a tiny
+model, which then miscopies long numbers now and then). The tiny recipe writes the file on export, so the bundled
 moonlet-tiny (trained with calculator and read_file, `moonlet.train.synth.TOOLS`) and any checkpoint
 trained with the recipe carry their profile; other checkpoints get every tool."""
 
@@ -32,14 +34,20 @@ def _normalize_tool(spec: dict, where: str) -> tuple[str, dict]:
 
 
 def profile_from_dict(data: dict, where: str = PROFILE_FILE) -> dict:
-    """{"tools": [names], "overrides": {name: {description, input_schema}}, "system_prompt": str|None}."""
+    """{"tools": [names], "overrides": {name: {description, input_schema}}, "system_prompt": str|None,
+    "temperature": float|None}."""
     if not isinstance(data, dict) or not isinstance(data.get("tools"), list) or not data["tools"]:
         raise ValueError(f"{where}: expected an object with a non-empty \"tools\" list")
     overrides = dict(_normalize_tool(t, where) for t in data["tools"])
     system = data.get("system_prompt")
     if system is not None and not isinstance(system, str):
         raise ValueError(f"{where}: \"system_prompt\" must be a string")
-    return {"tools": list(overrides), "overrides": overrides, "system_prompt": system}
+    temperature = data.get("temperature")
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                    or not 0 <= temperature <= 1):
+        raise ValueError(f"{where}: \"temperature\" must be a number from 0 to 1; got {temperature!r}")
+    return {"tools": list(overrides), "overrides": overrides, "system_prompt": system,
+            "temperature": None if temperature is None else float(temperature)}
 
 
 def checkpoint_profile(model_dir: str | os.PathLike) -> dict | None:

@@ -37,10 +37,11 @@ SYSTEM_PROMPTS = [None, "You are moonlet-tiny, a small assistant that uses tools
 
 def agent_profile() -> dict:
     """What a model trained on these tasks knows, as `moonlet agent` reads it from a checkpoint's
-    agent_profile.json: the tool declarations (Anthropic shape) and a trained system prompt."""
+    agent_profile.json: the tool declarations (Anthropic shape), a trained system prompt and the
+    sampling it is evaluated with (greedy, as `moonlet eval-tools`)."""
     tools = [{"name": t["function"]["name"], "description": t["function"]["description"],
               "input_schema": t["function"]["parameters"]} for t in TOOLS]
-    return {"tools": tools, "system_prompt": next(p for p in SYSTEM_PROMPTS if p)}
+    return {"tools": tools, "system_prompt": next(p for p in SYSTEM_PROMPTS if p), "temperature": 0.0}
 
 
 HELDOUT_BUCKETS = 10  # 1 in 10 task keys is held out for evaluation

@@ -71,6 +71,7 @@ def test_tools_flag_and_the_bundled_model_profile(tmp_path):
     # exactly the declarations moonlet-tiny was trained with, in the Anthropic tool shape
     assert specs == trained
     assert profile["system_prompt"] in SYSTEM_PROMPTS
+    assert profile["temperature"] == 0.0  # sampled as it is evaluated (greedy), not at the API's default 1.0
 
     # any checkpoint directory can declare its profile (OpenAI-shaped tools accepted); none: all tools
     ckpt = tmp_path / "ckpt"
@@ -80,8 +81,12 @@ def test_tools_flag_and_the_bundled_model_profile(tmp_path):
     own = checkpoint_profile(ckpt)
     assert own["tools"] == ["calculator"] and own["system_prompt"] == "Use the calculator."
     assert apply_profile(make_tools(), own["tools"], own["overrides"]).specs() == trained[:1]
+    assert own["temperature"] is None  # no temperature in the file: the request leaves it to the server
     (ckpt / PROFILE_FILE).write_text('{"tools": []}')
     with pytest.raises(ValueError, match="non-empty"):
+        checkpoint_profile(ckpt)
+    (ckpt / PROFILE_FILE).write_text(json.dumps({"tools": TOOLS[:1], "temperature": 1.5}))
+    with pytest.raises(ValueError, match="temperature.*0 to 1; got 1.5"):
         checkpoint_profile(ckpt)
 
     with ScriptedEndpoint(lambda body: Reply([text("ok")])) as ep:
