@@ -235,7 +235,8 @@ class ModelConfig:
             else:
                 out[f.name] = copy.deepcopy(value)
         out.update(copy.deepcopy(self.extra))
-        for key, default in (("quantization_config", None), ("moba_config", None), ("mla_use_nope", False)):
+        for key, default in (("quantization_config", None), ("moba_config", None), ("mla_use_nope", False),
+                             ("linear_attn_config", None)):
             if key in out and out[key] == default:  # absent from the published configs: keep their keys as they are
                 out.pop(key)
         if spelling == "transformers5":

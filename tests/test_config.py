@@ -82,3 +82,15 @@ def test_bad_configs_are_clear():
         ModelConfig.from_dict({"model_type": "deepseek_v3", "n_routed_experts": 10, "n_group": 3})
     with pytest.raises(KeyError, match="presets"):
         preset("kimi-k9")
+
+
+def test_new_optional_keys_stay_out_of_configs_that_do_not_use_them():
+    """moba_config, mla_use_nope and linear_attn_config appear in config.json only when set, so the
+    published K2 / DeepSeek configs round-trip with their own keys."""
+    from moonlet.config import preset
+
+    for name in ("kimi-k2", "moonlight-16b-a3b", "deepseek-v3"):
+        out = preset(name).to_dict()
+        assert not {"moba_config", "mla_use_nope", "linear_attn_config"} & set(out), name
+    moba = preset("moonlight-16b-a3b").replace(moba_config={"block_size": 512, "top_k": 3}).to_dict()
+    assert moba["moba_config"] == {"block_size": 512, "top_k": 3, "full_attention_layers": []}
