@@ -87,7 +87,8 @@ def select_blocks(q: torch.Tensor, means: torch.Tensor, q_pos: torch.Tensor, blo
     earlier = torch.arange(nmb, device=q.device)[None] < (q_pos // block_size)[:, None]  # [R, nmb]
     scores = scores.masked_fill(~earlier[:, None], float("-inf"))
     k = min(top_k - 1, nmb)
-    top = scores.topk(k, dim=-1).indices  # [R, h, k]
+    # a stable descending sort: equal scores go to the lower block index, as in the model's MoBA
+    top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]  # [R, h, k]
     selected = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
     return selected & earlier[:, None]  # fewer than k earlier blocks: the -inf picks are dropped
 
