@@ -11,6 +11,7 @@ from moonlet.model import Transformer
 from moonlet.model.attention import MLAttention
 from moonlet.model.kda import KimiDeltaAttention
 from moonlet.model.latent_cache import DenseLatentCache
+from moonlet.testing import tiny_kimi_linear_config
 from moonlet.weights import Checkpoint, load_model, save_model
 
 FULL_ATTN = [4, 8, 12, 16, 20, 24, 27]
@@ -40,19 +41,7 @@ PUBLISHED = {
 
 def tiny_config(**overrides) -> ModelConfig:
     """Kimi-Linear-shaped: KDA, KDA, KDA, NoPE MLA; a dense first layer, then sigmoid-routed experts."""
-    cfg = dict(
-        model_type="kimi_linear", vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-        num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2, num_experts=4, num_experts_per_token=2,
-        num_shared_experts=1, first_k_dense_replace=1, moe_layer_freq=1, moe_renormalize=True,
-        moe_router_activation_func="sigmoid", routed_scaling_factor=2.446, use_grouped_topk=True,
-        num_expert_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8,
-        qk_rope_head_dim=4, v_head_dim=8, mla_use_nope=True, rms_norm_eps=1e-5, rope_theta=10000.0,
-        rope_scaling=None, tie_word_embeddings=False, torch_dtype="float32", bos_token_id=0, eos_token_id=1,
-        linear_attn_config=dict(kda_layers=[1, 2, 3], full_attn_layers=[4], num_heads=2, head_dim=8,
-                                short_conv_kernel_size=4),
-    )
-    cfg.update(overrides)
-    return ModelConfig.from_dict(cfg)
+    return tiny_kimi_linear_config(**overrides)
 
 
 def tiny_model(seed=0) -> Transformer:

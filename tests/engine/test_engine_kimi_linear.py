@@ -5,27 +5,18 @@ slots that are all free again afterwards, and the latent pool holds only the MLA
 import pytest
 import torch
 
-from moonlet.config import ModelConfig
 from moonlet.engine import LLM, SamplingParams
 from moonlet.model.transformer import Transformer
+from moonlet.testing import greedy_reference, tiny_kimi_linear_config
 
 MAX_TOKENS = 8
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
 
-def tiny_hybrid_config() -> ModelConfig:
-    return ModelConfig.from_dict(dict(
-        model_type="kimi_linear", vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-        num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2, num_experts=4, num_experts_per_token=2,
-        num_shared_experts=1, first_k_dense_replace=1, moe_layer_freq=1, moe_renormalize=True,
-        moe_router_activation_func="sigmoid", routed_scaling_factor=2.446, use_grouped_topk=True,
-        num_expert_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8,
-        qk_rope_head_dim=4, v_head_dim=8, mla_use_nope=True, rms_norm_eps=1e-5, rope_theta=10000.0,
-        rope_scaling=None, tie_word_embeddings=False, torch_dtype="float32", bos_token_id=0, eos_token_id=1,
-        max_position_embeddings=512,
-        linear_attn_config=dict(kda_layers=[1, 2, 4], full_attn_layers=[3], num_heads=2, head_dim=8,
-                                short_conv_kernel_size=4),
-    ))
+def tiny_hybrid_config():
+    # KDA, KDA, MLA, KDA: an MLA layer between KDA layers
+    return tiny_kimi_linear_config(vocab_size=96, max_position_embeddings=512, linear_attn_config=dict(
+        kda_layers=[1, 2, 4], full_attn_layers=[3], num_heads=2, head_dim=8, short_conv_kernel_size=4))
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +38,7 @@ def prompts():
 
 @pytest.fixture(scope="module")
 def expected(model, prompts):
-    out = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = list(p)
-            for _ in range(MAX_TOKENS):
-                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-            out.append(ids[len(p):])
-    return out
+    return [greedy_reference(model, p, MAX_TOKENS) for p in prompts]
 
 
 @pytest.mark.parametrize("engine_args", [

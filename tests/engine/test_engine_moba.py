@@ -7,7 +7,7 @@ import torch
 
 from moonlet.engine import LLM, SamplingParams
 from moonlet.engine.moba import MobaSpec, PageSums, moba_decode_attention, moba_prefill_attention
-from moonlet.testing import random_model, tiny_k2_config
+from moonlet.testing import greedy_reference, random_model, tiny_k2_config
 
 KV_LORA, ROPE, HEADS, PAGE = 12, 4, 3, 4
 D = KV_LORA + ROPE
@@ -86,14 +86,6 @@ def moba_model():
     return random_model(cfg, seed=5)
 
 
-def reference_greedy(model, prompt, n):
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
 @pytest.mark.parametrize("engine_args", [
     dict(num_blocks=80, block_size=4),
     dict(num_blocks=80, block_size=8, max_num_batched_tokens=12),  # chunked prefill across MoBA blocks
@@ -103,7 +95,7 @@ def test_engine_greedy_equals_model_moba_forward(moba_model, engine_args):
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, 320, (n,), generator=g).tolist() for n in (37, 5, 26)]
     prompts.append(prompts[0][:30] + [9, 9])  # a prefix-cache hit with MoBA blocks in the shared part
-    expected = [reference_greedy(moba_model, p, MAX_TOKENS) for p in prompts]
+    expected = [greedy_reference(moba_model, p, MAX_TOKENS) for p in prompts]
     llm = LLM(model=moba_model, **engine_args)
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == expected
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == expected  # again, from the prefix cache
