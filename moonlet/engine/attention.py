@@ -141,11 +141,11 @@ class PagedLatentKV:
         """q_latent [1,N,h,c], q_pe [1,N,h,r], latent [1,N,c], k_pe [1,N,r] -> [1,N,h,c]."""
         pool = self._store(layer, latent, k_pe)
         q = torch.cat([q_latent[0], q_pe[0]], dim=-1)  # [N, h, D]
-        return self._attend_latent(layer, q, pool, scale, range(len(self.layout.prefills)))[None].to(q_latent.dtype)
+        return self._attend_latent(layer, q, pool, scale)[None].to(q_latent.dtype)
 
-    def _attend_latent(self, layer: int, q: torch.Tensor, pool: torch.Tensor, scale: float, spans) -> torch.Tensor:
-        """Absorbed attention of the decodes and of the prefill spans numbered in ``spans``:
-        q [N, h, D] -> [N, h, kv_lora] float32 (rows of other spans left unset)."""
+    def _attend_latent(self, layer: int, q: torch.Tensor, pool: torch.Tensor, scale: float) -> torch.Tensor:
+        """Absorbed attention of the step's decodes and prefill chunks: q [N, h, D] -> [N, h, kv_lora] float32
+        (MoBA selection on MoBA layers)."""
         lay = self.layout
         N, h = q.shape[:2]
         out = torch.empty(N, h, self.kv_lora, device=q.device, dtype=torch.float32)
@@ -157,8 +157,7 @@ class PagedLatentKV:
         elif nd:
             out[:nd] = self.decode_kernel(q[:nd], pool, lay.decode_block_tables, lay.decode_ctx_lens, scale,
                                           self.kv_lora)
-        for i in spans:
-            span = lay.prefills[i]
+        for span in lay.prefills:
             s, e = span.start, span.start + span.num_tokens
             if moba is not None:
                 out[s:e] = moba_prefill_attention(q[s:e], pool, self.page_sums.layer(layer), span.block_ids,
@@ -191,7 +190,7 @@ class PagedLatentKV:
         if self.page_sums is not None and layer in self.moba.layers:  # MoBA layers stay absorbed throughout
             q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
             q = torch.cat([q_latent[0], q_pe[0].to(q_latent.dtype)], dim=-1)
-            o = self._attend_latent(layer, q, pool, scale, range(len(lay.prefills)))
+            o = self._attend_latent(layer, q, pool, scale)
             return torch.einsum("thc,hvc->thv", o.to(w_uv.dtype), w_uv)[None].to(q_nope.dtype)
         if nd:
             q_latent = torch.einsum("thd,hdc->thc", q_nope[0, :nd], w_uk)
