@@ -60,9 +60,11 @@ class RecurrentStates:
             self._scatter(layer, slots, new)
         for span in layout.prefills:
             s, e = span.start, span.start + span.num_tokens
-            slot = torch.tensor([span.state_slot], device=x.device)
+            slot = slice(span.state_slot, span.state_slot + 1)  # a view: no index tensor per layer and chunk
             fresh = span.ctx_len == span.num_tokens  # the chunk starts the sequence: no state to read
-            y, new = module(x[:, s:e], state=None if fresh else self._gather(layer, slot), return_state=True)
+            state = None if fresh else KDAState(*(t[slot] for t in self.states[layer]))
+            y, new = module(x[:, s:e], state=state, return_state=True)
             out[:, s:e] = y
-            self._scatter(layer, slot, new)
+            for dst, src in zip(self.states[layer], new):
+                dst[slot].copy_(src)
         return out
