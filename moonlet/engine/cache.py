@@ -129,6 +129,7 @@ class BlockAllocator:
         self.cached: dict[bytes, int] = {}  # hash -> block id
         self._free_plain: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives the lowest id first
         self._free_cached: OrderedDict[int, None] = OrderedDict()  # LRU: first = evicted first
+        self.on_uncache = None  # called with a hash when its block's content is dropped (state snapshots)
 
     @property
     def num_free(self) -> int:
@@ -179,6 +180,8 @@ class BlockAllocator:
         if digest is not None:
             del self.cached[digest]
             self.hash_of[block] = None
+            if self.on_uncache is not None:
+                self.on_uncache(digest)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached free block (blocks in use keep their content and hash)."""
@@ -188,10 +191,73 @@ class BlockAllocator:
             self._free_plain.append(block)
 
 
+class StateSnapshots:
+    """Which recurrent-state snapshot row holds the state after which prefix (bookkeeping only; the
+    tensors are in ``recurrent.RecurrentStates``).
+
+    A snapshot is the KDA layers' state of some sequence right after a block boundary, named by the
+    hash of the block ending there: the hash chain names the whole prefix, so the state is exactly
+    the one any sequence starting with those tokens has there. Rows are reused least recently used
+    first. Writing a snapshot takes two steps: ``reserve`` picks a row when a step is scheduled (the
+    forward writes it), ``commit`` names it after the step, once its blocks are registered too.
+    Snapshots are copies: they hold no reference on blocks. A snapshot whose last block leaves the
+    prefix cache is dropped (``drop``): without its blocks' latents it cannot serve a hit.
+    """
+
+    def __init__(self, capacity: int):
+        if capacity < 0:
+            raise ValueError(f"need a snapshot capacity >= 0; got {capacity}")
+        self.capacity = capacity
+        self.row_of: OrderedDict[bytes, int] = OrderedDict()  # LRU: first = reused first
+        self._free: list[int] = list(range(capacity - 1, -1, -1))
+        self._pending: dict[bytes, int] = {}  # reserved this step, written by the forward, not yet named
+        self.num_saved = 0  # snapshots written (committed), for stats
+        self.num_restored = 0  # snapshots copied into a sequence's slot on a prefix hit
+
+    def __len__(self) -> int:
+        return len(self.row_of)
+
+    def has(self, digest: bytes) -> bool:
+        return digest in self.row_of or digest in self._pending
+
+    def get(self, digest: bytes) -> int | None:
+        """The row holding the state after the prefix named ``digest``, marked recently used."""
+        row = self.row_of.get(digest)
+        if row is not None:
+            self.row_of.move_to_end(digest)
+        return row
+
+    def reserve(self, digest: bytes, replace: bytes | None = None) -> int | None:
+        """A row for a new snapshot named ``digest``: the row of snapshot ``replace`` when it is still
+        held (a sequence's previous output snapshot, now superseded), else a free row, else the least
+        recently used one. None when every row is already reserved by this step."""
+        if replace is not None and replace in self.row_of:
+            row = self.row_of.pop(replace)
+        elif self._free:
+            row = self._free.pop()
+        elif self.row_of:
+            _, row = self.row_of.popitem(last=False)
+        else:
+            return None
+        self._pending[digest] = row
+        return row
+
+    def commit(self, digest: bytes) -> None:
+        """The forward has written the row reserved for ``digest``: make it findable."""
+        self.row_of[digest] = self._pending.pop(digest)
+
+    def drop(self, digest: bytes) -> None:
+        """Forget the snapshot named ``digest`` (if any); its row becomes free."""
+        row = self.row_of.pop(digest, None)
+        if row is not None:
+            self._free.append(row)
+
+
 class KVCacheManager:
     """Block bookkeeping per sequence: prefix matching, growing block tables, freeing, caching."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, state_slots: int = 0):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, state_slots: int = 0,
+                 state_snapshots: int = 0):
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks, block_size, enable_prefix_caching)
         self.counters = CacheCounters()
@@ -199,6 +265,11 @@ class KVCacheManager:
         # allocation until its blocks are freed
         self.state_slots = state_slots
         self._free_slots = list(range(state_slots - 1, -1, -1))
+        # snapshots of that state at block boundaries: what lets a hybrid model skip a cached prefix
+        self.snapshots: StateSnapshots | None = None
+        if state_slots and state_snapshots and enable_prefix_caching:
+            self.snapshots = StateSnapshots(state_snapshots)
+            self.allocator.on_uncache = self.snapshots.drop
 
     @property
     def num_blocks(self) -> int:
@@ -227,19 +298,34 @@ class KVCacheManager:
     def match_prefix(self, seq: "Sequence") -> int:
         """Attach the cached blocks matching the start of a sequence that holds no blocks yet.
 
-        At least one token is always left to compute (its logits are needed). Returns the number of
-        tokens found cached and sets ``seq.num_computed_tokens`` to it. The caller counts the lookup
-        in ``counters`` once the sequence is actually admitted (``record_lookup``).
+        At least one token is always left to compute (its logits are needed). With KDA layers
+        (``state_slots``) the hit must also end where a state snapshot exists: the longest matched
+        chain of blocks that does, its snapshot noted in ``seq.snapshot_restore`` for ``state_init``
+        (no snapshot pool: no hit). Returns the number of tokens found cached and sets
+        ``seq.num_computed_tokens`` to it. The caller counts the lookup in ``counters`` once the
+        sequence is actually admitted (``record_lookup``).
         """
         assert not seq.block_table, "match_prefix on a sequence that already holds blocks"
+        seq.snapshot_restore = None
         if not self.allocator.enable_prefix_caching:
             seq.num_computed_tokens = 0
             return 0
         matchable = (len(seq.token_ids) - 1) // self.block_size
-        for digest in self._hashes(seq, matchable):
+        hashes = self._hashes(seq, matchable)
+        blocks: list[int] = []
+        for digest in hashes:
             block = self.allocator.lookup(digest)
             if block is None:
                 break
+            blocks.append(block)
+        if self.state_slots:  # resume only where the recurrent state is known
+            n = len(blocks)
+            while n and (self.snapshots is None or hashes[n - 1] not in self.snapshots.row_of):
+                n -= 1
+            blocks = blocks[:n]
+            if n:
+                seq.snapshot_restore = self.snapshots.get(hashes[n - 1])
+        for block in blocks:
             self.allocator.acquire_cached(block)
             seq.block_table.append(block)
         hit = len(seq.block_table) * self.block_size
@@ -276,18 +362,76 @@ class KVCacheManager:
             self.allocator.release(block)
         seq.block_table = []
         seq.num_registered_blocks = 0
+        seq.snapshot_restore = None
         if getattr(seq, "state_slot", None) is not None:
             self._free_slots.append(seq.state_slot)
             seq.state_slot = None
 
     def cache_full_blocks(self, seq: "Sequence") -> None:
-        """Register the sequence's blocks that became full and written (after a step)."""
+        """Register the sequence's blocks that became full and written (after a step), and name the
+        state snapshot the step wrote for it, if any."""
         if not self.allocator.enable_prefix_caching:
             return
         full = seq.num_computed_tokens // self.block_size
-        if full <= seq.num_registered_blocks:
-            return
-        hashes = self._hashes(seq, full)
-        for i in range(seq.num_registered_blocks, full):
-            self.allocator.register(seq.block_table[i], hashes[i])
-        seq.num_registered_blocks = full
+        if full > seq.num_registered_blocks:
+            hashes = self._hashes(seq, full)
+            for i in range(seq.num_registered_blocks, full):
+                self.allocator.register(seq.block_table[i], hashes[i])
+            seq.num_registered_blocks = full
+        if seq.snapshot_pending is not None:
+            self.snapshots.commit(seq.snapshot_pending)
+            self.snapshots.num_saved += 1
+            seq.snapshot_pending = None
+
+    # ---- recurrent state (models with KDA layers) -------------------------------------------------
+    def state_init(self, seq: "Sequence") -> tuple[int, int | None] | None:
+        """What a scheduled sequence's state slot must hold before the step: ``(slot, None)`` zeros
+        when it starts at token 0 (its slot may hold a previous sequence's state), ``(slot, row)``
+        snapshot ``row`` when it resumes from a prefix hit, None when the slot already holds its state."""
+        if seq.state_slot is None:
+            return None
+        if seq.snapshot_restore is not None:
+            row, seq.snapshot_restore = seq.snapshot_restore, None
+            self.snapshots.num_restored += 1
+            return seq.state_slot, row
+        if seq.num_computed_tokens == 0:
+            return seq.state_slot, None
+        return None
+
+    def plan_snapshot(self, seq: "Sequence", num_new_tokens: int) -> tuple[int, int] | None:
+        """Whether this step should snapshot the sequence's state: ``(offset, row)`` — after the first
+        ``offset`` of its ``num_new_tokens`` tokens, into snapshot row ``row`` — or None.
+
+        Policy (at most one copy per sequence per step, so bounded by the batch):
+
+        - a chunk that finishes the sequence's known tokens (the last prompt chunk, a decode)
+          snapshots at the last block boundary it reaches; for a multi-token chunk, at most at the
+          last token minus one, so a later request with exactly these tokens (which must compute its
+          last token) can hit too. Earlier prompt chunks take none: a long prompt does not flood
+          the pool.
+        - a snapshot after generated tokens (past the prompt) replaces the sequence's previous one
+          in its row: only the latest is worth keeping (a conversation's next turn resumes there),
+          so a long generation holds one row, not one per block.
+        - no snapshot where one with the same name exists (it holds the same state).
+        """
+        if self.snapshots is None or seq.state_slot is None:
+            return None
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new_tokens
+        if end != seq.num_tokens:
+            return None
+        bs = self.block_size
+        point = (end if num_new_tokens == 1 else end - 1) // bs * bs
+        if point <= start or point == 0:
+            return None
+        digest = self._hashes(seq, point // bs)[-1]
+        if self.snapshots.has(digest):
+            self.snapshots.get(digest)  # mark recently used
+            return None
+        output = point > seq.num_prompt_tokens
+        row = self.snapshots.reserve(digest, replace=seq.output_snapshot if output else None)
+        if row is None:
+            return None
+        seq.snapshot_pending = digest
+        if output:
+            seq.output_snapshot = digest
+        return point - start, row

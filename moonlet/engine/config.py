@@ -50,6 +50,9 @@ class EngineConfig:
     # is installed) or "reference" (plain PyTorch, moonlet.engine.attention)
     decode_kernel: str | None = None
     decode_graph_batch_sizes: tuple[int, ...] | None = None  # default DEFAULT_BATCH_SIZES up to max_num_seqs
+    # hybrid models (KDA layers): snapshot rows of the recurrent state at block boundaries, what lets
+    # a prefix-cache hit resume (default max_num_seqs; 0: no prefix hits for such models)
+    state_snapshots: int | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -66,6 +69,8 @@ class EngineConfig:
                 raise ValueError(f"engine argument {name}={value!r} must be a positive integer")
         if self.max_num_seqs < 1:
             raise ValueError(f"engine argument max_num_seqs={self.max_num_seqs!r} must be >= 1")
+        if self.state_snapshots is not None and (not isinstance(self.state_snapshots, int) or self.state_snapshots < 0):
+            raise ValueError(f"engine argument state_snapshots={self.state_snapshots!r} must be an integer >= 0")
         if self.max_waiting < 0:
             raise ValueError(f"engine argument max_waiting={self.max_waiting!r} must be >= 0")
         if self.prefill_attention not in (None, "expanded", "absorbed"):
@@ -102,6 +107,7 @@ class ResolvedConfig:
     decode_graphs: str = "off"
     decode_graph_batch_sizes: tuple[int, ...] = ()
     triton_decode: bool = False
+    state_snapshots: int = 0  # recurrent-state snapshot rows (hybrid models with prefix caching)
 
 
 def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.dtype) -> ResolvedConfig:
@@ -110,8 +116,13 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
     on_cuda = device.type == "cuda"
     block_size = cfg.block_size or (64 if on_cuda else 16)
     per_block = bytes_per_block(model_config, block_size, dtype)
-    # hybrid models (KDA layers): each running sequence also holds a recurrent-state slot
-    state_bytes = cfg.max_num_seqs * model_config.kda_state_bytes(torch.empty(0, dtype=dtype).element_size())
+    # hybrid models (KDA layers): each running sequence also holds a recurrent-state slot, and prefix
+    # caching keeps snapshots of that state (state_snapshots rows of the same size)
+    per_state = model_config.kda_state_bytes(torch.empty(0, dtype=dtype).element_size())
+    snapshots = 0
+    if per_state and cfg.enable_prefix_caching:
+        snapshots = cfg.max_num_seqs if cfg.state_snapshots is None else cfg.state_snapshots
+    state_bytes = (cfg.max_num_seqs + snapshots) * per_state
     wanted_len = min(cfg.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
     if cfg.max_model_len and cfg.max_model_len > model_config.max_position_embeddings:
         raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's max_position_embeddings "
@@ -131,9 +142,13 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
         budget -= state_bytes
         num_blocks = min(budget // per_block, useful_blocks)
         if num_blocks < 1:
+            fix = "raise kv_cache_memory"
+            if state_bytes:
+                fix += (f" (the KDA state takes {state_bytes} bytes of it: {cfg.max_num_seqs} slots + {snapshots} "
+                        f"snapshots; or lower max_num_seqs / state_snapshots)")
             raise ValueError(f"the KV cache budget ({budget} bytes) is smaller than one block ({per_block} bytes: "
                              f"{block_size} tokens x {model_config.num_hidden_layers} layers x "
-                             f"{model_config.latent_dim} values); raise kv_cache_memory")
+                             f"{model_config.latent_dim} values); {fix}")
     max_model_len = min(wanted_len, num_blocks * block_size)
     if cfg.max_num_batched_tokens is not None:
         max_batched = cfg.max_num_batched_tokens
@@ -150,11 +165,7 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
         raise ValueError("engine argument decode_kernel='triton' needs a CUDA GPU (compute capability >= 8.0) and "
                          "the triton package; use 'reference'")
     graphs = cfg.decode_graphs or ("cuda" if on_cuda else "off")
-    prefix_caching = cfg.enable_prefix_caching
-    if state_bytes:
-        # a KDA layer's state after a cached prefix is not in the paged cache: no prefix skipping; and
-        # the decode graphs' static buffers carry no state slots
-        prefix_caching = False
+    if state_bytes:  # the decode graphs' static buffers carry no state slots
         if cfg.decode_graphs not in (None, "off"):
             raise ValueError(f"engine argument decode_graphs={cfg.decode_graphs!r}: decode graphs do not support "
                              "models with KDA layers (Kimi Linear) yet; use 'off'")
@@ -169,10 +180,11 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
     return ResolvedConfig(
         device=device, block_size=block_size, num_blocks=num_blocks, max_model_len=max_model_len,
         max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=max_batched,
-        enable_prefix_caching=prefix_caching, enable_chunked_prefill=cfg.enable_chunked_prefill,
+        enable_prefix_caching=cfg.enable_prefix_caching, enable_chunked_prefill=cfg.enable_chunked_prefill,
         max_waiting=cfg.max_waiting, seed=cfg.seed,
         expanded_prefill=(cfg.prefill_attention or ("expanded" if on_cuda else "absorbed")) == "expanded",
         decode_graphs=graphs, decode_graph_batch_sizes=graph_sizes, triton_decode=triton_decode,
+        state_snapshots=snapshots,
     )
 
 
@@ -192,6 +204,10 @@ def add_engine_cli_args(parser) -> None:
                    help="token budget per step (default 512 on CPU, 8192 on GPU)")
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="turn off prefix caching")
+    g.add_argument("--state-snapshots", type=int, default=None,
+                   help="hybrid (Kimi Linear) models: recurrent-state snapshots kept for prefix-cache hits, each "
+                        "as large as one sequence's KDA state and taken from the KV cache memory "
+                        "(default: max-num-seqs; 0 turns prefix hits off for such models)")
     g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
                    help="compute each prompt in one step")
     g.add_argument("--max-waiting", type=int, default=None,
@@ -218,7 +234,7 @@ def engine_args_from_cli(args) -> dict:
         block_size="block_size", max_model_len="max_model_len", max_num_seqs="max_num_seqs",
         max_num_batched_tokens="max_num_batched_tokens", max_waiting="max_waiting", device="device", dtype="dtype",
         engine_seed="seed", prefill_attention="prefill_attention", decode_graphs="decode_graphs",
-        decode_kernel="decode_kernel",
+        decode_kernel="decode_kernel", state_snapshots="state_snapshots",
     )
     out = {field: getattr(args, attr) for attr, field in names.items() if getattr(args, attr, None) is not None}
     for flag in ("enable_prefix_caching", "enable_chunked_prefill"):

@@ -97,9 +97,10 @@ class EngineCore:
                                     layer_ids=latent_layer_ids(model.config))
         hybrid = bool(model.config.kda_layer_ids)
         self.cache = KVCacheManager(rc.num_blocks, rc.block_size, rc.enable_prefix_caching,
-                                    state_slots=rc.max_num_seqs if hybrid else 0)
+                                    state_slots=rc.max_num_seqs if hybrid else 0, state_snapshots=rc.state_snapshots)
         self.scheduler = Scheduler(self.cache, rc.max_num_seqs, rc.max_num_batched_tokens, rc.enable_chunked_prefill)
-        states = RecurrentStates(model.config, rc.max_num_seqs, model.dtype, model.device) if hybrid else None
+        states = RecurrentStates(model.config, rc.max_num_seqs, model.dtype, model.device,
+                                 num_snapshots=rc.state_snapshots) if hybrid else None
         self.runner = ModelRunner(self.model, self.pool, expanded_prefill=rc.expanded_prefill,
                                   triton_decode=rc.triton_decode, states=states)
         if rc.decode_graphs != "off":
@@ -214,6 +215,7 @@ class EngineCore:
     def stats(self) -> dict:
         """Counters and gauges (see docs/serving-engine.md for each key)."""
         c = self.cache.counters
+        snaps = self.cache.snapshots
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
@@ -223,6 +225,9 @@ class EngineCore:
             "cache_usage": self.cache.usage,
             "prefix_cache_queries": c.prefix_cache_queries,
             "prefix_cache_hits": c.prefix_cache_hits,
+            "state_snapshots": len(snaps) if snaps is not None else 0,
+            "state_snapshots_saved": snaps.num_saved if snaps is not None else 0,
+            "state_snapshots_restored": snaps.num_restored if snaps is not None else 0,
             "prompt_tokens_total": self.scheduler.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
             "preemptions": self.scheduler.num_preemptions,

@@ -98,9 +98,16 @@ class ModelRunner:
                 self.graphs.can_run(len(batch.seqs), max(len(s.block_table) for s in batch.seqs)):
             return self._execute_graph(batch)
         input_ids, layout, sample_at = self.build_layout(batch)
+        if self.states is not None:  # load fresh / resumed slots, note the snapshots to take
+            self.states.begin_step(batch.state_inits, batch.state_saves,
+                                   [s.state_slot for s in batch.seqs[:layout.num_decodes]])
         self.kv.set_batch(layout)
-        hidden = self.model.hidden_states(input_ids, positions=layout.positions[None], kv=self.kv)  # [1, N, H]
-        self.kv.set_batch(None)
+        try:
+            hidden = self.model.hidden_states(input_ids, positions=layout.positions[None], kv=self.kv)  # [1, N, H]
+        finally:
+            self.kv.set_batch(None)
+            if self.states is not None:
+                self.states.end_step()
         rows = [i for i, at in enumerate(sample_at) if at >= 0]
         if not rows:
             return [], None

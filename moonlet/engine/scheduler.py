@@ -10,6 +10,10 @@ When a running sequence needs a block and none is free, the most recently admitt
 sequence is preempted: its blocks are freed and it goes back to the front of the waiting queue, to
 be recomputed later (its full blocks usually survive in the prefix cache, so the recompute is often
 a cache hit).
+
+Models with KDA layers: the batch also says what each scheduled sequence's recurrent-state slot
+must hold before the forward (zeros for a sequence starting at token 0, a snapshot for a prefix hit)
+and which states the forward should snapshot (``KVCacheManager.plan_snapshot``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # models with KDA layers: (slot, snapshot row or None for zeros) to load before the forward, and
+    # (slot, offset, snapshot row): copy the slot's state after its first `offset` new tokens
+    state_inits: list[tuple[int, int | None]] = field(default_factory=list)
+    state_saves: list[tuple[int, int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -130,4 +138,11 @@ class Scheduler:
         for seq, n in sorted(chosen.items(), key=lambda item: item[1] != 1):
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
+            if seq.state_slot is not None:
+                init = self.cache.state_init(seq)
+                if init is not None:
+                    batch.state_inits.append(init)
+                save = self.cache.plan_snapshot(seq, n)
+                if save is not None:
+                    batch.state_saves.append((seq.state_slot, *save))
         return batch

@@ -5,8 +5,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -73,6 +77,9 @@ class Sequence:
         self.num_cached_tokens = -1  # prefix-cache hit at first admission; -1 until admitted
         self.num_preemptions = 0
         self.state_slot: int | None = None  # recurrent-state slot while running (models with KDA layers)
+        self.snapshot_restore: int | None = None  # state snapshot row a prefix hit resumes from
+        self.snapshot_pending: bytes | None = None  # name of the snapshot this step writes for it
+        self.output_snapshot: bytes | None = None  # its latest snapshot past the prompt (replaced by the next)
         # decoding state
         self.stop_ids = stop_ids
         self.generator: torch.Generator | None = None  # made by the sampler, on its device, from params.seed

@@ -1,6 +1,7 @@
 """A hybrid model (Kimi Linear: KDA layers + NoPE MLA) in the engine: greedy outputs equal the model's
-own full-sequence forward however the engine batches, chunks or preempts, the KDA states live in
-slots that are all free again afterwards, and the latent pool holds only the MLA layers."""
+own full-sequence forward however the engine batches, chunks, preempts or resumes from prefix hits,
+the KDA states live in slots that are all free again afterwards, and the latent pool holds only the
+MLA layers. (Prefix caching in detail: test_engine_hybrid_prefix.py.)"""
 
 import pytest
 import torch
@@ -33,7 +34,8 @@ def model():
 def prompts():
     g = torch.Generator().manual_seed(0)
     base = [torch.randint(2, 96, (n,), generator=g).tolist() for n in (5, 40, 2, 23, 70)]
-    return base + [base[1][:30] + [7, 7]]  # shares a prefix: must not be skipped through the prefix cache
+    # shares a prefix with base[1]; a one-token prompt runs as a decode from a cleared slot
+    return base + [base[1][:32] + [7, 7], [9]]
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +49,17 @@ def expected(model, prompts):
     dict(num_blocks=64, max_num_batched_tokens=7),  # chunked prefill: state carried across chunks
     dict(num_blocks=22, block_size=4, max_num_batched_tokens=24),  # preemption: recomputed from zero state
     dict(num_blocks=64, max_num_seqs=3),  # more prompts than slots: slots are reused
+    dict(num_blocks=64, enable_prefix_caching=False),
 ])
 def test_hybrid_engine_greedy_equals_full_forward(model, prompts, expected, engine_args):
     llm = LLM(model=model, **engine_args)
-    assert not llm.engine.config.enable_prefix_caching
+    caching = engine_args.get("enable_prefix_caching", True)
+    assert llm.engine.config.enable_prefix_caching == caching
     assert llm.engine.pool.layer_ids == [2]  # only the MLA layer keeps latents
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == expected
-    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == expected  # slots reused, no stale state
+    # again: slots reused (no stale state), and the prompts resume from their snapshots
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == expected
+    assert (llm.stats()["prefix_cache_hits"] > 0) == caching
     cache = llm.engine.cache
     assert sorted(cache._free_slots) == list(range(cache.state_slots))
     stats = llm.stats()
