@@ -112,13 +112,21 @@ def test_multi_token_closer_is_forced_one_token_per_step(llm, model, prompt):
     assert out == forced_reference(model, inside, N, g[:3], [b])
 
 
-def test_batch_with_different_budgets_and_a_sampled_neighbour(model, prompt):
+ENGINES = {
+    "batched": dict(num_blocks=64, block_size=8),
+    "decode_graph_buffers": dict(num_blocks=64, block_size=8, decode_graphs="eager", decode_graph_batch_sizes=(2, 4)),
+    "tiny_pool_preempts": dict(num_blocks=10, block_size=4, max_num_batched_tokens=24),
+}
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_batch_with_different_budgets_and_a_sampled_neighbour(model, prompt, engine):
     open_, close = unused_ids(model, [prompt, prompt[:5]], 2)
     prompts = [prompt + [open_], prompt[:5] + [open_], prompt + [open_], prompt + [open_], prompt[:5] + [7]]
     budgets = [None, 2, 0, 6, 1]
     params = [greedy(b, start=[open_], end=[close]) for b in budgets]
     sampled = SamplingParams(temperature=0.9, top_p=0.9, seed=123, max_tokens=N, ignore_eos=True)
-    llm = LLM(model=model, num_blocks=64, block_size=8)
+    llm = LLM(model=model, **ENGINES[engine])
     outs = llm.generate(prompts + [prompts[0]], params + [sampled])
     for p, b, out in zip(prompts, budgets, outs):
         g = greedy_reference(model, p, N)
@@ -127,6 +135,11 @@ def test_batch_with_different_budgets_and_a_sampled_neighbour(model, prompt):
     # the seeded sampled request is the same alone as in this batch
     alone = LLM(model=model, num_blocks=64, block_size=8).generate(prompts[0], sampled)[0]
     assert outs[-1].token_ids == alone.token_ids
+    if engine == "decode_graph_buffers":
+        assert llm.engine.runner.graph_steps > 0
+    if engine == "tiny_pool_preempts":
+        assert llm.stats()["preemptions"] > 0
+    assert llm.stats()["blocks_free"] == llm.stats()["blocks_total"]
 
 
 def test_forced_tokens_stream_like_sampled_ones_and_report_logprobs(model, prompt):
