@@ -1,7 +1,8 @@
 """`moonlet chat`: a streaming terminal chat that keeps the conversation.
 
 ``--url`` talks to a running server (moonlet's or any Anthropic-compatible one) over the Messages
-API with httpx; ``--model`` runs the engine in this process. ``--prompt`` (repeatable) sends those
+API with httpx; ``--model`` runs the engine in this process. ``--thinking-budget N`` caps the
+reasoning at N tokens (the engine's ``thinking_token_budget``; over HTTP ``thinking.budget_tokens``). ``--prompt`` (repeatable) sends those
 turns and exits instead of reading the terminal. In the terminal: ``/reset`` forgets the
 conversation, ``/exit`` (or Ctrl-D) leaves.
 """
@@ -37,6 +38,10 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=None, help="default: the server's / 1.0")
     p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="ask for reasoning (--thinking) or not (--no-thinking); default: the template's")
+    p.add_argument("--thinking-budget", type=int, default=None, metavar="N",
+                   help="turn thinking on and cap it at N tokens, after which the reply's thinking is closed "
+                        "and the answer follows (with --url: thinking.budget_tokens, which the Messages API "
+                        "wants >= 1024 and below --max-tokens)")
     add_engine_cli_args(p)
     p.set_defaults(func=run)
 
@@ -99,7 +104,9 @@ class RemoteChat:
             body["system"] = a.system
         if a.temperature is not None:
             body["temperature"] = a.temperature
-        if a.thinking is not None:
+        if a.thinking_budget is not None:
+            body["thinking"] = {"type": "enabled", "budget_tokens": a.thinking_budget}
+        elif a.thinking is not None:
             body["thinking"] = {"type": "adaptive"} if a.thinking else {"type": "disabled"}
         blocks: list[dict] = []
         async with self.client.stream("POST", self.url, json=body) as r:
@@ -161,9 +168,12 @@ class LocalChat:
         a = self.args
         messages = self.history + [{"role": "user", "content": text}]
         kwargs = {} if a.thinking is None else {"thinking": a.thinking}
+        if a.thinking_budget is not None:
+            kwargs["thinking"] = True
         prompt = render_prompt(self.engine.tokenizer, messages, None, kwargs)
         max_tokens, _ = fit_max_tokens(len(prompt.token_ids), a.max_tokens, self.engine.max_model_len, "anthropic")
-        params = SamplingParams(max_tokens=max_tokens, temperature=1.0 if a.temperature is None else a.temperature)
+        params = SamplingParams(max_tokens=max_tokens, temperature=1.0 if a.temperature is None else a.temperature,
+                                thinking_token_budget=a.thinking_budget)
         parser = prompt.parser()
         self.turns += 1
         events = []
@@ -234,4 +244,11 @@ async def _main(args) -> int:
 
 
 def run(args) -> int:
+    if args.thinking_budget is not None:
+        if args.thinking is False:
+            print("moonlet chat: error: --thinking-budget turns thinking on; drop --no-thinking", file=sys.stderr)
+            return 2
+        if args.thinking_budget < 0:
+            print(f"moonlet chat: error: --thinking-budget must be >= 0; got {args.thinking_budget}", file=sys.stderr)
+            return 2
     return asyncio.run(_main(args))

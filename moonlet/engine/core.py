@@ -17,6 +17,7 @@ from .runner import ModelRunner
 from .sampler import Sampler
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence
+from .thinking import ThinkingBudget, thinking_markers
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None}
 
@@ -147,6 +148,8 @@ class EngineCore:
             raise PromptTooLongError(len(ids), limit, detail)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
+        if params.thinking_token_budget is not None:
+            thinking_markers(params, self.tokenizer, vocab)
         return ids
 
     def add_request(self, request_id: str, prompt_token_ids, params: SamplingParams) -> Sequence:
@@ -160,6 +163,7 @@ class EngineCore:
 
             detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
         seq = Sequence(request_id, ids, params, stop_ids, detok)
+        seq.thinking = ThinkingBudget.for_request(params, ids, self.tokenizer)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return seq

@@ -19,6 +19,10 @@ class SamplingParams:
     ``ignore_eos``. ``seed`` gives the request its own random generator, so its samples do not depend
     on what else is batched with it. ``logprobs=n`` returns, per generated token, the log-probability
     of the sampled token and of the n most likely tokens under the model's raw distribution.
+    ``thinking_token_budget=n`` (vLLM's name) caps the tokens generated inside ``<think> ... </think>``:
+    after n thinking tokens the engine emits the closing marker in place of sampled tokens and the
+    answer follows (see ``moonlet.engine.thinking``); the markers default to the tokenizer's
+    ``<think>`` / ``</think>``, or ``thinking_start_token_ids`` / ``thinking_end_token_ids``.
     """
 
     max_tokens: int = 256
@@ -35,12 +39,19 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     skip_special_tokens: bool = False
+    thinking_token_budget: int | None = None
+    thinking_start_token_ids: list[int] | None = None
+    thinking_end_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or [])]
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        for name in ("thinking_start_token_ids", "thinking_end_token_ids"):
+            ids = getattr(self, name)
+            if ids is not None and not isinstance(ids, (str, bytes)):
+                setattr(self, name, list(ids))
         self.validate()
 
     def validate(self) -> None:
@@ -72,6 +83,14 @@ class SamplingParams:
             bad("logprobs", self.logprobs, "must be None or an integer >= 0")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", self.seed, "must be None or an integer")
+        budget = self.thinking_token_budget
+        if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 0):
+            bad("thinking_token_budget", budget, "must be None (no cap) or an integer >= 0")
+        for name in ("thinking_start_token_ids", "thinking_end_token_ids"):
+            ids = getattr(self, name)
+            if ids is not None and (not isinstance(ids, list) or not ids
+                                    or any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in ids)):
+                bad(name, ids, "must be None (the tokenizer's marker) or a non-empty list of token ids >= 0")
 
     @property
     def greedy(self) -> bool:

@@ -5,6 +5,10 @@ presence/frequency penalties → greedy argmax if temperature is 0, else tempera
 → min-p → sample. Sampling uses the exponential race (argmax of p / Exp(1) noise), which draws
 exactly one noise vector per row per step; a request with a seed draws it from its own generator,
 so its samples do not depend on the rest of the batch.
+
+Rows of requests whose thinking budget is spent (``Sequence.thinking``, see ``thinking``) get the
+closing marker's next token in place of the sampled one, after sampling and on the host: the
+forward, the noise draws and every other row are exactly as without the budget.
 """
 
 from __future__ import annotations
@@ -95,7 +99,8 @@ class Sampler:
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, seqs: Seq) -> tuple[list[int], list[dict[int, float] | None]]:
         """logits [S, V] for ``seqs`` (objects with .params, .prompt_token_ids, .output_token_ids,
-        .generator). Returns the sampled token ids and, per row, a logprobs dict or None."""
+        .generator, and .thinking for rows with a thinking budget). Returns the sampled token ids (the
+        forced ones for spent thinking budgets) and, per row, a logprobs dict or None."""
         logits = logits.float()
         S, V = logits.shape
         params = [s.params for s in seqs]
@@ -124,6 +129,11 @@ class Sampler:
             tokens[idx] = (probs / noise).argmax(dim=-1)
 
         token_list = tokens.tolist()
+        for i in (i for i, p in enumerate(params) if p.thinking_token_budget is not None):
+            state = getattr(seqs[i], "thinking", None)
+            forced = state.forced_token(seqs[i].token_ids) if state is not None else None
+            if forced is not None:
+                token_list[i] = forced
         lp_out: list[dict[int, float] | None] = [None] * S
         if raw_logprobs is not None:
             for i in (i for i in range(S) if want_lp[i]):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .params import SamplingParams
+from .thinking import ThinkingBudget
 
 if TYPE_CHECKING:
     import torch
@@ -86,6 +87,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.thinking: ThinkingBudget | None = None  # set by the engine when params.thinking_token_budget is set
         self.text = _TextState(detokenizer, params)
         self._reported_tokens = 0
         self._reported_chars = 0
@@ -114,6 +116,8 @@ class Sequence:
     def append_token(self, token_id: int, max_model_len: int, logprobs: dict[int, float] | None = None) -> None:
         """Record a sampled token and decide whether the request is finished."""
         self.token_ids.append(token_id)
+        if self.thinking is not None:
+            self.thinking.observe(self.token_ids)
         if self.logprobs is not None and logprobs is not None:
             self.logprobs.append(logprobs)
         params = self.params

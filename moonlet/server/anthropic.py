@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from ..chat import (ARGS_BEGIN, CALL_BEGIN, CALL_END, ContentDelta, ReasoningDelta, ToolCallArgsDelta, ToolCallEnd,
                     ToolCallStart)
 from ..engine.params import SamplingParams
-from .anthropic_convert import to_conversation
+from .anthropic_convert import check_thinking_budget, to_conversation
 from .errors import APIError, anthropic_stream_error, invalid
 from .generation import (PING_INTERVAL, ClientDisconnected, Conversation, EngineRun, Prompt, SSEResponse,
                          disconnect_checker, fit_max_tokens, render_prompt, sse_frame, tool_section_stop_ids)
@@ -206,9 +206,16 @@ def _sampling(body: MessagesRequest, max_tokens: int, conv: Conversation, tokeni
             stop=list(body.stop_sequences or []),
             stop_token_ids=tool_section_stop_ids(tokenizer) if conv.forbid_tools else [],
             skip_special_tokens=False,
+            thinking_token_budget=conv.thinking_budget,
         )
     except ValueError as e:
         raise invalid(str(e).replace("SamplingParams.", "")) from e
+
+
+def _interleaved_thinking(request: Request) -> bool:
+    """Whether the request opts into the interleaved-thinking beta (``anthropic-beta`` header)."""
+    betas = ",".join(request.headers.getlist("anthropic-beta"))
+    return any(b.strip().startswith("interleaved-thinking") for b in betas.split(","))
 
 
 @router.post("/v1/messages/count_tokens")
@@ -221,6 +228,7 @@ async def count_tokens(body: CountTokensRequest, request: Request):
 async def create_message(body: MessagesRequest, request: Request):
     st = state_of(request)
     conv, prompt = await _prepare(body, request)
+    check_thinking_budget(conv.thinking_budget, body.max_tokens, _interleaved_thinking(request))
     max_tokens, clamped = fit_max_tokens(len(prompt.token_ids), body.max_tokens, st.max_model_len, "anthropic")
     params = _sampling(body, max_tokens, conv, st.tokenizer)
     rid = request_id_of(request)

@@ -19,7 +19,10 @@ What is done with each part of a request:
   prefills for forced tool use, and allows no thinking with it). ``disable_parallel_tool_use``
   keeps the first call and ends the reply there.
 - ``thinking``: enabled/adaptive -> template ``thinking=True``; disabled -> ``thinking=False``;
-  absent -> the template's default. ``budget_tokens`` is not enforced.
+  absent -> the template's default. ``enabled`` needs ``budget_tokens``, an integer >= 1024 (the
+  API's floor) and below max_tokens (checked by the endpoint; the ``interleaved-thinking-*`` beta
+  lifts that); it is enforced by the engine (``SamplingParams.thinking_token_budget``): after that
+  many thinking tokens the reply's thinking is closed with ``</think>`` and the answer follows.
 """
 
 from __future__ import annotations
@@ -161,6 +164,33 @@ def _assistant_turn(blocks: list[dict], where: str, ids: ToolIdMap) -> dict:
     return message
 
 
+MIN_THINKING_BUDGET = 1024  # the Messages API's floor for thinking.budget_tokens
+
+
+def thinking_budget(thinking: dict) -> int:
+    """``budget_tokens`` of an enabled thinking config: required, an integer >= 1024."""
+    budget = thinking.get("budget_tokens")
+    if budget is None:
+        raise invalid("thinking.budget_tokens is required when thinking.type is 'enabled' (an integer >= "
+                      f"{MIN_THINKING_BUDGET}); or use thinking.type 'adaptive' for no fixed budget",
+                      param="thinking.budget_tokens")
+    if not isinstance(budget, int) or isinstance(budget, bool):
+        raise invalid(f"thinking.budget_tokens must be an integer; got {budget!r}", param="thinking.budget_tokens")
+    if budget < MIN_THINKING_BUDGET:
+        raise invalid(f"thinking.budget_tokens must be >= {MIN_THINKING_BUDGET}; got {budget}",
+                      param="thinking.budget_tokens")
+    return budget
+
+
+def check_thinking_budget(budget: int | None, max_tokens: int, interleaved: bool) -> None:
+    """A budget must leave room for the answer: below max_tokens, unless interleaved thinking (the
+    ``interleaved-thinking-2025-05-14`` beta) lets it span the turn's tool calls."""
+    if budget is not None and budget >= max_tokens and not interleaved:
+        raise invalid(f"max_tokens must be greater than thinking.budget_tokens (thinking tokens count toward "
+                      f"max_tokens); got max_tokens={max_tokens} and budget_tokens={budget}. Raise max_tokens "
+                      f"or lower the budget", param="max_tokens")
+
+
 def convert_tools(tools) -> dict[str, dict]:
     """Anthropic tool definitions -> {name: K2 (OpenAI function form) declaration}."""
     out: dict[str, dict] = {}
@@ -208,11 +238,14 @@ def to_conversation(req) -> Conversation:
                           f"({', '.join(tools) or 'none'})", param="tool_choice.name")
 
     template_kwargs: dict = {}
+    budget = None
     thinking = req.thinking
     if thinking is not None:
         t = thinking.get("type") if isinstance(thinking, dict) else None
         if t in ("enabled", "adaptive"):
             template_kwargs["thinking"] = True
+            if t == "enabled":
+                budget = thinking_budget(thinking)
         elif t == "disabled":
             template_kwargs["thinking"] = False
         else:
@@ -257,6 +290,6 @@ def to_conversation(req) -> Conversation:
             messages.append(_assistant_turn(blocks, where, ids))
 
     conv = Conversation(messages=messages, tools=list(tools.values()), template_kwargs=template_kwargs,
-                        prefill=prefill)
+                        prefill=prefill, thinking_budget=budget)
     apply_tool_choice(conv, kind, forced, ids.count, bool(choice.get("disable_parallel_tool_use")))
     return conv

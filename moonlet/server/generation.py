@@ -81,6 +81,7 @@ class Conversation:
     output_prefix: str = ""  # a forced tool-call opener: part of the reply
     forbid_tools: bool = False  # generation stops at a tool-section opener
     single_call: bool = False  # keep the first tool call and end the reply there
+    thinking_budget: int | None = None  # cap on thinking tokens (SamplingParams.thinking_token_budget)
 
 
 def apply_tool_choice(conv: Conversation, kind: str, forced_name: str | None, call_index: int,

@@ -6,7 +6,9 @@ Chat messages map onto K2's format directly (it is OpenAI-shaped); tool-call ids
 Thinking: ``chat_template_kwargs`` reach the template (``{"thinking": false}``);
 ``reasoning_effort`` "none" switches thinking off, any other value on. Reasoning comes back as
 ``reasoning_content``. vLLM's extra sampling fields (top_k, min_p, repetition_penalty, ignore_eos,
-continue_final_message) are accepted.
+continue_final_message, thinking_token_budget) are accepted; ``thinking_token_budget`` (also on
+``/v1/completions``) caps the reasoning tokens: after that many, ``</think>`` is forced and the
+answer follows.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class SamplingFields(BaseModel):
     stream_options: dict[str, Any] | None = None
     ignore_eos: bool = False
     max_tokens: int | None = Field(None, ge=1)
+    thinking_token_budget: int | None = Field(None, ge=0)
 
 
 class ChatRequest(SamplingFields):
@@ -78,7 +81,7 @@ def sampling_params(body: SamplingFields, max_tokens: int, stop_ids: list[int], 
             min_p=body.min_p or 0.0, presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0, repetition_penalty=body.repetition_penalty or 1.0,
             stop=stop, stop_token_ids=stop_ids, ignore_eos=body.ignore_eos, seed=body.seed, logprobs=logprobs,
-            skip_special_tokens=False)
+            skip_special_tokens=False, thinking_token_budget=body.thinking_token_budget)
     except ValueError as e:
         raise invalid(str(e).replace("SamplingParams.", "")) from e
 

@@ -56,8 +56,8 @@ def test_text_reply_non_streaming(client, engine):
 
 def test_streaming_event_sequence_is_anthropics(scripted, engine):
     engine.push(Script("I should greet.</think>Hi!", cached=16))
-    body = {"model": "m", "max_tokens": 64, "messages": USER, "stream": True, "thinking": {"type": "enabled",
-                                                                                         "budget_tokens": 1024}}
+    body = {"model": "m", "max_tokens": 2048, "messages": USER, "stream": True, "thinking": {"type": "enabled",
+                                                                                           "budget_tokens": 1024}}
     r = httpx.post(scripted.url + "/v1/messages", json=body, headers={"x-api-key": "test-key"})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     events = sse_events(r.text)

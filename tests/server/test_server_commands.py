@@ -128,3 +128,34 @@ def test_percentile_matches_numpy():
     values = [5.0, 1.0, 9.0, 3.0, 7.0, 2.0]
     for q in (0, 50, 90, 99, 100):
         assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def test_chat_thinking_budget_over_http(scripted, engine, capsys):
+    engine.push(Script("Hmm.</think>Answer."))
+    code = main(["chat", "--url", scripted.url, "--api-key", "test-key", "--prompt", "q", "--max-tokens", "2048",
+                 "--thinking-budget", "1024"])
+    assert code == 0 and "Answer." in capsys.readouterr().out
+    assert engine.calls[-1].params.thinking_token_budget == 1024
+    assert engine.calls[-1].prompt_text.endswith("<think>")
+    # the Messages API's floor is the server's to enforce; its message reaches the user
+    assert main(["chat", "--url", scripted.url, "--api-key", "test-key", "--prompt", "q",
+                 "--thinking-budget", "8"]) == 1
+    assert "thinking.budget_tokens must be >= 1024" in capsys.readouterr().err
+    assert main(["chat", "--url", scripted.url, "--prompt", "q", "--no-thinking", "--thinking-budget", "8"]) == 2
+
+
+def test_chat_in_process_thinking_budget(checkpoint, capsys):
+    from moonlet.commands.generate import generate_ids
+    from moonlet.tokenizer import Tokenizer
+    from moonlet.weights import load_model
+
+    code = main(["chat", "--model", str(checkpoint), "--prompt", "hello", "--max-tokens", "8", "--temperature", "0",
+                 "--thinking-budget", "3", "--num-blocks", "32"])
+    assert code == 0
+    out = capsys.readouterr().out
+    # reference: the model's own greedy loop for 3 tokens from the thinking prompt
+    tok, model = Tokenizer.from_pretrained(checkpoint), load_model(str(checkpoint))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hello"}], thinking=True, tokenize=True)
+    thought = list(generate_ids(model, prompt, 3, set()))
+    assert not set(thought) & (set(tok.stop_token_ids) | {tok.token_id("</think>")})
+    assert out.startswith("[thinking] " + tok.decode(thought) + "\n")

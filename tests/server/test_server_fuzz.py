@@ -12,7 +12,7 @@ ODD_VALUES = [None, 0, -1, 1e300, "x", "", True, [], [1], {}, {"type": 1}, [{"ty
               [{"type": "tool_result"}], [{"type": "tool_use", "id": 1}], [None]]
 
 ANTHROPIC = {
-    "model": "m", "max_tokens": 8, "stream": False, "system": [{"type": "text", "text": "sys"}],
+    "model": "m", "max_tokens": 1100, "stream": False, "system": [{"type": "text", "text": "sys"}],
     "stop_sequences": ["END"], "temperature": 0.5, "top_p": 0.9, "top_k": 5,
     "thinking": {"type": "enabled", "budget_tokens": 1024},
     "tools": [{"name": "t", "description": "d", "input_schema": {"type": "object", "properties": {}}}],
@@ -27,6 +27,7 @@ ANTHROPIC = {
 }
 OPENAI = {
     "model": "m", "max_tokens": 8, "temperature": 0.5, "top_p": 0.9, "stop": ["END"], "seed": 1, "n": 1,
+    "thinking_token_budget": 4,
     "tools": [{"type": "function", "function": {"name": "t", "parameters": {"type": "object"}}}],
     "tool_choice": "auto", "stream_options": {"include_usage": True}, "chat_template_kwargs": {"thinking": False},
     "messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]},
