@@ -180,7 +180,12 @@ def _apply_overrides(config, args) -> None:
         value = getattr(args, name, None)
         if value is not None:
             setattr(target, attr, value)
-    if getattr(args, "thinking", None):
+    if getattr(args, "thinking", None) is not None:
+        from .loop import MIN_THINKING_BUDGET
+        if args.thinking < MIN_THINKING_BUDGET or args.thinking >= config.max_tokens:
+            raise ValueError(f"--thinking {args.thinking}: the thinking budget must be at least {MIN_THINKING_BUDGET} "
+                             f"and below the reply limit ({config.max_tokens} tokens); lower --thinking or raise "
+                             f"--max-reply-tokens")
         config.thinking = {"type": "enabled", "budget_tokens": args.thinking}
 
 

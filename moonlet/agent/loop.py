@@ -91,6 +91,23 @@ class AgentState:
         return cls(**{k: v for k, v in (d or {}).items() if k in known})
 
 
+
+MIN_THINKING_BUDGET = 1024  # the Messages API's smallest budget_tokens
+
+
+def fit_thinking(thinking: dict | None, max_tokens: int) -> dict | None:
+    """The ``thinking`` field for a call with this ``max_tokens``. The API wants
+    1024 <= budget_tokens < max_tokens; a call whose max_tokens was clamped (the context is nearly
+    full) gets a smaller budget (half the reply, at least 1024), or no thinking when max_tokens
+    leaves no room for 1024 thinking tokens and an answer."""
+    if not thinking or thinking.get("type") != "enabled" or not isinstance(thinking.get("budget_tokens"), int):
+        return thinking
+    if thinking["budget_tokens"] < max_tokens:
+        return thinking
+    if max_tokens <= MIN_THINKING_BUDGET:
+        return None
+    return dict(thinking, budget_tokens=max(MIN_THINKING_BUDGET, max_tokens // 2))
+
 @dataclass
 class TurnResult:
     stop_reason: str   # end_turn | max_tokens | max_steps | max_hours | token_budget | repeat_guard | cancelled
@@ -191,8 +208,9 @@ class Agent:
             req["tools"] = self.tools.specs()
         if self.config.temperature is not None:
             req["temperature"] = self.config.temperature
-        if self.config.thinking:
-            req["thinking"] = self.config.thinking
+        thinking = fit_thinking(self.config.thinking, req["max_tokens"])
+        if thinking:
+            req["thinking"] = thinking
         return req
 
     def elapsed(self) -> float:

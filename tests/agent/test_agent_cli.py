@@ -98,3 +98,23 @@ def test_tools_flag_and_the_bundled_model_profile(tmp_path):
     assert ok.returncode == 0 and [t["name"] for t in ep.requests[0]["tools"]] == ["grep", "calculator"]
     assert ep.requests[0]["system"] == "Be brief."
     assert bad.returncode == 1 and "unknown tool(s) teleport" in bad.stderr
+
+
+def test_thinking_flag_is_checked_against_the_apis_limits():
+    import argparse
+
+    import pytest
+
+    from moonlet.agent.cli import _apply_overrides
+    from moonlet.agent.loop import AgentConfig
+
+    def apply(**flags):
+        config = AgentConfig()
+        _apply_overrides(config, argparse.Namespace(**flags))
+        return config
+
+    assert apply(thinking=2048).thinking == {"type": "enabled", "budget_tokens": 2048}
+    with pytest.raises(ValueError, match="at least 1024"):
+        apply(thinking=100)
+    with pytest.raises(ValueError, match="--max-reply-tokens"):
+        apply(thinking=4096, max_reply_tokens=4096)

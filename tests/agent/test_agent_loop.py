@@ -196,3 +196,34 @@ def test_cancelling_a_turn_rolls_back_to_the_checkpoint(tmp_path):
         status, kinds, result, agent = asyncio.run(go(ep.url))
     assert status == "interrupted" and kinds == ["prompt", "assistant", "results"]
     assert result.text == "42" and len(calls[2]["messages"]) == 3
+
+
+def test_fit_thinking_keeps_the_budget_inside_the_apis_limits():
+    from moonlet.agent.loop import fit_thinking
+
+    t = {"type": "enabled", "budget_tokens": 4096}
+    assert fit_thinking(t, 8192) is t  # fits: sent as configured
+    assert fit_thinking(t, 4096) == {"type": "enabled", "budget_tokens": 2048}  # clamped reply: half of it
+    assert fit_thinking(t, 3001) == {"type": "enabled", "budget_tokens": 1500}
+    assert fit_thinking(t, 1500) == {"type": "enabled", "budget_tokens": 1024}  # never below the API's minimum
+    assert fit_thinking(t, 1024) is None and fit_thinking(t, 10) is None  # no room for 1024 + an answer
+    assert fit_thinking(None, 10) is None
+    assert fit_thinking({"type": "disabled"}, 10) == {"type": "disabled"}
+
+
+def test_thinking_budget_shrinks_when_the_context_clamps_the_reply(tmp_path):
+    def script(body):
+        n = len([m for m in body["messages"] if m["role"] == "assistant"])
+        if n == 0:
+            return Reply([text("x " * 6000), tool("calculator", {"expression": "1+1"})])  # ~3,000 tokens
+        return Reply([text("done")])
+
+    with ScriptedEndpoint(script) as ep:
+        agent = make_agent(ep.url, tmp_path, context_window=12_000, max_tokens=8192,
+                           thinking={"type": "enabled", "budget_tokens": 6000}, compaction={"threshold": 1.0})
+        asyncio.run(_run(agent, "go"))
+    first, second = ep.requests[0], ep.requests[1]
+    assert first["max_tokens"] == 8192 and first["thinking"]["budget_tokens"] == 6000
+    # the window leaves less than the configured reply: the budget stays below max_tokens and >= 1024
+    assert second["max_tokens"] <= 6000
+    assert 1024 <= second["thinking"]["budget_tokens"] < second["max_tokens"]
