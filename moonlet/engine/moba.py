@@ -177,14 +177,16 @@ _MIN_CHUNK, _MAX_CHUNK = 16, 256
 
 def moba_sparse_decode_attention(q: torch.Tensor, pool: torch.Tensor, page_sums: torch.Tensor,
                                  block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float, kv_lora: int,
-                                 block_size: int, top_k: int) -> torch.Tensor:
+                                 block_size: int, top_k: int, always_sparse: bool = False) -> torch.Tensor:
     """``moba_decode_attention`` reading only the own block's pages and the selected blocks' pages.
 
     All heads share the cache entries, so the blocks the heads picked are gathered once, as their union,
     and each head masks the ones it did not pick. The union has a fixed size, min(h · (top_k - 1), complete
     blocks in the table), found by sorting the picks and dropping repeats on the device: no host sync and
     shapes that depend only on the inputs' shapes, so decode steps stay capturable in a CUDA graph. Keys read
-    per sequence: (that size + 1) · block_size entries instead of the table's width.
+    per sequence: (that size + 1) · block_size entries instead of the table's width. When that is not fewer
+    than the table holds (short contexts, or many heads · top_k), this calls the masked reference instead,
+    which then reads less (a choice from the shapes alone; ``always_sparse`` turns it off, for the tests).
 
     q [S, h, D] (absorbed), pool [P, page, D], page_sums [P, D], block_tables [S, nb], ctx_lens [S]
     -> [S, h, kv_lora] float32.
@@ -193,12 +195,14 @@ def moba_sparse_decode_attention(q: torch.Tensor, pool: torch.Tensor, page_sums:
     h = q.shape[1]
     page, D = pool.shape[1], pool.shape[2]
     per_block = block_size // page
+    nmb = nb // per_block  # complete MoBA blocks the table can hold
+    width = min(h * max(0, min(top_k - 1, nmb)), nmb)  # union slots
+    if not always_sparse and (width + 1) * per_block >= nb:
+        return moba_decode_attention(q, pool, page_sums, block_tables, ctx_lens, scale, kv_lora, block_size, top_k)
     pos = ctx_lens - 1
     own = pos // block_size  # [S]
     means = block_means(page_sums, block_tables, per_block, block_size)  # [S, nmb, D]
-    nmb = means.shape[1]
     top = _top_blocks(q, means, pos, block_size, top_k)  # [S, h, k], nmb = none
-    width = min(h * top.shape[-1], nmb)
     if width:
         picks = top.reshape(S, -1).sort(dim=-1).values
         repeat = torch.zeros_like(picks, dtype=torch.bool)

@@ -97,8 +97,11 @@ def test_sparse_decode_matches_masked_reference(block, top_k, dtype):
     q, pool, sums, tables, padded = decode_inputs(lens, 80, seed=block * 100 + top_k, dtype=dtype)
     ctx = torch.tensor(lens)
     want = moba_decode_attention(q, pool, sums, padded, ctx, 0.3, KV_LORA, block, top_k)
-    got = moba_sparse_decode_attention(q, pool, sums, padded, ctx, 0.3, KV_LORA, block, top_k)
+    got = moba_sparse_decode_attention(q, pool, sums, padded, ctx, 0.3, KV_LORA, block, top_k, always_sparse=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # by default it falls back to the masked reference where the heads' union cannot be smaller than the table
+    default = moba_sparse_decode_attention(q, pool, sums, padded, ctx, 0.3, KV_LORA, block, top_k)
+    torch.testing.assert_close(default, want, rtol=1e-5, atol=1e-5)
     if dtype == torch.float32:
         for s, n in enumerate(lens):
             tokens = pool[tables[s]].reshape(-1, D)
@@ -124,6 +127,7 @@ def test_sparse_decode_does_not_read_unselected_blocks():
                 count += 1
     assert count >= 8
     got = moba_sparse_decode_attention(q, poisoned, sums, padded, ctx, 0.3, KV_LORA, block, top_k)
+    # that batch's table (25 pages) is wider than the heads' union of 3 picks + own block (8 pages): sparse
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -197,7 +201,7 @@ def test_sparse_paths_with_tied_gate_scores():
     sel = select_blocks(q, means, torch.arange(ctx - 20, ctx), block, top_k)
     assert sel[-1, :, 1].all() and sel[-1, :, 2].all() and not sel[-1, :, 4].any()
     decode = moba_sparse_decode_attention(q[-1:], pool, sums, ids[None], torch.tensor([ctx]), 0.25, KV_LORA,
-                                          block, top_k)
+                                          block, top_k, always_sparse=True)
     torch.testing.assert_close(decode[0], brute[-1], rtol=1e-4, atol=1e-5)
 
 
