@@ -169,8 +169,10 @@ def moba_prefill_attention(q: torch.Tensor, pool: torch.Tensor, page_sums: torch
 
 # ---- the sparse paths: read the own block and the selected blocks only -----------------------------
 
-# Queries per history chunk (one [chunk, block_size] score matrix against one key block); None picks a
-# power of two from the average number of (query, head) rows per selected block, as the model's form does.
+# (query, head) rows per history chunk (one [chunk, block_size] score matrix against one key block); None
+# picks the power of two at or above the average rows per picked block. Larger than the model's choice:
+# every chunk gathers its block's B cache entries (shared by all heads) again, which costs about as much
+# as 16 rows of scores, so fewer, fuller chunks beat less padding (measured on CPU).
 _CHUNK: int | None = None
 _MIN_CHUNK, _MAX_CHUNK = 16, 256
 
@@ -241,9 +243,8 @@ def _attend_rows(q: torch.Tensor, keys: torch.Tensor, kv_lora: int, scale: float
 def _chunk_size(num_rows: int, num_blocks: int) -> int:
     if _CHUNK:
         return _CHUNK
-    per_block = num_rows // max(num_blocks, 1)
-    chunk = 1 << max(0, (per_block // 4).bit_length() - 1)  # largest power of two <= per_block / 4
-    return min(_MAX_CHUNK, max(_MIN_CHUNK, chunk))
+    per_block = -(-num_rows // max(num_blocks, 1))
+    return min(_MAX_CHUNK, max(_MIN_CHUNK, 1 << (per_block - 1).bit_length()))
 
 
 def moba_sparse_prefill_attention(q: torch.Tensor, pool: torch.Tensor, page_sums: torch.Tensor,
