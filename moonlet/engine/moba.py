@@ -332,3 +332,47 @@ def _history(q_rows: torch.Tensor, picks: torch.Tensor, k: int, num_blocks: int,
         out[tile[keep]] = o[keep]
         lse[tile[keep]] = o_lse[keep]
     return out, lse
+
+
+# ---- decode through an MLA decode kernel, one table per (sequence, head) ------------------------------
+
+def moba_head_tables(q: torch.Tensor, page_sums: torch.Tensor, block_tables: torch.Tensor, ctx_lens: torch.Tensor,
+                     page_size: int, block_size: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each (sequence, head)'s MoBA keys as a paged context of its own: tables [S · h, top_k · r] (r pages per
+    MoBA block) listing the head's picked blocks and then its own block, and lengths [S · h] counting the picked
+    blocks in full and the own block up to the query. Softmax does not care about key order, so any MLA decode
+    kernel over these (one head per row) computes MoBA decode exactly. No host sync.
+
+    q [S, h, D], page_sums [P, D], block_tables [S, nb], ctx_lens [S]."""
+    S, nb = block_tables.shape
+    h = q.shape[1]
+    per_block = block_size // page_size
+    pos = ctx_lens - 1
+    own = pos // block_size  # [S]
+    means = block_means(page_sums, block_tables, per_block, block_size)
+    nmb = means.shape[1]
+    top = _top_blocks(q, means, pos, block_size, top_k)  # [S, h, k]: real picks first (best first), then nmb
+    picked = (top < nmb).sum(dim=-1)  # [S, h]
+    slots = torch.cat([top, own[:, None, None].expand(S, h, 1)], dim=-1)  # [S, h, k + 1]
+    slot = torch.arange(slots.shape[-1], device=q.device)
+    # slot `picked` and the (unused) ones after it hold the own block; the length stops inside it
+    blocks = torch.where(slot < picked[..., None], slots, own[:, None, None])
+    page_idx = (blocks[..., None] * per_block + torch.arange(per_block, device=q.device)).clamp(max=nb - 1)
+    tables = block_tables[:, None, :].expand(S, h, nb).gather(2, page_idx.reshape(S, h, -1))
+    lens = picked * block_size + (pos - own * block_size + 1)[:, None]
+    return tables.reshape(S * h, -1), lens.reshape(S * h)
+
+
+def moba_per_head_decode_attention(q: torch.Tensor, pool: torch.Tensor, page_sums: torch.Tensor,
+                                   block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float, kv_lora: int,
+                                   block_size: int, top_k: int, decode_kernel=None) -> torch.Tensor:
+    """MoBA decode as ``decode_kernel`` (``paged_decode_attention``'s signature; default that reference, or the
+    Triton ``paged_decode_attention_triton``) over ``moba_head_tables``: every head reads its own
+    (top_k - 1) · B + own-block keys, so compute per head is bounded, but heads that picked the same block
+    read it again (a kernel that shares the union across heads reads less; see the sparse decode above).
+    Same signature and result as ``moba_decode_attention``."""
+    if decode_kernel is None:
+        from .attention import paged_decode_attention as decode_kernel  # attention.py imports this module
+    S, h, D = q.shape
+    tables, lens = moba_head_tables(q, page_sums, block_tables, ctx_lens, pool.shape[1], block_size, top_k)
+    return decode_kernel(q.reshape(S * h, 1, D), pool, tables, lens, scale, kv_lora).view(S, h, kv_lora)
