@@ -5,13 +5,15 @@ Times one layer's attention as ``PagedLatentKV`` runs it on a MoBA layer, for
 - a prefill chunk: the last ``--chunk`` tokens of a ``--ctx``-token sequence (the CPU engine's default
   token budget is 512), ``moba_sparse_prefill_attention`` vs ``moba_prefill_attention``;
 - a decode step: ``--batch`` sequences of ``--ctx`` tokens, one query each,
-  ``moba_sparse_decode_attention`` vs ``moba_decode_attention``.
+  ``moba_sparse_decode_attention`` (the heads' union, the engine's default) and
+  ``moba_per_head_decode_attention`` (one table per head, plain-PyTorch decode kernel) vs
+  ``moba_decode_attention``.
 
 Shapes: absorbed MLA at the real width (cache entries of 512 + 64 = 576, values = the first 512),
 ``--heads`` query heads (few, so it runs in minutes on 2 cores; K2 has 64), pages of 64 tokens, a
-random ``--dtype`` pool with its per-page sums. The two paths run in turn for ``--repeat`` rounds after a
+random ``--dtype`` pool with its per-page sums. The paths run in turn for ``--repeat`` rounds after a
 warm-up, all in one process; each reports its fastest round, in wall-clock and in process CPU seconds
-(all threads; steadier than wall clock on a shared machine). The largest difference between the two
+(all threads; steadier than wall clock on a shared machine). The largest difference between the
 paths' results is printed as a check. Where the heads' union of picks covers the whole context the
 sparse decode calls the masked reference itself (keys read 1.000): those rows time the same code twice.
 
@@ -28,8 +30,8 @@ import time
 
 import torch
 
-from moonlet.engine.moba import (PageSums, moba_decode_attention, moba_prefill_attention,
-                                 moba_sparse_decode_attention, moba_sparse_prefill_attention)
+from moonlet.engine.moba import (PageSums, moba_decode_attention, moba_per_head_decode_attention,
+                                 moba_prefill_attention, moba_sparse_decode_attention, moba_sparse_prefill_attention)
 
 KV_LORA, ROPE, PAGE = 512, 64, 64
 D = KV_LORA + ROPE
@@ -42,16 +44,17 @@ def _timed(fn) -> tuple[float, float, torch.Tensor]:
     return time.perf_counter() - w, time.process_time() - c, out
 
 
-def _compare(masked, sparse, repeat: int) -> tuple[dict, dict, float]:
-    """Both functions in turn for ``repeat`` rounds after a warm-up; the fastest round of each (so load from
-    other processes hits both alike) and the largest difference of their results."""
-    best = {"masked": [float("inf")] * 2, "sparse": [float("inf")] * 2}
-    ref, out = masked(), sparse()
+def _compare(fns: dict, repeat: int) -> tuple[dict, float]:
+    """The functions in turn for ``repeat`` rounds after a warm-up; the fastest round of each, wall and CPU (so
+    load from other processes hits all alike), and the largest difference of their results from the first's."""
+    best = {name: [float("inf")] * 2 for name in fns}
+    results = [fn() for fn in fns.values()]
+    diff = max((r - results[0]).abs().max().item() for r in results[1:])
     for _ in range(repeat):
-        for name, fn in (("masked", masked), ("sparse", sparse)):
+        for name, fn in fns.items():
             wall, cpu, _ = _timed(fn)
             best[name] = [min(best[name][0], wall), min(best[name][1], cpu)]
-    return best["masked"], best["sparse"], (ref - out).abs().max().item()
+    return best, diff
 
 
 def _cache(num_seqs: int, ctx: int, dtype: torch.dtype, gen: torch.Generator):
@@ -85,13 +88,15 @@ def main() -> None:
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
           f"{args.heads} heads, entries {KV_LORA}+{ROPE}, page {PAGE}, {args.dtype} pool; "
           f"prefill chunk {args.chunk} tokens, decode batch {args.batch}")
-    print(f"{'ctx':>6} {'moba':>9} {'op':>8} {'masked s':>9} {'sparse s':>9} {'speed-up':>9} {'masked cpu':>11} "
-          f"{'sparse cpu':>11} {'keys read':>10} {'max diff':>9}")
+    print(f"{'ctx':>6} {'moba':>9} {'op':>8} {'path':>9} {'wall s':>8} {'cpu s':>8} {'speed-up':>9} "
+          f"{'keys read':>10} {'max diff':>9}")
     gen = torch.Generator().manual_seed(0)
 
-    def row(ctx, setting, op, masked, sparse, read, diff):
-        print(f"{ctx:>6} {setting:>9} {op:>8} {masked[0]:>9.4f} {sparse[0]:>9.4f} {masked[0] / sparse[0]:>8.1f}x "
-              f"{masked[1]:>11.4f} {sparse[1]:>11.4f} {read:>10.3f} {diff:>9.1e}", flush=True)
+    def rows(ctx, setting, op, best, reads, diff):
+        base = best["masked"][0]
+        for name, (wall, cpu) in best.items():
+            print(f"{ctx:>6} {setting:>9} {op:>8} {name:>9} {wall:>8.4f} {cpu:>8.4f} {base / wall:>8.1f}x "
+                  f"{reads[name]:>10.3f} {diff:>9.1e}", flush=True)
 
     for ctx in args.ctx:
         for block, top_k in settings:
@@ -100,20 +105,25 @@ def main() -> None:
             # prefill chunk of the first sequence
             q = torch.randn(args.chunk, args.heads, D, generator=gen).to(dtype)
             call = (pool, sums, tables[0], ctx, scale, KV_LORA) + moba
-            masked, sparse, diff = _compare(lambda: moba_prefill_attention(q, *call),
-                                            lambda: moba_sparse_prefill_attention(q, *call), args.repeat)
+            best, diff = _compare({"masked": lambda: moba_prefill_attention(q, *call),
+                                   "sparse": lambda: moba_sparse_prefill_attention(q, *call)}, args.repeat)
             own = block // 2 + 1  # average own-block keys of a query
-            row(ctx, f"{block}:{top_k}", "prefill", masked, sparse, min(ctx, (top_k - 1) * block + own) / ctx, diff)
+            rows(ctx, f"{block}:{top_k}", "prefill", best,
+                 {"masked": 1.0, "sparse": min(ctx, (top_k - 1) * block + own) / ctx}, diff)
             # decode step of the whole batch
             qd = torch.randn(args.batch, args.heads, D, generator=gen).to(dtype)
             lens = torch.full((args.batch,), ctx, dtype=torch.long)
             dcall = (pool, sums, tables, lens, scale, KV_LORA) + moba
-            masked, sparse, diff = _compare(lambda: moba_decode_attention(qd, *dcall),
-                                            lambda: moba_sparse_decode_attention(qd, *dcall), args.repeat)
+            best, diff = _compare({"masked": lambda: moba_decode_attention(qd, *dcall),
+                                   "sparse": lambda: moba_sparse_decode_attention(qd, *dcall),
+                                   "per-head": lambda: moba_per_head_decode_attention(qd, *dcall)}, args.repeat)
             union = min(args.heads * (top_k - 1), (ctx - 1) // block) + 1  # gathered blocks, own included
-            row(ctx, f"{block}:{top_k}", "decode", masked, sparse, min(1.0, union * block / ctx), diff)
-    print("keys read: prefill, attended keys per (query, head) / ctx; decode, gathered entries per sequence "
-          "(the heads' union + own block, at most) / ctx. The masked references read all of ctx.")
+            per_head = args.heads * min(ctx, (top_k - 1) * block + block)
+            rows(ctx, f"{block}:{top_k}", "decode", best,
+                 {"masked": 1.0, "sparse": min(1.0, union * block / ctx), "per-head": per_head / ctx}, diff)
+    print("keys read / ctx: prefill sparse, attended keys per (query, head); decode sparse, entries gathered per "
+          "sequence (the heads' union + own block, at most); decode per-head, entries read per sequence over all "
+          "heads (at most). The masked references read all of ctx. speed-up: wall clock against masked.")
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
 
 

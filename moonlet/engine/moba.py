@@ -259,10 +259,14 @@ def moba_sparse_prefill_attention(q: torch.Tensor, pool: torch.Tensor, page_sums
     attend to that one block's B entries, gathered from the pool. Own part and picks are merged by their
     log-sum-exp. Work per query and head is (top_k - 1) · B + own block; the gate adds its b dot products.
     Memory stays near ``_MAX_SCORE_ELEMENTS`` floats per tile, and no fp32 copy of the context is made.
-    Needs host syncs (the chunk count), so it is for prefill, which is never captured.
+    Needs host syncs (the chunk count), so it is for prefill, which is never captured. When every query of
+    the chunk attends all its earlier blocks (top_k - 1 >= blocks before the last query's), MoBA is dense
+    causal attention and this calls the masked reference, which then does less work.
 
     q [T, h, D]: the last T of the sequence's ctx_len tokens; block_ids [nb] its pages -> [T, h, kv_lora] float32.
     """
+    if top_k - 1 >= (ctx_len - 1) // block_size:
+        return moba_prefill_attention(q, pool, page_sums, block_ids, ctx_len, scale, kv_lora, block_size, top_k)
     T, h, D = q.shape
     page = pool.shape[1]
     entries = pool.reshape(-1, D)

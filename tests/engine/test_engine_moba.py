@@ -138,7 +138,8 @@ def test_sparse_decode_does_not_read_unselected_blocks():
     (8, 3, 64, 64),  # the whole prompt, an exact multiple of the block
     (16, 3, 97, 40),  # ragged end
     (4, 1, 30, 12),  # own block only
-    (12, 20, 60, 25),  # top_k above the number of blocks: dense causal
+    (12, 20, 60, 25),  # top_k above the number of blocks: dense causal (the masked reference is called)
+    (8, 3, 45, 40),  # the early queries have fewer earlier blocks than top_k - 1, the late ones more
     (8, 4, 96, 2),  # a short chunk at the start of a block
 ])
 def test_sparse_prefill_matches_masked_reference(block, top_k, ctx, T, dtype):
