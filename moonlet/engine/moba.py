@@ -25,7 +25,11 @@ Two implementations with the same signatures, both plain PyTorch (CPU and CUDA):
   only the own block and the selected blocks from the pool, so their attention work per query is about
   top_k · block_size entries whatever the context length (the gate still scores every earlier block:
   one D-wide dot product per block and head). Same selection (the shared ``_top_blocks``), fp32 math.
-  The decode path has no host sync (CUDA-graph capturable); the prefill path has a few per tile.
+  The decode path has no host sync, as CUDA-graph capture needs; the prefill path has a few per tile.
+- ``moba_per_head_decode_attention``: decode through any MLA decode kernel (the Triton one included),
+  with one paged table per (sequence, head) listing its picked blocks and own block (not the default).
+
+``_MAX_SCORE_ELEMENTS`` bounds the temporaries of the prefill paths (patch it to force small tiles).
 """
 
 from __future__ import annotations
@@ -185,7 +189,7 @@ def moba_sparse_decode_attention(q: torch.Tensor, pool: torch.Tensor, page_sums:
     All heads share the cache entries, so the blocks the heads picked are gathered once, as their union,
     and each head masks the ones it did not pick. The union has a fixed size, min(h · (top_k - 1), complete
     blocks in the table), found by sorting the picks and dropping repeats on the device: no host sync and
-    shapes that depend only on the inputs' shapes, so decode steps stay capturable in a CUDA graph. Keys read
+    shapes that depend only on the inputs' shapes, as capturing decode steps in a CUDA graph needs. Keys read
     per sequence: (that size + 1) · block_size entries instead of the table's width. When that is not fewer
     than the table holds (short contexts, or many heads · top_k), this calls the masked reference instead,
     which then reads less (a choice from the shapes alone; ``always_sparse`` turns it off, for the tests).
