@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import LatentCachePool
-from .moba import MobaSpec, PageSums, moba_decode_attention, moba_prefill_attention
+from .moba import MobaSpec, PageSums, moba_sparse_decode_attention, moba_sparse_prefill_attention
 
 # Prefill attention materializes [rows, heads, ctx] scores; bound that to this many elements.
 _MAX_SCORE_ELEMENTS = 1 << 25
@@ -110,10 +110,14 @@ class PagedLatentKV:
 
     With ``moba`` (a ``MobaSpec``), the layers it names attend block-sparsely (``moonlet.engine.moba``),
     decodes and prefill chunks alike, on the absorbed path; the cache keeps per-page sums for their gates.
+    ``moba_decode_kernel`` / ``moba_prefill_kernel`` default to the sparse paths, which read only the own
+    and the selected blocks; the masked references (``moba_decode_attention``, ``moba_prefill_attention``)
+    take the same arguments.
     """
 
     def __init__(self, pool: LatentCachePool, kv_lora_rank: int, decode_kernel=None, prefill_kernel=None,
-                 expanded_prefill: bool = False, moba: MobaSpec | None = None, states=None):
+                 expanded_prefill: bool = False, moba: MobaSpec | None = None, states=None,
+                 moba_decode_kernel=None, moba_prefill_kernel=None):
         self.pool = pool
         self.states = states  # RecurrentStates of the KDA layers (hybrid models), else None
         self.kv_lora = kv_lora_rank
@@ -121,6 +125,8 @@ class PagedLatentKV:
         self.prefill_kernel = prefill_kernel or paged_prefill_attention
         self.expanded_prefill = expanded_prefill
         self.moba = moba
+        self.moba_decode_kernel = moba_decode_kernel or moba_sparse_decode_attention
+        self.moba_prefill_kernel = moba_prefill_kernel or moba_sparse_prefill_attention
         self.page_sums = PageSums(moba.layers, pool.num_blocks, pool.latent_dim, pool.data.device) \
             if moba is not None and moba.layers else None
         self.layout: BatchLayout | None = None
@@ -152,16 +158,17 @@ class PagedLatentKV:
         moba = self.moba if self.page_sums is not None and layer in self.moba.layers else None
         nd = lay.num_decodes
         if nd and moba is not None:
-            out[:nd] = moba_decode_attention(q[:nd], pool, self.page_sums.layer(layer), lay.decode_block_tables,
-                                             lay.decode_ctx_lens, scale, self.kv_lora, moba.block_size, moba.top_k)
+            out[:nd] = self.moba_decode_kernel(q[:nd], pool, self.page_sums.layer(layer), lay.decode_block_tables,
+                                               lay.decode_ctx_lens, scale, self.kv_lora, moba.block_size,
+                                               moba.top_k)
         elif nd:
             out[:nd] = self.decode_kernel(q[:nd], pool, lay.decode_block_tables, lay.decode_ctx_lens, scale,
                                           self.kv_lora)
         for span in lay.prefills:
             s, e = span.start, span.start + span.num_tokens
             if moba is not None:
-                out[s:e] = moba_prefill_attention(q[s:e], pool, self.page_sums.layer(layer), span.block_ids,
-                                                  span.ctx_len, scale, self.kv_lora, moba.block_size, moba.top_k)
+                out[s:e] = self.moba_prefill_kernel(q[s:e], pool, self.page_sums.layer(layer), span.block_ids,
+                                                    span.ctx_len, scale, self.kv_lora, moba.block_size, moba.top_k)
             else:
                 out[s:e] = self.prefill_kernel(q[s:e], pool, span.block_ids, span.ctx_len, scale, self.kv_lora)
         return out

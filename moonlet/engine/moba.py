@@ -15,9 +15,21 @@ are always exact, also for pages shared through the prefix cache (full pages nev
 
 Selection, per query at position p and head h (the model's rule): the query's own block p // B is
 attended causally; of the complete earlier blocks j < p // B the top-(k-1) by gate score (fp32)
-are attended in full (all of them when there are fewer). The functions below are the plain-PyTorch
-reference: they mask a dense computation, so they read the whole context; a kernel that reads only
-the selected blocks can take their place with the same signature.
+are attended in full (all of them when there are fewer).
+
+Two implementations with the same signatures, both plain PyTorch (CPU and CUDA):
+
+- ``moba_decode_attention`` / ``moba_prefill_attention``: the masked references. They score the whole
+  context and mask it, so they cost what dense attention costs; the tests compare against them.
+- ``moba_sparse_decode_attention`` / ``moba_sparse_prefill_attention`` (the engine's default): they gather
+  only the own block and the selected blocks from the pool, so their attention work per query is about
+  top_k · block_size entries whatever the context length (the gate still scores every earlier block:
+  one D-wide dot product per block and head). Same selection (the shared ``_top_blocks``), fp32 math.
+  The decode path has no host sync, as CUDA-graph capture needs; the prefill path has a few per tile.
+- ``moba_per_head_decode_attention``: decode through any MLA decode kernel (the Triton one included),
+  with one paged table per (sequence, head) listing its picked blocks and own block (not the default).
+
+``_MAX_SCORE_ELEMENTS`` bounds the temporaries of the prefill paths (patch it to force small tiles).
 """
 
 from __future__ import annotations
@@ -74,23 +86,36 @@ def block_means(page_sums: torch.Tensor, tables: torch.Tensor, pages_per_block: 
     S, nb = tables.shape
     nmb = nb // pages_per_block
     sums = page_sums[tables[:, :nmb * pages_per_block]]  # [S, nmb * r, D]
-    return sums.view(S, nmb, pages_per_block, -1).sum(dim=2) / block_size
+    return sums.view(S, nmb, pages_per_block, page_sums.shape[-1]).sum(dim=2) / block_size
+
+
+def _top_blocks(q: torch.Tensor, means: torch.Tensor, q_pos: torch.Tensor, block_size: int,
+                top_k: int) -> torch.Tensor:
+    """q [R, h, D], means [R or 1, nmb, D], q_pos [R] -> [R, h, min(top_k - 1, nmb)] long: the selected earlier
+    blocks per (query, head), best first; ``nmb`` (no block) in the slots left when there are fewer earlier blocks."""
+    R, h, D = q.shape
+    nmb = means.shape[-2]
+    k = min(top_k - 1, nmb)
+    if k <= 0:
+        return torch.empty(R, h, 0, dtype=torch.long, device=q.device)
+    if means.shape[0] == 1:  # one sequence's means for all rows: one matmul, no [R, nmb, D] broadcast copy
+        scores = (q.reshape(R * h, D).float() @ means[0].float().T).view(R, h, nmb)
+    else:
+        scores = torch.bmm(q.float(), means.float().transpose(1, 2))
+    own = (q_pos // block_size)[:, None, None]  # [R, 1, 1]
+    scores = scores.masked_fill(torch.arange(nmb, device=q.device) >= own, float("-inf"))
+    # a stable descending sort: equal scores go to the lower block index, as in the model's MoBA
+    top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    return top.masked_fill(top >= own, nmb)  # fewer than k earlier blocks: the -inf picks are dropped
 
 
 def select_blocks(q: torch.Tensor, means: torch.Tensor, q_pos: torch.Tensor, block_size: int,
                   top_k: int) -> torch.Tensor:
     """q [R, h, D], means [R or 1, nmb, D], q_pos [R] -> selected earlier blocks [R, h, nmb] bool."""
     nmb = means.shape[-2]
-    if nmb == 0 or top_k <= 1:
-        return torch.zeros(q.shape[0], q.shape[1], nmb, dtype=torch.bool, device=q.device)
-    scores = torch.einsum("rhd,rnd->rhn", q.float(), means.float().expand(q.shape[0], -1, -1))
-    earlier = torch.arange(nmb, device=q.device)[None] < (q_pos // block_size)[:, None]  # [R, nmb]
-    scores = scores.masked_fill(~earlier[:, None], float("-inf"))
-    k = min(top_k - 1, nmb)
-    # a stable descending sort: equal scores go to the lower block index, as in the model's MoBA
-    top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]  # [R, h, k]
-    selected = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
-    return selected & earlier[:, None]  # fewer than k earlier blocks: the -inf picks are dropped
+    top = _top_blocks(q, means, q_pos, block_size, top_k)
+    selected = torch.zeros(q.shape[0], q.shape[1], nmb + 1, dtype=torch.bool, device=q.device)
+    return selected.scatter_(-1, top, True)[..., :nmb]  # "no block" lands in the dropped column
 
 
 def token_mask(selected: torch.Tensor, q_pos: torch.Tensor, num_keys: int, block_size: int) -> torch.Tensor:
@@ -144,3 +169,218 @@ def moba_prefill_attention(q: torch.Tensor, pool: torch.Tensor, page_sums: torch
         scores = scores.masked_fill(~allowed, float("-inf"))
         out[r0:r1] = torch.matmul(scores.softmax(dim=-1), values)
     return out
+
+
+# ---- the sparse paths: read the own block and the selected blocks only -----------------------------
+
+# (query, head) rows per history chunk (one [chunk, block_size] score matrix against one key block); None
+# picks the power of two at or above the average rows per picked block. Larger than the model's choice:
+# every chunk gathers its block's B cache entries (shared by all heads) again, which costs about as much
+# as 16 rows of scores, so fewer, fuller chunks beat less padding (measured on CPU).
+_CHUNK: int | None = None
+_MIN_CHUNK, _MAX_CHUNK = 16, 256
+
+
+def moba_sparse_decode_attention(q: torch.Tensor, pool: torch.Tensor, page_sums: torch.Tensor,
+                                 block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float, kv_lora: int,
+                                 block_size: int, top_k: int, always_sparse: bool = False) -> torch.Tensor:
+    """``moba_decode_attention`` reading only the own block's pages and the selected blocks' pages.
+
+    All heads share the cache entries, so the blocks the heads picked are gathered once, as their union,
+    and each head masks the ones it did not pick. The union has a fixed size, min(h · (top_k - 1), complete
+    blocks in the table), found by sorting the picks and dropping repeats on the device: no host sync and
+    shapes that depend only on the inputs' shapes, as capturing decode steps in a CUDA graph needs. Keys read
+    per sequence: (that size + 1) · block_size entries instead of the table's width. When that is not fewer
+    than the table holds (short contexts, or many heads · top_k), this calls the masked reference instead,
+    which then reads less (a choice from the shapes alone; ``always_sparse`` turns it off, for the tests).
+
+    q [S, h, D] (absorbed), pool [P, page, D], page_sums [P, D], block_tables [S, nb], ctx_lens [S]
+    -> [S, h, kv_lora] float32.
+    """
+    S, nb = block_tables.shape
+    h = q.shape[1]
+    page, D = pool.shape[1], pool.shape[2]
+    per_block = block_size // page
+    nmb = nb // per_block  # complete MoBA blocks the table can hold
+    width = min(h * max(0, min(top_k - 1, nmb)), nmb)  # union slots
+    if not always_sparse and (width + 1) * per_block >= nb:
+        return moba_decode_attention(q, pool, page_sums, block_tables, ctx_lens, scale, kv_lora, block_size, top_k)
+    pos = ctx_lens - 1
+    own = pos // block_size  # [S]
+    means = block_means(page_sums, block_tables, per_block, block_size)  # [S, nmb, D]
+    top = _top_blocks(q, means, pos, block_size, top_k)  # [S, h, k], nmb = none
+    if width:
+        picks = top.reshape(S, -1).sort(dim=-1).values
+        repeat = torch.zeros_like(picks, dtype=torch.bool)
+        repeat[:, 1:] = picks[:, 1:] == picks[:, :-1]
+        # distinct picks first (ascending), then "none"; at most nmb distinct blocks, so nothing is cut off
+        union = picks.masked_fill(repeat, nmb).sort(dim=-1).values[:, :width]  # [S, width]
+        picked = (top[:, :, None, :] == union[:, None, :, None]).any(dim=-1) & (union < nmb)[:, None]  # [S, h, w]
+        blocks = torch.cat([union, own[:, None]], dim=1)  # [S, width + 1]
+    else:
+        picked = torch.zeros(S, h, 0, dtype=torch.bool, device=q.device)
+        blocks = own[:, None]
+    # the own block may run past the table (its pages beyond the context are not allocated): clamp, then mask
+    page_idx = blocks[..., None] * per_block + torch.arange(per_block, device=q.device)  # [S, w + 1, r]
+    pages = block_tables.gather(1, page_idx.reshape(S, -1).clamp(max=nb - 1))  # [S, (w + 1) r]
+    keys = pool[pages].view(S, (width + 1) * block_size, D).float()
+    own_pos = own[:, None] * block_size + torch.arange(block_size, device=q.device)  # [S, B]
+    allowed = torch.cat([picked[..., None].expand(S, h, width, block_size).reshape(S, h, width * block_size),
+                         (own_pos <= pos[:, None])[:, None].expand(S, h, block_size)], dim=-1)
+    scores = torch.bmm(q.float(), keys.transpose(1, 2)) * scale  # [S, h, (w + 1) B]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.bmm(scores.softmax(dim=-1), keys[..., :kv_lora])
+
+
+def _attend_rows(q: torch.Tensor, keys: torch.Tensor, kv_lora: int, scale: float,
+                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [n, m, D], keys [n, L, D] (fp32; values = keys[..., :kv_lora]) -> out [n, m, kv_lora], lse [n, m]."""
+    s = torch.bmm(q * scale, keys.transpose(1, 2))
+    if mask is not None:
+        s.masked_fill_(~mask, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    p = s.sub_(m).exp_()
+    denom = p.sum(dim=-1, keepdim=True)
+    return torch.bmm(p, keys[..., :kv_lora]).div_(denom), (m + denom.log()).squeeze(-1)
+
+
+def _chunk_size(num_rows: int, num_blocks: int) -> int:
+    if _CHUNK:
+        return _CHUNK
+    per_block = -(-num_rows // max(num_blocks, 1))
+    return min(_MAX_CHUNK, max(_MIN_CHUNK, 1 << (per_block - 1).bit_length()))
+
+
+def moba_sparse_prefill_attention(q: torch.Tensor, pool: torch.Tensor, page_sums: torch.Tensor,
+                                  block_ids: torch.Tensor, ctx_len: int, scale: float, kv_lora: int,
+                                  block_size: int, top_k: int) -> torch.Tensor:
+    """``moba_prefill_attention`` reading only the own blocks and the selected blocks.
+
+    The chunk's queries are taken in tiles inside one MoBA block b, so a tile shares its own keys
+    (b · B .. its last position, causal) and its candidates (blocks 0 .. b - 1). The history part is the
+    model's efficient form with the heads folded into the rows (all heads share the cache entries): the
+    tile's (query, head, pick) entries are grouped by picked block and cut into chunks; each chunk's rows
+    attend to that one block's B entries, gathered from the pool. Own part and picks are merged by their
+    log-sum-exp. Work per query and head is (top_k - 1) · B + own block; the gate adds its b dot products.
+    Memory stays near ``_MAX_SCORE_ELEMENTS`` floats per tile, and no fp32 copy of the context is made.
+    Needs host syncs (the chunk count), so it is for prefill, which is never captured. When every query of
+    the chunk attends all its earlier blocks (top_k - 1 >= blocks before the last query's), MoBA is dense
+    causal attention and this calls the masked reference, which then does less work.
+
+    q [T, h, D]: the last T of the sequence's ctx_len tokens; block_ids [nb] its pages -> [T, h, kv_lora] float32.
+    """
+    if top_k - 1 >= (ctx_len - 1) // block_size:
+        return moba_prefill_attention(q, pool, page_sums, block_ids, ctx_len, scale, kv_lora, block_size, top_k)
+    T, h, D = q.shape
+    page = pool.shape[1]
+    entries = pool.reshape(-1, D)
+    start = ctx_len - T
+    dev = q.device
+
+    def gather(positions: torch.Tensor) -> torch.Tensor:  # token positions (any shape) -> fp32 entries
+        return entries[block_ids[positions // page] * page + positions % page].float()
+
+    means = block_means(page_sums, block_ids[None], block_size // page, block_size)  # [1, nmb, D]
+    out = torch.empty(T, h, kv_lora, device=dev, dtype=torch.float32)
+    for b in range(start // block_size, (ctx_len - 1) // block_size + 1):
+        b0, p0, p1 = b * block_size, max(start, b * block_size), min(ctx_len, (b + 1) * block_size)
+        k = min(top_k - 1, b)
+        rows = max(1, _MAX_SCORE_ELEMENTS // (h * max(b, k * kv_lora, block_size)))
+        for t0 in range(p0, p1, rows):
+            t1 = min(p1, t0 + rows)
+            r = t1 - t0
+            qt = q[t0 - start:t1 - start].float()  # [r, h, D]
+            q_pos = torch.arange(t0, t1, device=dev)
+            # own block, causal: keys b0 .. t1 - 1
+            own_keys = gather(torch.arange(b0, t1, device=dev))  # [L, D]
+            causal = torch.arange(b0, t1, device=dev)[None] <= q_pos[:, None]  # [r, L]
+            o, lse = _attend_rows(qt.reshape(1, r * h, D), own_keys[None], kv_lora, scale,
+                                  causal[:, None].expand(r, h, -1).reshape(1, r * h, -1))
+            o, lse = o.view(r, h, kv_lora), lse.view(r, h)
+            if k:
+                top = _top_blocks(qt, means[:, :b], q_pos, block_size, top_k)  # [r, h, k], all earlier blocks
+                hist_o, hist_lse = _history(qt.reshape(r * h, D), top.reshape(-1), k, b, gather, kv_lora, scale,
+                                            block_size)
+                hist_o, hist_lse = hist_o.view(r, h, k, kv_lora), hist_lse.view(r, h, k)
+                total = torch.logsumexp(torch.cat([lse[..., None], hist_lse], dim=-1), dim=-1)  # [r, h]
+                o = o * torch.exp(lse - total)[..., None]
+                for slot in range(k):  # one slot at a time: no [r, h, k, kv_lora] weighted temporary
+                    o.add_(hist_o[:, :, slot] * torch.exp(hist_lse[:, :, slot] - total)[..., None])
+            out[t0 - start:t1 - start] = o
+    return out
+
+
+def _history(q_rows: torch.Tensor, picks: torch.Tensor, k: int, num_blocks: int, gather, kv_lora: int,
+             scale: float, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q_rows [n, D] (a tile's (query, head) rows), picks [n · k] (each row's k blocks) -> per pick the
+    attention of its row over its block alone: out [n · k, kv_lora], lse [n · k]."""
+    dev = q_rows.device
+    block, entry = picks.sort(stable=True)  # entries grouped by block
+    counts = torch.bincount(block, minlength=num_blocks)
+    chunk = _chunk_size(picks.numel(), int((counts > 0).sum()))
+    chunks_per_block = (counts + chunk - 1) // chunk
+    first_chunk = torch.cumsum(chunks_per_block, 0) - chunks_per_block
+    rank = torch.arange(picks.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[block]
+    num_chunks = int(chunks_per_block.sum())
+    slots = torch.full((num_chunks, chunk), -1, dtype=torch.long, device=dev)
+    slots[first_chunk[block] + rank // chunk, rank % chunk] = entry
+    chunk_block = torch.repeat_interleave(torch.arange(num_blocks, device=dev), chunks_per_block)
+    out = torch.empty(picks.numel(), kv_lora, device=dev, dtype=torch.float32)
+    lse = torch.empty(picks.numel(), device=dev, dtype=torch.float32)
+    D = q_rows.shape[1]
+    # a tile holds [n, chunk, B] scores, [n, chunk, D] rows and [n, B, D] keys
+    step = max(1, _MAX_SCORE_ELEMENTS // max(chunk * block_size, chunk * D, block_size * D))
+    offsets = torch.arange(block_size, device=dev)
+    for c0 in range(0, num_chunks, step):
+        c1 = min(num_chunks, c0 + step)
+        tile = slots[c0:c1]
+        keys = gather(chunk_block[c0:c1, None] * block_size + offsets)  # [n, B, D]
+        o, o_lse = _attend_rows(q_rows[tile.clamp(min=0) // k], keys, kv_lora, scale)
+        keep = tile >= 0
+        out[tile[keep]] = o[keep]
+        lse[tile[keep]] = o_lse[keep]
+    return out, lse
+
+
+# ---- decode through an MLA decode kernel, one table per (sequence, head) ------------------------------
+
+def moba_head_tables(q: torch.Tensor, page_sums: torch.Tensor, block_tables: torch.Tensor, ctx_lens: torch.Tensor,
+                     page_size: int, block_size: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each (sequence, head)'s MoBA keys as a paged context of its own: tables [S · h, top_k · r] (r pages per
+    MoBA block) listing the head's picked blocks and then its own block, and lengths [S · h] counting the picked
+    blocks in full and the own block up to the query. Softmax does not care about key order, so any MLA decode
+    kernel over these (one head per row) computes MoBA decode exactly. No host sync.
+
+    q [S, h, D], page_sums [P, D], block_tables [S, nb], ctx_lens [S]."""
+    S, nb = block_tables.shape
+    h = q.shape[1]
+    per_block = block_size // page_size
+    pos = ctx_lens - 1
+    own = pos // block_size  # [S]
+    means = block_means(page_sums, block_tables, per_block, block_size)
+    nmb = means.shape[1]
+    top = _top_blocks(q, means, pos, block_size, top_k)  # [S, h, k]: real picks first (best first), then nmb
+    picked = (top < nmb).sum(dim=-1)  # [S, h]
+    slots = torch.cat([top, own[:, None, None].expand(S, h, 1)], dim=-1)  # [S, h, k + 1]
+    slot = torch.arange(slots.shape[-1], device=q.device)
+    # slot `picked` and the (unused) ones after it hold the own block; the length stops inside it
+    blocks = torch.where(slot < picked[..., None], slots, own[:, None, None])
+    page_idx = (blocks[..., None] * per_block + torch.arange(per_block, device=q.device)).clamp(max=nb - 1)
+    tables = block_tables[:, None, :].expand(S, h, nb).gather(2, page_idx.reshape(S, h, -1))
+    lens = picked * block_size + (pos - own * block_size + 1)[:, None]
+    return tables.reshape(S * h, -1), lens.reshape(S * h)
+
+
+def moba_per_head_decode_attention(q: torch.Tensor, pool: torch.Tensor, page_sums: torch.Tensor,
+                                   block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float, kv_lora: int,
+                                   block_size: int, top_k: int, decode_kernel=None) -> torch.Tensor:
+    """MoBA decode as ``decode_kernel`` (``paged_decode_attention``'s signature; default that reference, or the
+    Triton ``paged_decode_attention_triton``) over ``moba_head_tables``: every head reads its own
+    (top_k - 1) · B + own-block keys, so compute per head is bounded, but heads that picked the same block
+    read it again (a kernel that shares the union across heads reads less; see the sparse decode above).
+    Same signature and result as ``moba_decode_attention``."""
+    if decode_kernel is None:
+        from .attention import paged_decode_attention as decode_kernel  # attention.py imports this module
+    S, h, D = q.shape
+    tables, lens = moba_head_tables(q, page_sums, block_tables, ctx_lens, pool.shape[1], block_size, top_k)
+    return decode_kernel(q.reshape(S * h, 1, D), pool, tables, lens, scale, kv_lora).view(S, h, kv_lora)
