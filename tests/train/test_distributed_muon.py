@@ -216,3 +216,84 @@ def test_uneven_world_three_ranks_one_owning_nothing(tmp_path):
         assert torch.equal(res["norm"], norm)
         for n, p in ref_model.named_parameters():
             torch.testing.assert_close(res["params"][n], p.detach(), rtol=0, atol=0)
+
+
+# ---- the trainer --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    import numpy as np
+
+    from moonlet.train.data import write_dataset
+
+    d = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    docs = [(rng.integers(0, 320, int(rng.integers(5, 40))).tolist(), None) for _ in range(80)]
+    write_dataset(docs, d / "train", vocab_size=320)
+    write_dataset(docs[:16], d / "eval", vocab_size=320)
+    return d
+
+
+def _train_config(data_dir, out, **kw):
+    from moonlet.train.trainer import TrainConfig
+
+    base = dict(model=tiny_k2_config().to_dict(), train_data=str(data_dir / "train"), eval_data=str(data_dir / "eval"),
+                out_dir=str(out), seq_len=24, batch_size=4, grad_accum=2, max_steps=4, lr=3e-3, warmup_steps=1,
+                eval_every=2, eval_batches=1, save_every=2, log_every=1, qk_clip_tau=0.14, threads=1)
+    base.update(kw)
+    return TrainConfig.from_dict(base)
+
+
+def _trainer_worker(rank, world, tmp, data_dir):
+    from moonlet.train.trainer import Trainer
+
+    def params(t):
+        return {k: v.clone() for k, v in t.model.state_dict().items()}
+
+    out = {}
+    full = Trainer(_train_config(data_dir, f"{tmp}/full"), quiet=True)
+    assert full.sharded and isinstance(full.optimizer, ShardedMuonClip)
+    out["full"] = (full.train(), params(full), optimizer_state_numel(full.optimizer))
+    replicated = Trainer(_train_config(data_dir, f"{tmp}/replicated", shard_optimizer=False), quiet=True)
+    assert not replicated.sharded
+    out["replicated"] = (replicated.train(), params(replicated), optimizer_state_numel(replicated.optimizer))
+    resumed = Trainer(_train_config(data_dir, f"{tmp}/resumed"), resume=f"{tmp}/full/checkpoints/step-000002",
+                      quiet=True)
+    assert resumed.step == 2
+    out["resumed"] = (resumed.train(), params(resumed), optimizer_state_numel(resumed.optimizer))
+    torch.save(out, f"{tmp}/trainer-rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_trainer_sharded_equals_replicated_and_resumes_at_any_world_size(data_dir, tmp_path):
+    from moonlet.train.trainer import STATE_NAME, Trainer
+
+    _spawn(_trainer_worker, 2, tmp_path, data_dir)
+    ranks = [torch.load(tmp_path / f"trainer-rank{r}.pt", weights_only=False) for r in range(2)]
+    full_metrics, full_params, _ = ranks[0]["full"]
+    assert any(m.get("clipped_heads") for m in full_metrics), "QK-Clip must act in this run"
+    for res in ranks:
+        for run in ("full", "replicated", "resumed"):
+            for name, t in res[run][1].items():  # every rank, every run: the same parameters bit for bit
+                assert torch.equal(t, full_params[name]), (run, name)
+    rep_metrics = ranks[0]["replicated"][0]
+    assert [m["loss"] for m in rep_metrics] == [m["loss"] for m in full_metrics]
+    assert [m["grad_norm"] for m in rep_metrics] == [m["grad_norm"] for m in full_metrics]
+    assert [m["loss"] for m in ranks[0]["resumed"][0]] == [m["loss"] for m in full_metrics[2:]]
+    # ZeRO-1: each rank holds about half of what every rank holds when replicated
+    sharded = [res["full"][2] for res in ranks]
+    replicated = ranks[0]["replicated"][2]
+    assert sum(sharded) == replicated and max(sharded) < 0.56 * replicated, (sharded, replicated)
+
+    ckpt = tmp_path / "full" / "checkpoints" / "step-000002"
+    state = torch.load(ckpt / STATE_NAME, weights_only=False)
+    assert state["optimizer"] is None and state["optimizer_shards"] == 2
+    assert sorted(p.name for p in ckpt.glob("optimizer-*.pt")) == [shard_file_name(r, 2) for r in range(2)]
+    # one process resumes the 2-rank sharded checkpoint: the whole state, then the same training
+    # (its batch is no longer split in two, so sums differ in rounding only)
+    single = Trainer(_train_config(data_dir, tmp_path / "single"), resume=ckpt, quiet=True)
+    assert optimizer_state_numel(single.optimizer) == replicated
+    rest = single.train()
+    for a, b in zip(full_metrics[2:], rest):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    for name, t in single.model.state_dict().items():
+        torch.testing.assert_close(t, full_params[name], atol=2e-4, rtol=1e-3)
