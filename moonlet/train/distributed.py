@@ -75,6 +75,22 @@ def plan_owners(specs: Sequence[tuple[Sequence[int], bool]], world: int, ns_step
     return owners
 
 
+@torch.no_grad()
+def all_reduce_grads(params: Sequence[torch.Tensor], group=None) -> None:
+    """Replicated data parallelism: sum every gradient over the ranks in one flat all-reduce
+    (parameters without a gradient, e.g. experts no token reached, contribute zeros)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p))
+        offset += n
+
+
 def optimizer_state_numel(optimizer: torch.optim.Optimizer) -> int:
     """Elements in the optimizer's state tensors on this rank (scalars such as Adam's step count
     included), the quantity ZeRO-1 divides by the world size."""

@@ -40,7 +40,7 @@ from ..config import ModelConfig
 from ..model import Transformer
 from .balance import LoadBalancer
 from .data import PackedLoader, TokenDataset
-from .distributed import ShardedMuonClip, read_optimizer_shards, shard_file_name
+from .distributed import ShardedMuonClip, all_reduce_grads, read_optimizer_shards, shard_file_name
 from .muonclip import MuonClip, param_groups, set_max_logit_recording
 from .schedule import lr_multiplier
 
@@ -212,7 +212,7 @@ class Trainer:
             if self.sharded:
                 self.optimizer.reduce_gradients()  # each owner gets the sums of its parameters' gradients
             else:
-                self._all_reduce_grads()
+                all_reduce_grads([p for p in self.model.parameters() if p.requires_grad])
             dist.all_reduce(loss_sum)
         grad_norm = self.optimizer.clip_grad_norm_(cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         self.optimizer.step()
@@ -233,20 +233,6 @@ class Trainer:
         if not math.isfinite(rec["loss"]):
             raise FloatingPointError(f"loss became {rec['loss']} at step {self.step}; lower lr or check the data")
         return rec
-
-    def _all_reduce_grads(self) -> None:
-        """Sum gradients over ranks in one flat buffer (experts no token reached get zeros)."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat)
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p))
-            offset += n
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
