@@ -89,8 +89,8 @@ def run_mode(mode: str, cfg: ModelConfig, rank: int, world: int, steps: int, war
             times.append(t2 - t0)
             syncs.append(t1 - t0)
     numel = sum(p.numel() for p in params)
-    out = {"times": times, "grad_sync": syncs, "state_bytes": state_bytes(opt), "state_numel": optimizer_state_numel(opt),
-           "params": numel}
+    out = {"times": times, "grad_sync": syncs, "state_bytes": state_bytes(opt),
+           "state_numel": optimizer_state_numel(opt), "params": numel}
     if sharded:
         out["segment"] = opt.segment
         gathers = []  # the parameter all-gather alone (it is idempotent: every rank re-sends the same values)

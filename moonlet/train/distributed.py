@@ -106,12 +106,20 @@ class ShardedMuonClip(MuonClip):
     optionally ``clip_grad_norm_()``, then ``step()`` (which reduces the gradients itself when that
     was not done). A parameter without a gradient on any rank is treated as having a zero gradient,
     as the trainer's replicated all-reduce does. All parameters must share one dtype and device.
+
+    ``collectives``: ``"scatter_gather"`` (reduce-scatter the gradients, all-gather the parameters:
+    ZeRO-1's traffic, for NCCL), ``"all_reduce"`` (the same results through all-reduces: a SUM for
+    the gradients, an integer SUM of the raw bits for the parameters, which is exact), or
+    ``"auto"``: all-reduce on gloo, whose reduce-scatter and all-gather are several times slower
+    than its all-reduce on CPU (bench/distributed_muon.py), scatter/gather otherwise.
     """
 
-    def __init__(self, params: Iterable, process_group=None, **kwargs):
+    def __init__(self, params: Iterable, process_group=None, collectives: str = "auto", **kwargs):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("ShardedMuonClip needs an initialized torch.distributed process group; "
                                "use MuonClip for a single process")
+        if collectives not in ("auto", "scatter_gather", "all_reduce"):
+            raise ValueError(f"collectives must be 'auto', 'scatter_gather' or 'all_reduce'; got {collectives!r}")
         super().__init__(params, **kwargs)
         self.process_group = process_group
         self.rank = dist.get_rank(process_group)
@@ -129,6 +137,9 @@ class ShardedMuonClip(MuonClip):
         self.owned = [o == self.rank for o in self.owners]
         self.layout = [[i for i, o in enumerate(self.owners) if o == r] for r in range(self.world)]
         self.segment = max(1, max(sum(self.params[i].numel() for i in idx) for idx in self.layout))
+        if collectives == "auto":
+            collectives = "all_reduce" if dist.get_backend(process_group) == "gloo" else "scatter_gather"
+        self.via_all_reduce = collectives == "all_reduce"
         self._reduced = False
 
     # ---- communication --------------------------------------------------------------------------
@@ -156,8 +167,12 @@ class ShardedMuonClip(MuonClip):
         parameter's ``.grad`` is the global sum (a view into one buffer) and every other ``.grad``
         is None."""
         flat = torch.cat([piece for r in range(self.world) for piece in self._pack(r, lambda i: self.params[i].grad)])
-        mine = torch.empty(self.segment, dtype=flat.dtype, device=flat.device)
-        _reduce_scatter(mine, flat, self.process_group)
+        if self.via_all_reduce:  # the same sums; keep this rank's segment
+            dist.all_reduce(flat, group=self.process_group)
+            mine = flat[self.rank * self.segment:(self.rank + 1) * self.segment]
+        else:
+            mine = torch.empty(self.segment, dtype=flat.dtype, device=flat.device)
+            _reduce_scatter(mine, flat, self.process_group)
         for p in self.params:
             p.grad = None
         offset = 0
@@ -170,9 +185,18 @@ class ShardedMuonClip(MuonClip):
     @torch.no_grad()
     def _gather_params(self) -> None:
         """Every rank receives every owner's updated parameters (one all-gather)."""
-        mine = torch.cat(self._pack(self.rank, lambda i: self.params[i].detach()))
-        flat = torch.empty(self.world * self.segment, dtype=mine.dtype, device=mine.device)
-        _all_gather(flat, mine, self.process_group)
+        bits = _INT_OF_SIZE.get(self._dtype().itemsize)
+        if self.via_all_reduce and bits is not None:
+            # a gather as an integer SUM over the raw bits: every segment is zero except on its owner,
+            # so each rank receives the owners' exact bit patterns (-0.0 and NaN included)
+            flat = torch.zeros(self.world * self.segment, dtype=self._dtype(), device=self._device())
+            torch.cat(self._pack(self.rank, lambda i: self.params[i].detach()),
+                      out=flat[self.rank * self.segment:(self.rank + 1) * self.segment])
+            dist.all_reduce(flat.view(bits), group=self.process_group)
+        else:
+            mine = torch.cat(self._pack(self.rank, lambda i: self.params[i].detach()))
+            flat = torch.empty(self.world * self.segment, dtype=mine.dtype, device=mine.device)
+            _all_gather(flat, mine, self.process_group)
         for r in range(self.world):
             if r == self.rank:
                 continue
@@ -211,6 +235,9 @@ class ShardedMuonClip(MuonClip):
         state_dict = dict(state_dict)
         state_dict["state"] = {k: v for k, v in state_dict["state"].items() if self.owned[int(k)]}
         super().load_state_dict(state_dict)
+
+
+_INT_OF_SIZE = {4: torch.int32, 8: torch.int64}
 
 
 def _reduce_scatter(output: torch.Tensor, input: torch.Tensor, group) -> None:

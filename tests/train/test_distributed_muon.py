@@ -78,11 +78,17 @@ def _ids(step, rank):
     return torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(100 * step + rank))
 
 
-def _make(sharded):
+COLLECTIVES = ("all_reduce", "scatter_gather")  # gloo's default, and the reduce-scatter/all-gather NCCL uses
+
+
+def _make(collectives=None):
+    """The tiny model and MuonClip, or ShardedMuonClip with ``collectives``."""
     model = random_model(tiny_k2_config(), seed=6).train()
     mods = set_max_logit_recording(model, True)
-    cls = ShardedMuonClip if sharded else MuonClip
-    return model, cls(param_groups(model), lr=2e-2, weight_decay=0.1, attention_modules=mods, qk_clip_tau=TAU)
+    kw = dict(lr=2e-2, weight_decay=0.1, attention_modules=mods, qk_clip_tau=TAU)
+    if collectives is None:
+        return model, MuonClip(param_groups(model), **kw)
+    return model, ShardedMuonClip(param_groups(model), collectives=collectives, **kw)
 
 
 def _loss(model, ids):
@@ -92,24 +98,26 @@ def _loss(model, ids):
 def _tiny_k2_worker(rank, world, tmp, steps):
     """Each rank: a few sharded steps on its own batch; rank 0 then replays them in one process with
     the replicated MuonClip on the summed gradients (same thread count, so same bf16 matmuls)."""
-    model, opt = _make(sharded=True)
-    norms, clips = [], []
-    for step in range(steps):
-        _loss(model, _ids(step, rank)).backward()
-        opt.reduce_gradients()
-        norms.append(opt.clip_grad_norm_(MAX_NORM).clone())
-        opt.step()
-        clips.append(opt.last_clip)
-        opt.zero_grad(set_to_none=True)
-    out = {"params": {k: v.clone() for k, v in model.state_dict().items()}, "norms": norms, "clips": clips,
-           "state_numel": optimizer_state_numel(opt), "owned": opt.owned}
+    out = {}
+    for collectives in COLLECTIVES:
+        model, opt = _make(collectives)
+        norms, clips = [], []
+        for step in range(steps):
+            _loss(model, _ids(step, rank)).backward()
+            opt.reduce_gradients()
+            norms.append(opt.clip_grad_norm_(MAX_NORM).clone())
+            opt.step()
+            clips.append(opt.last_clip)
+            opt.zero_grad(set_to_none=True)
+        out[collectives] = {"params": {k: v.clone() for k, v in model.state_dict().items()}, "norms": norms,
+                            "clips": clips, "state_numel": optimizer_state_numel(opt), "owned": opt.owned}
     torch.save(opt.state_dict(), f"{tmp}/{shard_file_name(rank, world)}")
     if rank != 0:
         torch.save(out, f"{tmp}/rank{rank}.pt")
         return None
 
     def reference():
-        ref, ref_opt = _make(sharded=False)
+        ref, ref_opt = _make()
         ref_norms, ref_clips = [], []
         for step in range(steps):
             for r in range(world):  # accumulates g0 + g1: the same float sum the reduce-scatter makes
@@ -130,9 +138,23 @@ def _tiny_k2_worker(rank, world, tmp, steps):
 def test_sharded_steps_equal_the_replicated_optimizer_on_summed_gradients(tmp_path):
     steps = 3
     _spawn(_tiny_k2_worker, 2, tmp_path, steps)
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
-    ref = r0["ref"]
+    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ref = res[0]["ref"]
+    for collectives in COLLECTIVES:
+        _check_against_reference(res[0][collectives], res[1][collectives], ref, steps)
+    # the shards merge into exactly the replicated optimizer's state
+    merged = read_optimizer_shards(tmp_path, 2)
+    assert merged["state"].keys() == ref["state"]["state"].keys()
+    for k, s in ref["state"]["state"].items():
+        for name, t in s.items():
+            assert torch.equal(merged["state"][k][name], t), (k, name)
+    # and a single-process MuonClip loads the merged shards
+    _, single = _make()
+    single.load_state_dict(merged)
+    assert optimizer_state_numel(single) == ref["state_numel"]
+
+
+def _check_against_reference(r0, r1, ref, steps):
     start = random_model(tiny_k2_config(), seed=6).state_dict()
     moved = 0
     for name, want in ref["params"].items():
@@ -152,16 +174,6 @@ def test_sharded_steps_equal_the_replicated_optimizer_on_summed_gradients(tmp_pa
     assert r0["state_numel"] + r1["state_numel"] == ref["state_numel"]
     assert max(r0["state_numel"], r1["state_numel"]) < 0.56 * ref["state_numel"], (r0["state_numel"], r1["state_numel"])
     assert not set(i for i, o in enumerate(r0["owned"]) if o) & set(i for i, o in enumerate(r1["owned"]) if o)
-    # the shards merge into exactly the replicated optimizer's state
-    merged = read_optimizer_shards(tmp_path, 2)
-    assert merged["state"].keys() == ref["state"]["state"].keys()
-    for k, s in ref["state"]["state"].items():
-        for name, t in s.items():
-            assert torch.equal(merged["state"][k][name], t), (k, name)
-    # and a single-process MuonClip loads the merged shards
-    _, single = _make(sharded=False)
-    single.load_state_dict(merged)
-    assert optimizer_state_numel(single) == ref["state_numel"]
 
 
 class _Small(nn.Module):
@@ -185,16 +197,19 @@ def _int_grads(step, rank, model):
 
 
 def _uneven_worker(rank, world, tmp, steps):
-    model = _Small()
-    opt = ShardedMuonClip(param_groups(model), lr=1e-2, weight_decay=0.1)
-    for step in range(steps):
-        for n, p in model.named_parameters():
-            p.grad = _int_grads(step, rank, model)[n]
-        norm = opt.clip_grad_norm_(1.0)  # reduces the gradients itself
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    torch.save({"params": dict(model.named_parameters()), "norm": norm, "numel": optimizer_state_numel(opt),
-                "owned": opt.owned}, f"{tmp}/rank{rank}.pt")
+    out = {}
+    for collectives in COLLECTIVES:
+        model = _Small()
+        opt = ShardedMuonClip(param_groups(model), lr=1e-2, weight_decay=0.1, collectives=collectives)
+        for step in range(steps):
+            for n, p in model.named_parameters():
+                p.grad = _int_grads(step, rank, model)[n]
+            norm = opt.clip_grad_norm_(1.0)  # reduces the gradients itself
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        out[collectives] = {"params": dict(model.named_parameters()), "norm": norm,
+                            "numel": optimizer_state_numel(opt), "owned": opt.owned}
+    torch.save(out, f"{tmp}/rank{rank}.pt")
 
 
 def test_uneven_world_three_ranks_one_owning_nothing(tmp_path):
@@ -209,9 +224,9 @@ def test_uneven_world_three_ranks_one_owning_nothing(tmp_path):
         norm = ref.clip_grad_norm_(1.0)
         ref.step()
         ref.zero_grad(set_to_none=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
-    assert sorted(sum(res["owned"]) for res in results) == [0, 1, 1]
-    assert sum(res["numel"] for res in results) == optimizer_state_numel(ref)
+    results = [res for r in range(world) for res in torch.load(tmp_path / f"rank{r}.pt", weights_only=False).values()]
+    assert len(results) == 2 * world and sorted(sum(res["owned"]) for res in results) == [0, 0, 1, 1, 1, 1]
+    assert sum(res["numel"] for res in results) == 2 * optimizer_state_numel(ref)  # two runs
     for res in results:
         assert torch.equal(res["norm"], norm)
         for n, p in ref_model.named_parameters():
