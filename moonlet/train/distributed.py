@@ -228,6 +228,10 @@ class ShardedMuonClip(MuonClip):
         self._apply_qk_clip()  # identical parameters and maxima on every rank: identical clip
         return loss
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        self._reduced = False  # the next gradients are local again
+
     # ---- state ----------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a full (replicated or merged) state dict or a shard: this rank keeps the entries of
