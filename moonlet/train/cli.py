@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -22,6 +23,9 @@ def register(sub) -> None:
     p.add_argument("--max-steps", type=int, help="override the number of optimizer steps")
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                    help="override a config field, e.g. --set lr=0.001 --set optimizer='\"adamw\"'")
+    p.add_argument("--shard-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                   help="under torchrun: partition the optimizer state over the ranks (ZeRO-1 Distributed Muon; "
+                        "the default) or replicate it on every rank (--no-shard-optimizer); same result either way")
     p.add_argument("--phase", help="recipe runs: run only this phase (e.g. tasks; earlier phases must be done)")
     p.add_argument("--export", help="recipe runs: where to write the final model (default OUT/final)")
     p.add_argument("--eval-tools", type=int, default=0, metavar="N",
@@ -66,6 +70,8 @@ def run_train(args) -> int:
     overrides = _overrides(args.set)
     if args.max_steps is not None:
         overrides["max_steps"] = args.max_steps
+    if args.shard_optimizer is not None:
+        overrides["shard_optimizer"] = args.shard_optimizer
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     recipe = None
     if args.recipe:
@@ -111,6 +117,7 @@ def run_train(args) -> int:
         log(f"{name}: {params['total'] / 1e6:.2f}M parameters ({params['active'] / 1e6:.2f}M active); "
             f"optimizer {cfg.optimizer}; {cfg.max_steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens"
             f"{' x' + str(cfg.grad_accum) if cfg.grad_accum > 1 else ''}; world size {trainer.world}"
+            f"{' (optimizer state sharded)' if trainer.sharded else ''}"
             f"{'; resuming at step ' + str(trainer.step) if resume else ''}")
         trainer.train()
         trainer.save_checkpoint(f"{cfg.out_dir}/checkpoints/step-{trainer.step:06d}")  # every rank: it syncs

@@ -93,14 +93,34 @@ class MuonClip(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._update_params()
+        self._apply_qk_clip()
+        return loss
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale the gradients of this optimizer's parameters so their global L2 norm is at most
+        ``max_norm`` (``inf``: measure only); returns the norm before clipping.
+
+        The norm is the L2 norm of the per-parameter norms, in parameter-group order (see
+        :func:`grad_norm_and_clip`), so a sharded optimizer over the same summed gradients gets the
+        same number bit for bit."""
+        return grad_norm_and_clip(self._all_params(), max_norm)
+
+    def _all_params(self) -> list[torch.Tensor]:
+        """Every parameter in group order: position i is index i of ``state_dict()['state']``."""
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _update_params(self) -> None:
+        """Muon or AdamW update of every parameter that has a gradient (QK-Clip not included)."""
         for group in self.param_groups:
             if group["use_muon"]:
                 self._muon_group(group)
             else:
                 self._adamw_group(group)
+
+    def _apply_qk_clip(self) -> None:
         if self.qk_clip_tau is not None and self.attention_modules:
             self.last_clip = qk_clip(self.attention_modules, self.qk_clip_tau)
-        return loss
 
     def _muon_group(self, group: dict) -> None:
         lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
@@ -140,6 +160,34 @@ class MuonClip(torch.optim.Optimizer):
             denom = (exp_avg_sq / (1 - beta2**t)).sqrt_().add_(eps)
             p.mul_(1 - lr * wd)
             p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**t))
+
+
+@torch.no_grad()
+def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float, owned: list[bool] | None = None,
+                       group=None) -> torch.Tensor:
+    """Global L2 gradient norm of ``params``, then every gradient scaled by min(1, max_norm / (norm + 1e-6)).
+
+    The per-parameter norms go into one vector (position i for ``params[i]``) whose norm is the
+    total, as ``torch.nn.utils.clip_grad_norm_`` computes it. With ``owned`` (sharded optimizer
+    state) a rank only has the summed gradients of the parameters it owns: it fills those
+    positions, leaves the others 0, and the vector is summed over ``group`` — each position has one
+    non-zero term, so every rank ends up with the exact vector a single process would build and
+    the same total, bit for bit. Only the owned gradients are scaled. Parameters without a
+    gradient count as 0."""
+    device = params[0].device if params else torch.device("cpu")
+    norms = torch.zeros(len(params), dtype=torch.float32, device=device)
+    for i, p in enumerate(params):
+        if p.grad is not None and (owned is None or owned[i]):
+            norms[i] = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+    if owned is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(norms, group=group)
+    total = torch.linalg.vector_norm(norms)
+    if math.isfinite(max_norm):
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for i, p in enumerate(params):
+            if p.grad is not None and (owned is None or owned[i]):
+                p.grad.mul_(coef.to(p.grad.dtype))
+    return total
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:

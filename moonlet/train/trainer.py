@@ -5,12 +5,18 @@ Launch with ``moonlet train`` (one process) or ``torchrun --nproc-per-node N -m 
 (one process per rank; gloo on CPU, nccl on GPU). Every rank packs the same global batch and keeps
 its slice of rows; after the micro-batches of a step the gradients are summed across ranks (the
 loss is normalized by the global number of target tokens, so the sum is the gradient of the global
-mean), and every rank then takes the same optimizer step, QK-Clip (maxima all-reduced with MAX) and
-router-bias update (loads all-reduced with SUM). The result equals one process running the whole
-global batch.
+mean). With ``shard_optimizer`` (the default) the optimizer state is partitioned over the ranks
+(ZeRO-1, :class:`~moonlet.train.distributed.ShardedMuonClip`): gradients are reduce-scattered to
+each parameter's owner, owners update their parameters and the results are all-gathered; without
+it the gradients are all-reduced and every rank runs the whole optimizer. Either way every rank
+ends the step with the same parameters, QK-Clip (maxima all-reduced with MAX) and router-bias
+update (loads all-reduced with SUM), and the result equals one process running the whole global
+batch.
 
 A checkpoint is a hub-layout model directory (``moonlet.weights.save_model``, float32) plus
 ``trainer_state.pt`` (optimizer, loader, step) and, when the config names one, the tokenizer files.
+With a sharded optimizer each rank writes its shard as ``optimizer-RRRRR-of-WWWWW.pt`` beside it
+instead; a resume at any world size (one process included) merges what it needs from them.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from ..config import ModelConfig
 from ..model import Transformer
 from .balance import LoadBalancer
 from .data import PackedLoader, TokenDataset
+from .distributed import ShardedMuonClip, all_reduce_grads, read_optimizer_shards, shard_file_name
 from .muonclip import MuonClip, param_groups, set_max_logit_recording
 from .schedule import lr_multiplier
 
@@ -75,6 +82,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
+    shard_optimizer: bool = True  # with > 1 rank: partition optimizer state over ranks (ZeRO-1)
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -148,9 +156,10 @@ class Trainer:
         groups = param_groups(self.model, config.weight_decay, muon=config.optimizer in ("muonclip", "muon"))
         if config.optimizer not in ("muonclip", "muon", "adamw"):
             raise ValueError(f"unknown optimizer {config.optimizer!r}; use 'muonclip', 'muon' or 'adamw'")
-        self.optimizer = MuonClip(groups, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas,
-                                  attention_modules=self.attn,
-                                  qk_clip_tau=config.qk_clip_tau if config.optimizer == "muonclip" else None)
+        self.sharded = self.world > 1 and config.shard_optimizer
+        self.optimizer = (ShardedMuonClip if self.sharded else MuonClip)(
+            groups, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, attention_modules=self.attn,
+            qk_clip_tau=config.qk_clip_tau if config.optimizer == "muonclip" else None)
 
         dataset = TokenDataset(config.train_data)
         if dataset.vocab_size > self.model_config.vocab_size:
@@ -200,10 +209,12 @@ class Trainer:
             loss.backward()
             loss_sum += total
         if self.world > 1:
-            self._all_reduce_grads()
+            if self.sharded:
+                self.optimizer.reduce_gradients()  # each owner gets the sums of its parameters' gradients
+            else:
+                all_reduce_grads([p for p in self.model.parameters() if p.requires_grad])
             dist.all_reduce(loss_sum)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                   cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = self.optimizer.clip_grad_norm_(cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         balance = self.balancer.step()
@@ -222,20 +233,6 @@ class Trainer:
         if not math.isfinite(rec["loss"]):
             raise FloatingPointError(f"loss became {rec['loss']} at step {self.step}; lower lr or check the data")
         return rec
-
-    def _all_reduce_grads(self) -> None:
-        """Sum gradients over ranks in one flat buffer (experts no token reached get zeros)."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat)
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p))
-            offset += n
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -309,13 +306,26 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
-        """Model (hub layout, float32) + trainer state (+ tokenizer files) under ``path`` (rank 0 writes)."""
+        """Model (hub layout, float32) + trainer state (+ tokenizer files) under ``path``. Rank 0
+        writes all of it, except that with a sharded optimizer every rank writes its own shard
+        (collective: every rank must call this)."""
         path = Path(path)
+        if self.sharded:
+            if self.rank == 0:
+                path.mkdir(parents=True, exist_ok=True)
+            dist.barrier()
+            torch.save(self.optimizer.state_dict(), path / shard_file_name(self.rank, self.world))
+            dist.barrier()  # every shard is on disk before rank 0 marks the checkpoint complete
         if self.rank == 0:
             from ..weights import save_model
 
             save_model(self.model, path)
-            torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+            current = {shard_file_name(r, self.world) for r in range(self.world)} if self.sharded else set()
+            for old in path.glob("optimizer-*-of-*.pt"):  # shards of an earlier save into this directory
+                if old.name not in current:
+                    old.unlink()
+            torch.save({"step": self.step, "optimizer": None if self.sharded else self.optimizer.state_dict(),
+                        "optimizer_shards": self.world if self.sharded else 0,
                         "loader": self.loader.state_dict(), "clipped_heads": self.clipped_heads,
                         "head_steps": self.head_steps, "config": self.cfg.to_dict()}, path / STATE_NAME)
             copy_tokenizer(self.cfg.tokenizer_dir, path)
@@ -350,7 +360,12 @@ class Trainer:
         path = resolve_checkpoint(path)
         self._load_weights(path)
         state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        shards = int(state.get("optimizer_shards", 0))
+        if shards:  # written by a sharded optimizer at any world size: keep what this rank owns
+            keep = (lambda i: self.optimizer.owned[i]) if self.sharded else None
+            self.optimizer.load_state_dict(read_optimizer_shards(path, shards, keep))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.loader.load_state_dict(state["loader"])
         self.step = int(state["step"])
         self.clipped_heads = int(state.get("clipped_heads", 0))

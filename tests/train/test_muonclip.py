@@ -174,3 +174,25 @@ def test_state_round_trips_through_save_and_load():
     step(m2, o2)
     for (n, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
         assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e9, float("inf")])
+def test_clip_grad_norm_matches_torch(max_norm):
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(12, 20), (20,), (7, 3), (5,)]
+    ours = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    ref = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    for a, b in zip(ours, ref):
+        a.grad = torch.randn(a.shape, generator=gen)
+        b.grad = a.grad.clone()
+    ours[3].grad = ref[3].grad = None  # a parameter without a gradient counts as 0
+    opt = MuonClip([dict(params=ours[:1] + ours[2:3], use_muon=True), dict(params=[ours[1], ours[3]], use_muon=False)])
+    norm = opt.clip_grad_norm_(max_norm)
+    want = torch.nn.utils.clip_grad_norm_(ref, max_norm)
+    torch.testing.assert_close(norm, want)
+    assert norm > 0.5  # so that 0.5 clips
+    for a, b in zip(ours, ref):
+        if b.grad is None:
+            assert a.grad is None
+        else:
+            torch.testing.assert_close(a.grad, b.grad)

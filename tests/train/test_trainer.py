@@ -157,3 +157,17 @@ def test_tiny_recipe_phases_chain():
     assert cfg.first_k_dense_replace == 1 and 10e6 <= cfg.param_counts()["total"] <= 30e6
     with pytest.raises(KeyError, match="unknown recipe"):
         get_recipe("huge")
+
+
+def test_cli_shard_optimizer_flag_reaches_the_config(data_dir, tmp_path):
+    from moonlet.cli import main
+
+    cfg = _config(data_dir, tmp_path / "run", max_steps=0)
+    assert cfg.shard_optimizer  # default: shard whenever there is more than one rank
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    assert main(["train", "--config", str(tmp_path / "cfg.json"), "--no-shard-optimizer"]) == 0
+    written = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert written["shard_optimizer"] is False
+    # one process: nothing to shard, the checkpoint holds the whole optimizer state inline
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step-000000" / STATE_NAME, weights_only=False)
+    assert state["optimizer_shards"] == 0 and state["optimizer"] is not None
