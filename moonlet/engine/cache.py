@@ -213,6 +213,7 @@ class StateSnapshots:
         self._pending: dict[bytes, int] = {}  # reserved this step, written by the forward, not yet named
         self.num_saved = 0  # snapshots written (committed), for stats
         self.num_restored = 0  # snapshots copied into a sequence's slot on a prefix hit
+        self.num_branch_saved = 0  # of num_saved, those taken at a branch point (``KVCacheManager.match_prefix``)
 
     def __len__(self) -> int:
         return len(self.row_of)
@@ -270,6 +271,10 @@ class KVCacheManager:
         if state_slots and state_snapshots and enable_prefix_caching:
             self.snapshots = StateSnapshots(state_snapshots)
             self.allocator.on_uncache = self.snapshots.drop
+        # branch points (see match_prefix): False keeps only the prompt-end and generation snapshots
+        self.branch_snapshots = True
+        self._branch_at: dict["Sequence", int] = {}  # planned: snapshot once the sequence's state reaches here
+        self._branch_pending: dict["Sequence", bytes] = {}  # written by this step, named after it
 
     @property
     def num_blocks(self) -> int:
@@ -304,9 +309,16 @@ class KVCacheManager:
         (no snapshot pool: no hit). Returns the number of tokens found cached and sets
         ``seq.num_computed_tokens`` to it. The caller counts the lookup in ``counters`` once the
         sequence is actually admitted (``record_lookup``).
+
+        Branch points (KDA layers): when the matched chain goes on past the hit, some earlier
+        sequence shares this prompt up to the chain's end and differs after it (or has not computed
+        further yet). That end is where the two branch, so later requests (the same system prompt and
+        tools with another task) will likely branch there too: ``plan_snapshot`` snapshots this
+        sequence's state there while it recomputes the chain, and the next such request hits.
         """
         assert not seq.block_table, "match_prefix on a sequence that already holds blocks"
         seq.snapshot_restore = None
+        self._branch_at.pop(seq, None)
         if not self.allocator.enable_prefix_caching:
             seq.num_computed_tokens = 0
             return 0
@@ -322,6 +334,8 @@ class KVCacheManager:
             n = len(blocks)
             while n and (self.snapshots is None or hashes[n - 1] not in self.snapshots.row_of):
                 n -= 1
+            if self.snapshots is not None and self.branch_snapshots and len(blocks) > n:
+                self._branch_at[seq] = len(blocks) * self.block_size
             blocks = blocks[:n]
             if n:
                 seq.snapshot_restore = self.snapshots.get(hashes[n - 1])
@@ -363,6 +377,8 @@ class KVCacheManager:
         seq.block_table = []
         seq.num_registered_blocks = 0
         seq.snapshot_restore = None
+        self._branch_at.pop(seq, None)
+        self._branch_pending.pop(seq, None)  # none at a free between steps: named by cache_full_blocks
         if getattr(seq, "state_slot", None) is not None:
             self._free_slots.append(seq.state_slot)
             seq.state_slot = None
@@ -382,6 +398,11 @@ class KVCacheManager:
             self.snapshots.commit(seq.snapshot_pending)
             self.snapshots.num_saved += 1
             seq.snapshot_pending = None
+        branch = self._branch_pending.pop(seq, None)
+        if branch is not None:
+            self.snapshots.commit(branch)
+            self.snapshots.num_saved += 1
+            self.snapshots.num_branch_saved += 1
 
     # ---- recurrent state (models with KDA layers) -------------------------------------------------
     def state_init(self, seq: "Sequence") -> tuple[int, int | None] | None:
@@ -398,40 +419,61 @@ class KVCacheManager:
             return seq.state_slot, None
         return None
 
-    def plan_snapshot(self, seq: "Sequence", num_new_tokens: int) -> tuple[int, int] | None:
-        """Whether this step should snapshot the sequence's state: ``(offset, row)`` — after the first
-        ``offset`` of its ``num_new_tokens`` tokens, into snapshot row ``row`` — or None.
+    def plan_snapshot(self, seq: "Sequence", num_new_tokens: int) -> list[tuple[int, int]]:
+        """Which snapshots this step should take of the sequence's state: ``(offset, row)`` pairs in
+        increasing offset — after the first ``offset`` of its ``num_new_tokens`` tokens, into snapshot
+        row ``row`` — none, one or two.
 
-        Policy (at most one copy per sequence per step, so bounded by the batch):
+        Policy (at most two copies per sequence per step, so bounded by the batch):
 
         - a chunk that finishes the sequence's known tokens (the last prompt chunk, a decode)
           snapshots at the last block boundary it reaches; for a multi-token chunk, at most at the
           last token minus one, so a later request with exactly these tokens (which must compute its
           last token) can hit too. Earlier prompt chunks take none: a long prompt does not flood
           the pool.
+        - the chunk that reaches the sequence's branch point (``match_prefix``: the end of the cached
+          chain it matched beyond its hit) snapshots there as well: one extra copy per admission.
+          When both points fall in one chunk, the KDA layers split it at both.
         - a snapshot after generated tokens (past the prompt) replaces the sequence's previous one
           in its row: only the latest is worth keeping (a conversation's next turn resumes there),
           so a long generation holds one row, not one per block.
-        - no snapshot where one with the same name exists (it holds the same state).
+        - no snapshot where one with the same name exists or is being written (it holds the same
+          state); none when every row is already being written this step.
         """
         if self.snapshots is None or seq.state_slot is None:
-            return None
+            return []
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new_tokens
+        saves: list[tuple[int, int]] = []
+        branch = self._branch_at.get(seq)
+        if branch is not None and branch <= end:
+            del self._branch_at[seq]
+            if branch > start:
+                reserved = self._reserve(seq, branch, output=False)
+                if reserved is not None:
+                    self._branch_pending[seq] = reserved[0]
+                    saves.append((branch - start, reserved[1]))
         if end != seq.num_tokens:
-            return None
+            return saves
         bs = self.block_size
         point = (end if num_new_tokens == 1 else end - 1) // bs * bs
         if point <= start or point == 0:
-            return None
-        digest = self._hashes(seq, point // bs)[-1]
+            return saves
+        output = point > seq.num_prompt_tokens
+        reserved = self._reserve(seq, point, output)
+        if reserved is not None:
+            seq.snapshot_pending = reserved[0]
+            if output:
+                seq.output_snapshot = reserved[0]
+            saves.append((point - start, reserved[1]))
+        return saves
+
+    def _reserve(self, seq: "Sequence", point: int, output: bool) -> tuple[bytes, int] | None:
+        """Reserve a row for the snapshot of ``seq`` after its first ``point`` tokens (a block
+        boundary); returns (its name, the row), or None when it exists already or no row is left
+        this step."""
+        digest = self._hashes(seq, point // self.block_size)[-1]
         if self.snapshots.has(digest):
             self.snapshots.get(digest)  # mark recently used
             return None
-        output = point > seq.num_prompt_tokens
         row = self.snapshots.reserve(digest, replace=seq.output_snapshot if output else None)
-        if row is None:
-            return None
-        seq.snapshot_pending = digest
-        if output:
-            seq.output_snapshot = digest
-        return point - start, row
+        return None if row is None else (digest, row)

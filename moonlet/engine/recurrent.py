@@ -11,13 +11,19 @@ somewhere. Behind the slots the same tensors hold snapshot rows: copies of some 
 right after a block boundary, which ``cache.StateSnapshots`` names by the prefix they follow. Before
 a step, each scheduled sequence that starts at token 0 gets its slot zeroed, and one resuming after
 a prefix hit gets the snapshot copied in (``begin_step``); during the step, the forward copies the
-states the scheduler asked for into their snapshot rows, splitting a prefill chunk at the boundary
-when the boundary lies inside it (two calls of the layer instead of one, no extra step).
+states the scheduler asked for into their snapshot rows, splitting a prefill chunk at each boundary
+that lies inside it (a branch point and the prompt's last boundary: up to three calls of the layer
+instead of one, no extra step).
 
 A step's tokens are laid out decodes first, then prefill chunks (``BatchLayout``). The decodes run as
 one batch of single-token sequences over their gathered states; each prefill chunk runs over its
 sequence's state (from zeros when the chunk starts the sequence). New states are written back to
 the slots after each layer.
+
+Decode steps replayed from CUDA graphs (``cuda_graph.DecodeGraphs``) use the same decode code with
+a static slot index; their padding rows point at one more row, the scratch row, that no sequence or
+snapshot uses. The loads and snapshot copies of such a step run outside the graph, before and after
+the replay (``load``, ``copy_to_snapshots``): a decode's state after the step is the one to copy.
 """
 
 from __future__ import annotations
@@ -30,32 +36,33 @@ from ..model.kda import KDAState
 class RecurrentStates:
     """The KDA layers' state rows: for each KDA layer, q/k/v conv states [rows, kernel − 1, H·d] in the
     model's dtype and S [rows, H, d, d] in float32. Rows 0 .. num_slots − 1 are the running sequences'
-    slots, the next num_snapshots rows the snapshots (snapshot r is row num_slots + r)."""
+    slots, the next num_snapshots rows the snapshots (snapshot r is row num_slots + r), and with
+    ``scratch_row=True`` one last row for the padding rows of decode graphs (``self.scratch_row``)."""
 
-    def __init__(self, config, num_slots: int, dtype: torch.dtype, device, num_snapshots: int = 0):
+    def __init__(self, config, num_slots: int, dtype: torch.dtype, device, num_snapshots: int = 0,
+                 scratch_row: bool = False):
         lin = config.linear_attn_config
         H, d, k = lin["num_heads"], lin["head_dim"], lin["short_conv_kernel_size"]
         self.num_slots, self.num_snapshots = num_slots, num_snapshots
         self.device = device
-        rows = num_slots + num_snapshots
+        rows = num_slots + num_snapshots + (1 if scratch_row else 0)
+        self.scratch_row: int | None = rows - 1 if scratch_row else None
         self.states: dict[int, KDAState] = {
             layer: KDAState(*(torch.zeros(rows, k - 1, H * d, dtype=dtype, device=device) for _ in range(3)),
                             torch.zeros(rows, H, d, d, dtype=torch.float32, device=device))
             for layer in config.kda_layer_ids
         }
-        # this step's snapshot copies: decodes (slots, rows) as index tensors; prefill chunks by slot
+        # this step's snapshot copies: decodes (slots, rows) as index tensors; prefill chunks by slot,
+        # (offset, row) pairs in increasing offset
         self._decode_saves: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._chunk_saves: dict[int, tuple[int, int]] = {}
+        self._chunk_saves: dict[int, list[tuple[int, int]]] = {}
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for s in self.states.values() for t in s)
 
-    def begin_step(self, inits: list[tuple[int, int | None]], saves: list[tuple[int, int, int]],
-                   decode_slots: list[int]) -> None:
-        """Before a forward: load the slots in ``inits`` ((slot, snapshot or None for zeros)), and note
-        ``saves`` ((slot, offset, snapshot): copy the slot's state after its first ``offset`` new
-        tokens) for ``run``. ``decode_slots``: the step's single-token sequences' slots."""
+    def load(self, inits: list[tuple[int, int | None]]) -> None:
+        """Load the slots in ``inits``: (slot, snapshot) copies the snapshot in, (slot, None) zeros it."""
         for slot, snap in inits:
             for s in self.states.values():
                 for t in s:
@@ -63,17 +70,43 @@ class RecurrentStates:
                         t[slot].zero_()
                     else:
                         t[slot].copy_(t[self.num_slots + snap])
+
+    def begin_step(self, inits: list[tuple[int, int | None]], saves: list[tuple[int, int, int]],
+                   decode_slots: list[int]) -> None:
+        """Before a forward: load the slots in ``inits`` ((slot, snapshot or None for zeros)), and note
+        ``saves`` ((slot, offset, snapshot): copy the slot's state after its first ``offset`` new
+        tokens) for ``run``. ``decode_slots``: the step's single-token sequences' slots."""
+        self.load(inits)
         decodes = set(decode_slots)
         dec = [(slot, self.num_slots + snap) for slot, _, snap in saves if slot in decodes]
         self._decode_saves = None
         if dec:
             src, dst = zip(*dec)
             self._decode_saves = (torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device))
-        self._chunk_saves = {slot: (offset, self.num_slots + snap) for slot, offset, snap in saves
-                             if slot not in decodes}
+        self._chunk_saves = {}
+        for slot, offset, snap in sorted(saves, key=lambda save: save[1]):
+            if slot not in decodes:
+                self._chunk_saves.setdefault(slot, []).append((offset, self.num_slots + snap))
 
     def end_step(self) -> None:
         self._decode_saves, self._chunk_saves = None, {}
+
+    def copy_to_snapshots(self, saves: list[tuple[int, int, int]]) -> None:
+        """After a decode-only step run without ``begin_step`` (a decode graph): copy each saved slot's
+        state into its snapshot row (every offset is 1: the state after the step)."""
+        if not saves:
+            return
+        src = torch.tensor([slot for slot, _, _ in saves], device=self.device)
+        dst = torch.tensor([self.num_slots + snap for _, _, snap in saves], device=self.device)
+        for s in self.states.values():
+            for t in s:
+                t.index_copy_(0, dst, t.index_select(0, src))
+
+    def clear_scratch(self) -> None:
+        """Zero the scratch row, so that padding rows decode from a fresh state (capturable: no host sync)."""
+        for s in self.states.values():
+            for t in s:
+                t[self.scratch_row].zero_()
 
     def _gather(self, layer: int, slots: torch.Tensor) -> KDAState:
         return KDAState(*(t.index_select(0, slots) for t in self.states[layer]))
@@ -106,15 +139,15 @@ class RecurrentStates:
             slot = span.state_slot
             fresh = span.ctx_len == span.num_tokens  # the chunk starts the sequence: no state to read
             state = None if fresh else KDAState(*(t[slot:slot + 1] for t in self.states[layer]))  # views
-            offset, row = self._chunk_saves.get(slot, (span.num_tokens, None))
-            if offset < span.num_tokens:  # a snapshot inside the chunk: run up to it, copy, go on
-                y, state = module(x[:, s:s + offset], state=state, return_state=True)
-                out[:, s:s + offset] = y
+            done = 0  # tokens of the chunk run so far
+            for offset, row in self._chunk_saves.get(slot, ()):  # snapshots: run up to each, copy, go on
+                if offset > done:
+                    y, state = module(x[:, s + done:s + offset], state=state, return_state=True)
+                    out[:, s + done:s + offset] = y
+                    done = offset
                 self._write(layer, row, state)
-                s = s + offset
-            y, new = module(x[:, s:e], state=state, return_state=True)
-            out[:, s:e] = y
-            self._write(layer, slot, new)
-            if row is not None and offset == span.num_tokens:
-                self._write(layer, row, new)
+            if done < span.num_tokens:
+                y, state = module(x[:, s + done:e], state=state, return_state=True)
+                out[:, s + done:e] = y
+            self._write(layer, slot, state)
         return out

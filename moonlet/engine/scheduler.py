@@ -142,7 +142,6 @@ class Scheduler:
                 init = self.cache.state_init(seq)
                 if init is not None:
                     batch.state_inits.append(init)
-                save = self.cache.plan_snapshot(seq, n)
-                if save is not None:
-                    batch.state_saves.append((seq.state_slot, *save))
+                for offset, row in self.cache.plan_snapshot(seq, n):
+                    batch.state_saves.append((seq.state_slot, offset, row))
         return batch

@@ -64,6 +64,7 @@ def check_consistent(llm):
     assert not snaps._pending
     assert sorted(list(snaps.row_of.values()) + snaps._free) == list(range(snaps.capacity))
     assert all(digest in cache.allocator.cached for digest in snaps.row_of)
+    assert not cache._branch_at and not cache._branch_pending
 
 
 def hits(llm):
@@ -228,7 +229,7 @@ def test_lookup_needs_the_whole_chain_and_a_snapshot_at_its_end():
     seq = Sequence("a", tokens, SamplingParams(), frozenset())
     assert mgr.match_prefix(seq) == 0 and mgr.allocate(seq, 21)
     assert mgr.state_init(seq) == (seq.state_slot, None)  # starts at token 0: zeros
-    offset, row = mgr.plan_snapshot(seq, 21)
+    [(offset, row)] = mgr.plan_snapshot(seq, 21)
     assert offset == 20  # the last boundary before the last token
     seq.num_computed_tokens = 21
     mgr.cache_full_blocks(seq)
@@ -241,9 +242,13 @@ def test_lookup_needs_the_whole_chain_and_a_snapshot_at_its_end():
     assert mgr.state_init(hit) == (hit.state_slot, row)
     mgr.free(hit)
 
-    # a prefix of the chain without a snapshot at its end: no hit, no blocks taken
+    # a prefix of the chain without a snapshot at its end: no hit, no blocks taken; the end of the
+    # matched chain (3 blocks) is a branch point, dropped with the sequence
     short = Sequence("c", tokens[:13], SamplingParams(), frozenset())
     assert mgr.match_prefix(short) == 0 and short.block_table == [] and short.snapshot_restore is None
+    assert mgr._branch_at == {short: 12}
+    mgr.free(short)
+    assert not mgr._branch_at
 
     # a block in the middle of the chain evicted: the snapshot at the end is unreachable
     alloc = mgr.allocator
@@ -292,3 +297,166 @@ def test_snapshot_memory_comes_out_of_the_cache_budget(model):
     assert engine_args_from_cli(parser.parse_args(["--state-snapshots", "5"])) == {"state_snapshots": 5}
     with pytest.raises(ValueError, match="state_snapshots=-1"):
         EngineConfig(state_snapshots=-1).validate()
+
+
+# ---- branch points: requests sharing a prefix that ends mid-block and mid-prompt ----------------------
+
+SHARED = 22  # base[:22]: 5 full blocks of 4 + 2 tokens; the tails below differ from token 22 on
+BRANCH = 20  # the last block boundary of the shared part: where the third and later requests resume
+
+
+def tail(first, n):
+    return [first] + [(first * 7 + i) % 90 + 2 for i in range(n - 1)]
+
+
+# B: 31 tokens, its branch point 20 and its prompt-end point 28 (chunk boundaries in brackets):
+BRANCH_ENGINES = {
+    "whole": (dict(num_blocks=96, block_size=BS), True),  # [0, 31): cut at 20 and at 28
+    "chunk16": (dict(num_blocks=96, block_size=BS, max_num_batched_tokens=16), True),  # [16, 31): both in chunk 2
+    "chunk7": (dict(num_blocks=96, block_size=BS, max_num_batched_tokens=7), False),  # [14, 21): 20 inside;
+    # its last chunk [28, 31) starts at the prompt-end point, so no prompt-end snapshot
+    "chunk5": (dict(num_blocks=96, block_size=BS, max_num_batched_tokens=5), False),  # [15, 20): 20 at its end
+}
+
+
+@pytest.mark.parametrize("name", list(BRANCH_ENGINES))
+def test_third_request_hits_at_the_branch_point(model, base, ref, name):
+    args, prompt_end_snapshot = BRANCH_ENGINES[name]
+    llm = LLM(model=model, **args)
+    snaps = llm.engine.cache.snapshots
+    a = base[:SHARED] + tail(50, 8)
+    b = base[:SHARED] + tail(60, 9)
+    c = base[:SHARED] + tail(70, 5)
+    out_a = llm.generate([a], greedy())[0]
+    assert out_a.num_cached_tokens == 0 and out_a.token_ids == ref(a)
+    # b matches a's first 5 blocks, but no snapshot lies on them: no hit; it snapshots at 20 while computing
+    out_b = llm.generate([b], greedy())[0]
+    assert out_b.num_cached_tokens == 0 and out_b.token_ids == ref(b)
+    assert snaps.num_branch_saved == 1
+    # the third request sharing the prefix resumes at the branch point
+    out_c = llm.generate([c], greedy())[0]
+    assert out_c.num_cached_tokens == BRANCH and out_c.token_ids == ref(c)
+    assert snaps.num_branch_saved == 1  # c matched no further than its hit: no new branch point
+    assert hits(llm) == BRANCH
+    # b's prompt-end snapshot, taken in the same chunk as its branch snapshot where the chunks allow
+    d = b[:28] + [9, 9]
+    out_d = llm.generate([d], greedy())[0]
+    assert out_d.token_ids == ref(d)
+    if prompt_end_snapshot:
+        assert out_d.num_cached_tokens == 28 and snaps.num_branch_saved == 1
+    else:  # resumes at the branch point and, matching b's blocks up to 28, snapshots there for the next
+        assert out_d.num_cached_tokens == BRANCH and snaps.num_branch_saved == 2
+        e = b[:28] + [10]
+        out_e = llm.generate([e], greedy())[0]
+        assert out_e.num_cached_tokens == 28 and out_e.token_ids == ref(e)
+    check_consistent(llm)
+
+
+def test_branch_points_off_keeps_the_old_policy(model, base, ref):
+    llm = LLM(model=model, num_blocks=96, block_size=BS)
+    llm.engine.cache.branch_snapshots = False
+    prompts = [base[:SHARED] + tail(t, 8) for t in (50, 60, 70)]
+    outs = [llm.generate([p], greedy())[0] for p in prompts]
+    assert [o.token_ids for o in outs] == [ref(p) for p in prompts]
+    assert [o.num_cached_tokens for o in outs] == [0, 0, 0]
+    assert llm.engine.cache.snapshots.num_branch_saved == 0
+    check_consistent(llm)
+
+
+def test_evicted_branch_snapshot_is_taken_again(model, base, ref):
+    # two snapshot rows: an unrelated request's prompt-end and output snapshots evict the branch one
+    llm = LLM(model=model, num_blocks=96, block_size=BS, state_snapshots=2)
+    snaps = llm.engine.cache.snapshots
+    a, b, c, e = (base[:SHARED] + tail(t, 8) for t in (50, 60, 70, 80))
+    llm.generate([a], greedy())
+    llm.generate([b], greedy())
+    assert snaps.num_branch_saved == 1
+    llm.generate([[3] * 21], greedy())
+    out_c = llm.generate([c], greedy())[0]
+    assert out_c.num_cached_tokens == 0 and out_c.token_ids == ref(c)  # blocks cached, state evicted
+    assert snaps.num_branch_saved == 2  # c found the chain again beyond its (empty) hit: snapshots there
+    out_e = llm.generate([e], greedy())[0]
+    assert out_e.num_cached_tokens == BRANCH and out_e.token_ids == ref(e)
+    check_consistent(llm)
+
+
+def test_evicted_shared_blocks_drop_the_branch_snapshot(model, base, ref):
+    # 14 blocks: an unrelated 13-block request evicts the shared prefix's blocks, and the branch
+    # snapshot with them
+    llm = LLM(model=model, num_blocks=14, block_size=BS, max_num_seqs=2)
+    a, b, c = (base[:SHARED] + tail(t, 8) for t in (50, 60, 70))
+    llm.generate([a], greedy(2))
+    llm.generate([b], greedy(2))
+    assert llm.engine.cache.snapshots.num_branch_saved == 1
+    llm.generate([[4, 5] * 25], greedy(2))
+    out_c = llm.generate([c], greedy())[0]
+    assert out_c.num_cached_tokens == 0 and out_c.token_ids == ref(c)
+    check_consistent(llm)
+
+
+def test_swarm_submitted_together_hits_at_the_branch_point(model, base, ref):
+    # eight sub-agents with the same 22-token prefix and different tasks, in one generate call with a
+    # small token budget, so they are admitted over several steps: the first ones compute everything,
+    # one of those admitted once the first's blocks are cached snapshots the branch point, the rest hit
+    prompts = [base[:SHARED] + tail(40 + 5 * i, 6 + i % 3) for i in range(8)]
+    llm = LLM(model=model, num_blocks=96, block_size=BS, max_num_batched_tokens=32)
+    outs = llm.generate(prompts, greedy())
+    assert [o.token_ids for o in outs] == [ref(p) for p in prompts]
+    cached = [o.num_cached_tokens for o in outs]
+    assert set(cached) == {0, BRANCH} and cached[-1] == BRANCH and cached.count(BRANCH) >= 4
+    assert llm.engine.cache.snapshots.num_branch_saved >= 1
+    check_consistent(llm)
+
+
+def test_plan_snapshot_gives_the_branch_and_prompt_end_points():
+    mgr = KVCacheManager(num_blocks=32, block_size=4, state_slots=2, state_snapshots=4)
+    first = Sequence("a", list(range(2, 32)), SamplingParams(), frozenset())  # 30 tokens
+    mgr.match_prefix(first)
+    mgr.allocate(first, 30)
+    assert [off for off, _ in mgr.plan_snapshot(first, 30)] == [28]
+    first.num_computed_tokens = 30
+    mgr.cache_full_blocks(first)
+    mgr.free(first)
+    # shares 22 tokens: 5 full blocks match, no snapshot on them
+    second = Sequence("b", list(range(2, 24)) + [90] * 9, SamplingParams(), frozenset())
+    assert mgr.match_prefix(second) == 0 and mgr._branch_at[second] == 20
+    mgr.allocate(second, 31)
+    assert mgr.plan_snapshot(second, 16) == []  # chunk [0, 16): neither point reached
+    second.num_computed_tokens = 16
+    mgr.cache_full_blocks(second)
+    saves = mgr.plan_snapshot(second, 15)  # chunk [16, 31): the branch point, then the prompt end
+    assert [off for off, _ in saves] == [4, 12] and len({row for _, row in saves}) == 2
+    second.num_computed_tokens = 31
+    mgr.cache_full_blocks(second)
+    assert mgr.snapshots.num_branch_saved == 1 and len(mgr.snapshots) == 3
+    mgr.free(second)
+    third = Sequence("c", list(range(2, 24)) + [91] * 3, SamplingParams(), frozenset())
+    assert mgr.match_prefix(third) == 20 and third not in mgr._branch_at
+
+
+def test_chunk_cut_at_two_points_writes_the_states_there(model):
+    """RecurrentStates.run with two snapshots inside one prefill chunk: each snapshot row holds the KDA
+    layer's state after that many tokens, computed here by the layer alone on that prefix; the output
+    and the slot equal one uncut run."""
+    from moonlet.engine.attention import BatchLayout, PrefillSpan
+    from moonlet.engine.recurrent import RecurrentStates
+
+    layer = model.config.kda_layer_ids[0]
+    module = model.model.layers[layer].self_attn
+    x = torch.randn(1, 11, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    states = RecurrentStates(model.config, num_slots=2, dtype=torch.float32, device="cpu", num_snapshots=3)
+    layout = BatchLayout(positions=torch.arange(11), slot_mapping=torch.arange(11), num_decodes=0,
+                         decode_block_tables=None, decode_ctx_lens=None,
+                         prefills=[PrefillSpan(0, 11, 11, torch.tensor([0]), state_slot=1)])
+    states.begin_step([(1, None)], [(1, 9, 2), (1, 4, 0)], decode_slots=[])
+    with torch.no_grad():
+        out = states.run(layer, module, x, layout)
+        whole, final = module(x, return_state=True)
+        for offset, snap in ((4, 0), (9, 2)):
+            _, expect = module(x[:, :offset], return_state=True)
+            for got, want in zip(states.states[layer], expect):
+                torch.testing.assert_close(got[2 + snap], want[0].to(got.dtype))
+    torch.testing.assert_close(out, whole)
+    for got, want in zip(states.states[layer], final):
+        torch.testing.assert_close(got[1], want[0].to(got.dtype))
+    assert all(float(t[2 + 1].abs().sum()) == 0 for t in states.states[layer])  # snapshot 1 untouched
