@@ -165,11 +165,6 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
         raise ValueError("engine argument decode_kernel='triton' needs a CUDA GPU (compute capability >= 8.0) and "
                          "the triton package; use 'reference'")
     graphs = cfg.decode_graphs or ("cuda" if on_cuda else "off")
-    if state_bytes:  # the decode graphs' static buffers carry no state slots
-        if cfg.decode_graphs not in (None, "off"):
-            raise ValueError(f"engine argument decode_graphs={cfg.decode_graphs!r}: decode graphs do not support "
-                             "models with KDA layers (Kimi Linear) yet; use 'off'")
-        graphs = "off"
     if graphs == "cuda" and not on_cuda:
         raise ValueError("engine argument decode_graphs='cuda' needs a CUDA device; use 'eager' or 'off'")
     from .cuda_graph import DEFAULT_BATCH_SIZES

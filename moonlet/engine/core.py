@@ -101,7 +101,7 @@ class EngineCore:
                                     state_slots=rc.max_num_seqs if hybrid else 0, state_snapshots=rc.state_snapshots)
         self.scheduler = Scheduler(self.cache, rc.max_num_seqs, rc.max_num_batched_tokens, rc.enable_chunked_prefill)
         states = RecurrentStates(model.config, rc.max_num_seqs, model.dtype, model.device,
-                                 num_snapshots=rc.state_snapshots) if hybrid else None
+                                 num_snapshots=rc.state_snapshots, scratch_row=bool(scratch)) if hybrid else None
         self.runner = ModelRunner(self.model, self.pool, expanded_prefill=rc.expanded_prefill,
                                   triton_decode=rc.triton_decode, states=states)
         if rc.decode_graphs != "off":

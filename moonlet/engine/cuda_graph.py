@@ -10,6 +10,13 @@ batch of n sequences runs in the smallest captured size >= n; the padding rows d
 into a scratch block that the cache manager never hands out (the pool has one extra block for it),
 with a context of one token, so they cannot touch real sequences and stay finite.
 
+Hybrid models (KDA layers, ``recurrent.RecurrentStates``): the KDA layers gather and scatter the
+decodes' recurrent states through one more static buffer, the rows' state slots. Padding rows point
+at the states' scratch row (no sequence or snapshot has it; zeroed at the start of every replay), so
+their gathers and scatters touch nothing else. What a step does to the states besides the forward
+runs outside the graph: loading slots (zeros for a sequence starting at token 0, a snapshot after a
+prefix hit) before the replay, and copying slots into snapshot rows after it.
+
 The same code runs eagerly with ``capture=False`` (on CPU, say): that is how the padding and buffer
 logic is tested against the engine's ordinary path without a GPU.
 """
@@ -41,6 +48,13 @@ class DecodeGraphs:
         self.slots = torch.full((B,), scratch_block * self.block_size, dtype=torch.long, device=dev)
         self.tables = torch.full((B, max_blocks), scratch_block, dtype=torch.long, device=dev)
         self.ctx_lens = torch.ones(B, dtype=torch.long, device=dev)
+        self.states = kv.states  # RecurrentStates (hybrid models) or None
+        self.state_slots = None
+        if self.states is not None:
+            if self.states.scratch_row is None:
+                raise ValueError("DecodeGraphs for a model with KDA layers needs RecurrentStates(scratch_row=True): "
+                                 "padding rows decode into that row")
+            self.state_slots = torch.full((B,), self.states.scratch_row, dtype=torch.long, device=dev)
         self.logits: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.mempool = None
@@ -56,18 +70,28 @@ class DecodeGraphs:
 
     def _layout(self, bs: int) -> BatchLayout:
         return BatchLayout(positions=self.positions[:bs], slot_mapping=self.slots[:bs], num_decodes=bs,
-                           decode_block_tables=self.tables[:bs], decode_ctx_lens=self.ctx_lens[:bs], prefills=[])
+                           decode_block_tables=self.tables[:bs], decode_ctx_lens=self.ctx_lens[:bs], prefills=[],
+                           decode_state_slots=None if self.state_slots is None else self.state_slots[:bs])
 
     def _forward(self, bs: int) -> torch.Tensor:
+        if self.states is not None:
+            self.states.clear_scratch()
         self.kv.set_batch(self._layout(bs))
         hidden = self.model.hidden_states(self.input_ids[:, :bs], positions=self.positions[None, :bs], kv=self.kv)
         self.kv.set_batch(None)
         return self.model.lm_head(hidden[0]).float()  # [bs, vocab]
 
     @torch.inference_mode()
-    def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
-        """One decode step for n sequences (token, its position, its block table) -> logits [n, vocab]."""
+    def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]],
+            state_slots: list[int] | None = None, state_inits=(), state_saves=()) -> torch.Tensor:
+        """One decode step for n sequences (token, its position, its block table) -> logits [n, vocab].
+
+        Hybrid models also give each sequence's recurrent-state slot, the slots to load before the
+        step (``ScheduledBatch.state_inits``) and the snapshots to take after it (``state_saves``)."""
         n = len(token_ids)
+        if (self.states is not None) != (state_slots is not None):
+            raise ValueError("DecodeGraphs.run: give state_slots exactly when the model has KDA layers "
+                             f"({'it has' if self.states is not None else 'it has none'})")
         bs = self.padded_size(n)
         bsz = self.block_size
         width = self.tables.shape[1]
@@ -88,10 +112,19 @@ class DecodeGraphs:
         self.slots[:bs].copy_(slots, non_blocking=True)
         self.tables[:bs].copy_(table, non_blocking=True)
         self.ctx_lens[:bs].copy_(ctx, non_blocking=True)
+        if self.states is not None:
+            rows = torch.full((bs,), self.states.scratch_row, dtype=torch.long)
+            rows[:n] = torch.tensor(state_slots, dtype=torch.long)
+            self.state_slots[:bs].copy_(rows, non_blocking=True)
+            self.states.load(state_inits)
         if self.capture:
             self.graphs[bs].replay()
-            return self.logits[bs][:n].clone()  # the next replay overwrites the static output
-        return self._forward(bs)[:n]
+            logits = self.logits[bs][:n].clone()  # the next replay overwrites the static output
+        else:
+            logits = self._forward(bs)[:n]
+        if self.states is not None:
+            self.states.copy_to_snapshots(list(state_saves))
+        return logits
 
     # ---- capture ---------------------------------------------------------------------------------
     @torch.inference_mode()

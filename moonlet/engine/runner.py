@@ -119,7 +119,9 @@ class ModelRunner:
         seqs = batch.seqs
         starts = [s.num_computed_tokens for s in seqs]
         logits = self.graphs.run([s.token_ids[p] for s, p in zip(seqs, starts)], starts,
-                                 [s.block_table for s in seqs])
+                                 [s.block_table for s in seqs],
+                                 None if self.states is None else [s.state_slot for s in seqs],
+                                 batch.state_inits, batch.state_saves)
         self.graph_steps += 1
         rows = [i for i, (s, p) in enumerate(zip(seqs, starts)) if p + 1 == s.num_tokens]
         if not rows:
