@@ -1,15 +1,29 @@
-"""Multi-turn chat on a hybrid (Kimi Linear: KDA + MLA) model in the engine, with and without prefix
-caching: how many prompt tokens each turn recomputes, and the time it takes.
+"""Prefix caching on a hybrid (Kimi Linear: KDA + MLA) model in the engine: how many prompt tokens are
+recomputed, and the time it takes, for two workloads.
 
-    python bench/hybrid_prefix.py                       # 8 conversations x 6 turns, CPU, one thread
+    python bench/hybrid_prefix.py                       # chat: 8 conversations x 6 turns, CPU, one thread
     python bench/hybrid_prefix.py --conversations 8 --turns 6 --user-len 48 --output-len 32 --threads 1
+    python bench/hybrid_prefix.py --workload swarm      # 32 sub-agents: one 500-token system prompt + 32-token tasks
+    python bench/hybrid_prefix.py --workload swarm --agents 32 --system-len 500 --task-len 32 --output-len 16
+
+chat:
 
 Each conversation starts from its own random prompt; every turn appends the reply and --user-len new
 random tokens, as a chat client resending the whole conversation does. All conversations' turn t are
 submitted together (one ``generate`` call), greedy, exactly --output-len tokens each. The same
 conversations run twice on one random-weight model: prefix caching on (recurrent-state snapshots at
 block boundaries; see docs/serving-engine.md) and off (--no-prefix-caching). Both runs must produce
-the same tokens. Extra engine flags (--block-size, --state-snapshots, ...) apply to both runs.
+the same tokens.
+
+swarm: --agents requests, each the same --system-len random tokens (system prompt and tool
+definitions) followed by its own --task-len random tokens, all submitted in one ``generate`` call
+(greedy, --output-len tokens each), as an agent swarm spawning sub-agents does. Three runs: prefix
+caching off; on, with snapshots only at prompt ends and generations (branch points off: the shared
+prefix, ending mid-prompt, has no snapshot, so no hits); on, with branch-point snapshots (the default:
+once one request matched another's cached prefix, the next ones resume at its last block boundary).
+All three must produce the same tokens.
+
+Extra engine flags (--block-size, --state-snapshots, ...) apply to every run.
 """
 
 from __future__ import annotations
@@ -67,8 +81,55 @@ def run(model, engine_args: dict, args) -> dict:
             "snapshots_restored": stats["state_snapshots_restored"], "block_size": stats["block_size"]}
 
 
+def run_swarm(model, engine_args: dict, args, branch_points: bool = True) -> dict:
+    llm = LLM(model=model, **engine_args)
+    if llm.engine.cache.snapshots is not None:
+        llm.engine.cache.branch_snapshots = branch_points
+    g = torch.Generator().manual_seed(args.seed)
+    system = torch.randint(2, args.vocab, (args.system_len,), generator=g).tolist()
+    prompts = [system + t for t in torch.randint(2, args.vocab, (args.agents, args.task_len), generator=g).tolist()]
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    seconds = time.perf_counter() - t0
+    stats = llm.stats()
+    snaps = llm.engine.cache.snapshots
+    return {"seconds": seconds, "replies": [o.token_ids for o in outs], "prompt": stats["prompt_tokens_total"],
+            "computed": stats["prompt_tokens_total"] - stats["prefix_cache_hits"],
+            "cached": [o.num_cached_tokens for o in outs], "block_size": stats["block_size"],
+            "branch_saved": snaps.num_branch_saved if snaps is not None else 0,
+            "restored": stats["state_snapshots_restored"]}
+
+
+def swarm(model, engine_args: dict, args) -> int:
+    runs = {
+        "caching off": run_swarm(model, dict(engine_args, enable_prefix_caching=False), args),
+        "on, no branch points": run_swarm(model, dict(engine_args), args, branch_points=False),
+        "on, branch points": run_swarm(model, dict(engine_args), args),
+    }
+    replies = [r["replies"] for r in runs.values()]
+    if any(r != replies[0] for r in replies):
+        raise SystemExit("the runs generated different tokens")
+    base = runs["caching off"]
+    print(f"{args.agents} requests = one {args.system_len}-token shared prefix + a {args.task_len}-token task, "
+          f"{args.output_len} reply tokens each, one generate call; hidden {args.hidden}, block size "
+          f"{base['block_size']}, torch {torch.__version__}, {args.threads} thread(s); identical tokens in all runs")
+    print("| run | prompt tokens | computed | requests that hit (at token) | branch snapshots | time | speed-up |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, r in runs.items():
+        hit = [c for c in r["cached"] if c]
+        at = f" (at {sorted(set(hit))[0]})" if len(set(hit)) == 1 else ""
+        print(f"| {name} | {r['prompt']} | {r['computed']} | {len(hit)}{at} | {r['branch_saved']} | "
+              f"{r['seconds']:.2f} s | {base['seconds'] / r['seconds']:.2f}x |")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", choices=["chat", "swarm"], default="chat")
+    p.add_argument("--agents", type=int, default=32, help="swarm: requests sharing the system prompt")
+    p.add_argument("--system-len", type=int, default=500, help="swarm: shared prefix tokens")
+    p.add_argument("--task-len", type=int, default=32, help="swarm: distinct tokens per request")
     p.add_argument("--conversations", type=int, default=8)
     p.add_argument("--turns", type=int, default=6)
     p.add_argument("--user-len", type=int, default=48, help="new tokens per turn (also the first prompt's length)")
@@ -80,11 +141,16 @@ def main(argv=None) -> int:
     add_engine_cli_args(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    max_len = args.turns * (args.user_len + args.output_len) + 64
+    if args.workload == "swarm":
+        max_len = args.system_len + args.task_len + args.output_len + 64
+    else:
+        max_len = args.turns * (args.user_len + args.output_len) + 64
     model = small_kimi_linear(args.hidden, args.vocab, max_len)
     engine_args = engine_args_from_cli(args)
     engine_args.pop("enable_prefix_caching", None)
     engine_args.setdefault("device", "cpu")
+    if args.workload == "swarm":
+        return swarm(model, engine_args, args)
 
     on = run(model, dict(engine_args), args)
     off = run(model, dict(engine_args, enable_prefix_caching=False), args)
