@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from . import anthropic as anthropic_api
 from . import openai as openai_api
 from . import openai_completions
+from . import responses as responses_api
 from .errors import APIError, api_of, error_body, error_response, format_validation_error
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .state import ServerState, state_of
@@ -28,7 +29,7 @@ from .state import ServerState, state_of
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20
-_GENERATION_PATHS = ("/v1/messages", "/v1/chat/completions", "/v1/completions")
+_GENERATION_PATHS = ("/v1/messages", "/v1/chat/completions", "/v1/completions", "/v1/responses")
 _OPEN_PATHS = ("/health", "/metrics")
 
 
@@ -221,6 +222,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     app.include_router(anthropic_api.router)
     app.include_router(openai_api.router)
     app.include_router(openai_completions.router)
+    app.include_router(responses_api.router)
     app.add_middleware(RequestContext, api_key=api_key, max_body_bytes=max_body_bytes,
                        max_concurrent=max_concurrent_requests)
     return app
