@@ -111,7 +111,7 @@ class FixedProposer:
         return list(self.drafts)
 
 
-def admit_and_compute(sched, seqs):
+def admit_and_compute(sched):
     """One scheduled step as the engine does it, without a model: every sequence's chunk is computed
     and a finished prompt gets one token."""
     batch = sched.schedule()
@@ -129,7 +129,7 @@ def test_drafts_take_leftover_budget_and_never_the_blocks_a_prefill_needs():
     b = Sequence("b", [4] * 20, SamplingParams(), frozenset())
     sched.add(a)
     sched.add(b)
-    first = admit_and_compute(sched, [a, b])
+    first = admit_and_compute(sched)
     assert first.num_new_tokens == [6, 4] and not first.draft_tokens  # prompts: no drafts
     assert cache.num_free_blocks == 3 and a.num_uncomputed_tokens == 1
     # a decodes; b's next chunk (9 tokens if a took one) needs 2 more blocks, leaving 1 block and the
@@ -143,7 +143,7 @@ def test_drafts_take_leftover_budget_and_never_the_blocks_a_prefill_needs():
     sched = Scheduler(cache, max_num_seqs=4, max_num_batched_tokens=4, proposer=FixedProposer([5] * 8))
     c = Sequence("c", [3] * 3, SamplingParams(), frozenset())
     sched.add(c)
-    admit_and_compute(sched, [c])
+    admit_and_compute(sched)
     batch = sched.schedule()
     assert batch.draft_tokens == {c: [5, 5, 5]} and batch.num_new_tokens == [4]
 
@@ -521,3 +521,18 @@ def test_moba_model_greedy_and_page_sums():
     assert [outs[f"m{i}"].token_ids for i in range(3)] == expected
     assert llm.stats()["spec_accepted_tokens"] > 0
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == expected  # from the prefix cache
+
+
+def test_server_metrics_report_the_spec_counters(model, prompts):
+    pytest.importorskip("prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from moonlet.server.metrics import ServerMetrics
+
+    llm = spec_llm(model, num_blocks=64)
+    llm.generate(prompts[:2], GREEDY)
+    stats = llm.stats()
+    text = ServerMetrics(llm.engine).render().decode()
+    value = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert value["moonlet_spec_draft_tokens_total"] == stats["spec_draft_tokens"] > 0
+    assert value["moonlet_spec_accepted_tokens_total"] == stats["spec_accepted_tokens"] > 0
