@@ -60,7 +60,7 @@ class EngineConfig:
     speculative: str | None = None
     num_speculative_tokens: int = 4
     ngram_max: int = 4
-    ngram_min: int = 1
+    ngram_min: int = 2
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -250,7 +250,8 @@ def add_engine_cli_args(parser) -> None:
     g.add_argument("--ngram-max", type=int, default=None,
                    help="with --speculative ngram: longest suffix matched, tried first (default 4)")
     g.add_argument("--ngram-min", type=int, default=None,
-                   help="with --speculative ngram: shortest suffix matched (default 1)")
+                   help="with --speculative ngram: shortest suffix matched (default 2; 1 also drafts after "
+                        "single-token matches, which are more often wrong)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model and cache dtype (default: the checkpoint's)")

@@ -42,7 +42,7 @@ class SpeculativeConfig:
     method: str = "ngram"
     num_speculative_tokens: int = 4
     ngram_max: int = 4
-    ngram_min: int = 1
+    ngram_min: int = 2
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATIVE_METHODS:
