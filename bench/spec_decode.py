@@ -110,7 +110,8 @@ def main(argv=None) -> int:
     base = dict(device=args.device, dtype=args.dtype)
     probe = LLM(path, model=model, **base)
     tokenizer = probe.tokenizer
-    print(f"model: {args.random or path} | device {probe.engine.config.device} | {probe.engine.model.dtype} | threads {torch.get_num_threads()} "
+    print(f"model: {args.random or path} | device {probe.engine.config.device} | {probe.engine.model.dtype} "
+          f"| threads {torch.get_num_threads()} "
           f"| ngram {args.ngram_max}..{args.ngram_min} | {args.output_len} tokens out, "
           f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature}'}, ignore_eos\n")
     print("| workload | prompts | speculation | out tok | seconds | out tok/s | speed-up | steps | drafts | accepted "
@@ -134,7 +135,8 @@ def main(argv=None) -> int:
                 per = f"{(acc + ver) / ver:.2f}" if ver else "-"
                 same = "yes" if r["outputs"] == plain["outputs"] else "NO"
                 print(f"| {name} | {n} | {label} | {r['out_tokens']} | {r['seconds']:.2f} | {r['tok_s']:.1f} "
-                      f"| {r['tok_s'] / plain['tok_s']:.2f}x | {r['steps']} | {drafts} | {acc} | {rate} | {per} | {same} |")
+                      f"| {r['tok_s'] / plain['tok_s']:.2f}x | {r['steps']} | {drafts} | {acc} | {rate} | {per} "
+                      f"| {same} |")
     return 0
 
 

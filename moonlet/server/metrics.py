@@ -1,8 +1,8 @@
 """Prometheus metrics for ``GET /metrics``.
 
 Server-side counters and latency histograms are recorded per request; the engine's gauges
-(running/waiting requests, cache usage, prefix-cache and speculative-decoding counters) are read from ``engine.stats()`` at
-scrape time. Each app has its own registry, so several apps in one process do not collide.
+(running/waiting requests, cache usage, prefix-cache and speculative-decoding counters) are read
+from ``engine.stats()`` at scrape time. Each app has its own registry, so several apps in one process do not collide.
 """
 
 from __future__ import annotations
