@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import available_memory, bytes_per_block, parse_bytes
+from .spec import SPECULATIVE_METHODS, SpeculativeConfig
 
 # CPU default: a small share of free RAM, never more than this.
 CPU_KV_FRACTION = 0.05
@@ -53,6 +54,13 @@ class EngineConfig:
     # hybrid models (KDA layers): snapshot rows of the recurrent state at block boundaries, what lets
     # a prefix-cache hit resume (default max_num_seqs; 0: no prefix hits for such models)
     state_snapshots: int | None = None
+    # speculative decoding: None (off) or "ngram" (prompt-lookup drafts, moonlet.engine.spec): up to
+    # num_speculative_tokens drafts per decoding sequence and step, from the latest earlier occurrence
+    # of its last ngram_max .. ngram_min tokens; verified in the same forward, output unchanged
+    speculative: str | None = None
+    num_speculative_tokens: int = 4
+    ngram_max: int = 4
+    ngram_min: int = 2
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -87,6 +95,13 @@ class EngineConfig:
                              f"positive integers")
         if self.kv_cache_fraction is not None and not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"engine argument kv_cache_fraction={self.kv_cache_fraction!r} must be in (0, 1]")
+        self.speculative_config()  # raises on bad speculative settings
+
+    def speculative_config(self) -> SpeculativeConfig | None:
+        """The validated speculative-decoding settings, or None when it is off."""
+        if self.speculative is None:
+            return None
+        return SpeculativeConfig(self.speculative, self.num_speculative_tokens, self.ngram_max, self.ngram_min)
 
 
 @dataclass
@@ -108,6 +123,7 @@ class ResolvedConfig:
     decode_graph_batch_sizes: tuple[int, ...] = ()
     triton_decode: bool = False
     state_snapshots: int = 0  # recurrent-state snapshot rows (hybrid models with prefix caching)
+    speculative: SpeculativeConfig | None = None  # speculative decoding (None: off)
 
 
 def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.dtype) -> ResolvedConfig:
@@ -164,6 +180,12 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
     if cfg.decode_kernel == "triton" and not triton_decode:
         raise ValueError("engine argument decode_kernel='triton' needs a CUDA GPU (compute capability >= 8.0) and "
                          "the triton package; use 'reference'")
+    speculative = cfg.speculative_config()
+    if speculative is not None and model_config.kda_layer_ids:
+        raise ValueError(f"engine argument speculative={cfg.speculative!r}: speculative decoding does not support "
+                         f"models with KDA layers (Kimi Linear, layers {list(model_config.kda_layer_ids)}): their "
+                         f"recurrent state advances over every verified token and cannot be rolled back past a "
+                         f"rejected draft; leave speculative unset (None) for this model")
     graphs = cfg.decode_graphs or ("cuda" if on_cuda else "off")
     if graphs == "cuda" and not on_cuda:
         raise ValueError("engine argument decode_graphs='cuda' needs a CUDA device; use 'eager' or 'off'")
@@ -179,7 +201,7 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
         max_waiting=cfg.max_waiting, seed=cfg.seed,
         expanded_prefill=(cfg.prefill_attention or ("expanded" if on_cuda else "absorbed")) == "expanded",
         decode_graphs=graphs, decode_graph_batch_sizes=graph_sizes, triton_decode=triton_decode,
-        state_snapshots=snapshots,
+        state_snapshots=snapshots, speculative=speculative,
     )
 
 
@@ -214,6 +236,17 @@ def add_engine_cli_args(parser) -> None:
                    help="MLA decode attention kernel (default: triton on GPU when installed)")
     g.add_argument("--decode-graphs", choices=["cuda", "eager", "off"], default=None,
                    help="replay decode steps from CUDA graphs (default: cuda on GPU, off on CPU)")
+    g.add_argument("--speculative", choices=list(SPECULATIVE_METHODS), default=None,
+                   help="speculative decoding: 'ngram' drafts continuations of earlier occurrences of each "
+                        "sequence's last tokens (prompt lookup) and verifies them in the same forward; the output "
+                        "does not change (default: off)")
+    g.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="with --speculative: most draft tokens per sequence and step (default 4)")
+    g.add_argument("--ngram-max", type=int, default=None,
+                   help="with --speculative ngram: longest suffix matched, tried first (default 4)")
+    g.add_argument("--ngram-min", type=int, default=None,
+                   help="with --speculative ngram: shortest suffix matched (default 2; 1 also drafts after "
+                        "single-token matches, which are more often wrong)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model and cache dtype (default: the checkpoint's)")
@@ -229,7 +262,8 @@ def engine_args_from_cli(args) -> dict:
         block_size="block_size", max_model_len="max_model_len", max_num_seqs="max_num_seqs",
         max_num_batched_tokens="max_num_batched_tokens", max_waiting="max_waiting", device="device", dtype="dtype",
         engine_seed="seed", prefill_attention="prefill_attention", decode_graphs="decode_graphs",
-        decode_kernel="decode_kernel", state_snapshots="state_snapshots",
+        decode_kernel="decode_kernel", state_snapshots="state_snapshots", speculative="speculative",
+        num_speculative_tokens="num_speculative_tokens", ngram_max="ngram_max", ngram_min="ngram_min",
     )
     out = {field: getattr(args, attr) for attr, field in names.items() if getattr(args, attr, None) is not None}
     for flag in ("enable_prefix_caching", "enable_chunked_prefill"):

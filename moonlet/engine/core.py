@@ -17,6 +17,7 @@ from .runner import ModelRunner
 from .sampler import Sampler
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence
+from .spec import NgramProposer
 from .thinking import ThinkingBudget, thinking_markers
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None}
@@ -99,7 +100,9 @@ class EngineCore:
         hybrid = bool(model.config.kda_layer_ids)
         self.cache = KVCacheManager(rc.num_blocks, rc.block_size, rc.enable_prefix_caching,
                                     state_slots=rc.max_num_seqs if hybrid else 0, state_snapshots=rc.state_snapshots)
-        self.scheduler = Scheduler(self.cache, rc.max_num_seqs, rc.max_num_batched_tokens, rc.enable_chunked_prefill)
+        self.proposer = NgramProposer(rc.speculative, rc.max_model_len) if rc.speculative is not None else None
+        self.scheduler = Scheduler(self.cache, rc.max_num_seqs, rc.max_num_batched_tokens, rc.enable_chunked_prefill,
+                                   proposer=self.proposer)
         states = RecurrentStates(model.config, rc.max_num_seqs, model.dtype, model.device,
                                  num_snapshots=rc.state_snapshots, scratch_row=bool(scratch)) if hybrid else None
         self.runner = ModelRunner(self.model, self.pool, expanded_prefill=rc.expanded_prefill,
@@ -118,6 +121,9 @@ class EngineCore:
         self.requests_finished = 0
         self.requests_aborted = 0
         self.num_steps = 0
+        self.spec_draft_tokens = 0  # draft tokens verified (speculative decoding)
+        self.spec_accepted_tokens = 0  # of those, kept as output tokens
+        self.spec_verifications = 0  # sequence-steps that verified at least one draft
 
     @property
     def max_model_len(self) -> int:
@@ -198,16 +204,32 @@ class EngineCore:
             return []
         self.num_steps += 1
         to_sample, logits = self.runner.execute(batch)
+        drafts = batch.draft_tokens
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
-            self.cache.cache_full_blocks(seq)
+            if seq not in drafts:  # a verifying sequence's computed count depends on what it accepts
+                seq.num_computed_tokens += n
+                self.cache.cache_full_blocks(seq)
         outputs: list[RequestOutput] = []
         if not to_sample:
             return outputs
-        tokens, logprobs = self.sampler(logits, to_sample)
-        for seq, token, lp in zip(to_sample, tokens, logprobs):
-            seq.append_token(token, self.max_model_len, lp)
-            self.generation_tokens_total += 1
+        results = self.sampler.verify(logits, to_sample, [drafts.get(seq, ()) for seq in to_sample])
+        for seq, result in zip(to_sample, results):
+            kept = 0
+            for token, lp in zip(result.tokens, result.logprobs):
+                seq.append_token(token, self.max_model_len, lp)
+                kept += 1
+                if seq.finish_reason is not None:  # a stop inside an accepted run drops the rest
+                    break
+            self.generation_tokens_total += kept
+            draft = drafts.get(seq)
+            if draft is not None:
+                # its last token and the accepted drafts now have correct latents; the rejected drafts'
+                # slots lie past num_computed_tokens: never registered, overwritten by later steps
+                seq.num_computed_tokens = min(seq.num_computed_tokens + 1 + result.num_accepted, seq.num_tokens)
+                self.cache.cache_full_blocks(seq)
+                self.spec_draft_tokens += len(draft)
+                self.spec_accepted_tokens += min(result.num_accepted, kept)
+                self.spec_verifications += 1
             if seq.finish_reason is not None:
                 self.scheduler.remove(seq)
                 self.requests.pop(seq.request_id, None)
@@ -239,4 +261,7 @@ class EngineCore:
             "requests_aborted": self.requests_aborted,
             "steps": self.num_steps,
             "max_model_len": self.max_model_len,
+            "spec_draft_tokens": self.spec_draft_tokens,
+            "spec_accepted_tokens": self.spec_accepted_tokens,
+            "spec_verifications": self.spec_verifications,
         }

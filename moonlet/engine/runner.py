@@ -1,5 +1,6 @@
 """Runs one scheduled batch through the model: flattens it, builds the paged-attention layout,
-and returns next-token logits for the sequences whose known tokens are now all computed."""
+and returns next-token logits for the sequences whose known tokens are now all computed (and, for
+a sequence verifying speculative drafts, for each of its drafts too)."""
 
 from __future__ import annotations
 
@@ -39,12 +40,16 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, self.kv, scratch_block, -(-max_model_len // self.block_size),
                                    batch_sizes, capture=capture)
 
-    def build_layout(self, batch: ScheduledBatch) -> tuple[torch.Tensor, BatchLayout, list[int]]:
-        """input_ids [1, N], the layout, and the flat index of each sampled sequence's last token
-        (``-1`` for sequences that only computed part of their prompt)."""
+    def build_layout(self, batch: ScheduledBatch) -> tuple[torch.Tensor, BatchLayout, list[tuple[int, int]]]:
+        """input_ids [1, N], the layout, and per sequence (first flat index, count) of the rows to sample:
+        its last token (count 1), its last token and each draft (1 + drafts) when it verifies drafts,
+        none (count 0) when it only computed part of its prompt.
+
+        A sequence verifying drafts computes its last known token followed by the drafts: a
+        multi-token entry, so a causal span over its paged cache like a prefill chunk."""
         bs = self.block_size
         ids: list[int] = []
-        sample_at: list[int] = []
+        sample_at: list[tuple[int, int]] = []
         num_decodes = 0
         decode_pos: list[int] = []
         decode_tables: list[list[int]] = []
@@ -54,8 +59,15 @@ class ModelRunner:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
             flat = len(ids)
-            ids.extend(seq.token_ids[start:start + n])
-            sample_at.append(flat + n - 1 if start + n == seq.num_tokens else -1)
+            drafts = batch.draft_tokens.get(seq)
+            if drafts:
+                assert n == 1 + len(drafts) and start + 1 == seq.num_tokens, "a verification span is 1 + drafts"
+                ids.append(seq.token_ids[start])
+                ids.extend(drafts)
+                sample_at.append((flat, n))
+            else:
+                ids.extend(seq.token_ids[start:start + n])
+                sample_at.append((flat + n - 1, 1) if start + n == seq.num_tokens else (-1, 0))
             if n == 1:
                 num_decodes += 1
                 decode_pos.append(start)
@@ -93,7 +105,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None]:
-        """Run the batch; returns the sequences to sample and their logits [S, vocab] (float32)."""
+        """Run the batch; returns the sequences to sample and their logits [rows, vocab] (float32): one row
+        per sequence, in order, or ``1 + len(drafts)`` consecutive rows for a sequence verifying drafts
+        (``batch.draft_tokens``)."""
         if self.graphs is not None and batch.seqs and all(n == 1 for n in batch.num_new_tokens) and \
                 self.graphs.can_run(len(batch.seqs), max(len(s.block_table) for s in batch.seqs)):
             return self._execute_graph(batch)
@@ -108,10 +122,11 @@ class ModelRunner:
             self.kv.set_batch(None)
             if self.states is not None:
                 self.states.end_step()
-        rows = [i for i, at in enumerate(sample_at) if at >= 0]
+        rows = [i for i, (_, count) in enumerate(sample_at) if count]
         if not rows:
             return [], None
-        index = torch.tensor([sample_at[i] for i in rows], device=self.device)
+        flat = [first + j for first, count in sample_at for j in range(count)]
+        index = torch.tensor(flat, device=self.device)
         logits = self.model.lm_head(hidden[0, index]).float()  # only the rows we sample from
         return [batch.seqs[i] for i in rows], logits
 

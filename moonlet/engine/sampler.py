@@ -9,11 +9,16 @@ so its samples do not depend on the rest of the batch.
 Rows of requests whose thinking budget is spent (``Sequence.thinking``, see ``thinking``) get the
 closing marker's next token in place of the sampled one, after sampling and on the host: the
 forward, the noise draws and every other row are exactly as without the budget.
+
+Speculative decoding (``Sampler.verify``): a sequence with draft tokens has one row per position;
+each row is processed as above (its penalties also counting the drafts before it), and the drafts
+are kept while they equal the row's target token — see ``verify`` for why that is exact.
 """
 
 from __future__ import annotations
 
-from typing import Sequence as Seq
+import copy
+from typing import NamedTuple, Sequence as Seq
 
 import torch
 
@@ -85,6 +90,16 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return out
 
 
+class SampleResult(NamedTuple):
+    """What one sequence gets from a step: ``tokens`` to append in order (one, or with speculative
+    drafts the accepted drafts and then the target's token), a logprobs dict or None per token, and
+    how many of the tokens are accepted drafts (``len(tokens) - 1``)."""
+
+    tokens: list[int]
+    logprobs: list[dict[int, float] | None]
+    num_accepted: int
+
+
 class Sampler:
     """Samples one token per row. ``seed`` seeds the generator shared by requests without their own."""
 
@@ -99,11 +114,43 @@ class Sampler:
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, seqs: Seq) -> tuple[list[int], list[dict[int, float] | None]]:
         """logits [S, V] for ``seqs`` (objects with .params, .prompt_token_ids, .output_token_ids,
-        .generator, and .thinking for rows with a thinking budget). Returns the sampled token ids (the
-        forced ones for spent thinking budgets) and, per row, a logprobs dict or None."""
+        .token_ids, .generator, and .thinking for rows with a thinking budget). Returns the sampled
+        token ids (the forced ones for spent thinking budgets) and, per row, a logprobs dict or None."""
+        results = self.verify(logits, seqs)
+        return [r.tokens[0] for r in results], [r.logprobs[0] for r in results]
+
+    @torch.no_grad()
+    def verify(self, logits: torch.Tensor, seqs: Seq, drafts: Seq[Seq[int]] | None = None) -> list[SampleResult]:
+        """Sample each sequence's next token(s), verifying its speculative drafts.
+
+        ``drafts[i]`` (default: none) are sequence i's draft tokens; ``logits`` holds ``1 + len(drafts[i])``
+        consecutive rows for it: row j is the distribution after its tokens and its first j drafts.
+        Every row is processed as its own step would be without speculation — penalties over the
+        output plus the drafts before it, temperature, filters, one noise draw, the thinking budget's
+        forced token — which gives the target token t_j of that position. The sequence keeps drafts
+        while ``draft j == t_j`` and then emits the first t_j that differs (or t_k after the last
+        draft). Since t_j ~ p_j, a draft d is accepted with probability p_j(d) and a rejection emits
+        p_j with d removed and renormalized: exactly the target distribution, and for greedy rows
+        exactly the tokens of decoding without drafts.
+
+        Seeded requests: each row draws its noise from the request's generator in order, and the
+        generator is rewound to just after the last row used, so a seeded request consumes one
+        draw per emitted token, as without speculation.
+        """
         logits = logits.float()
-        S, V = logits.shape
-        params = [s.params for s in seqs]
+        R, V = logits.shape
+        if drafts is None:
+            drafts = [()] * len(seqs)
+        owners: list = []  # the sequence of each row
+        which: list[int] = []  # ... and its index in seqs
+        offsets: list[int] = []  # row j of a sequence sees its first j drafts
+        for k, (s, d) in enumerate(zip(seqs, drafts)):
+            owners.extend([s] * (1 + len(d)))
+            which.extend([k] * (1 + len(d)))
+            offsets.extend(range(1 + len(d)))
+        if len(owners) != R:
+            raise ValueError(f"{R} logit rows for {len(seqs)} sequences that need {len(owners)} (1 + drafts each)")
+        params = [s.params for s in owners]
         want_lp = [p.logprobs is not None for p in params]
         raw_logprobs = logits.log_softmax(dim=-1) if any(want_lp) else None
 
@@ -111,11 +158,13 @@ class Sampler:
         if pen_rows:
             idx = torch.tensor(pen_rows, device=logits.device)
             logits = logits.clone()
-            logits[idx] = apply_penalties(logits[idx], [seqs[i].prompt_token_ids for i in pen_rows],
-                                          [seqs[i].output_token_ids for i in pen_rows], [params[i] for i in pen_rows])
+            outputs = [owners[i].output_token_ids + list(drafts[which[i]][:offsets[i]]) for i in pen_rows]
+            logits[idx] = apply_penalties(logits[idx], [owners[i].prompt_token_ids for i in pen_rows], outputs,
+                                          [params[i] for i in pen_rows])
 
         tokens = logits.argmax(dim=-1)
         rand_rows = [i for i, p in enumerate(params) if not p.greedy]
+        states: dict[int, torch.Tensor] = {}  # row -> its seeded generator's state after that row's draw
         if rand_rows:
             idx = torch.tensor(rand_rows, device=logits.device)
             sub = [params[i] for i in rand_rows]
@@ -125,31 +174,33 @@ class Sampler:
             top_p = torch.tensor([p.top_p for p in sub], device=dev, dtype=logits.dtype)
             min_p = torch.tensor([p.min_p for p in sub], device=dev, dtype=logits.dtype)
             probs = filter_logits(logits[idx] / temp[:, None], top_k, top_p, min_p).softmax(dim=-1)
-            noise = self._exponential_noise([seqs[i] for i in rand_rows], V, dev)
+            keep = [offsets[i + 1] > 0 if i + 1 < R else False for i in rand_rows]  # rows followed by more
+            noise, kept = self._exponential_noise([owners[i] for i in rand_rows], V, dev, keep)
+            states = {rand_rows[j]: state for j, state in kept.items()}
             tokens[idx] = (probs / noise).argmax(dim=-1)
+        targets = tokens.tolist()
 
-        token_list = tokens.tolist()
-        for i in (i for i, p in enumerate(params) if p.thinking_token_budget is not None):
-            state = getattr(seqs[i], "thinking", None)
-            forced = state.forced_token(seqs[i].token_ids) if state is not None else None
-            if forced is not None:
-                token_list[i] = forced
-        lp_out: list[dict[int, float] | None] = [None] * S
-        if raw_logprobs is not None:
-            for i in (i for i in range(S) if want_lp[i]):
-                n = min(params[i].logprobs, V)
-                d: dict[int, float] = {}
-                if n:
-                    vals, ids = raw_logprobs[i].topk(n)
-                    d = dict(zip(ids.tolist(), vals.tolist()))
-                if token_list[i] not in d:
-                    d[token_list[i]] = float(raw_logprobs[i, token_list[i]])
-                lp_out[i] = d
-        return token_list, lp_out
+        results: list[SampleResult] = []
+        row = 0
+        for s, d in zip(seqs, drafts):
+            emitted = _accept(s, d, targets[row:row + 1 + len(d)])
+            a = len(emitted) - 1
+            if a < len(d) and (row + a) in states:  # rewind the request's generator to after row a
+                s.generator.set_state(states[row + a])
+            lps: list[dict[int, float] | None] = [None] * len(emitted)
+            if raw_logprobs is not None and s.params.logprobs is not None:
+                lps = [_logprobs(raw_logprobs[row + j], s.params.logprobs, V, t) for j, t in enumerate(emitted)]
+            results.append(SampleResult(emitted, lps, a))
+            row += 1 + len(d)
+        return results
 
-    def _exponential_noise(self, seqs: Seq, vocab: int, device) -> torch.Tensor:
-        """Exp(1) noise [len(seqs), V]: rows of seeded requests from their own generators."""
+    def _exponential_noise(self, seqs: Seq, vocab: int, device, keep_state: Seq[bool] | None = None
+                           ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Exp(1) noise [len(seqs), V]: rows of seeded requests from their own generators, in row
+        order. Also returns, for the seeded rows with ``keep_state[i]``, the generator's state right
+        after row i's draw (to rewind to)."""
         noise = torch.empty(len(seqs), vocab, device=device)
+        states: dict[int, torch.Tensor] = {}
         shared = [i for i, s in enumerate(seqs) if s.params.seed is None]
         if shared:
             block = torch.empty(len(shared), vocab, device=device).exponential_(generator=self.generator)
@@ -159,5 +210,42 @@ class Sampler:
                 if s.generator is None:
                     s.generator = torch.Generator(device=device).manual_seed(s.params.seed)
                 noise[i].exponential_(generator=s.generator)
+                if keep_state is not None and keep_state[i]:
+                    states[i] = s.generator.get_state()
         # exponential_ can return exactly 0 in float32; keep the division finite
-        return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+        return noise.clamp_(min=torch.finfo(noise.dtype).tiny), states
+
+
+def _accept(seq, drafts: Seq[int], targets: list[int]) -> list[int]:
+    """The tokens a sequence emits: its drafts while each equals the target token of its position,
+    then the target token where they first differ (or after the last draft). A thinking budget's
+    forced token replaces the target token of its position, as it replaces a sampled one."""
+    state = getattr(seq, "thinking", None) if seq.params.thinking_token_budget is not None else None
+    tail: list[int] = []
+    if state is not None:
+        state = copy.copy(state)  # followed along the drafts; the real one advances as tokens are appended
+        tail = list(seq.token_ids[-max(len(state.start), len(state.end)):])
+    emitted: list[int] = []
+    for j, target in enumerate(targets):
+        if state is not None:
+            forced = state.forced_token(tail)
+            if forced is not None:
+                target = forced
+            tail.append(target)
+            state.observe(tail)
+        emitted.append(target)
+        if j == len(drafts) or target != drafts[j]:
+            break
+    return emitted
+
+
+def _logprobs(raw: torch.Tensor, n: int, vocab: int, token: int) -> dict[int, float]:
+    """{token id: raw log-probability}: the top n in descending order, plus ``token``."""
+    d: dict[int, float] = {}
+    n = min(n, vocab)
+    if n:
+        vals, ids = raw.topk(n)
+        d = dict(zip(ids.tolist(), vals.tolist()))
+    if token not in d:
+        d[token] = float(raw[token])
+    return d

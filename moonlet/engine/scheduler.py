@@ -11,6 +11,13 @@ sequence is preempted: its blocks are freed and it goes back to the front of the
 be recomputed later (its full blocks usually survive in the prefix cache, so the recompute is often
 a cache hit).
 
+Speculative decoding (``proposer`` set, see ``spec``): after every running decode has its token,
+each decode may take drafts — ``1 + d`` tokens of budget and the cache slots for them — from what
+budget is left and from blocks that the running prefill chunks will not need this step. When
+either is short, it takes fewer drafts (down to none); drafts never preempt anything. A decode with
+drafts is scheduled as a multi-token entry (its verification span) and its drafts are in
+``ScheduledBatch.draft_tokens``.
+
 Models with KDA layers: the batch also says what each scheduled sequence's recurrent-state slot
 must hold before the forward (zeros for a sequence starting at token 0, a snapshot for a prefix hit)
 and which states the forward should snapshot (``KVCacheManager.plan_snapshot``).
@@ -37,6 +44,9 @@ class ScheduledBatch:
     # (slot, offset, snapshot row): copy the slot's state after its first `offset` new tokens
     state_inits: list[tuple[int, int | None]] = field(default_factory=list)
     state_saves: list[tuple[int, int, int]] = field(default_factory=list)
+    # speculative decoding: the draft tokens of the sequences that verify drafts this step; such a
+    # sequence computes its last token and then these (num_new_tokens = 1 + len(drafts))
+    draft_tokens: dict[Sequence, list[int]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -48,8 +58,9 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True):
+                 enable_chunked_prefill: bool = True, proposer=None):
         self.cache = cache
+        self.proposer = proposer  # speculative decoding: an object with propose(seq) -> draft token ids, or None
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -83,23 +94,53 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def _add_drafts(self, decodes: list[Sequence], chunked: list[Sequence], budget: int,
+                    chosen: dict[Sequence, int], drafts: dict[Sequence, list[int]]) -> int:
+        """Give scheduled decodes their drafts, as far as ``budget`` and the free blocks allow (the
+        blocks the running prefill chunks can take this step stay reserved for them, so drafts never
+        cause a preemption). Returns the budget used."""
+        reserved, left = 0, budget
+        for seq in chunked:
+            n = min(seq.num_uncomputed_tokens, left)
+            left -= n
+            reserved += max(0, self.cache.blocks_needed(seq.num_computed_tokens + n) - len(seq.block_table))
+        spare_blocks = self.cache.num_free_blocks - reserved
+        bs = self.cache.block_size
+        used = 0
+        for seq in decodes:
+            if used == budget:
+                break
+            proposal = self.proposer.propose(seq)[:budget - used]
+            if not proposal:
+                continue
+            # slots the sequence's table already has past its next token, plus the spare blocks
+            room = (len(seq.block_table) + max(spare_blocks, 0)) * bs - seq.num_computed_tokens - 1
+            proposal = proposal[:max(room, 0)]
+            if not proposal:
+                continue
+            before = len(seq.block_table)
+            if not self.cache.allocate(seq, 1 + len(proposal)):  # cannot happen: room counted free blocks
+                continue
+            spare_blocks -= len(seq.block_table) - before
+            drafts[seq] = proposal
+            chosen[seq] = 1 + len(proposal)
+            used += len(proposal)
+        return used
+
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
         chosen: dict[Sequence, int] = {}  # insertion order = batch order
         preempted: list[Sequence] = []
 
-        # 1. running sequences: decodes first, then prefills that are still being chunked
-        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
-        chunked = [s for s in self.running if s.num_uncomputed_tokens > 1]
-        for seq in decodes + chunked:
-            if budget == 0:
-                break
-            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
-                continue
+        drafts: dict[Sequence, list[int]] = {}
+
+        def run(seq: Sequence) -> None:  # schedule a running sequence's known tokens, preempting if needed
+            nonlocal budget
             n = min(seq.num_uncomputed_tokens, budget)
             while not self.cache.allocate(seq, n):
                 victim = self.running[-1]  # lowest priority: admitted last
                 budget += chosen.pop(victim, 0)
+                drafts.pop(victim, None)
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is seq:
@@ -107,6 +148,23 @@ class Scheduler:
             else:
                 chosen[seq] = n
                 budget -= n
+
+        # 1. running sequences: decodes first, then (speculative decoding) their drafts, then prefills
+        # that are still being chunked
+        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        chunked = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        for seq in decodes:
+            if budget == 0:
+                break
+            if seq.status is SequenceStatus.RUNNING:  # else preempted earlier in this loop
+                run(seq)
+        if self.proposer is not None and budget > 0 and not preempted:
+            budget -= self._add_drafts([s for s in decodes if s in chosen], chunked, budget, chosen, drafts)
+        for seq in chunked:
+            if budget == 0:
+                break
+            if seq.status is SequenceStatus.RUNNING:
+                run(seq)
 
         # 2. waiting requests, in order, unless this step already had to preempt
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -133,7 +191,7 @@ class Scheduler:
             chosen[seq] = n
             budget -= n
 
-        batch = ScheduledBatch(preempted=preempted)
+        batch = ScheduledBatch(preempted=preempted, draft_tokens=drafts)
         # decodes (1 token) first, as the runner's layout wants
         for seq, n in sorted(chosen.items(), key=lambda item: item[1] != 1):
             batch.seqs.append(seq)

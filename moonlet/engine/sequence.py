@@ -13,6 +13,8 @@ from .thinking import ThinkingBudget
 if TYPE_CHECKING:
     import torch
 
+    from .spec import NgramIndex
+
 
 @dataclass
 class RequestOutput:
@@ -88,6 +90,7 @@ class Sequence:
         self.stop_reason: str | int | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.thinking: ThinkingBudget | None = None  # set by the engine when params.thinking_token_budget is set
+        self.ngram_index: NgramIndex | None = None  # speculative decoding: made by the proposer on first use
         self.text = _TextState(detokenizer, params)
         self._reported_tokens = 0
         self._reported_chars = 0
