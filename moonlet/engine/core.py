@@ -254,6 +254,7 @@ class EngineCore:
             "state_snapshots": len(snaps) if snaps is not None else 0,
             "state_snapshots_saved": snaps.num_saved if snaps is not None else 0,
             "state_snapshots_restored": snaps.num_restored if snaps is not None else 0,
+            "state_snapshots_branch": snaps.num_branch_saved if snaps is not None else 0,
             "prompt_tokens_total": self.scheduler.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
             "preemptions": self.scheduler.num_preemptions,

@@ -337,7 +337,7 @@ def test_third_request_hits_at_the_branch_point(model, base, ref, name):
     out_c = llm.generate([c], greedy())[0]
     assert out_c.num_cached_tokens == BRANCH and out_c.token_ids == ref(c)
     assert snaps.num_branch_saved == 1  # c matched no further than its hit: no new branch point
-    assert hits(llm) == BRANCH
+    assert hits(llm) == BRANCH and llm.stats()["state_snapshots_branch"] == 1
     # b's prompt-end snapshot, taken in the same chunk as its branch snapshot where the chunks allow
     d = b[:28] + [9, 9]
     out_d = llm.generate([d], greedy())[0]
