@@ -94,6 +94,15 @@ def test_published_vision_config_builds_the_published_tensors():
     assert sum(math.prod(s) for k, s in want.items() if k.startswith("vision_tower.")) == tower == 416_866_032
 
 
+def test_params_report_counts_the_vision_encoder():
+    from moonlet.commands.params import report
+
+    text = report(preset("kimi-k2.5"), "kimi-k2.5")
+    assert "vision tower   416,866,032 (416.87M)" in text and "mm projector   54,277,888" in text
+    assert "model_type kimi_k25, text model deepseek_v3" in text
+    assert "vision" not in report(preset("kimi-k2"), "kimi-k2")
+
+
 def test_vision_config_round_trips_and_refuses_what_it_does_not_implement():
     published = preset("kimi-k2.5").to_dict()
     again = ModelConfig.from_dict(published).to_dict()
@@ -433,3 +442,56 @@ def test_placeholder_expansion_errors():
     assert IMAGE_PLACEHOLDER.count("<|media_pad|>") == 1
     with pytest.raises(ValueError, match="2 image placeholder"):
         expand_image_placeholders([PAD, 1, PAD], [3], PAD)
+
+
+def test_generate_with_an_image_matches_a_plain_greedy_reference(tmp_path, capsys):
+    """`moonlet generate --image`: the prompt gets the image placeholder expanded to the image's tokens and
+    the prefill carries the image features; the tokens equal a no-cache greedy loop over the full forward."""
+    pytest.importorskip("PIL")
+    from moonlet.cli import main
+    from moonlet.testing import _TINY_BPE_CACHE, tiny_tokenizer_dir
+    from moonlet.tokenizer import K2_SPECIAL_TOKENS, Tokenizer
+
+    tiny_tokenizer_dir(tmp_path / "base")  # trains (and caches) the tiny BPE
+    ranks = _TINY_BPE_CACHE[512]
+    names = {512 + slot: name for slot, name in K2_SPECIAL_TOKENS.items()}
+    names.update({512 + 18: "<|media_begin|>", 512 + 19: "<|media_content|>", 512 + 20: "<|media_end|>",
+                  512 + 21: "<|media_pad|>"})
+    tok = Tokenizer(ranks, {name: i for i, name in names.items()})
+    pad = tok.special_tokens["<|media_pad|>"]
+    text = tiny_k2_config(vocab_size=768, bos_token_id=512, eos_token_id=513)
+    outer = {"model_type": "kimi_k25", "media_placeholder_token_id": pad, "text_config": text.to_dict(),
+             "vision_config": {**TINY_VISION, "patch_size": 14}}
+    cfg = ModelConfig.from_dict(outer)
+    model = VisionLanguageModel(cfg, random_model(cfg, seed=6)).init_vision_weights(7).eval()
+    ckpt = tmp_path / "ckpt"
+    save_model(model, ckpt, dtype=torch.float32)
+    tok.save_pretrained(ckpt)
+    image = tmp_path / "img.png"
+    image.write_bytes(_png(np.random.default_rng(2).integers(0, 256, size=(40, 60, 3), dtype=np.uint8)))
+    assert main(["generate", str(ckpt), "--prompt", "hello", "--image", str(image), "--max-tokens", "4",
+                 "--device", "cpu", "--dtype", "float32"]) == 0
+    printed = capsys.readouterr().out
+
+    batch = preprocess_images([str(image)])  # 60 x 40 -> padded 84 x 56: grid 4 x 6, 6 tokens
+    assert batch.num_tokens == [6]
+    ids = tok.apply_chat_template([{"role": "user", "content": IMAGE_PLACEHOLDER + "hello"}], tokenize=True,
+                                  add_generation_prompt=True)
+    ids = expand_image_placeholders(ids, [6], pad)
+    assert ids.count(pad) == 6
+    out = []
+    with torch.no_grad():
+        feats = model.encode_images(batch.pixel_values, batch.grid_thws)
+        for _ in range(4):
+            seq = torch.tensor([ids + out])
+            embeds = merge_image_features(model.language_model.model.embed_tokens(seq), seq, feats, pad)
+            out.append(int(model.language_model(seq, inputs_embeds=embeds)[0, -1].argmax()))
+            if out[-1] in (513,) or out[-1] in tok.stop_token_ids:
+                break
+    kept = [t for t in out if t != 513 and t not in tok.stop_token_ids]
+    assert printed == tok.decode(kept) + "\n"
+    with torch.no_grad():  # the image matters: the placeholders' own embeddings give other logits
+        seq = torch.tensor([ids])
+        blind = model.language_model(seq)[0, -1]
+        seeing = model.language_model(seq, inputs_embeds=model.embed(seq, image_features=feats))[0, -1]
+    assert not torch.allclose(blind, seeing)
