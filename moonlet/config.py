@@ -133,6 +133,27 @@ class ModelConfig:
             return []
         return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
 
+    @property
+    def vision_config(self) -> "VisionConfig | None":
+        """The parsed, validated ``vision_config`` of a kimi_k25 config (None for text-only configs).
+
+        Parsed on each access from the outer config, which stays the source of truth for round trips;
+        raises ValueError naming the bad key when the vision_config is not one moonlet implements."""
+        if self.outer is None or not self.outer.get("vision_config"):
+            return None
+        vision = VisionConfig.from_dict(self.outer["vision_config"])
+        if vision.text_hidden_size != self.hidden_size:
+            raise ValueError(f"vision_config.text_hidden_size={vision.text_hidden_size} does not match the text "
+                             f"model's hidden_size={self.hidden_size}: the projector feeds the text model")
+        return vision
+
+    @property
+    def media_placeholder_token_id(self) -> int | None:
+        """The token id image placeholders carry in the prompt (kimi_k25: ``<|media_pad|>``, 163605)."""
+        if self.outer is None:
+            return None
+        return self.outer.get("media_placeholder_token_id", 163605 if self.outer.get("vision_config") else None)
+
     def is_moe_layer(self, layer: int) -> bool:
         return (
             self.n_routed_experts > 0
@@ -356,6 +377,147 @@ class ModelConfig:
         return per_layer * len(self.kda_layer_ids)
 
 
+# ---- the K2.5 / K2.6 vision encoder (MoonViT) and projector ----------------------------------------
+
+# vLLM's KimiK25VisionConfig spells the tower's sizes without the ``vt_`` prefix the published
+# config.json uses; either spelling is read, and written back as it was read.
+VISION_KEY_ALIASES = {
+    "vt_hidden_size": "hidden_size",
+    "vt_intermediate_size": "intermediate_size",
+    "vt_num_attention_heads": "num_attention_heads",
+    "vt_num_hidden_layers": "num_hidden_layers",
+}
+# The only variants moonlet implements (the published K2.5 values): anything else changes the math.
+_VISION_FIXED = {
+    "pos_emb_type": "divided_fixed",
+    "merge_type": "sd2_tpool",
+    "video_attn_type": "spatial_temporal",
+    "mm_projector_type": "patchmerger",
+    "projector_hidden_act": "gelu",
+}
+
+
+@dataclass
+class VisionConfig:
+    """``vision_config`` of a kimi_k25 (K2.5 / K2.6) config.json: the MoonViT tower and the patch-merger
+    projector into the text model.
+
+    Field names are the published config's. Defaults are the published K2.5 values (27 blocks of width
+    1152, 16 heads, 14-pixel patches, a 64x64 learned position table, 2x2 patch merging, a projector
+    into hidden size 7168). Unknown keys are kept in ``extra`` and written back; keys the source did not
+    hold are recorded in ``implied`` and left out again by ``to_dict``.
+    """
+
+    patch_size: int = 14
+    init_pos_emb_height: int = 64
+    init_pos_emb_width: int = 64
+    init_pos_emb_time: int = 4
+    pos_emb_type: str = "divided_fixed"
+    vt_hidden_size: int = 1152
+    vt_intermediate_size: int = 4304
+    vt_num_attention_heads: int = 16
+    vt_num_hidden_layers: int = 27
+    merge_kernel_size: tuple[int, int] = (2, 2)
+    merge_type: str = "sd2_tpool"
+    video_attn_type: str = "spatial_temporal"
+    mm_projector_type: str = "patchmerger"
+    mm_hidden_size: int | None = None  # the projector's input width per patch: the tower's width
+    projector_hidden_act: str = "gelu"
+    projector_ln_eps: float = 1e-5
+    text_hidden_size: int = 7168
+    extra: dict = field(default_factory=dict, repr=False)
+    implied: dict = field(default_factory=dict, repr=False, compare=False)
+    aliases: dict = field(default_factory=dict, repr=False, compare=False)  # field -> key it was read from
+
+    def __post_init__(self) -> None:
+        if self.mm_hidden_size is None:
+            self.mm_hidden_size = self.vt_hidden_size
+        for name in ("patch_size", "init_pos_emb_height", "init_pos_emb_width", "init_pos_emb_time",
+                     "vt_hidden_size", "vt_intermediate_size", "vt_num_attention_heads", "vt_num_hidden_layers",
+                     "mm_hidden_size", "text_hidden_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"vision_config.{name} must be a positive integer; got {value!r}")
+        merge = self.merge_kernel_size
+        if isinstance(merge, int) and not isinstance(merge, bool):
+            merge = (merge, merge)
+        if (not isinstance(merge, (list, tuple)) or len(merge) != 2
+                or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in merge)):
+            raise ValueError(f"vision_config.merge_kernel_size must be two positive integers [kh, kw]; got {merge!r}")
+        self.merge_kernel_size = (int(merge[0]), int(merge[1]))
+        for name, want in _VISION_FIXED.items():
+            if getattr(self, name) != want:
+                raise ValueError(f"vision_config.{name}={getattr(self, name)!r} is not implemented; moonlet "
+                                 f"implements K2.5's {want!r}")
+        if self.vt_hidden_size % self.vt_num_attention_heads:
+            raise ValueError(f"vision_config.vt_hidden_size={self.vt_hidden_size} is not divisible by "
+                             f"vt_num_attention_heads={self.vt_num_attention_heads}")
+        if self.head_dim % 4:
+            raise ValueError(f"the vision head size {self.head_dim} (vt_hidden_size / vt_num_attention_heads) must "
+                             "be divisible by 4: the 2D rotary embedding splits it into x and y frequency pairs")
+        if self.mm_hidden_size != self.vt_hidden_size:
+            raise ValueError(f"vision_config.mm_hidden_size={self.mm_hidden_size} must equal vt_hidden_size="
+                             f"{self.vt_hidden_size}: the projector normalizes the tower's outputs")
+        if not isinstance(self.projector_ln_eps, (int, float)) or self.projector_ln_eps <= 0:
+            raise ValueError(f"vision_config.projector_ln_eps must be a positive number; got {self.projector_ln_eps!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.vt_hidden_size // self.vt_num_attention_heads
+
+    @property
+    def merged_dim(self) -> int:
+        """Width of one merged token before the projector: kh * kw patches of vt_hidden_size."""
+        kh, kw = self.merge_kernel_size
+        return self.vt_hidden_size * kh * kw
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "VisionConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"vision_config must be a JSON object; got {type(data).__name__}")
+        data = copy.deepcopy(data)
+        aliases = {}
+        for name, alias in VISION_KEY_ALIASES.items():
+            if name not in data and alias in data:
+                data[name] = data.pop(alias)
+                aliases[name] = alias
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "implied", "aliases"}
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names}
+        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.name in names}
+        implied = {k: v for k, v in defaults.items() if k not in known}
+        return cls(**known, extra=extra, implied=implied, aliases=aliases)
+
+    def to_dict(self) -> dict:
+        """The vision_config as config.json holds it (keys the source left out stay out)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name in ("extra", "implied", "aliases"):
+                continue
+            value = getattr(self, f.name)
+            if f.name == "merge_kernel_size":
+                value = list(value)
+            if f.name in self.implied:
+                default = self.vt_hidden_size if f.name == "mm_hidden_size" else self.implied[f.name]
+                if value == (list(default) if isinstance(default, tuple) else default):
+                    continue  # the source config did not hold it
+            out[self.aliases.get(f.name, f.name)] = copy.deepcopy(value)
+        out.update(copy.deepcopy(self.extra))
+        return out
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameters of the tower (patch embedding, position table, blocks, final norm) and of the
+        projector (pre-norm and two linear layers), as the checkpoint stores them."""
+        D, F, P = self.vt_hidden_size, self.vt_intermediate_size, self.patch_size
+        patch = 3 * P * P * D + D
+        pos = self.init_pos_emb_height * self.init_pos_emb_width * D
+        block = (D * 3 * D + 3 * D) + (D * D + D) + (D * F + F) + (F * D + D) + 4 * D
+        tower = patch + pos + self.vt_num_hidden_layers * block + 2 * D
+        M = self.merged_dim
+        projector = 2 * D + (M * M + M) + (M * self.text_hidden_size + self.text_hidden_size)
+        return {"vision_tower": tower, "mm_projector": projector, "total": tower + projector}
+
+
 def _check_moba_config(moba: dict, num_layers: int) -> dict:
     """Validate ``moba_config`` and fill its defaults; errors name the bad value and the fix."""
     if not isinstance(moba, dict):
@@ -493,11 +655,29 @@ PRESET_NOTES: dict[str, str] = {
     ),
 }
 
+# Kimi K2.5's published config.json (moonshotai/Kimi-K2.5): the K2 text model (as the kimi-k2.6 preset)
+# under text_config, the MoonViT tower and patch-merger projector under vision_config.
+_K25_VISION = dict(
+    init_pos_emb_height=64, init_pos_emb_time=4, init_pos_emb_width=64, merge_kernel_size=[2, 2],
+    merge_type="sd2_tpool", mm_hidden_size=1152, mm_projector_type="patchmerger", model_type="", patch_size=14,
+    pos_emb_type="divided_fixed", projector_hidden_act="gelu", projector_ln_eps=1e-05, text_hidden_size=7168,
+    video_attn_type="spatial_temporal", vt_hidden_size=1152, vt_intermediate_size=4304, vt_num_attention_heads=16,
+    vt_num_hidden_layers=27,
+)
+
 PRESETS: dict[str, dict] = {
     "kimi-k2": _K2,
     "kimi-k2-0905": {**_K2, "rope_scaling": _YARN64, "max_position_embeddings": 262144},
     "kimi-k2.6": {**_K2, "rope_scaling": _YARN64, "max_position_embeddings": 262144, "rms_norm_eps": 1e-5,
                   "quantization_config": _INT4_EXPERTS},
+    "kimi-k2.5": dict(
+        architectures=["KimiK25ForConditionalGeneration"], model_type="kimi_k25", media_placeholder_token_id=163605,
+        bos_token_id=163584, eos_token_id=163585, pad_token_id=163839, ignore_index=-100,
+        use_unified_vision_chunk=True, video_placeholder="<|kimi_k25_video_placeholder|>",
+        text_config={**_K2, "model_type": "deepseek_v3", "rope_scaling": _YARN64, "max_position_embeddings": 262144,
+                     "rms_norm_eps": 1e-5, "pad_token_id": 163839, "quantization_config": _INT4_EXPERTS},
+        vision_config=_K25_VISION,
+    ),
     "moonlight-16b-a3b": dict(
         model_type="deepseek_v3", vocab_size=163840, hidden_size=2048, intermediate_size=11264,
         moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, n_shared_experts=2,

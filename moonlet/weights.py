@@ -35,8 +35,10 @@ _DTYPE_ALIASES = {"float32": torch.float32, "fp32": torch.float32, "float": torc
                   "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 # K2.5 / K2.6 (model_type kimi_k25) store the text model under this prefix, next to the vision encoder.
 TEXT_PREFIX = "language_model."
-# Non-text parts of multimodal checkpoints: skipped, moonlet runs the text model only.
+# Non-text parts of multimodal checkpoints: skipped by load_model (the text model);
+# load_vision_language_model reads the K2.5 / K2.6 ones (VISION_PREFIXES) into the vision tower.
 _NON_TEXT_PREFIXES = ("vision_tower.", "mm_projector.", "multi_modal_projector.", "vision_model.")
+VISION_PREFIXES = ("vision_tower.", "mm_projector.")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 # Kimi Linear's MoE names: moonlet's model name <-> its checkpoint's.
 _KIMI_EXPERT_PROJ = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
@@ -90,6 +92,17 @@ def _output_tensors(model: Transformer, dtype: torch.dtype, quant, prefix: str):
             yield prefix + rename(piece_name), piece.to("cpu").contiguous()
 
 
+def _vision_tensors(model, dtype: torch.dtype):
+    """(name, tensor) of a VisionLanguageModel's vision tower and projector, cast to ``dtype`` and never
+    quantized (the published K2.5 checkpoint keeps them in bf16)."""
+    for part in ("vision_tower", "mm_projector"):
+        for name, tensor in getattr(model, part).state_dict().items():
+            tensor = tensor.detach()
+            if tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            yield f"{part}.{name}", tensor.to("cpu").contiguous()
+
+
 def save_model(model: Transformer, directory: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                dtype: torch.dtype | str | None = None, quantization=None) -> Path:
     """Write ``model`` (a moonlet Transformer) as a hub-layout checkpoint under ``directory``.
@@ -101,13 +114,20 @@ def save_model(model: Transformer, directory: str | os.PathLike, max_shard_bytes
     stays float32. ``quantization`` ("fp8": block FP8 of every linear but lm_head, as K2-Instruct;
     "int4": compressed-tensors INT4 of the routed experts, as K2-Thinking/K2.5; or a
     quantization_config dict) quantizes while writing and records the quantization_config; without
-    it the config has none. A kimi_k25 model's tensors get the ``language_model.`` prefix. Older
+    it the config has none. A kimi_k25 model's tensors get the ``language_model.`` prefix; a
+    ``VisionLanguageModel`` also writes its ``vision_tower.*`` and ``mm_projector.*`` tensors (cast to
+    ``dtype``, never quantized). Older
     shard files in ``directory`` are removed. Returns the directory.
     """
+    from .model.vision import VisionLanguageModel
     from .quant import make_scheme
 
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive; got {max_shard_bytes}")
+    vision_parts = None
+    if isinstance(model, VisionLanguageModel):  # the text model as below, plus the vision tensors as they are named
+        vision_parts = model
+        model = model.language_model
     config = getattr(model, "config", None)
     if not isinstance(config, ModelConfig):
         raise TypeError(f"save_model needs a moonlet Transformer (with a ModelConfig .config); got {type(model).__name__}")
@@ -131,8 +151,13 @@ def save_model(model: Transformer, directory: str | os.PathLike, max_shard_bytes
             weight_map[name] = len(temp_names)
         shard, used = {}, 0
 
+    def all_tensors():
+        yield from _output_tensors(model, out_dtype, quant, prefix)
+        if vision_parts is not None:
+            yield from _vision_tensors(vision_parts, out_dtype)
+
     try:
-        for name, tensor in _output_tensors(model, out_dtype, quant, prefix):
+        for name, tensor in all_tensors():
             size = tensor.numel() * tensor.element_size()
             if shard and used + size > max_shard_bytes:
                 flush()
@@ -412,4 +437,57 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"internal error: tensors left unloaded: {', '.join(left[:8])}")
+    return model.eval()
+
+
+def load_vision_language_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+                               dtype: torch.dtype | str | None = None):
+    """Load a kimi_k25 (K2.5 / K2.6) checkpoint with its vision encoder: a ``VisionLanguageModel`` whose
+    ``language_model`` is what ``load_model`` returns and whose ``vision_tower`` and ``mm_projector`` hold
+    the checkpoint's ``vision_tower.*`` / ``mm_projector.*`` tensors, in the same dtype on ``device``.
+
+    The vision tensors must match config.json's ``vision_config`` exactly: every missing, unexpected or
+    mis-shaped one is an error naming it. They are read as stored (bf16/fp32/fp16), not dequantized.
+    """
+    from .model.vision import VisionLanguageModel
+
+    path = Path(path)
+    directory = path.parent if path.is_file() else path
+    config = ModelConfig.from_pretrained(directory)
+    if config.vision_config is None:
+        raise ValueError(f"{directory / 'config.json'} has no vision_config: it is not a kimi_k25 (K2.5 / K2.6) "
+                         "image-text checkpoint; use load_model for the text model")
+    language_model = load_model(path, device=device, dtype=dtype)
+    run_dtype = language_model.dtype
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = VisionLanguageModel(language_model.config, language_model=nn.Identity())
+    model.language_model = language_model
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(VISION_PREFIXES)}
+    with Checkpoint(path) as ckpt:
+        present = {name for name in ckpt.files if name.startswith(VISION_PREFIXES)}
+        missing = sorted(set(expected) - present)
+        unexpected = sorted(present - set(expected))
+        if missing or unexpected:
+            lines = []
+            if missing:
+                lines.append(f"{len(missing)} vision tensor(s) the model needs are not in the checkpoint: "
+                             + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+            if unexpected:
+                lines.append(f"{len(unexpected)} vision tensor(s) the model has no place for: "
+                             + ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else ""))
+            raise ValueError(f"checkpoint {ckpt.directory} does not match its vision_config: " + "; ".join(lines)
+                             + ". Check that config.json's vision_config belongs to these weights.")
+        entries = [_Entry(name, "plain", {"weight": name}) for name in sorted(expected)]
+        for entry in entries:
+            if ckpt.dtype_name(entry.name) not in ("BF16", "F16", "F32"):
+                raise ValueError(f"vision tensor {entry.name!r} is stored as {ckpt.dtype_name(entry.name)}; moonlet "
+                                 "reads the vision encoder in bf16, fp16 or fp32 only")
+            _check_shapes(entry, expected[entry.name], ckpt, None)
+        with torch.no_grad():
+            for entry in entries:
+                _assign(model, entry.name, _materialize(entry, ckpt, device, run_dtype, None))
+    left = [n for n, t in model.named_parameters() if t.is_meta]
+    if left:
+        raise RuntimeError(f"internal error: vision tensors left unloaded: {', '.join(left[:8])}")
     return model.eval()

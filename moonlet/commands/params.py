@@ -35,9 +35,22 @@ def report(config: ModelConfig, name: str) -> str:
     note = PRESET_NOTES.get(name)
     if note:
         lines.append(f"NOTE: {note}")
-    lines.append(f"model          {name} (model_type {config.model_type})")
+    kind = f"model_type {config.model_type}"
+    if config.outer is not None and config.outer.get("model_type"):
+        kind = f"model_type {config.outer['model_type']}, text model {config.model_type}"
+    lines.append(f"model          {name} ({kind})")
     lines.append(f"total params   {counts['total']:,} ({_count(counts['total'])})")
     lines.append(f"active params  {counts['active']:,} ({_count(counts['active'])}) per token")
+    if config.outer is not None and config.outer.get("vision_config"):
+        try:
+            vision = config.vision_config.param_counts()
+        except ValueError as e:
+            lines.append(f"vision         not read: {e}")
+        else:
+            lines.append(f"vision tower   {vision['vision_tower']:,} ({_count(vision['vision_tower'])}) MoonViT")
+            lines.append(f"mm projector   {vision['mm_projector']:,} ({_count(vision['mm_projector'])})")
+            both = counts["total"] + vision["total"]
+            lines.append(f"with vision    {both:,} ({_count(both)}) total (the counts above are the text model)")
     lines.append(f"context        {config.max_position_embeddings:,} tokens")
     mla_layers = config.num_hidden_layers - len(config.kda_layer_ids)
     lines.append(

@@ -83,15 +83,18 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, kv: LatentKV | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(input_ids, positions, kv, attention_mask))
+                attention_mask: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, positions, kv, attention_mask, inputs_embeds))
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                      kv: LatentKV | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      kv: LatentKV | None = None, attention_mask: torch.Tensor | None = None,
+                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, H].
 
         input_ids [B, T]. positions [B, T] or [T]; default 0..T-1, or the cache's next positions when
         ``kv`` is given. attention_mask [B, T] (1 = real token, 0 = padding) for the expanded path.
+        inputs_embeds [B, T, H], when given, replaces the token embeddings (the image-text model puts
+        projected image features at its placeholder tokens this way); input_ids still give the shape.
         With ``kv``, attention runs on the absorbed path over the latent cache (not for models with
         KDA layers: NotImplementedError). KDA layers handle left padding exactly (padded tokens do not
         touch their state); right padding only affects the padded positions.
@@ -111,7 +114,13 @@ class Transformer(nn.Module):
             causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
             mask = causal[None] & attention_mask.bool()[:, None, :]
             mask = mask | torch.eye(T, dtype=torch.bool, device=input_ids.device)[None]  # padded rows stay finite
-        x = self.model.embed_tokens(input_ids)
+        if inputs_embeds is None:
+            x = self.model.embed_tokens(input_ids)
+        elif tuple(inputs_embeds.shape) != (B, T, self.config.hidden_size):
+            raise ValueError(f"inputs_embeds must be [batch, seq, hidden] = {[B, T, self.config.hidden_size]}; "
+                             f"got {list(inputs_embeds.shape)}")
+        else:
+            x = inputs_embeds
         if kv is not None:
             kv.begin(T)
         pad_mask = attention_mask if kv is None else None
