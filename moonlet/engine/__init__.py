@@ -17,10 +17,11 @@ _LAZY = {
     "AsyncLLM": "moonlet.engine.async_llm",
     "EngineCore": "moonlet.engine.core",
     "EngineConfig": "moonlet.engine.config",
+    "MultimodalPrompt": "moonlet.engine.multimodal",
 }
 
 __all__ = ["AsyncLLM", "EngineConfig", "EngineCore", "EngineDeadError", "EngineOverloadedError", "LLM",
-           "PromptTooLongError", "RequestOutput", "SamplingParams"]
+           "MultimodalPrompt", "PromptTooLongError", "RequestOutput", "SamplingParams"]
 
 
 def __getattr__(name: str):

@@ -14,6 +14,7 @@ from typing import AsyncIterator
 
 from .core import EngineCore, build_engine
 from .errors import EngineDeadError, EngineOverloadedError
+from .multimodal import MultimodalPrompt
 from .params import SamplingParams
 from .sequence import RequestOutput
 
@@ -122,10 +123,25 @@ class AsyncLLM:
         self.shutdown()
 
     # ---- requests -------------------------------------------------------------------------------
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    @property
+    def supports_images(self) -> bool:
+        return self.engine.supports_images
+
+    def prepare_prompt(self, prompt_token_ids, images) -> MultimodalPrompt:
+        """``EngineCore.prepare_prompt``: CPU work, callable from any thread (run it in a worker thread
+        for large images)."""
+        return self.engine.prepare_prompt(prompt_token_ids, images)
+
+    async def generate(self, prompt_token_ids, params: SamplingParams | None = None,
+                       request_id: str | None = None, images=None) -> AsyncIterator[RequestOutput]:
+        """``prompt_token_ids``: token ids or a ``MultimodalPrompt``; ``images`` (vision models): the
+        images for the prompt's placeholder runs, prepared here, on the caller's thread."""
         params = params if params is not None else SamplingParams()
+        if images:
+            prompt_token_ids = self.engine.prepare_prompt(prompt_token_ids, images)
         ids = self.engine.check_request(prompt_token_ids, params)
+        if isinstance(prompt_token_ids, MultimodalPrompt):
+            ids = prompt_token_ids  # the engine thread runs the vision tower on it
         if self._error is not None or self._closed:
             raise EngineDeadError("the engine is not running: " + (f"it failed: {self._error!r}" if self._error
                                                                    else "it was shut down"))

@@ -5,9 +5,10 @@ the rotated k_pe (qk_rope_head_dim values), ``config.latent_dim`` values in all.
 fixed-size blocks; a sequence owns a block table (list of block ids) covering its tokens in order.
 
 Prefix caching: once a block is full, it is named by a hash of (parent block's hash, its tokens),
-so equal hashes mean equal whole prefixes. A later request whose prompt starts with the same full
-blocks shares them (reference counts) instead of recomputing them. Blocks nobody holds stay
-cached until the allocator needs them, least recently freed first.
+so equal hashes mean equal whole prefixes (a block holding image tokens also hashes the digests of
+those images: equal placeholders with other pixels are other content). A later request whose prompt
+starts with the same full blocks shares them (reference counts) instead of recomputing them. Blocks
+nobody holds stay cached until the allocator needs them, least recently freed first.
 """
 
 from __future__ import annotations
@@ -25,13 +26,18 @@ if TYPE_CHECKING:
     from .sequence import Sequence
 
 
-def block_hash(parent: bytes | None, tokens) -> bytes:
-    """Content hash of a full block given its parent's hash: collision-resistant, so a hit is exact."""
+def block_hash(parent: bytes | None, tokens, extra: bytes | None = None) -> bytes:
+    """Content hash of a full block given its parent's hash: collision-resistant, so a hit is exact.
+    ``extra``: what else decides the block's content besides its tokens (the digests of the images
+    whose placeholder tokens lie in it); None for text, whose hashes it leaves unchanged."""
     h = hashlib.blake2b(digest_size=16)
     if parent is not None:
         h.update(parent)
     h.update(b"|")
     h.update(",".join(map(str, tokens)).encode())
+    if extra is not None:
+        h.update(b"#image:")
+        h.update(extra)
     return h.digest()
 
 
@@ -295,9 +301,11 @@ class KVCacheManager:
     def _hashes(self, seq: "Sequence", num_full_blocks: int) -> list[bytes]:
         """Hashes of the sequence's first ``num_full_blocks`` full blocks (memoized on the sequence)."""
         bs, hashes, tokens = self.block_size, seq.block_hashes, seq.token_ids
+        images = getattr(seq, "images", None)
         while len(hashes) < num_full_blocks:
             i = len(hashes)
-            hashes.append(block_hash(hashes[-1] if hashes else None, tokens[i * bs:(i + 1) * bs]))
+            extra = images.block_key(i * bs, (i + 1) * bs) if images is not None else None
+            hashes.append(block_hash(hashes[-1] if hashes else None, tokens[i * bs:(i + 1) * bs], extra))
         return hashes[:num_full_blocks]
 
     def match_prefix(self, seq: "Sequence") -> int:

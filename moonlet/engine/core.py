@@ -11,6 +11,7 @@ from ..kernels.moe import fuse_moe_experts
 from .cache import KVCacheManager, LatentCachePool, latent_layer_ids
 from .config import EngineConfig, resolve
 from .errors import PromptTooLongError
+from .multimodal import MultimodalPrompt, VisionInputs
 from .params import SamplingParams
 from .recurrent import RecurrentStates
 from .runner import ModelRunner
@@ -48,12 +49,18 @@ def resolve_model_path(model_path: str | os.PathLike | None) -> Path:
 
 
 def load_model_and_tokenizer(model_path, device: str | None, dtype) -> tuple[torch.nn.Module, object, str]:
-    """Load a checkpoint directory (and its tokenizer, when it ships one). Returns (model, tokenizer, name)."""
+    """Load a checkpoint directory (and its tokenizer, when it ships one). Returns (model, tokenizer, name).
+    A config with a ``vision_config`` (K2.5 / K2.6) gives a ``VisionLanguageModel`` (vision tower,
+    projector and text model); any other the text ``Transformer``."""
     path = resolve_model_path(model_path)
-    from ..weights import load_model
+    from ..config import ModelConfig
+    from ..weights import load_model, load_vision_language_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(str(path), device=device, dtype=_as_dtype(dtype))
+    if ModelConfig.from_pretrained(path).vision_config is not None:
+        model = load_vision_language_model(str(path), device=device, dtype=_as_dtype(dtype))
+    else:
+        model = load_model(str(path), device=device, dtype=_as_dtype(dtype))
     tokenizer = None
     if (path / "tiktoken.model").is_file():
         from ..tokenizer import Tokenizer
@@ -62,15 +69,21 @@ def load_model_and_tokenizer(model_path, device: str | None, dtype) -> tuple[tor
     return model, tokenizer, path.name
 
 
-def build_engine(model_path=None, model=None, tokenizer=None, **engine_args) -> "EngineCore":
+def build_engine(model_path=None, model=None, tokenizer=None, image_processor=None, **engine_args) -> "EngineCore":
     """An EngineCore for a checkpoint directory (None: the bundled moonlet-tiny), or for a model and
-    tokenizer object already built. ``engine_args`` are EngineConfig fields."""
+    tokenizer object already built. ``engine_args`` are EngineConfig fields. ``image_processor``
+    (a ``moonlet.multimodal.ImageProcessorConfig``) for vision models: default, the checkpoint's
+    preprocessor_config.json, else the published K2.5 values at the vision_config's patch size."""
     config = EngineConfig.from_kwargs(**engine_args)
     name = None
     if model is None:
         model, loaded_tokenizer, name = load_model_and_tokenizer(model_path, config.device, config.dtype)
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
-    return EngineCore(model, tokenizer, config, model_name=name)
+        if image_processor is None and getattr(model, "vision_tower", None) is not None:
+            from ..multimodal import ImageProcessorConfig
+
+            image_processor = ImageProcessorConfig.from_pretrained(resolve_model_path(model_path))
+    return EngineCore(model, tokenizer, config, model_name=name, image_processor=image_processor)
 
 
 class EngineCore:
@@ -78,14 +91,27 @@ class EngineCore:
     (AsyncLLM runs it on its own thread)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, config: EngineConfig | None = None,
-                 model_name: str | None = None):
+                 model_name: str | None = None, image_processor=None):
         config = config or EngineConfig()
+        self.vision: VisionInputs | None = None
+        if getattr(model, "vision_tower", None) is not None:  # a VisionLanguageModel: run its text model
+            vlm, model = model, model.language_model
+            if config.device is not None:
+                vlm.vision_tower.to(config.device)
+                vlm.mm_projector.to(config.device)
+            dtype = _as_dtype(config.dtype)
+            if dtype is not None:
+                vlm.vision_tower.to(dtype)
+                vlm.mm_projector.to(dtype)
+            self.vision = VisionInputs(vlm.eval(), image_processor)
         if config.device is not None and torch.device(config.device) != model.device:
             model = model.to(config.device)
         dtype = _as_dtype(config.dtype)
         if dtype is not None and dtype != model.dtype:
             model = model.cast(dtype)
         self.model = model.eval()
+        if self.vision is not None:
+            self.vision.vlm.language_model = self.model
         fuse_moe_experts(self.model)  # grouped-GEMM MoE for inference, on every device (after any cast)
         self.tokenizer = tokenizer
         self.model_config = model.config
@@ -129,12 +155,30 @@ class EngineCore:
     def max_model_len(self) -> int:
         return self.config.max_model_len
 
+    @property
+    def supports_images(self) -> bool:
+        """Whether requests may carry images (the checkpoint has a vision tower)."""
+        return self.vision is not None
+
+    def prepare_prompt(self, prompt_token_ids, images) -> MultimodalPrompt:
+        """A prompt with images for ``add_request``: the images preprocessed, the i-th run of
+        ``<|media_pad|>`` tokens expanded to the i-th image's token count. CPU work only (safe off the
+        engine thread). ValueError for a model without vision, unequal counts, unreadable images."""
+        if self.vision is None:
+            raise ValueError("this model has no vision (its config has no vision_config); send text only")
+        return self.vision.prepare(prompt_token_ids, images)
+
     # ---- requests -------------------------------------------------------------------------------
     def check_request(self, prompt_token_ids, params: SamplingParams) -> list[int]:
-        """Validate a request; returns the prompt as a list of ints. Raises ValueError (or
-        PromptTooLongError) saying what is wrong."""
+        """Validate a request; returns the prompt as a list of ints (a ``MultimodalPrompt``: its expanded
+        token ids). Raises ValueError (or PromptTooLongError) saying what is wrong."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams; got {type(params).__name__}")
+        multimodal = isinstance(prompt_token_ids, MultimodalPrompt)
+        if multimodal:
+            if self.vision is None:
+                raise ValueError("this model has no vision (its config has no vision_config); send text only")
+            prompt_token_ids = prompt_token_ids.token_ids
         try:
             ids = [int(t) for t in prompt_token_ids]
         except (TypeError, ValueError):
@@ -152,16 +196,29 @@ class EngineCore:
                 detail = (f"limited by the KV cache pool of {self.config.num_blocks} blocks x "
                           f"{self.config.block_size} tokens or by max_model_len")
             raise PromptTooLongError(len(ids), limit, detail)
+        if self.vision is not None and not multimodal and self.vision.placeholder_id in ids:
+            raise ValueError(f"the prompt holds image placeholder tokens ({self.vision.placeholder_id}) but the "
+                             "request has no images; pass the images with the prompt")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
         if params.thinking_token_budget is not None:
             thinking_markers(params, self.tokenizer, vocab)
         return ids
 
-    def add_request(self, request_id: str, prompt_token_ids, params: SamplingParams) -> Sequence:
+    def add_request(self, request_id: str, prompt_token_ids, params: SamplingParams, images=None) -> Sequence:
+        """Queue a request. ``prompt_token_ids``: token ids, or a ``MultimodalPrompt`` (``prepare_prompt``);
+        ``images`` (vision models): images for the prompt's placeholder runs, in order, prepared here.
+        An image request runs the vision tower now, once; the features live on the Sequence."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if images:
+            if isinstance(prompt_token_ids, MultimodalPrompt):
+                raise ValueError("give images either prepared in a MultimodalPrompt or as images=, not both")
+            prompt_token_ids = self.prepare_prompt(prompt_token_ids, images)
         ids = self.check_request(prompt_token_ids, params)
+        features = None
+        if isinstance(prompt_token_ids, MultimodalPrompt):
+            features = self.vision.encode(prompt_token_ids)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         detok = None
         if self.tokenizer is not None:
@@ -169,6 +226,7 @@ class EngineCore:
 
             detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
         seq = Sequence(request_id, ids, params, stop_ids, detok)
+        seq.images = features
         seq.thinking = ThinkingBudget.for_request(params, ids, self.tokenizer)
         self.requests[request_id] = seq
         self.scheduler.add(seq)

@@ -6,10 +6,11 @@ import itertools
 from typing import Sequence as Seq
 
 from .core import build_engine
+from .multimodal import MultimodalPrompt
 from .params import SamplingParams
 from .sequence import RequestOutput
 
-Prompt = str | list[int]
+Prompt = str | list[int] | dict | MultimodalPrompt
 
 
 class LLM:
@@ -37,7 +38,15 @@ class LLM:
     def stats(self) -> dict:
         return self.engine.stats()
 
-    def _encode(self, prompt: Prompt) -> list[int]:
+    def _encode(self, prompt: Prompt) -> list[int] | MultimodalPrompt:
+        if isinstance(prompt, MultimodalPrompt):
+            return prompt
+        if isinstance(prompt, dict):  # {"prompt": text or ids, "images": [...]} (vision models)
+            if "prompt" not in prompt:
+                raise ValueError("a dict prompt needs 'prompt' (text or token ids) and 'images'")
+            ids = self._encode(prompt["prompt"])
+            images = prompt.get("images") or []
+            return self.engine.prepare_prompt(ids, images) if images else ids
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer; this LLM has none (pass token id lists)")
@@ -46,12 +55,15 @@ class LLM:
 
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
-        """Generate for every prompt (text, or a list of token ids); outputs in prompt order.
+        """Generate for every prompt (text, a list of token ids, or for vision models
+        ``{"prompt": text or ids, "images": [...]}`` with one ``<|media_pad|>`` run per image, or a
+        ``MultimodalPrompt``); outputs in prompt order.
 
         ``params`` is one SamplingParams for all prompts or one per prompt (default: SamplingParams()).
         Every prompt is checked before any work starts.
         """
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict, MultimodalPrompt)) or \
+                (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
         if params is None:

@@ -108,16 +108,23 @@ class ModelRunner:
         """Run the batch; returns the sequences to sample and their logits [rows, vocab] (float32): one row
         per sequence, in order, or ``1 + len(drafts)`` consecutive rows for a sequence verifying drafts
         (``batch.draft_tokens``)."""
+        image_rows = self.image_rows(batch)
         if self.graphs is not None and batch.seqs and all(n == 1 for n in batch.num_new_tokens) and \
-                self.graphs.can_run(len(batch.seqs), max(len(s.block_table) for s in batch.seqs)):
+                image_rows is None and self.graphs.can_run(len(batch.seqs), max(len(s.block_table) for s in batch.seqs)):
             return self._execute_graph(batch)
         input_ids, layout, sample_at = self.build_layout(batch)
+        inputs_embeds = None
+        if image_rows is not None:  # image features over the placeholder tokens' embeddings
+            index, features = image_rows
+            inputs_embeds = self.model.model.embed_tokens(input_ids)
+            inputs_embeds[0, index.to(self.device)] = features.to(inputs_embeds.dtype)
         if self.states is not None:  # load fresh / resumed slots, note the snapshots to take
             self.states.begin_step(batch.state_inits, batch.state_saves,
                                    [s.state_slot for s in batch.seqs[:layout.num_decodes]])
         self.kv.set_batch(layout)
         try:
-            hidden = self.model.hidden_states(input_ids, positions=layout.positions[None], kv=self.kv)  # [1, N, H]
+            hidden = self.model.hidden_states(input_ids, positions=layout.positions[None], kv=self.kv,
+                                              inputs_embeds=inputs_embeds)  # [1, N, H]
         finally:
             self.kv.set_batch(None)
             if self.states is not None:
@@ -129,6 +136,26 @@ class ModelRunner:
         index = torch.tensor(flat, device=self.device)
         logits = self.model.lm_head(hidden[0, index]).float()  # only the rows we sample from
         return [batch.seqs[i] for i in rows], logits
+
+    @staticmethod
+    def image_rows(batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The flat batch rows that are image placeholder positions, and the feature rows that replace
+        their embeddings (None when the batch computes no image token). Each sequence's entry covers its
+        positions num_computed_tokens .. + n; a chunk may start or end inside an image."""
+        index: list[torch.Tensor] = []
+        features: list[torch.Tensor] = []
+        flat = 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            images = getattr(seq, "images", None)
+            if images is not None:
+                start = seq.num_computed_tokens
+                for first, row, count in images.rows(start, start + n):
+                    index.append(torch.arange(flat + first - start, flat + first - start + count))
+                    features.append(images.features[row:row + count])
+            flat += n
+        if not index:
+            return None
+        return torch.cat(index), torch.cat(features)
 
     def _execute_graph(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None]:
         seqs = batch.seqs
