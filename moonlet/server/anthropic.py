@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -21,7 +20,8 @@ from ..engine.params import SamplingParams
 from .anthropic_convert import check_thinking_budget, to_conversation
 from .errors import APIError, anthropic_stream_error, invalid
 from .generation import (PING_INTERVAL, ClientDisconnected, Conversation, EngineRun, Prompt, SSEResponse,
-                         disconnect_checker, fit_max_tokens, render_prompt, sse_frame, tool_section_stop_ids)
+                         build_prompt, disconnect_checker, fit_max_tokens, sse_frame, supports_images,
+                         tool_section_stop_ids)
 from .state import request_id_of, state_of
 from .tool_ids import normalize_k2_id, to_anthropic_id
 
@@ -189,11 +189,10 @@ def _usage(run: EngineRun) -> dict:
 
 async def _prepare(body: CountTokensRequest, request: Request) -> tuple[Conversation, Prompt]:
     st = state_of(request)
-    conv = to_conversation(body)
-    # rendering and tokenizing a long conversation takes a while: keep the event loop (other streams) free
-    prompt = await asyncio.to_thread(render_prompt, st.tokenizer, conv.messages, conv.tools, conv.template_kwargs,
-                                     conv.prefill, conv.output_prefix)
-    return conv, prompt
+    conv = to_conversation(body, vision=supports_images(st.engine))
+    # rendering and tokenizing a long conversation takes a while: keep the event loop (other streams) free;
+    # images are expanded to their token counts here, so count_tokens and usage include them
+    return conv, await build_prompt(st.engine, st.tokenizer, conv)
 
 
 def _sampling(body: MessagesRequest, max_tokens: int, conv: Conversation, tokenizer) -> SamplingParams:
@@ -232,7 +231,7 @@ async def create_message(body: MessagesRequest, request: Request):
     max_tokens, clamped = fit_max_tokens(len(prompt.token_ids), body.max_tokens, st.max_model_len, "anthropic")
     params = _sampling(body, max_tokens, conv, st.tokenizer)
     rid = request_id_of(request)
-    run = EngineRun(st.engine, prompt.token_ids, params, rid, "anthropic", st.metrics)
+    run = EngineRun(st.engine, prompt.engine_input, params, rid, "anthropic", st.metrics)
     try:
         first = await run.start(request.is_disconnected)
     except ClientDisconnected:

@@ -7,8 +7,10 @@ What is done with each part of a request:
   so the prefill is answer text, not reasoning).
 - User turns: text blocks (joined by blank lines) and text ``document`` blocks become the user
   message; each ``tool_result`` becomes a tool message (``## Return of <K2 id>``) placed before
-  the user's text; ``is_error`` results are prefixed with "Error: ". Images and non-text documents
-  get a 400: the K2 text models have no vision.
+  the user's text; ``is_error`` results are prefixed with "Error: ". ``image`` blocks (in user turns
+  and tool results) with a ``base64`` source become the K2.5 image placeholder at their place (see
+  ``images``) on models with vision; a ``url`` source is a 400 (the server fetches nothing), and a
+  text-only model answers any image with a 400. Non-text documents get a 400.
 - Assistant turns: text -> content, ``thinking`` -> reasoning_content, ``tool_use`` -> tool_calls
   with K2 ids (see ``tool_ids``); ``redacted_thinking`` is dropped (it cannot be read back).
 - ``tools`` with ``input_schema`` become K2 function declarations; Anthropic server tools (typed,
@@ -31,6 +33,7 @@ import json
 
 from .errors import invalid
 from .generation import Conversation, apply_tool_choice
+from .images import Images, join_content
 from .tool_ids import ToolIdMap
 
 
@@ -50,6 +53,25 @@ def _text_of(block: dict, where: str) -> str:
     if not isinstance(text, str):
         raise invalid(f"{where}.text must be a string", param=f"{where}.text")
     return text
+
+
+def _image(block: dict, where: str, images: Images) -> str:
+    """An ``image`` block -> its placeholder text (the image decoded into ``images``)."""
+    source = block.get("source")
+    if not images.vision:
+        raise _no_vision("image", where)
+    if not isinstance(source, dict):
+        raise invalid(f"{where}.source must be an object ({{'type': 'base64', 'media_type', 'data'}})",
+                      param=f"{where}.source")
+    kind = source.get("type")
+    if kind == "base64":
+        return images.add_base64(source.get("data"), source.get("media_type"), f"{where}.source", where)
+    if kind == "url":
+        raise invalid(f"{where}.source: this server does not fetch images from URLs; send the image inline as a "
+                      f"base64 source ({{'type': 'base64', 'media_type': 'image/png', 'data': ...}})",
+                      param=f"{where}.source")
+    raise invalid(f"{where}.source.type {kind!r} is not supported; send {{'type': 'base64', 'media_type', 'data'}}",
+                  param=f"{where}.source.type")
 
 
 def _no_vision(kind: str, where: str):
@@ -72,7 +94,7 @@ def system_text(system, where: str = "system") -> str | None:
     raise invalid(f"{where} must be a string or a list of text blocks", param=where)
 
 
-def _tool_result_text(block: dict, where: str) -> str:
+def _tool_result_text(block: dict, where: str, images: Images) -> str:
     content = block.get("content")
     if content is None:
         text = ""
@@ -83,49 +105,55 @@ def _tool_result_text(block: dict, where: str) -> str:
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                parts.append(_text_of(part, f"{where}.content.{j}"))
-            elif kind in ("image", "document"):
+                parts.append(("text", _text_of(part, f"{where}.content.{j}")))
+            elif kind == "image":
+                parts.append(("image", _image(part, f"{where}.content.{j}", images)))
+            elif kind == "document":
                 raise _no_vision(kind, f"{where}.content.{j}")
             else:
-                raise invalid(f"{where}.content.{j} has type {kind!r}; tool results may hold text blocks",
+                raise invalid(f"{where}.content.{j} has type {kind!r}; tool results may hold text and image blocks",
                               param=f"{where}.content.{j}")
-        text = "\n".join(parts)
+        text = join_content(parts, "\n")
     else:
         raise invalid(f"{where}.content must be a string or a list of text blocks", param=f"{where}.content")
     return "Error: " + text if block.get("is_error") else text
 
 
-def _user_turn(blocks: list[dict], where: str, ids: ToolIdMap) -> list[dict]:
+def _user_turn(blocks: list[dict], where: str, ids: ToolIdMap, images: Images) -> list[dict]:
+    """The turn's tool messages, then its user message. Images are collected in that order too (the
+    tool results' first), the order their placeholders take in the rendered prompt."""
     tool_messages, texts = [], []
+    tool_images, user_images = Images(images.vision), Images(images.vision)
     for j, block in enumerate(blocks):
         w, kind = f"{where}.content.{j}", block["type"]
         if kind == "text":
-            texts.append(_text_of(block, w))
+            texts.append(("text", _text_of(block, w)))
         elif kind == "tool_result":
             client_id = block.get("tool_use_id")
             if not isinstance(client_id, str) or not client_id:
                 raise invalid(f"{w}.tool_use_id must be the id of an earlier tool_use block", param=f"{w}.tool_use_id")
             k2 = ids.result_id(client_id)
-            message = {"role": "tool", "tool_call_id": k2, "content": _tool_result_text(block, w)}
+            message = {"role": "tool", "tool_call_id": k2, "content": _tool_result_text(block, w, tool_images)}
             name = ids.name_of(k2)
             if name:
                 message["name"] = name
             tool_messages.append(message)
         elif kind == "image":
-            raise _no_vision("image", w)
+            texts.append(("image", _image(block, w, user_images)))
         elif kind == "document":
             source = block.get("source") or {}
             if source.get("type") == "text" and isinstance(source.get("data"), str):
-                texts.append(source["data"])
+                texts.append(("text", source["data"]))
             else:
                 raise _no_vision("non-text document", w)
         elif kind in ("thinking", "redacted_thinking", "tool_use"):
             raise invalid(f"{w} is a {kind} block, which only an assistant turn may hold", param=w)
         else:
             raise invalid(f"{w} has unsupported content block type {kind!r}", param=w)
+    images.images += tool_images.images + user_images.images
     out = tool_messages
     if texts or not tool_messages:
-        out.append({"role": "user", "content": "\n\n".join(texts)})
+        out.append({"role": "user", "content": join_content(texts, "\n\n")})
     return out
 
 
@@ -153,7 +181,8 @@ def _assistant_turn(blocks: list[dict], where: str, ids: ToolIdMap) -> dict:
             calls.append({"id": ids.add_call(client_id, name), "type": "function",
                           "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}})
         elif kind in ("image", "document"):
-            raise _no_vision(kind, w)
+            raise invalid(f"{w} is an {kind} block in an assistant turn; images and documents go in user turns",
+                          param=w)
         else:
             raise invalid(f"{w} has unsupported content block type {kind!r} in an assistant turn", param=w)
     message = {"role": "assistant", "content": "\n\n".join(texts)}
@@ -221,8 +250,9 @@ def convert_tools(tools) -> dict[str, dict]:
     return out
 
 
-def to_conversation(req) -> Conversation:
-    """Build the K2 chat input for a validated messages request (``req`` has the request's fields)."""
+def to_conversation(req, vision: bool = False) -> Conversation:
+    """Build the K2 chat input for a validated messages request (``req`` has the request's fields).
+    ``vision``: the model takes images (else an image block is a 400)."""
     tools = convert_tools(req.tools)
     choice = req.tool_choice or {"type": "auto"}
     if not isinstance(choice, dict) or choice.get("type") not in ("auto", "any", "tool", "none"):
@@ -279,17 +309,18 @@ def to_conversation(req) -> Conversation:
             raise invalid("messages holds only an assistant turn; start with a user turn", param="messages")
 
     ids = ToolIdMap()
+    images = Images(vision)
     messages: list[dict] = []
     system = system_text(req.system)
     if system is not None:
         messages.append({"role": "system", "content": system})
     for role, blocks, where in turns:
         if role == "user":
-            messages += _user_turn(blocks, where, ids)
+            messages += _user_turn(blocks, where, ids, images)
         else:
             messages.append(_assistant_turn(blocks, where, ids))
 
     conv = Conversation(messages=messages, tools=list(tools.values()), template_kwargs=template_kwargs,
-                        prefill=prefill, thinking_budget=budget)
+                        prefill=prefill, thinking_budget=budget, images=images.images)
     apply_tool_choice(conv, kind, forced, ids.count, bool(choice.get("disable_parallel_tool_use")))
     return conv

@@ -82,6 +82,7 @@ class Conversation:
     forbid_tools: bool = False  # generation stops at a tool-section opener
     single_call: bool = False  # keep the first tool call and end the reply there
     thinking_budget: int | None = None  # cap on thinking tokens (SamplingParams.thinking_token_budget)
+    images: list = field(default_factory=list)  # decoded images, in the order of their placeholders
 
 
 def apply_tool_choice(conv: Conversation, kind: str, forced_name: str | None, call_index: int,
@@ -112,6 +113,12 @@ class Prompt:
     text: str
     thinking: bool  # the prompt leaves the model inside <think>
     output_prefix: str = ""
+    multimodal: object = None  # a moonlet.engine.MultimodalPrompt when the request has images
+
+    @property
+    def engine_input(self):
+        """What the engine gets: the MultimodalPrompt for an image request, else the token ids."""
+        return self.multimodal if self.multimodal is not None else self.token_ids
 
     def parser(self) -> StreamingOutputParser:
         return StreamingOutputParser(thinking=self.thinking)
@@ -139,6 +146,26 @@ def render_prompt(tokenizer, messages: list[dict], tools: list[dict] | None, tem
     full = text + output_prefix
     ids = tokenizer.encode(full, allow_special=True)
     return Prompt(token_ids=ids, text=full, thinking=thinking, output_prefix=output_prefix)
+
+
+async def build_prompt(engine, tokenizer, conv: Conversation) -> Prompt:
+    """Render ``conv`` (in a worker thread: a long conversation takes a while) and, when it has images,
+    let the engine preprocess them and expand their placeholders: ``token_ids`` is then the prompt the
+    model runs, image tokens included (what usage and count_tokens report)."""
+    prompt = await asyncio.to_thread(render_prompt, tokenizer, conv.messages, conv.tools, conv.template_kwargs,
+                                     conv.prefill, conv.output_prefix)
+    if conv.images:
+        try:
+            mm = await asyncio.to_thread(engine.prepare_prompt, prompt.token_ids, conv.images)
+        except ValueError as e:
+            raise invalid(f"cannot place the images in the prompt: {e}", param="messages") from None
+        prompt.token_ids, prompt.multimodal = mm.token_ids, mm
+    return prompt
+
+
+def supports_images(engine) -> bool:
+    """Whether the engine takes images (an engine without the attribute does not)."""
+    return bool(getattr(engine, "supports_images", False))
 
 
 def fit_max_tokens(prompt_len: int, requested: int | None, max_model_len: int, api: str) -> tuple[int, bool]:
@@ -202,10 +229,11 @@ class EngineRun:
     passes without one, and raises StopAsyncIteration after the last. ``close()`` aborts the request
     if it is still going and records metrics; call it in a ``finally``."""
 
-    def __init__(self, engine, prompt_ids: list[int], params, request_id: str, api: str, metrics=None):
+    def __init__(self, engine, prompt_ids, params, request_id: str, api: str, metrics=None):
+        # prompt_ids: token ids, or a MultimodalPrompt (``Prompt.engine_input``) for an image request
         self.engine, self.prompt_ids, self.params, self.request_id = engine, prompt_ids, params, request_id
         self.api, self.metrics = api, metrics
-        self.stats = RunStats(prompt_tokens=len(prompt_ids))
+        self.stats = RunStats(prompt_tokens=len(getattr(prompt_ids, "token_ids", prompt_ids)))
         self._queue: asyncio.Queue = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self.finished = False

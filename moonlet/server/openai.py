@@ -13,7 +13,6 @@ answer follows.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -29,7 +28,9 @@ from ..chat import ContentDelta, ReasoningDelta, ToolCallArgsDelta, ToolCallEnd,
 from ..engine.params import SamplingParams
 from .errors import APIError, invalid, openai_stream_error
 from .generation import (PING_INTERVAL, ClientDisconnected, Conversation, EngineRun, SSEResponse, apply_tool_choice,
-                         disconnect_checker, fit_max_tokens, render_prompt, sse_frame, tool_section_stop_ids)
+                         build_prompt, disconnect_checker, fit_max_tokens, sse_frame, supports_images,
+                         tool_section_stop_ids)
+from .images import Images, join_content
 from .state import request_id_of, state_of
 from .tool_ids import ToolIdMap, normalize_k2_id, openai_decode
 
@@ -86,7 +87,9 @@ def sampling_params(body: SamplingFields, max_tokens: int, stop_ids: list[int], 
         raise invalid(str(e).replace("SamplingParams.", "")) from e
 
 
-def _text_content(content, where: str) -> str | None:
+def _text_content(content, where: str, images: Images | None = None) -> str | None:
+    """A message's content as text. ``images`` (user messages only): ``image_url`` parts become the image
+    placeholder at their place and their images are collected there; elsewhere an image is a 400."""
     if content is None or isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -94,15 +97,22 @@ def _text_content(content, where: str) -> str | None:
     parts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
+        w = f"{where}.content.{j}"
         if kind == "text" and isinstance(part.get("text"), str):
-            parts.append(part["text"])
-        elif kind in ("image_url", "input_audio", "file", "image"):
-            raise invalid(f"{where}.content.{j} is an {kind} part, but this model reads text only; send text",
-                          param=f"{where}.content.{j}")
+            parts.append(("text", part["text"]))
+        elif kind == "image_url" and images is not None:
+            image_url = part.get("image_url")
+            url = image_url.get("url") if isinstance(image_url, dict) else image_url
+            parts.append(("image", images.add_url(url, f"{w}.image_url.url" if isinstance(image_url, dict)
+                                                   else f"{w}.image_url", part=w)))
+        elif kind == "image_url" and images is None:
+            raise invalid(f"{w} is an image_url part; only user messages may hold images", param=w)
+        elif kind in ("input_audio", "file", "image"):
+            raise invalid(f"{w} is an {kind} part, but this server reads text (and, on models with vision, "
+                          f"image_url parts); send text", param=w)
         else:
-            raise invalid(f"{where}.content.{j} must be a text part ({{'type': 'text', 'text': ...}})",
-                          param=f"{where}.content.{j}")
-    return "\n".join(parts)
+            raise invalid(f"{w} must be a text part ({{'type': 'text', 'text': ...}})", param=w)
+    return join_content(parts, "\n")
 
 
 def _convert_tools(tools) -> dict[str, dict]:
@@ -123,7 +133,8 @@ def _convert_tools(tools) -> dict[str, dict]:
     return out
 
 
-def to_conversation(body: ChatRequest) -> Conversation:
+def to_conversation(body: ChatRequest, vision: bool = False) -> Conversation:
+    """The K2 chat input of a chat request; ``vision``: the model takes images (else an image is a 400)."""
     tools = _convert_tools(body.tools)
     choice = body.tool_choice if body.tool_choice is not None else "auto"
     forced = None
@@ -146,12 +157,14 @@ def to_conversation(body: ChatRequest) -> Conversation:
         kwargs["thinking"] = body.reasoning_effort != "none"
 
     ids, messages = ToolIdMap(decode=openai_decode), []
+    images = Images(vision)
     for i, m in enumerate(body.messages):
         where = f"messages.{i}"
         role = m.get("role") if isinstance(m, dict) else None
         if role in ("system", "developer", "user"):
             messages.append({"role": "user" if role == "user" else "system",
-                             "content": _text_content(m.get("content"), where) or ""})
+                             "content": _text_content(m.get("content"), where,
+                                                      images if role == "user" else None) or ""})
         elif role == "assistant":
             out = {"role": "assistant", "content": _text_content(m.get("content"), where) or ""}
             reasoning = m.get("reasoning_content") or m.get("reasoning")
@@ -195,7 +208,8 @@ def to_conversation(body: ChatRequest) -> Conversation:
             raise invalid("continue_final_message needs a final assistant message without tool calls",
                           param="continue_final_message")
         prefill = messages.pop()["content"]
-    conv = Conversation(messages=messages, tools=list(tools.values()), template_kwargs=kwargs, prefill=prefill)
+    conv = Conversation(messages=messages, tools=list(tools.values()), template_kwargs=kwargs, prefill=prefill,
+                        images=images.images)
     apply_tool_choice(conv, kind, forced, ids.count, body.parallel_tool_calls is False)
     return conv
 
@@ -293,15 +307,14 @@ async def start_run(run: EngineRun, request: Request):
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request):
     st = state_of(request)
-    conv = to_conversation(body)
-    prompt = await asyncio.to_thread(render_prompt, st.tokenizer, conv.messages, conv.tools, conv.template_kwargs,
-                                     conv.prefill, conv.output_prefix)
+    conv = to_conversation(body, vision=supports_images(st.engine))
+    prompt = await build_prompt(st.engine, st.tokenizer, conv)
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens, _ = fit_max_tokens(len(prompt.token_ids), requested, st.max_model_len, "openai")
     top_n = (body.top_logprobs or 0) if body.logprobs else None
     stop_ids = tool_section_stop_ids(st.tokenizer) if conv.forbid_tools else []
     params = sampling_params(body, max_tokens, stop_ids, top_n)
-    run = EngineRun(st.engine, prompt.token_ids, params, request_id_of(request), "openai", st.metrics)
+    run = EngineRun(st.engine, prompt.engine_input, params, request_id_of(request), "openai", st.metrics)
     first = await start_run(run, request)
     if first is None:
         return Response(status_code=499)

@@ -23,7 +23,6 @@ before the new input (the earlier ``instructions`` are not carried over, as in O
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 import logging
@@ -42,7 +41,9 @@ from ..chat import THINK_END, ContentDelta, ReasoningDelta, ToolCallArgsDelta, T
 from ..engine.params import SamplingParams
 from .errors import APIError, invalid, openai_stream_error
 from .generation import (PING_INTERVAL, Conversation, EngineRun, Prompt, SSEResponse, apply_tool_choice,
-                         disconnect_checker, fit_max_tokens, render_prompt, sse_frame, tool_section_stop_ids)
+                         build_prompt, disconnect_checker, fit_max_tokens, sse_frame, supports_images,
+                         tool_section_stop_ids)
+from .images import Images, join_content
 from .openai import start_run
 from .state import request_id_of, state_of
 from .tool_ids import ToolIdMap, normalize_k2_id, openai_decode
@@ -188,8 +189,10 @@ def _check_supported(body: ResponsesRequest) -> None:
                           "'medium', 'high' keep it on)", param="reasoning.effort")
 
 
-def _text(content, where: str) -> str:
-    """The text of a message's (or tool output's) content: a string, or a list of text parts."""
+def _text(content, where: str, images: Images | None = None) -> str:
+    """The text of a message's (or tool output's) content: a string, or a list of text parts.
+    ``images`` (user messages only): ``input_image`` parts with a data URL become the image placeholder
+    at their place and their images are collected there."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -199,14 +202,22 @@ def _text(content, where: str) -> str:
         kind = part.get("type") if isinstance(part, dict) else None
         key = _TEXT_PARTS.get(kind) if isinstance(kind, str) else None
         if key is not None and isinstance(part.get(key), str):
-            texts.append(part[key])
-        elif kind in _NOT_TEXT:
-            raise invalid(f"{where}.{j} is an {kind} part, but this model reads text only; send input_text parts",
+            texts.append(("text", part[key]))
+        elif kind == "input_image" and images is not None:
+            if images.vision and part.get("file_id") is not None and part.get("image_url") is None:
+                raise invalid(f"{where}.{j}.file_id: this server has no file store; send the image inline as "
+                              f"image_url 'data:image/png;base64,...'", param=f"{where}.{j}.file_id")
+            texts.append(("image", images.add_url(part.get("image_url"), f"{where}.{j}.image_url", part=f"{where}.{j}")))
+        elif kind == "input_image":
+            raise invalid(f"{where}.{j} is an input_image part; only user messages may hold images",
                           param=f"{where}.{j}")
+        elif kind in _NOT_TEXT:
+            raise invalid(f"{where}.{j} is an {kind} part, but this server reads text (and, on models with "
+                          f"vision, input_image parts); send input_text parts", param=f"{where}.{j}")
         else:
             raise invalid(f"{where}.{j} must be a text part ({{'type': 'input_text', 'text': ...}}, or "
                           f"'output_text' in assistant messages)", param=f"{where}.{j}")
-    return "\n".join(texts)
+    return join_content(texts, "\n")
 
 
 def input_items(value) -> list[dict]:
@@ -280,9 +291,10 @@ class _Turns:
     """Builds chat messages from items: an assistant turn stays open (reasoning, text and tool
     calls merge into it) until a non-assistant message or a tool result comes."""
 
-    def __init__(self):
+    def __init__(self, vision: bool = False):
         self.messages: list[dict] = []
         self.ids = ToolIdMap(decode=openai_decode)
+        self.images = Images(vision)  # the user messages' images, in order
 
     def _assistant(self, fresh_if) -> dict:
         last = self.messages[-1] if self.messages else None
@@ -301,7 +313,7 @@ class _Turns:
             if role not in ("user", "system", "developer", "assistant"):
                 raise invalid(f"{where}.role must be user, system, developer or assistant; got {role!r}",
                               param=f"{where}.role")
-            text = _text(item.get("content"), f"{where}.content")
+            text = _text(item.get("content"), f"{where}.content", self.images if role == "user" else None)
             if role != "assistant":
                 self.messages.append({"role": "user" if role == "user" else "system", "content": text})
                 return
@@ -348,12 +360,14 @@ class _Turns:
                           f"function_call_output and reasoning items", param=f"{where}.type")
 
 
-def to_conversation(body: ResponsesRequest, history: list[dict], items: list[dict]) -> tuple[Conversation, dict]:
+def to_conversation(body: ResponsesRequest, history: list[dict], items: list[dict],
+                    vision: bool = False) -> tuple[Conversation, dict]:
     """The K2 conversation for a request (``history``: a stored chain's items, ``items``: the new
-    input), and the parameters the response echoes (tools, tool_choice, reasoning)."""
+    input), and the parameters the response echoes (tools, tool_choice, reasoning). ``vision``: the
+    model takes images (else an input_image is a 400)."""
     tools, tools_echo = _convert_tools(body.tools)
     kind, forced, choice_echo = _tool_choice(body.tool_choice, tools)
-    turns = _Turns()
+    turns = _Turns(vision)
     if body.instructions:
         turns.messages.append({"role": "system", "content": body.instructions})
     for item in history:
@@ -368,7 +382,7 @@ def to_conversation(body: ResponsesRequest, history: list[dict], items: list[dic
     if effort is not None:
         kwargs["thinking"] = effort != "none"
     conv = Conversation(messages=turns.messages, tools=list(tools.values()), template_kwargs=kwargs,
-                        thinking_budget=body.thinking_token_budget)
+                        thinking_budget=body.thinking_token_budget, images=turns.images.images)
     apply_tool_choice(conv, kind, forced, turns.ids.count, body.parallel_tool_calls is False)
     summary = (body.reasoning or {}).get("summary")
     echo = {"tools": tools_echo, "tool_choice": choice_echo,
@@ -604,15 +618,14 @@ async def create_response(body: ResponsesRequest, request: Request):
     _check_supported(body)
     history = store.conversation(body.previous_response_id) if body.previous_response_id else []
     items = input_items(body.input)
-    conv, echo = to_conversation(body, history, items)
+    conv, echo = to_conversation(body, history, items, vision=supports_images(st.engine))
     try:
-        prompt = await asyncio.to_thread(render_prompt, st.tokenizer, conv.messages, conv.tools,
-                                         conv.template_kwargs, conv.prefill, conv.output_prefix)
+        prompt = await build_prompt(st.engine, st.tokenizer, conv)
         max_tokens, _ = fit_max_tokens(len(prompt.token_ids), body.max_output_tokens, st.max_model_len, "openai")
     except APIError as e:
         raise _as_input_param(e) from None
     params = _sampling(body, max_tokens, conv, st.tokenizer)
-    run = EngineRun(st.engine, prompt.token_ids, params, request_id_of(request), "openai", st.metrics)
+    run = EngineRun(st.engine, prompt.engine_input, params, request_id_of(request), "openai", st.metrics)
     try:
         first = await start_run(run, request)
     except APIError as e:
