@@ -14,14 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..chat import (ARGS_BEGIN, CALL_BEGIN, CALL_END, ContentDelta, ReasoningDelta, ToolCallArgsDelta, ToolCallEnd,
-                    ToolCallStart)
+from ..chat import ARGS_BEGIN, CALL_BEGIN, CALL_END
 from ..engine.params import SamplingParams
 from .anthropic_convert import check_thinking_budget, to_conversation
-from .errors import APIError, anthropic_stream_error, invalid
-from .generation import (PING_INTERVAL, ClientDisconnected, Conversation, EngineRun, Prompt, SSEResponse,
-                         build_prompt, disconnect_checker, fit_max_tokens, sse_frame, supports_images,
-                         tool_section_stop_ids)
+from .errors import APIError, anthropic_stream_error
+from .generation import (Conversation, EngineRun, Prompt, SSEResponse, build_prompt, fit_max_tokens, make_sampling,
+                         sse_frame, start_run, supports_images, tool_section_stop_ids)
+from .reply import ReplyBuilder
 from .state import request_id_of, state_of
 from .tool_ids import normalize_k2_id, to_anthropic_id
 
@@ -63,45 +62,29 @@ def thinking_signature(thinking: str) -> str:
     return "moonlet:" + hashlib.sha256(thinking.encode()).hexdigest()[:32]
 
 
-class AnthropicReply:
+class AnthropicReply(ReplyBuilder):
     """Turns output-parser events into Anthropic content blocks and the SSE frames that build them.
 
     ``feed``/``finish`` return frames as (event type, payload); ``content`` is the final block list.
     Whitespace-only text is held until real text follows (it never makes a block on its own).
     Tool calls arrive whole from the parser; one whose arguments are not a JSON object is returned
-    as text, as the model wrote it."""
+    as text, as the model wrote it. ``done``: single_call satisfied, the caller stops generating."""
 
     def __init__(self, single_call: bool = False):
+        super().__init__(single_call)
         self.content: list[dict] = []
-        self.single_call = single_call
-        self.done = False  # single_call satisfied: the caller stops generating
         self._open: int | None = None
         self._ws = ""
-        self._calls: dict[int, list] = {}  # parser index -> [id, name, args]
         self.num_tool_uses = 0
-
-    def feed(self, events) -> list[tuple[str, dict]]:
-        frames: list[tuple[str, dict]] = []
-        for ev in events:
-            if self.done:
-                break
-            if isinstance(ev, ContentDelta):
-                frames += self._text(ev.text)
-            elif isinstance(ev, ReasoningDelta):
-                frames += self._delta("thinking", ev.text)
-            elif isinstance(ev, ToolCallStart):
-                self._calls[ev.index] = [ev.id, ev.name, ""]
-            elif isinstance(ev, ToolCallArgsDelta):
-                self._calls[ev.index][2] += ev.text
-            elif isinstance(ev, ToolCallEnd):
-                frames += self._tool_use(*self._calls.pop(ev.index))
-        return frames
 
     def finish(self) -> list[tuple[str, dict]]:
         self._ws = ""
         return self._close()
 
-    def _text(self, text: str) -> list:
+    def on_reasoning(self, text: str) -> list:
+        return self._delta("thinking", text)
+
+    def on_text(self, text: str) -> list:
         if not text:
             return []
         if not self._is_open("text"):
@@ -150,13 +133,13 @@ class AnthropicReply:
         self._open = None
         return frames
 
-    def _tool_use(self, raw_id: str, name: str, args: str) -> list:
+    def on_tool_call(self, raw_id: str, name: str, args: str) -> list:
         try:
             parsed = json.loads(args)
         except ValueError:
             parsed = None
         if not isinstance(parsed, dict):
-            return self._text(f"{CALL_BEGIN}{raw_id}{ARGS_BEGIN}{args}{CALL_END}")
+            return self.on_text(f"{CALL_BEGIN}{raw_id}{ARGS_BEGIN}{args}{CALL_END}")
         self._ws = ""
         k2 = normalize_k2_id(raw_id, name, self.num_tool_uses)
         frames = self._close()
@@ -196,19 +179,16 @@ async def _prepare(body: CountTokensRequest, request: Request) -> tuple[Conversa
 
 
 def _sampling(body: MessagesRequest, max_tokens: int, conv: Conversation, tokenizer) -> SamplingParams:
-    try:
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=body.top_p if body.top_p else 1.0,
-            top_k=body.top_k if body.top_k else -1,
-            stop=list(body.stop_sequences or []),
-            stop_token_ids=tool_section_stop_ids(tokenizer) if conv.forbid_tools else [],
-            skip_special_tokens=False,
-            thinking_token_budget=conv.thinking_budget,
-        )
-    except ValueError as e:
-        raise invalid(str(e).replace("SamplingParams.", "")) from e
+    return make_sampling(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=body.top_p if body.top_p else 1.0,
+        top_k=body.top_k if body.top_k else -1,
+        stop=list(body.stop_sequences or []),
+        stop_token_ids=tool_section_stop_ids(tokenizer) if conv.forbid_tools else [],
+        skip_special_tokens=False,
+        thinking_token_budget=conv.thinking_budget,
+    )
 
 
 def _interleaved_thinking(request: Request) -> bool:
@@ -232,13 +212,9 @@ async def create_message(body: MessagesRequest, request: Request):
     params = _sampling(body, max_tokens, conv, st.tokenizer)
     rid = request_id_of(request)
     run = EngineRun(st.engine, prompt.engine_input, params, rid, "anthropic", st.metrics)
-    try:
-        first = await run.start(request.is_disconnected)
-    except ClientDisconnected:
+    first = await start_run(run, request)
+    if first is None:
         return Response(status_code=499)
-    except BaseException:
-        await run.close()
-        raise
     message_id = f"msg_{uuid.uuid4().hex[:24]}"
     parser, reply = prompt.parser(), AnthropicReply(single_call=conv.single_call)
     stops = list(body.stop_sequences or [])
@@ -246,18 +222,9 @@ async def create_message(body: MessagesRequest, request: Request):
         return SSEResponse(_stream(run, first, prompt, parser, reply, body.model, message_id, stops, clamped))
     try:
         reply.feed(parser.feed(prompt.output_prefix + first.new_text))
-        gone = disconnect_checker(request)
-        while not run.finished and not reply.done:
-            try:
-                out = await run.next(timeout=1.0)
-            except StopAsyncIteration:
-                break
-            if await gone():
-                return Response(status_code=499)
-            if out is not None:
-                reply.feed(parser.feed(out.new_text))
-        if not reply.done:
-            reply.feed(parser.finish())
+        if not await run.collect(request, lambda out: reply.feed(parser.feed(out.new_text)), lambda: reply.done):
+            return Response(status_code=499)
+        reply.feed_end(parser)
         reply.finish()
         stop_reason, stop_sequence = _stop(reply, run, stops, clamped)
         return JSONResponse({"id": message_id, "type": "message", "role": "assistant", "model": body.model,
@@ -281,13 +248,9 @@ async def _stream(run: EngineRun, first, prompt: Prompt, parser, reply: Anthropi
         chunk = frames(reply.feed(parser.feed(prompt.output_prefix + first.new_text)))
         if chunk:
             yield chunk
-        while not run.finished and not reply.done:
-            try:
-                out = await run.next(timeout=PING_INTERVAL)
-            except StopAsyncIteration:
-                break
-            except APIError as e:
-                yield sse_frame("error", anthropic_stream_error(e.kind, e.message))
+        async for out in run.outputs(lambda: reply.done):
+            if isinstance(out, APIError):
+                yield sse_frame("error", anthropic_stream_error(out.kind, out.message))
                 return
             if out is None:
                 yield sse_frame("ping", {"type": "ping"})
@@ -295,7 +258,7 @@ async def _stream(run: EngineRun, first, prompt: Prompt, parser, reply: Anthropi
             chunk = frames(reply.feed(parser.feed(out.new_text)))
             if chunk:
                 yield chunk
-        tail = [] if reply.done else reply.feed(parser.finish())
+        tail = reply.feed_end(parser)
         tail += reply.finish()
         stop_reason, stop_sequence = _stop(reply, run, stops, clamped)
         tail.append(("message_delta", {"type": "message_delta",

@@ -1,6 +1,7 @@
-"""What both APIs share: rendering a prompt, fitting max_tokens into the context, and running one
-engine request (errors surface before the response starts; outputs arrive through a queue so a
-stream can send pings while it waits; an unfinished request is aborted when the client goes).
+"""What the APIs share: rendering a prompt, fitting max_tokens into the context, building sampling
+parameters, and running one engine request (errors surface before the response starts; outputs
+arrive through a queue so a stream can send pings while it waits; an unfinished request is aborted
+when the client goes).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from starlette.responses import StreamingResponse
 
 from ..chat import ARGS_BEGIN, CALL_BEGIN, SECTION_BEGIN, StreamingOutputParser
 from ..engine.errors import EngineDeadError, EngineOverloadedError, PromptTooLongError
+from ..engine.params import SamplingParams
 from .errors import APIError, invalid
 from .tool_ids import k2_id
 
@@ -188,6 +190,14 @@ def fit_max_tokens(prompt_len: int, requested: int | None, max_model_len: int, a
     return requested, False
 
 
+def make_sampling(**fields) -> SamplingParams:
+    """``SamplingParams(**fields)``; a value it rejects is a 400 with its message."""
+    try:
+        return SamplingParams(**fields)
+    except ValueError as e:
+        raise invalid(str(e).replace("SamplingParams.", "")) from e
+
+
 def map_engine_error(e: BaseException, api: str) -> APIError:
     if isinstance(e, APIError):
         return e
@@ -275,6 +285,34 @@ class EngineRun:
             return None
         return self._take(item)
 
+    async def outputs(self, done=None, timeout: float = PING_INTERVAL):
+        """The outputs after the first, while the run is unfinished and ``done()`` (the reply needs no
+        more) is false: each output; None after ``timeout`` seconds without one (time for a
+        keep-alive); an engine failure as its APIError, last."""
+        while not self.finished and not (done is not None and done()):
+            try:
+                out = await self.next(timeout=timeout)
+            except StopAsyncIteration:
+                return
+            except APIError as e:
+                yield e
+                return
+            yield out
+
+    async def collect(self, request, on_output, done=None) -> bool:
+        """For a non-streamed reply: hand the outputs after the first to ``on_output`` (see
+        ``outputs``), checking for a disconnect between them. False when the client has gone (the
+        handler answers 499; its ``finally`` closes the run); an engine failure is raised."""
+        gone = disconnect_checker(request)
+        async for out in self.outputs(done, timeout=1.0):
+            if isinstance(out, APIError):
+                raise out
+            if await gone():
+                return False
+            if out is not None:
+                on_output(out)
+        return True
+
     def _take(self, item):
         if item is _END:
             self.finished = True
@@ -323,6 +361,18 @@ class EngineRun:
             s = self.stats
             self.metrics.observe_finished(self.api, s.finish_reason, s.prompt_tokens, s.cached_tokens,
                                           s.output_tokens, time.monotonic() - s.arrival)
+
+
+async def start_run(run: EngineRun, request):
+    """``run.start`` for a handler: the first output, or None when the client left while it waited
+    (the handler answers 499). On a failure the run is closed and the error raised."""
+    try:
+        return await run.start(request.is_disconnected)
+    except ClientDisconnected:
+        return None
+    except BaseException:
+        await run.close()
+        raise
 
 
 def tool_section_stop_ids(tokenizer) -> list[int]:

@@ -24,13 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..chat import ContentDelta, ReasoningDelta, ToolCallArgsDelta, ToolCallEnd, ToolCallStart
 from ..engine.params import SamplingParams
 from .errors import APIError, invalid, openai_stream_error
-from .generation import (PING_INTERVAL, ClientDisconnected, Conversation, EngineRun, SSEResponse, apply_tool_choice,
-                         build_prompt, disconnect_checker, fit_max_tokens, sse_frame, supports_images,
-                         tool_section_stop_ids)
+from .generation import (Conversation, EngineRun, SSEResponse, apply_tool_choice, build_prompt, fit_max_tokens,
+                         make_sampling, sse_frame, start_run, supports_images, tool_section_stop_ids)
 from .images import Images, join_content
+from .reply import ReplyBuilder
 from .state import request_id_of, state_of
 from .tool_ids import ToolIdMap, normalize_k2_id, openai_decode
 
@@ -75,16 +74,13 @@ def sampling_params(body: SamplingFields, max_tokens: int, stop_ids: list[int], 
     if body.n != 1:
         raise invalid(f"n={body.n} is not supported; this server returns one choice per request (n=1)", param="n")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    try:
-        return SamplingParams(
-            max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=body.top_p or 1.0, top_k=body.top_k if body.top_k and body.top_k > 0 else -1,
-            min_p=body.min_p or 0.0, presence_penalty=body.presence_penalty or 0.0,
-            frequency_penalty=body.frequency_penalty or 0.0, repetition_penalty=body.repetition_penalty or 1.0,
-            stop=stop, stop_token_ids=stop_ids, ignore_eos=body.ignore_eos, seed=body.seed, logprobs=logprobs,
-            skip_special_tokens=False, thinking_token_budget=body.thinking_token_budget)
-    except ValueError as e:
-        raise invalid(str(e).replace("SamplingParams.", "")) from e
+    return make_sampling(
+        max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=body.top_p or 1.0, top_k=body.top_k if body.top_k and body.top_k > 0 else -1,
+        min_p=body.min_p or 0.0, presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0, repetition_penalty=body.repetition_penalty or 1.0,
+        stop=stop, stop_token_ids=stop_ids, ignore_eos=body.ignore_eos, seed=body.seed, logprobs=logprobs,
+        skip_special_tokens=False, thinking_token_budget=body.thinking_token_budget)
 
 
 def _text_content(content, where: str, images: Images | None = None) -> str | None:
@@ -247,43 +243,46 @@ class _Logprobs:
         return out
 
 
-class _ChatReply:
-    """Parser events -> chat deltas and the final message."""
+class _ChatReply(ReplyBuilder):
+    """Parser events -> chat deltas and the final message. Tool calls stream as they are written
+    (the name first, then argument deltas)."""
 
     def __init__(self, single_call: bool):
+        super().__init__(single_call)
         self.content, self.reasoning, self.tool_calls = "", None, []
-        self.single_call, self.done = single_call, False
         self._pending: dict[int, dict] = {}
 
-    def feed(self, events) -> list[dict]:
-        deltas = []
-        for ev in events:
-            if self.done:
-                break
-            if isinstance(ev, ContentDelta) and ev.text:
-                self.content += ev.text
-                deltas.append({"content": ev.text})
-            elif isinstance(ev, ReasoningDelta) and ev.text:
-                self.reasoning = (self.reasoning or "") + ev.text
-                deltas.append({"reasoning_content": ev.text})
-            elif isinstance(ev, ToolCallStart):
-                index = len(self.tool_calls)
-                call = {"id": normalize_k2_id(ev.id, ev.name, index), "type": "function",
-                        "function": {"name": ev.name, "arguments": ""}}
-                self.tool_calls.append(call)
-                self._pending[ev.index] = call
-                deltas.append({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
-                                               "function": {"name": ev.name, "arguments": ""}}]})
-            elif isinstance(ev, ToolCallArgsDelta):
-                call = self._pending[ev.index]
-                call["function"]["arguments"] += ev.text
-                deltas.append({"tool_calls": [{"index": self.tool_calls.index(call),
-                                               "function": {"arguments": ev.text}}]})
-            elif isinstance(ev, ToolCallEnd):
-                self._pending.pop(ev.index, None)
-                if self.single_call:
-                    self.done = True
-        return deltas
+    def on_text(self, text: str) -> list[dict]:
+        if not text:
+            return []
+        self.content += text
+        return [{"content": text}]
+
+    def on_reasoning(self, text: str) -> list[dict]:
+        if not text:
+            return []
+        self.reasoning = (self.reasoning or "") + text
+        return [{"reasoning_content": text}]
+
+    def on_call_start(self, index: int, raw_id: str, name: str) -> list[dict]:
+        position = len(self.tool_calls)
+        call = {"id": normalize_k2_id(raw_id, name, position), "type": "function",
+                "function": {"name": name, "arguments": ""}}
+        self.tool_calls.append(call)
+        self._pending[index] = call
+        return [{"tool_calls": [{"index": position, "id": call["id"], "type": "function",
+                                 "function": {"name": name, "arguments": ""}}]}]
+
+    def on_call_args(self, index: int, text: str) -> list[dict]:
+        call = self._pending[index]
+        call["function"]["arguments"] += text
+        return [{"tool_calls": [{"index": self.tool_calls.index(call), "function": {"arguments": text}}]}]
+
+    def on_call_end(self, index: int) -> list[dict]:
+        self._pending.pop(index, None)
+        if self.single_call:
+            self.done = True
+        return []
 
     def message(self) -> dict:
         msg = {"role": "assistant", "content": self.content if (self.content or not self.tool_calls) else None}
@@ -292,16 +291,6 @@ class _ChatReply:
         if self.tool_calls:
             msg["tool_calls"] = self.tool_calls
         return msg
-
-
-async def start_run(run: EngineRun, request: Request):
-    try:
-        return await run.start(request.is_disconnected)
-    except ClientDisconnected:
-        return None
-    except BaseException:
-        await run.close()
-        raise
 
 
 @router.post("/v1/chat/completions")
@@ -326,23 +315,17 @@ async def chat_completions(body: ChatRequest, request: Request):
         return SSEResponse(_chat_stream(run, first, prompt, parser, reply, lp, body.model, cid, created, usage))
     try:
         entries: list[dict] = []
-        out, gone = first, disconnect_checker(request)
+
+        def take(out) -> None:
+            if lp is not None:
+                entries.extend(lp.chat(out.new_token_ids, out.new_logprobs))
+            reply.feed(parser.feed(out.new_text))
+
         reply.feed(parser.feed(prompt.output_prefix))
-        while True:
-            if out is not None:
-                if lp is not None:
-                    entries += lp.chat(out.new_token_ids, out.new_logprobs)
-                reply.feed(parser.feed(out.new_text))
-                if run.finished or reply.done:
-                    break
-            try:
-                out = await run.next(timeout=1.0)
-            except StopAsyncIteration:
-                break
-            if await gone():
-                return Response(status_code=499)
-        if not reply.done:
-            reply.feed(parser.finish())
+        take(first)
+        if not await run.collect(request, take, lambda: reply.done):
+            return Response(status_code=499)
+        reply.feed_end(parser)
         choice = {"index": 0, "message": reply.message(), "logprobs": {"content": entries} if lp else None,
                   "finish_reason": _finish(run, len(reply.tool_calls))}
         return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": body.model,
@@ -374,13 +357,9 @@ async def _chat_stream(run: EngineRun, first, prompt, parser, reply: _ChatReply,
         text = "".join(chunk(d) for d in reply.feed(parser.feed(prompt.output_prefix))) + emit(first)
         if text:
             yield text
-        while not run.finished and not reply.done:
-            try:
-                out = await run.next(timeout=PING_INTERVAL)
-            except StopAsyncIteration:
-                break
-            except APIError as e:
-                yield sse_frame(None, openai_stream_error(e.kind, e.message))
+        async for out in run.outputs(lambda: reply.done):
+            if isinstance(out, APIError):
+                yield sse_frame(None, openai_stream_error(out.kind, out.message))
                 yield sse_frame(None, "[DONE]")
                 return
             if out is None:
@@ -389,7 +368,7 @@ async def _chat_stream(run: EngineRun, first, prompt, parser, reply: _ChatReply,
             text = emit(out)
             if text:
                 yield text
-        tail = "" if reply.done else "".join(chunk(d) for d in reply.feed(parser.finish()))
+        tail = "".join(chunk(d) for d in reply.feed_end(parser))
         tail += chunk({}, finish=_finish(run, len(reply.tool_calls)))
         if include_usage:
             tail += chunk(None, usage=True)

@@ -13,8 +13,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .errors import APIError, invalid, openai_stream_error
-from .generation import PING_INTERVAL, EngineRun, SSEResponse, disconnect_checker, fit_max_tokens, sse_frame
-from .openai import SamplingFields, openai_usage, sampling_params, start_run
+from .generation import PING_INTERVAL, EngineRun, SSEResponse, fit_max_tokens, sse_frame, start_run
+from .openai import SamplingFields, openai_usage, sampling_params
 from .state import request_id_of, state_of
 
 logger = logging.getLogger(__name__)
@@ -122,21 +122,17 @@ async def completions(body: CompletionRequest, request: Request):
 
         return SSEResponse(stream())
     try:
-        text, out, entries = echo, first, []
-        gone = disconnect_checker(request)
-        while True:
-            if out is not None:
-                if body.logprobs is not None:
-                    entries.append(choice("", out, len(text))["logprobs"])
-                text += out.new_text
-                if run.finished:
-                    break
-            try:
-                out = await run.next(timeout=1.0)
-            except StopAsyncIteration:
-                break
-            if await gone():
-                return Response(status_code=499)
+        text, entries = echo, []
+
+        def take(out) -> None:
+            nonlocal text
+            if body.logprobs is not None:
+                entries.append(choice("", out, len(text))["logprobs"])
+            text += out.new_text
+
+        take(first)
+        if not await run.collect(request, take):
+            return Response(status_code=499)
         lps = None
         if entries:
             lps = {k: sum((e[k] for e in entries), []) for k in ("tokens", "token_logprobs", "top_logprobs",

@@ -37,14 +37,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..chat import THINK_END, ContentDelta, ReasoningDelta, ToolCallArgsDelta, ToolCallEnd, ToolCallStart
+from ..chat import THINK_END
 from ..engine.params import SamplingParams
 from .errors import APIError, invalid, openai_stream_error
-from .generation import (PING_INTERVAL, Conversation, EngineRun, Prompt, SSEResponse, apply_tool_choice,
-                         build_prompt, disconnect_checker, fit_max_tokens, sse_frame, supports_images,
-                         tool_section_stop_ids)
+from .generation import (Conversation, EngineRun, Prompt, SSEResponse, apply_tool_choice, build_prompt,
+                         fit_max_tokens, make_sampling, sse_frame, start_run, supports_images, tool_section_stop_ids)
 from .images import Images, join_content
-from .openai import start_run
+from .reply import ReplyBuilder
 from .state import request_id_of, state_of
 from .tool_ids import ToolIdMap, normalize_k2_id, openai_decode
 
@@ -395,7 +394,7 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-class ResponseOutput:
+class ResponseOutput(ReplyBuilder):
     """Turns output-parser events into Responses output items and the stream events that build them.
 
     ``feed``/``finish`` return events (dicts with ``type``, without ``sequence_number``); ``output``
@@ -403,29 +402,11 @@ class ResponseOutput:
     whole from the parser and becomes a function_call item; ``single_call`` ends the reply there."""
 
     def __init__(self, single_call: bool = False):
+        super().__init__(single_call)
         self.output: list[dict] = []
-        self.single_call, self.done = single_call, False
         self.num_calls = 0
         self._open: int | None = None  # index of the reasoning or message item being written
         self._ws = ""
-        self._calls: dict[int, list] = {}  # parser index -> [raw id, name, arguments]
-
-    def feed(self, events) -> list[dict]:
-        out: list[dict] = []
-        for ev in events:
-            if self.done:
-                break
-            if isinstance(ev, ContentDelta):
-                out += self._text(ev.text)
-            elif isinstance(ev, ReasoningDelta):
-                out += self._reasoning(ev.text)
-            elif isinstance(ev, ToolCallStart):
-                self._calls[ev.index] = [ev.id, ev.name, ""]
-            elif isinstance(ev, ToolCallArgsDelta):
-                self._calls[ev.index][2] += ev.text
-            elif isinstance(ev, ToolCallEnd):
-                out += self._call(*self._calls.pop(ev.index))
-        return out
 
     def finish(self, incomplete: bool) -> list[dict]:
         """Close the open item (``incomplete``: generation was cut by max_output_tokens). A reply with
@@ -449,7 +430,7 @@ class ResponseOutput:
         return {"type": kind, "item_id": self.output[self._open]["id"], "output_index": self._open,
                 "content_index": 0, "part": dict(part)}
 
-    def _reasoning(self, text: str) -> list[dict]:
+    def on_reasoning(self, text: str) -> list[dict]:
         if not text:
             return []
         out = []
@@ -475,7 +456,7 @@ class ResponseOutput:
         out.append(self._part_event("response.content_part.added", part))
         return out
 
-    def _text(self, text: str) -> list[dict]:
+    def on_text(self, text: str) -> list[dict]:
         if not text:
             return []
         out = []
@@ -513,7 +494,7 @@ class ResponseOutput:
         out.append({"type": "response.output_item.done", "output_index": index, "item": copy.deepcopy(item)})
         return out
 
-    def _call(self, raw_id: str, name: str, args: str) -> list[dict]:
+    def on_tool_call(self, raw_id: str, name: str, args: str) -> list[dict]:
         self._ws = ""
         out = self._close("completed")
         call_id = normalize_k2_id(raw_id, name, self.num_calls)
@@ -554,8 +535,7 @@ class _Generation:
         return self.reply.feed(self.parser.feed(out.new_text))
 
     def finish(self) -> list[dict]:
-        events = [] if self.reply.done else self.reply.feed(self.parser.finish())
-        return events + self.reply.finish(self.incomplete)
+        return self.reply.feed_end(self.parser) + self.reply.finish(self.incomplete)
 
     @property
     def incomplete(self) -> bool:
@@ -595,13 +575,10 @@ class _Generation:
 
 
 def _sampling(body: ResponsesRequest, max_tokens: int, conv: Conversation, tokenizer) -> SamplingParams:
-    try:
-        return SamplingParams(
-            max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=body.top_p or 1.0, stop_token_ids=tool_section_stop_ids(tokenizer) if conv.forbid_tools else [],
-            skip_special_tokens=False, thinking_token_budget=conv.thinking_budget)
-    except ValueError as e:
-        raise invalid(str(e).replace("SamplingParams.", "")) from e
+    return make_sampling(
+        max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=body.top_p or 1.0, stop_token_ids=tool_section_stop_ids(tokenizer) if conv.forbid_tools else [],
+        skip_special_tokens=False, thinking_token_budget=conv.thinking_budget)
 
 
 def _as_input_param(e: APIError) -> APIError:
@@ -642,17 +619,9 @@ async def create_response(body: ResponsesRequest, request: Request):
         return SSEResponse(_stream(gen, first, keep))
     try:
         gen.reply.feed(gen.parser.feed(prompt.output_prefix))
-        out, gone = first, disconnect_checker(request)
-        while True:
-            gen.feed(out)
-            if run.finished or gen.reply.done:
-                break
-            try:
-                out = await run.next(timeout=1.0)
-            except StopAsyncIteration:
-                break
-            if await gone():
-                return Response(status_code=499)
+        gen.feed(first)
+        if not await run.collect(request, gen.feed, lambda: gen.reply.done):
+            return Response(status_code=499)
         gen.finish()
         response = gen.final()
         keep(response)
@@ -686,13 +655,9 @@ async def _stream(gen: _Generation, first, keep):
                         {"type": "response.in_progress", "response": start}]
                        + gen.reply.feed(gen.parser.feed(gen.prompt.output_prefix)) + gen.feed(first))
         yield chunk
-        while not run.finished and not gen.reply.done:
-            try:
-                out = await run.next(timeout=PING_INTERVAL)
-            except StopAsyncIteration:
-                break
-            except APIError as e:
-                yield failure(e.kind, e.message)
+        async for out in run.outputs(lambda: gen.reply.done):
+            if isinstance(out, APIError):
+                yield failure(out.kind, out.message)
                 return
             if out is None:
                 yield ": keep-alive\n\n"
