@@ -217,7 +217,8 @@ def openai_usage(run: EngineRun) -> dict:
             "prompt_tokens_details": {"cached_tokens": s.cached_tokens}}
 
 
-def _finish(run: EngineRun, tool_calls: int) -> str:
+def finish_reason(run: EngineRun, tool_calls: int = 0) -> str:
+    """OpenAI's finish_reason for a finished run that made ``tool_calls`` calls."""
     if tool_calls:
         return "tool_calls"
     return "length" if run.stats.finish_reason == "length" else "stop"
@@ -327,7 +328,7 @@ async def chat_completions(body: ChatRequest, request: Request):
             return Response(status_code=499)
         reply.feed_end(parser)
         choice = {"index": 0, "message": reply.message(), "logprobs": {"content": entries} if lp else None,
-                  "finish_reason": _finish(run, len(reply.tool_calls))}
+                  "finish_reason": finish_reason(run, len(reply.tool_calls))}
         return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": body.model,
                              "choices": [choice], "usage": openai_usage(run)})
     finally:
@@ -369,7 +370,7 @@ async def _chat_stream(run: EngineRun, first, prompt, parser, reply: _ChatReply,
             if text:
                 yield text
         tail = "".join(chunk(d) for d in reply.feed_end(parser))
-        tail += chunk({}, finish=_finish(run, len(reply.tool_calls)))
+        tail += chunk({}, finish=finish_reason(run, len(reply.tool_calls)))
         if include_usage:
             tail += chunk(None, usage=True)
         yield tail + sse_frame(None, "[DONE]")

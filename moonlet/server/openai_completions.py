@@ -13,8 +13,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .errors import APIError, invalid, openai_stream_error
-from .generation import PING_INTERVAL, EngineRun, SSEResponse, fit_max_tokens, sse_frame, start_run
-from .openai import SamplingFields, openai_usage, sampling_params
+from .generation import EngineRun, SSEResponse, fit_max_tokens, sse_frame, start_run
+from .openai import SamplingFields, finish_reason, openai_usage, sampling_params
 from .state import request_id_of, state_of
 
 logger = logging.getLogger(__name__)
@@ -87,28 +87,30 @@ async def completions(body: CompletionRequest, request: Request):
             return sse_frame(None, data)
 
         async def stream():
+            offset, prefix = len(echo), echo  # the echoed prompt goes out with the first output
+
+            def emit(out) -> str:
+                nonlocal offset, prefix
+                text, finish = prefix + out.new_text, finish_reason(run) if run.finished else None
+                offset, prefix = offset + len(text), ""
+                if text or finish or (body.logprobs is not None and out.new_token_ids):
+                    return frame([choice(text, out, offset - len(text), finish)])
+                return ""
+
             try:
-                out, offset, prefix = first, len(echo), echo
-                while True:
+                chunk = emit(first)
+                if chunk:
+                    yield chunk
+                async for out in run.outputs():
+                    if isinstance(out, APIError):
+                        yield sse_frame(None, openai_stream_error(out.kind, out.message))
+                        break
                     if out is None:
                         yield ": keep-alive\n\n"
-                    else:
-                        finish = None
-                        if run.finished:
-                            finish = "length" if run.stats.finish_reason == "length" else "stop"
-                        if out.new_text or prefix or finish or (body.logprobs is not None and out.new_token_ids):
-                            yield frame([choice(prefix + out.new_text, out, offset, finish)])
-                        offset += len(prefix + out.new_text)
-                        prefix = ""
-                        if run.finished:
-                            break
-                    try:
-                        out = await run.next(timeout=PING_INTERVAL)
-                    except StopAsyncIteration:
-                        break
-                    except APIError as e:
-                        yield sse_frame(None, openai_stream_error(e.kind, e.message))
-                        break
+                        continue
+                    chunk = emit(out)
+                    if chunk:
+                        yield chunk
                 if include_usage:
                     yield frame([], usage=True)
                 yield sse_frame(None, "[DONE]")
@@ -137,9 +139,9 @@ async def completions(body: CompletionRequest, request: Request):
         if entries:
             lps = {k: sum((e[k] for e in entries), []) for k in ("tokens", "token_logprobs", "top_logprobs",
                                                                    "text_offset")}
-        finish = "length" if run.stats.finish_reason == "length" else "stop"
         return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": body.model,
-                             "choices": [{"index": 0, "text": text, "logprobs": lps, "finish_reason": finish}],
+                             "choices": [{"index": 0, "text": text, "logprobs": lps,
+                                          "finish_reason": finish_reason(run)}],
                              "usage": openai_usage(run)})
     finally:
         await run.close()
