@@ -61,9 +61,12 @@ def reference(vlm: VisionLanguageModel, prompt: list[int], images: list[bytes], 
             batch = preprocess_images(images, PROCESSOR)
             ids = expand_image_placeholders(prompt, batch.num_tokens, PAD)
             feats = vlm.encode_images(batch.pixel_values, batch.grid_thws)
+        prompt_ids = torch.tensor([ids])
         for _ in range(n):
             seq = torch.tensor([ids + out])
-            embeds = merge_image_features(lm.model.embed_tokens(seq), seq, feats, PAD)
+            embeds = lm.model.embed_tokens(seq)
+            # the features go over the prompt's placeholders only (a generated placeholder id is a token)
+            embeds[:, :len(ids)] = merge_image_features(embeds[:, :len(ids)], prompt_ids, feats, PAD)
             out.append(int(lm(seq, inputs_embeds=embeds)[0, -1].argmax()))
     return out
 
