@@ -302,3 +302,22 @@ def test_llm_chat_image_errors(chat_stack, images, tmp_path):
                    num_blocks=16, block_size=4)
     with pytest.raises(ValueError, match="no vision"):
         text_llm.chat([{"role": "user", "content": [{"type": "image", "image": images["a"]}]}], params)
+
+
+def test_image_feature_cache_setting_and_flag(vlm):
+    import argparse
+
+    from moonlet.engine.config import IMAGE_FEATURE_CACHE_BYTES, EngineConfig, add_engine_cli_args, engine_args_from_cli
+
+    parser = argparse.ArgumentParser()
+    add_engine_cli_args(parser)
+    assert engine_args_from_cli(parser.parse_args([])).get("image_feature_cache_memory") is None
+    args = engine_args_from_cli(parser.parse_args(["--image-feature-cache-memory", "64MiB"]))
+    assert EngineConfig.from_kwargs(**args).image_cache_bytes() == 64 * 2**20
+    args = engine_args_from_cli(parser.parse_args(["--image-feature-cache-memory", "0"]))
+    assert make_llm(vlm, **args).engine.vision.cache.max_bytes == 0
+    assert make_llm(vlm).engine.vision.cache.max_bytes == IMAGE_FEATURE_CACHE_BYTES == 256 * 2**20
+    with pytest.raises(ValueError, match="image_feature_cache_memory"):
+        EngineConfig(image_feature_cache_memory=-5).validate()
+    with pytest.raises(ValueError, match="memory size"):
+        EngineConfig(image_feature_cache_memory="lots").validate()
