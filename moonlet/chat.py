@@ -113,6 +113,57 @@ def normalize_messages(messages) -> list[dict]:
     return out
 
 
+IMAGE_PART_TYPES = ("image", "image_url", "input_image")
+
+
+def _image_source(part: Mapping, where: str) -> Any:
+    """The image an image part holds: ``{"type": "image", "image": X}``, ``{"type": "image_url",
+    "image_url": {"url": X}}`` (or ``"image_url": X``) or ``{"type": "input_image", "image_url": X}``;
+    X a data URL, a file path, raw bytes or a PIL image. Web URLs are refused (nothing is fetched)."""
+    source = part.get("image")
+    if source is None:
+        source = part.get("image_url")
+        if isinstance(source, Mapping):
+            source = source.get("url")
+    if source is None:
+        raise ValueError(f"{where} is an image part without an image; give {{'type': 'image', 'image': ...}} or "
+                         f"{{'type': 'image_url', 'image_url': {{'url': 'data:image/png;base64,...'}}}}")
+    if isinstance(source, str) and source.split(":", 1)[0].lower() in ("http", "https"):
+        raise ValueError(f"{where}: image URLs are not fetched ({source[:40]!r}); pass a data URL, a file path, "
+                         f"the image's bytes or a PIL image")
+    return source
+
+
+def split_image_parts(messages) -> tuple[list, list]:
+    """Take the images out of ``messages`` for rendering: every image part of a content list (see
+    ``_image_source``) becomes a text part holding the K2.5 media placeholder
+    (``<|media_begin|>image<|media_content|><|media_pad|><|media_end|>``), so any chat template renders
+    it where it stands, and its image is collected. Returns (messages, images): copies of the messages
+    that had image parts (the others as given) and the images in the order the placeholders appear
+    (message order, part order), what ``LLM.generate`` takes beside the rendered prompt."""
+    from .multimodal import IMAGE_PLACEHOLDER
+
+    if not isinstance(messages, (list, tuple)):
+        raise TypeError(f"messages must be a list of dicts, got {type(messages).__name__}")
+    out, images = [], []
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if not isinstance(content, (list, tuple)):
+            out.append(message)
+            continue
+        parts, changed = [], False
+        for j, part in enumerate(content):
+            if isinstance(part, Mapping) and (part.get("type") in IMAGE_PART_TYPES or "image" in part
+                                              or "image_url" in part):
+                images.append(_image_source(part, f"messages[{i}].content[{j}]"))
+                parts.append({"type": "text", "text": IMAGE_PLACEHOLDER})
+                changed = True
+            else:
+                parts.append(part)
+        out.append({**message, "content": parts} if changed else message)
+    return out, images
+
+
 def render_chat(template: str, messages, tools=None, add_generation_prompt: bool = True, **kwargs) -> str:
     """Render `messages` (and `tools`, OpenAI function form) with jinja template text or a built-in name."""
     template = resolve_template(template)

@@ -14,6 +14,8 @@ from .spec import SPECULATIVE_METHODS, SpeculativeConfig
 CPU_KV_FRACTION = 0.05
 CPU_KV_MAX_BYTES = 1 << 30
 CUDA_KV_FRACTION = 0.8
+# vision models: projected image features kept by image digest (on the model's device)
+IMAGE_FEATURE_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -61,6 +63,9 @@ class EngineConfig:
     num_speculative_tokens: int = 4
     ngram_max: int = 4
     ngram_min: int = 2
+    # vision models: bytes of projected image features kept by image content (LRU), so an image sent
+    # again in another prompt is not encoded again; default IMAGE_FEATURE_CACHE_BYTES, 0 turns it off
+    image_feature_cache_memory: int | str | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -96,6 +101,17 @@ class EngineConfig:
         if self.kv_cache_fraction is not None and not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"engine argument kv_cache_fraction={self.kv_cache_fraction!r} must be in (0, 1]")
         self.speculative_config()  # raises on bad speculative settings
+        self.image_cache_bytes()  # raises on a bad image feature cache size
+
+    def image_cache_bytes(self) -> int:
+        """The image feature cache's size in bytes (vision models), checked."""
+        if self.image_feature_cache_memory is None:
+            return IMAGE_FEATURE_CACHE_BYTES
+        size = parse_bytes(self.image_feature_cache_memory)
+        if size < 0:
+            raise ValueError(f"engine argument image_feature_cache_memory={self.image_feature_cache_memory!r} must "
+                             f"be >= 0 bytes (0 turns the image feature cache off)")
+        return size
 
     def speculative_config(self) -> SpeculativeConfig | None:
         """The validated speculative-decoding settings, or None when it is off."""
@@ -247,6 +263,9 @@ def add_engine_cli_args(parser) -> None:
     g.add_argument("--ngram-min", type=int, default=None,
                    help="with --speculative ngram: shortest suffix matched (default 2; 1 also drafts after "
                         "single-token matches, which are more often wrong)")
+    g.add_argument("--image-feature-cache-memory", default=None,
+                   help="vision models: bytes of projected image features kept by image content, so an image "
+                        "sent again is not re-encoded, e.g. 256MiB (default 256MiB; 0 turns it off)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model and cache dtype (default: the checkpoint's)")
@@ -264,6 +283,7 @@ def engine_args_from_cli(args) -> dict:
         engine_seed="seed", prefill_attention="prefill_attention", decode_graphs="decode_graphs",
         decode_kernel="decode_kernel", state_snapshots="state_snapshots", speculative="speculative",
         num_speculative_tokens="num_speculative_tokens", ngram_max="ngram_max", ngram_min="ngram_min",
+        image_feature_cache_memory="image_feature_cache_memory",
     )
     out = {field: getattr(args, attr) for attr, field in names.items() if getattr(args, attr, None) is not None}
     for flag in ("enable_prefix_caching", "enable_chunked_prefill"):

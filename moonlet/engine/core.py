@@ -11,7 +11,7 @@ from ..kernels.moe import fuse_moe_experts
 from .cache import KVCacheManager, LatentCachePool, latent_layer_ids
 from .config import EngineConfig, resolve
 from .errors import PromptTooLongError
-from .multimodal import MultimodalPrompt, VisionInputs
+from .multimodal import MultimodalPrompt, RequestImages, VisionInputs
 from .params import SamplingParams
 from .recurrent import RecurrentStates
 from .runner import ModelRunner
@@ -103,7 +103,7 @@ class EngineCore:
             if dtype is not None:
                 vlm.vision_tower.to(dtype)
                 vlm.mm_projector.to(dtype)
-            self.vision = VisionInputs(vlm.eval(), image_processor)
+            self.vision = VisionInputs(vlm.eval(), image_processor, cache_bytes=config.image_cache_bytes())
         if config.device is not None and torch.device(config.device) != model.device:
             model = model.to(config.device)
         dtype = _as_dtype(config.dtype)
@@ -208,7 +208,8 @@ class EngineCore:
     def add_request(self, request_id: str, prompt_token_ids, params: SamplingParams, images=None) -> Sequence:
         """Queue a request. ``prompt_token_ids``: token ids, or a ``MultimodalPrompt`` (``prepare_prompt``);
         ``images`` (vision models): images for the prompt's placeholder runs, in order, prepared here.
-        An image request runs the vision tower now, once; the features live on the Sequence."""
+        The vision tower does not run here: the steps that compute an image's positions get its features
+        (``VisionInputs.provide``), so images inside a prefix-cache hit are never encoded."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if images:
@@ -216,9 +217,9 @@ class EngineCore:
                 raise ValueError("give images either prepared in a MultimodalPrompt or as images=, not both")
             prompt_token_ids = self.prepare_prompt(prompt_token_ids, images)
         ids = self.check_request(prompt_token_ids, params)
-        features = None
+        images = None
         if isinstance(prompt_token_ids, MultimodalPrompt):
-            features = self.vision.encode(prompt_token_ids)
+            images = RequestImages.from_prompt(prompt_token_ids)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         detok = None
         if self.tokenizer is not None:
@@ -226,7 +227,7 @@ class EngineCore:
 
             detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
         seq = Sequence(request_id, ids, params, stop_ids, detok)
-        seq.images = features
+        seq.images = images
         seq.thinking = ThinkingBudget.for_request(params, ids, self.tokenizer)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
@@ -261,12 +262,19 @@ class EngineCore:
                                    f"{self.cache.num_free_blocks} free blocks)")
             return []
         self.num_steps += 1
+        if self.vision is not None:  # features for the image positions this step computes
+            work = [(seq.images, seq.num_computed_tokens, n) for seq, n in zip(batch.seqs, batch.num_new_tokens)
+                    if seq.images is not None]
+            if work:
+                self.vision.provide(work)
         to_sample, logits = self.runner.execute(batch)
         drafts = batch.draft_tokens
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             if seq not in drafts:  # a verifying sequence's computed count depends on what it accepts
                 seq.num_computed_tokens += n
                 self.cache.cache_full_blocks(seq)
+                if seq.images is not None:
+                    seq.images.release(seq.num_computed_tokens)
         outputs: list[RequestOutput] = []
         if not to_sample:
             return outputs
@@ -300,6 +308,7 @@ class EngineCore:
         """Counters and gauges (see docs/serving-engine.md for each key)."""
         c = self.cache.counters
         snaps = self.cache.snapshots
+        vision = self.vision
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
@@ -323,4 +332,9 @@ class EngineCore:
             "spec_draft_tokens": self.spec_draft_tokens,
             "spec_accepted_tokens": self.spec_accepted_tokens,
             "spec_verifications": self.spec_verifications,
+            "images_encoded": vision.images_encoded if vision else 0,
+            "image_encoder_calls": vision.vision_forwards if vision else 0,
+            "image_cache_hits": vision.cache_hits if vision else 0,
+            "images_skipped": vision.images_skipped if vision else 0,
+            "image_cache_bytes": vision.cache.num_bytes if vision else 0,
         }

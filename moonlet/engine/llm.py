@@ -95,11 +95,26 @@ class LLM:
     def chat(self, conversations, params: SamplingParams | Seq[SamplingParams] | None = None, tools=None,
              **template_kwargs) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of message dicts) or a list of them, rendered with
-        the tokenizer's chat template (``tools`` and extra kwargs such as ``thinking=False`` reach it)."""
+        the tokenizer's chat template (``tools`` and extra kwargs such as ``thinking=False`` reach it).
+
+        Vision models: a content list may hold image parts, ``{"type": "image", "image": X}`` or
+        OpenAI-style ``{"type": "image_url", "image_url": {"url": X}}``, X a data URL, a file path, raw
+        bytes or a PIL image. Each renders as the K2.5 media placeholder where it stands and its image
+        goes with the prompt, in order (``moonlet.chat.split_image_parts``). A text-only model refuses
+        them (ValueError)."""
+        from ..chat import split_image_parts
+
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer with a chat template; this LLM has none")
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        prompts = [self.tokenizer.apply_chat_template(conv, tools=tools, add_generation_prompt=True, tokenize=True,
-                                                      **template_kwargs) for conv in conversations]
+        prompts: list[Prompt] = []
+        for k, conv in enumerate(conversations):
+            conv, images = split_image_parts(conv)
+            if images and not self.engine.supports_images:
+                raise ValueError(f"conversation {k} has {len(images)} image part(s), but this model has no vision "
+                                 "(its config has no vision_config); remove the images or describe them in text")
+            ids = self.tokenizer.apply_chat_template(conv, tools=tools, add_generation_prompt=True, tokenize=True,
+                                                     **template_kwargs)
+            prompts.append({"prompt": ids, "images": images} if images else ids)
         return self.generate(prompts, params)

@@ -149,9 +149,13 @@ class ModelRunner:
             images = getattr(seq, "images", None)
             if images is not None:
                 start = seq.num_computed_tokens
-                for first, row, count in images.rows(start, start + n):
+                for first, image, row, count in images.rows(start, start + n):
+                    feats = images.features[image]
+                    if feats is None:
+                        raise RuntimeError(f"request {seq.request_id!r}: image {image} has no features for this "
+                                           "step (the engine provides them before the forward)")
                     index.append(torch.arange(flat + first - start, flat + first - start + count))
-                    features.append(images.features[row:row + count])
+                    features.append(feats[row:row + count])
             flat += n
         if not index:
             return None

@@ -13,7 +13,7 @@ from .thinking import ThinkingBudget
 if TYPE_CHECKING:
     import torch
 
-    from .multimodal import ImageFeatures
+    from .multimodal import RequestImages
     from .spec import NgramIndex
 
 
@@ -92,9 +92,9 @@ class Sequence:
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.thinking: ThinkingBudget | None = None  # set by the engine when params.thinking_token_budget is set
         self.ngram_index: NgramIndex | None = None  # speculative decoding: made by the proposer on first use
-        # image requests: the projected image features and the prompt positions they replace (kept until
-        # the request ends: a preempted request recomputes its prompt, images included)
-        self.images: ImageFeatures | None = None
+        # image requests: each image's prompt positions, digest and patches, and its features while a
+        # step needs them (``VisionInputs.provide``)
+        self.images: RequestImages | None = None
         self.text = _TextState(detokenizer, params)
         self._reported_tokens = 0
         self._reported_chars = 0

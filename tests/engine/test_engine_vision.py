@@ -11,7 +11,7 @@ import torch
 
 from moonlet.config import ModelConfig
 from moonlet.engine import LLM, SamplingParams
-from moonlet.engine.multimodal import ImageFeatures, placeholder_runs
+from moonlet.engine.multimodal import RequestImages, placeholder_runs
 from moonlet.model.vision import VisionLanguageModel, merge_image_features
 from moonlet.multimodal import ImageProcessorConfig, expand_image_placeholders, preprocess_images
 from moonlet.testing import random_model, tiny_k2_config
@@ -61,9 +61,12 @@ def reference(vlm: VisionLanguageModel, prompt: list[int], images: list[bytes], 
             batch = preprocess_images(images, PROCESSOR)
             ids = expand_image_placeholders(prompt, batch.num_tokens, PAD)
             feats = vlm.encode_images(batch.pixel_values, batch.grid_thws)
+        prompt_ids = torch.tensor([ids])
         for _ in range(n):
             seq = torch.tensor([ids + out])
-            embeds = merge_image_features(lm.model.embed_tokens(seq), seq, feats, PAD)
+            embeds = lm.model.embed_tokens(seq)
+            # the features go over the prompt's placeholders only (a generated placeholder id is a token)
+            embeds[:, :len(ids)] = merge_image_features(embeds[:, :len(ids)], prompt_ids, feats, PAD)
             out.append(int(lm(seq, inputs_embeds=embeds)[0, -1].argmax()))
     return out
 
@@ -157,26 +160,28 @@ def test_prefix_cache_keys_blocks_by_image_content(vlm, requests, expected, imag
     assert stats["blocks_free"] == stats["blocks_total"]
 
 
-def test_image_features_rows_and_block_keys_against_brute_force():
+def test_request_images_rows_block_keys_and_release_against_brute_force():
     spans = [(2, 15), (20, 1), (21, 6)]
-    feats = torch.arange(22.0)[:, None]
-    mm = ImageFeatures(feats, spans, [b"A", b"B", b"C"])
+    mm = RequestImages(spans, [b"A", b"B", b"C"])
     owner = {}
-    row = 0
     for i, (s, n) in enumerate(spans):
         for p in range(s, s + n):
-            owner[p] = (i, row)
-            row += 1
+            owner[p] = (i, p - s)
     for start in range(0, 30):
         for end in range(start, 31):
             got = {}
-            for first, r, count in mm.rows(start, end):
+            for first, image, r, count in mm.rows(start, end):
                 for k in range(count):
-                    got[first + k] = r + k
-            assert got == {p: r for p, (_, r) in owner.items() if start <= p < end}
+                    got[first + k] = (image, r + k)
+            assert got == {p: o for p, o in owner.items() if start <= p < end}
             want = sorted({i for p, (i, _) in owner.items() if start <= p < end})
+            assert mm.overlapping(start, end) == want
             key = mm.block_key(start, end)
             assert key == (b"".join(b"ABC"[i:i + 1] for i in want) if want else None)
+    for computed in range(0, 30):
+        mm.features = [torch.zeros(n, 1) for _, n in spans]
+        mm.release(computed)
+        assert [f is None for f in mm.features] == [s + n <= computed for s, n in spans]
 
 
 def test_request_errors(vlm, images):
