@@ -39,6 +39,8 @@ class _EngineCollector:
             ("moonlet_kv_cache_usage_ratio", "Fraction of KV cache blocks held by requests", "cache_usage"),
             ("moonlet_kv_cache_blocks_total", "KV cache blocks in the pool", "blocks_total"),
             ("moonlet_kv_cache_blocks_free", "KV cache blocks not held by any request", "blocks_free"),
+            ("moonlet_image_cache_bytes", "Bytes of image features held by the feature cache (vision models)",
+             "image_cache_bytes"),
         ]
         for name, doc, key in gauges:
             if key in stats:
@@ -52,6 +54,17 @@ class _EngineCollector:
             ("moonlet_spec_draft_tokens", "Speculative draft tokens verified", "spec_draft_tokens"),
             ("moonlet_spec_accepted_tokens", "Speculative draft tokens accepted (kept as output)",
              "spec_accepted_tokens"),
+            # vision models
+            ("moonlet_images_encoded", "Images run through the vision tower", "images_encoded"),
+            ("moonlet_image_encoder_calls", "Vision tower forwards (one per step that needed images)",
+             "image_encoder_calls"),
+            ("moonlet_image_cache_hits", "Images whose features came from the feature cache", "image_cache_hits"),
+            ("moonlet_images_skipped", "Images not encoded because a prefix-cache hit covered them",
+             "images_skipped"),
+            # hybrid (KDA) models
+            ("moonlet_state_snapshots_saved", "Recurrent-state snapshots written", "state_snapshots_saved"),
+            ("moonlet_state_snapshots_restored", "Recurrent-state snapshots a prefix hit resumed from",
+             "state_snapshots_restored"),
         ]
         for name, doc, key in counters:
             if key in stats:

@@ -252,3 +252,23 @@ def test_text_only_model_answers_images_with_400(scripted):
         assert "no vision" in error["message"]
         assert error.get("param", param) == param and error["message"].startswith(param)
     assert not scripted.engine.calls
+
+
+def test_metrics_count_the_image_work(stack):
+    server, llm, vlm, tok = stack
+
+    def counter(text: str, name: str) -> float:
+        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+    before = httpx.get(server.url + "/metrics").text
+    image = png(30, 22, seed=77)  # an image no other test sends: encoded once, then served from the cache
+    for _ in range(2):
+        body = {"model": "tiny-vl", "max_tokens": 2, "temperature": 0, "chat_template_kwargs": NO_THINK,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
+                                                          {"type": "text", "text": f"call {_}"}]}]}
+        assert _post(server, "/v1/chat/completions", body).status_code == 200
+    after = httpx.get(server.url + "/metrics").text
+    encoded = counter(after, "moonlet_images_encoded_total") - counter(before, "moonlet_images_encoded_total")
+    # the second request shares the image's blocks (prefix hit) or its cached features: never a second encode
+    assert encoded == 1
+    assert counter(after, "moonlet_image_cache_bytes") > 0
