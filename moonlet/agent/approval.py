@@ -36,14 +36,18 @@ class ApprovalPolicy:
             return False
         return not (self.mode == "reads" and tool.read_only)
 
-    async def check(self, tool, args: dict, agent=None) -> Decision:
-        if not self.needs_asking(tool):
+    async def check(self, tool, args: dict, agent=None, force: bool = False) -> Decision:
+        """`force` asks even where the policy would not (a PreToolUse hook answered "ask")."""
+        if not force and not self.needs_asking(tool):
             return Decision(True)
         if self.prompt is None:
+            if force:
+                return Decision(False, "a PreToolUse hook asked for the user's confirmation and there is no "
+                                       "terminal to ask")
             return Decision(False, f"approval policy is {self.mode!r} and there is no terminal to ask; "
                                    "run with --yolo (or --approval reads for read-only tools) to allow it")
         async with self._lock:
-            if tool.name in self.always:
+            if tool.name in self.always and not force:
                 return Decision(True)
             who = f"[{agent.label}] " if agent is not None and agent.label else ""
             decision = await self.prompt(f"{who}{tool.summary(args)}")

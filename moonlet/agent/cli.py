@@ -1,11 +1,11 @@
 """`moonlet agent run|resume|show|export|list`: the agent from the command line.
 
-Exit codes: 0 the task finished (the model ended its turn), 3 a budget or the repeated-call guard
-stopped it (resume to continue), 1 an error, 130 interrupted."""
+Exit codes: 0 the task finished (the model ended its turn), 3 a budget, the repeated-call guard or a
+hook's "continue": false stopped it (resume to continue), 1 an error or a prompt refused by a
+UserPromptSubmit hook, 130 interrupted."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -86,6 +86,11 @@ def _agent_args(p, resume: bool = False) -> None:
     g.add_argument("--system-prompt", help="replace the built-in system prompt")
     g.add_argument("--mcp", action="append", default=[], metavar="NAME=COMMAND", help="an MCP server over stdio")
     g.add_argument("--mcp-config", help="JSON file with {\"mcpServers\": {...}}")
+    g.add_argument("--hooks", metavar="FILE", help="hooks JSON file ({\"hooks\": {EVENT: [...]}}); replaces the "
+                                                   "default files" + ("" if not resume else " and the session's saved hooks"))
+    g.add_argument("--no-hooks", action="store_true", help="run no hooks")
+    g.add_argument("--max-stop-blocks", type=int, help="consecutive Stop-hook blocks honoured before the agent is "
+                                                       "let stop anyway (default 5)")
     g.add_argument("-q", "--quiet", action="store_true", help="print only the final reply")
     g.add_argument("--show-thinking", action="store_true")
 
@@ -176,7 +181,8 @@ def _apply_overrides(config, args) -> None:
                                ("max_tokens", b, "max_tokens"), ("compact_at", c, "threshold"),
                                ("keep_turns", c, "keep_turns"), ("concurrency", config, "swarm_concurrency"),
                                ("max_depth", config, "max_depth"), ("max_reply_tokens", config, "max_tokens"),
-                               ("temperature", config, "temperature"), ("context_window", config, "context_window")):
+                               ("temperature", config, "temperature"), ("context_window", config, "context_window"),
+                               ("max_stop_blocks", config, "max_stop_blocks")):
         value = getattr(args, name, None)
         if value is not None:
             setattr(target, attr, value)
@@ -187,6 +193,21 @@ def _apply_overrides(config, args) -> None:
                              f"and below the reply limit ({config.max_tokens} tokens); lower --thinking or raise "
                              f"--max-reply-tokens")
         config.thinking = {"type": "enabled", "budget_tokens": args.thinking}
+
+
+def _hooks(args, workdir: str, saved: dict | None):
+    """The hooks for this run: none with --no-hooks; --hooks FILE alone; on resume the hooks saved in
+    the session; else .moonlet/hooks.json in the work directory then $MOONLET_HOME/agent/hooks.json."""
+    from .hooks import HookRunner, HooksConfig, discover_hooks
+    if args.no_hooks:
+        return None
+    if args.hooks:
+        config = HooksConfig.load(args.hooks)
+    elif saved is not None and "hooks" in saved:
+        config = HooksConfig.parse(saved["hooks"] or {}, "the session's saved hooks")
+    else:
+        config = discover_hooks(workdir)
+    return HookRunner(config) if config else None
 
 
 def _approval(args, saved_mode: str | None):
@@ -273,6 +294,9 @@ def _finish(agent, result, args) -> int:
     if result is None:
         print(f"\n[interrupted — continue with: moonlet agent resume {agent.session_id}]", file=sys.stderr)
         return 130
+    if result.stop_reason == "prompt_blocked":
+        print(f"[prompt refused by a UserPromptSubmit hook: {result.text}]", file=sys.stderr)
+        return 1
     if args.quiet:
         print(result.text)
     if result.stop_reason == "end_turn":
@@ -294,6 +318,8 @@ async def _run_async(args, resume: bool) -> int:
         if session["parent_id"]:
             raise ValueError(f"session {session['id']} is a sub-agent of {session['parent_id']}; resume the parent")
         saved = session["config"]
+    workdir = args.workdir or (saved or {}).get("workdir") or os.getcwd()
+    hooks = _hooks(args, workdir, saved)  # a bad hooks file fails here, before anything starts
     sess = Session(args, saved)
     try:
         launch, model, window = await sess.open()
@@ -305,7 +331,6 @@ async def _run_async(args, resume: bool) -> int:
         if window and not args.context_window:
             config.context_window = window
         _apply_overrides(config, args)
-        workdir = args.workdir or (saved or {}).get("workdir") or os.getcwd()
         workspace = Workspace(workdir)
         if args.system_prompt:
             config.system_prompt = args.system_prompt
@@ -319,7 +344,7 @@ async def _run_async(args, resume: bool) -> int:
                                  launch.get("tool_overrides"))
 
         approval = _approval(args, (saved or {}).get("approval"))
-        kwargs = dict(events=_events(args), approval=approval, tool_factory=factory)
+        kwargs = dict(events=_events(args), approval=approval, tool_factory=factory, hooks=hooks)
         if resume:
             agent = Agent.restore(store, session["id"], sess.client, factory(0), workspace, config=config, **kwargs)
         else:
@@ -330,6 +355,9 @@ async def _run_async(args, resume: bool) -> int:
         if not args.quiet:
             print(f"session {agent.session_id} · model {model} · window {config.context_window} · workdir "
                   f"{workspace.root} · approval {approval.mode}", file=sys.stderr)
+            if agent.hooks:
+                n = sum(len(g.hooks) for groups in agent.hooks.config.events.values() for g in groups)
+                print(f"hooks: {n} from {', '.join(agent.hooks.config.sources)}", file=sys.stderr)
         try:
             code = 0
             if resume:
@@ -433,7 +461,17 @@ def show_session(store, sid: str) -> str:
                                       f"tokens: kept {len(c['kept'])} messages, summarized {len(c['summarized'])} "
                                       f"({c['reason']})"))
     for e in store.events(sid):
-        if e["kind"] in ("retry", "budget_stop", "repeat_guard", "resumed", "swarm"):
+        if e["kind"] == "hook":
+            d = e["data"]
+            how = "timed out" if d.get("timed_out") else f"exit {d.get('exit_code')}"
+            what = f" {d['effect']}" if d.get("effect") else ""
+            err = f" (ignored: {d['error']})" if d.get("error") else ""
+            target = f" {d['target']}" if d.get("target") else ""
+            rows.append((e["created_at"], f"step {e['step']:<4} hook {d.get('event')}{target} "
+                                          f"`{str(d.get('command'))[:60]}` {how} {d.get('duration_s', 0):.1f}s"
+                                          f"{what}{err}"))
+        elif e["kind"] in ("retry", "budget_stop", "repeat_guard", "resumed", "swarm", "prompt_blocked",
+                           "hook_stopped", "stop_hook_limit"):
             rows.append((e["created_at"], f"{'':10}{e['kind']} {json.dumps(e['data'])[:120]}"))
     for t, text in sorted(rows, key=lambda r: r[0]):
         lines.append(f"  {_ts(t, t0)}  {text}")

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
     from .client import RetryNotice
+    from .hooks import HookRun
     from .loop import Agent, TurnResult
     from .tools.base import Tool, ToolResult
 
@@ -23,6 +24,8 @@ class AgentEvents:
     def compaction(self, agent: "Agent", reason: str, before: int, after: int, result) -> None: ...
     def turn_end(self, agent: "Agent", result: "TurnResult") -> None: ...
     def subagent(self, agent: "Agent", label: str, status: str) -> None: ...
+    def hook(self, agent: "Agent", run: "HookRun") -> None: ...
+    def hook_message(self, agent: "Agent", event: str, text: str) -> None: ...
 
     def child(self, label: str) -> "AgentEvents":
         """Events for a sub-agent; by default sub-agents run quietly."""
@@ -81,6 +84,17 @@ class TerminalEvents(AgentEvents):
 
     def subagent(self, agent, label, status) -> None:
         self._line(f"  sub-agent {label}: {status}")
+
+    def hook(self, agent, run) -> None:
+        """Quiet for hooks that just succeed; one line for a failure or an intervention."""
+        if run.error is None and not run.effect:
+            return
+        what = f"failed: {run.error}" if run.error else run.effect
+        detail = (run.stderr.strip().splitlines() or [""])[-1][:160] if run.error or run.effect == "block" else ""
+        self._line(f"  hook {run.event} `{run.command[:60]}` {what}" + (f" — {detail}" if detail else ""))
+
+    def hook_message(self, agent, event, text) -> None:
+        self._line(f"  hook {event}: {text[:300]}")
 
     def turn_end(self, agent, result) -> None:
         if not self._at_line_start:

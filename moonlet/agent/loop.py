@@ -1,7 +1,8 @@
 """One agent: the step loop. Each step checks the budgets, compacts the context if it is getting full,
 writes a checkpoint, makes one streamed model call, runs the tool calls of the reply (concurrently
 where the tools allow it) and appends their results. A turn ends when the model replies without a
-tool call, a budget runs out, or the repeated-call guard stops it."""
+tool call, a budget runs out, or the repeated-call guard stops it. Hooks (hooks.py), when configured,
+run at session start, on each user prompt, around each tool call and when the model would stop."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .approval import ApprovalPolicy
 from .client import AnthropicClient, APIError, RetryNotice
 from .compress import CompactionConfig, Compressor
 from .events import AgentEvents
+from .hooks import HookOutcome, HookRunner
 from .prompts import SUBAGENT_PROMPT, SYSTEM_PROMPT
 from .store import SessionStore
 from .stream import wire_message
@@ -57,6 +59,7 @@ class AgentConfig:
     subagent_max_steps: int = 100
     subagent_timeout: float = 3600.0
     swarm_concurrency: int = 8
+    max_stop_blocks: int = 5              # consecutive Stop-hook blocks honoured before a stop is let through
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,6 +86,7 @@ class AgentState:
     todos: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     repeats: dict = field(default_factory=dict)   # call signature -> count, this turn
+    stop_blocks: int = 0                          # consecutive stops blocked by Stop hooks, this turn
     status: str = "running"
 
     @classmethod
@@ -111,6 +115,7 @@ def fit_thinking(thinking: dict | None, max_tokens: int) -> dict | None:
 @dataclass
 class TurnResult:
     stop_reason: str   # end_turn | max_tokens | max_steps | max_hours | token_budget | repeat_guard | cancelled
+    #                    | prompt_blocked (a UserPromptSubmit hook refused the prompt) | hook_stopped ("continue": false)
     text: str
     steps: int
 
@@ -120,6 +125,14 @@ def message_text(message: dict) -> str:
     if isinstance(content, str):
         return content
     return "".join(b.get("text", "") for b in content if b.get("type") == "text")
+
+
+def _with_note(result: ToolResult, note: str) -> None:
+    """Append text to a tool result (string or content blocks) in place."""
+    if isinstance(result.content, str):
+        result.content += note
+    else:
+        result.content = list(result.content) + [{"type": "text", "text": note.strip()}]
 
 
 def _signature(name: str, args) -> str:
@@ -134,7 +147,7 @@ class Agent:
                  store: SessionStore, *, task: str = "", events: AgentEvents | None = None,
                  approval: ApprovalPolicy | None = None, tool_factory: Callable[[int], ToolRegistry] | None = None,
                  parent: "Agent | None" = None, label: str | None = None, session_id: str | None = None,
-                 _restored=None):
+                 hooks: HookRunner | None = None, _restored=None):
         self.client = client
         self.config = config
         self.tools = tools
@@ -145,6 +158,11 @@ class Agent:
         self.tool_factory = tool_factory
         self.parent = parent
         self.label = label
+        self.hooks = hooks if hooks is not None and hooks.config else None
+        self.session_context: list[str] = []     # from SessionStart hooks, added to the system prompt
+        self._started = False                    # SessionStart hooks ran in this process
+        self._resumed = _restored is not None
+        self._halt: str | None = None            # a hook's "continue": false, pending
         self.counter = TokenCounter(client)
         self.compressor = Compressor(client, self.counter, config)
         if _restored is None:
@@ -165,7 +183,8 @@ class Agent:
 
     def _session_config(self) -> dict:
         return {"agent": self.config.to_dict(), "workdir": str(self.workspace.root),
-                "approval": self.approval.mode, "tools": self.tools.names()}
+                "approval": self.approval.mode, "tools": self.tools.names(),
+                "hooks": self.hooks.config.to_dict() if self.hooks else None}
 
     @classmethod
     def restore(cls, store: SessionStore, session_id: str, client: AnthropicClient, tools: ToolRegistry,
@@ -190,6 +209,12 @@ class Agent:
         template = SUBAGENT_PROMPT if self.config.depth > 0 else SYSTEM_PROMPT
         return template.format(workdir=self.workspace.root)
 
+    def _system(self) -> str:
+        """The system prompt as sent: with the SessionStart hooks' context, if any."""
+        if not self.session_context:
+            return self.system
+        return self.system + "\n\n# Session context (from SessionStart hooks)\n" + "\n\n".join(self.session_context)
+
     def prompts(self) -> list[dict]:
         """Every user prompt of the session still in force, verbatim, oldest first."""
         return [{"role": "user", "content": m["content"], "_seq": m["seq"], "_kind": "prompt"}
@@ -203,7 +228,7 @@ class Agent:
 
     def request(self, max_tokens: int | None = None, messages: list[dict] | None = None) -> dict:
         req = {"model": self.config.model, "max_tokens": max_tokens or self.config.max_tokens,
-               "system": self.system, "messages": [wire_message(m) for m in (messages or self.messages)]}
+               "system": self._system(), "messages": [wire_message(m) for m in (messages or self.messages)]}
         if self.tools.tools:
             req["tools"] = self.tools.specs()
         if self.config.temperature is not None:
@@ -242,11 +267,11 @@ class Agent:
     async def run(self, prompt: str | list | None) -> TurnResult:
         self._run_started = time.monotonic()
         self.store.set_status(self.session_id, "running")
-        if prompt is not None:
-            self.state.repeats = {}
-            self._append({"role": "user", "content": prompt}, "prompt")
+        self._halt = None
         try:
-            result = await self._loop()
+            result = await self._begin(prompt)
+            if result is None:
+                result = await self._loop()
         except asyncio.CancelledError:
             self._rollback()
             self._stop_clock()
@@ -262,6 +287,55 @@ class Agent:
         self.store.set_status(self.session_id, self.state.status, result=result.text)
         self.events.turn_end(self, result)
         return result
+
+    async def _begin(self, prompt: str | list | None) -> TurnResult | None:
+        """SessionStart hooks (once per process, top agent only), then the prompt through the
+        UserPromptSubmit hooks: a TurnResult when a hook refuses it, else None (the loop runs)."""
+        if not self._started:
+            self._started = True
+            if self.hooks and self.config.depth == 0:
+                source = "resume" if self._resumed else "startup"
+                out = await self.hooks.run(self, "SessionStart", {"source": source}, target=source)
+                self.session_context = out.context
+        if prompt is None:
+            return None
+        self.state.repeats = {}
+        self.state.stop_blocks = 0
+        if self.hooks:
+            text = prompt if isinstance(prompt, str) else message_text({"content": prompt})
+            out = await self.hooks.run(self, "UserPromptSubmit", {"prompt": text})
+            if out.blocked or out.halt:
+                reason = out.reason() if out.blocked else out.halt
+                self.store.event(self.session_id, self.state.steps, "prompt_blocked", {"reason": reason})
+                return TurnResult("prompt_blocked", reason, self.state.steps)
+            if out.context:
+                blocks = [{"type": "text", "text": prompt}] if isinstance(prompt, str) else list(prompt)
+                prompt = blocks + [{"type": "text", "text": "[context from UserPromptSubmit hooks]\n" +
+                                                            "\n\n".join(out.context)}]
+        self._append({"role": "user", "content": prompt}, "prompt")
+        return None
+
+    async def _stop_hooks(self, message: dict) -> bool:
+        """Run the Stop (SubagentStop for a sub-agent) hooks when the model would end its turn. True
+        when a hook blocks the stop: its reason went into the transcript as a user message and the
+        loop goes on. At most `max_stop_blocks` blocks in a row are honoured."""
+        event = "Stop" if self.config.depth == 0 else "SubagentStop"
+        if not self.hooks or not self.hooks.active(event):
+            return False
+        out = await self.hooks.run(self, event, {"stop_hook_active": self.state.stop_blocks > 0,
+                                                 "last_assistant_message": message_text(message)})
+        if not out.blocked or out.halt:
+            self.state.stop_blocks = 0
+            return False
+        if self.state.stop_blocks >= self.config.max_stop_blocks:
+            self.store.event(self.session_id, self.state.steps, "stop_hook_limit",
+                             {"blocks": self.state.stop_blocks, "reason": out.reason()})
+            self.state.stop_blocks = 0
+            return False
+        self.state.stop_blocks += 1
+        self._append({"role": "user", "content": [{"type": "text", "text": f"[{event} hook: you cannot stop yet]\n"
+                                                                          f"{out.reason()}"}]}, "hook")
+        return True
 
     def _stop_clock(self) -> None:
         self.state.elapsed_s = self.elapsed()
@@ -291,10 +365,15 @@ class Agent:
             uses = [b for b in message["content"] if b.get("type") == "tool_use"]
             if not uses:
                 reason = message.get("stop_reason") or "end_turn"
+                if reason != "max_tokens" and await self._stop_hooks(message):
+                    continue
                 return TurnResult("max_tokens" if reason == "max_tokens" else "end_turn", self._last_text(),
                                   self.state.steps)
             results, stop_turn = await self._run_tools(uses)
             self._append({"role": "user", "content": results}, "results")
+            if self._halt is not None:
+                self.store.event(self.session_id, self.state.steps, "hook_stopped", {"reason": self._halt})
+                return TurnResult("hook_stopped", self._last_text(), self.state.steps)
             if stop_turn:
                 self.store.event(self.session_id, self.state.steps, "repeat_guard", {})
                 return TurnResult("repeat_guard", self._last_text(), self.state.steps)
@@ -435,6 +514,7 @@ class Agent:
         count = self.state.repeats[sig] = self.state.repeats.get(sig, 0) + 1
         tool = self.tools.get(name)
         stop = False
+        notes: list[str] = []
 
         def error(text: str) -> ToolResult:
             return ToolResult(text, is_error=True)
@@ -454,11 +534,25 @@ class Agent:
             result, approved = error(f"Invalid arguments for {name}: " + "; ".join(problems[:10]) +
                                      f". Input schema: {json.dumps(tool.input_schema)[:1500]}"), False
         else:
-            decision = await self.approval.check(tool, args, self)
-            approved = decision.approved
-            if not approved:
-                result = error("The user did not approve this call." +
-                               (f" Their feedback: {decision.feedback}" if decision.feedback else ""))
+            pre = await self.hooks.run(self, "PreToolUse", {"tool_name": name, "tool_input": args,
+                                                            "tool_use_id": use_id}, target=name) \
+                if self.hooks else HookOutcome()
+            if pre.halt is not None:
+                self._halt = pre.halt
+                result, approved = error(f"A PreToolUse hook stopped the agent: {pre.halt}"), False
+            elif pre.blocked or pre.permission == "deny":
+                result, approved = error(f"A PreToolUse hook blocked this call: {pre.reason()}"), False
+            elif pre.permission == "allow":  # the hook answers for the user; recorded like an approval
+                approved = True
+                self.store.event(self.session_id, self.state.steps, "approval",
+                                 {"tool": name, "approved": True, "by": "PreToolUse hook"})
+            else:
+                decision = await self.approval.check(tool, args, self, force=pre.permission == "ask")
+                approved = decision.approved
+                if not approved:
+                    result = error("The user did not approve this call." +
+                                   (f" Their feedback: {decision.feedback}" if decision.feedback else ""))
+            notes = ["[context from PreToolUse hooks]\n" + "\n\n".join(pre.context)] if pre.context else []
         self.store.record_tool_call(self.session_id, self.state.steps, use_id, name, args, approved)
         if approved:
             self.events.tool_call(self, tool, args)
@@ -471,16 +565,23 @@ class Agent:
                 raise
             except Exception as e:  # a tool bug must not end the run; the model sees what happened
                 result = error(f"Tool {name} failed: {type(e).__name__}: {e}")
+            if self.hooks:
+                post = await self.hooks.run(self, "PostToolUse", {
+                    "tool_name": name, "tool_input": args, "tool_use_id": use_id,
+                    "tool_response": {"content": result.content, "is_error": result.is_error}}, target=name)
+                feedback = ([post.reason()] if post.blocked else []) + post.context
+                if feedback:
+                    notes.append("[feedback from PostToolUse hooks]\n" + "\n\n".join(feedback))
+                if post.halt is not None:
+                    self._halt = post.halt
         if count in self.config.repeat_reminders and not stop:
-            note = (f"\n\n[Reminder: you have made this exact call {count} times in this turn with the same "
-                    "arguments. If it is not making progress, change your approach.]")
-            if isinstance(result.content, str):
-                result.content += note
-            else:
-                result.content = list(result.content) + [{"type": "text", "text": note.strip()}]
+            _with_note(result, f"\n\n[Reminder: you have made this exact call {count} times in this turn with the "
+                               "same arguments. If it is not making progress, change your approach.]")
         if isinstance(result.content, str) and len(result.content) > MAX_RESULT_CHARS:
             cut = len(result.content) - MAX_RESULT_CHARS
             result.content = result.content[:MAX_RESULT_CHARS] + f"\n[... {cut} more characters truncated]"
+        for note in notes:  # after the cut, so hook feedback always reaches the model
+            _with_note(result, "\n\n" + note)
         self.store.finish_tool_call(self.session_id, use_id, result.content, result.is_error)
         self.events.tool_result(self, name, result)
         block = {"type": "tool_result", "tool_use_id": use_id, "content": result.content}
@@ -501,7 +602,7 @@ class Agent:
         config = self.child_config(max_steps)
         return Agent(self.client, config, self.tool_factory(config.depth), self.workspace, self.store,
                      task=prompt, events=events or self.events.child(label), approval=self.approval,
-                     tool_factory=self.tool_factory, parent=self, label=label)
+                     tool_factory=self.tool_factory, parent=self, label=label, hooks=self.hooks)
 
     async def close(self) -> None:
         await self.tools.close()

@@ -237,8 +237,9 @@ def _error(status: int, error_type: str, message: str, retry_after: float | None
 
 
 def make_agent(url: str, workdir, store=None, *, approval: str = "yolo", prompt=None, task: str = "task",
-               backoff: float = 0.01, max_retries: int = 4, extra_tools=(), only=None, **config):
-    """An Agent (with its own client and an in-memory store unless one is given) for the endpoint."""
+               backoff: float = 0.01, max_retries: int = 4, extra_tools=(), only=None, hooks=None, **config):
+    """An Agent (with its own client and an in-memory store unless one is given) for the endpoint;
+    `hooks` is a hooks config dict ({"hooks": {...}})."""
     from moonlet.agent import Agent, AgentConfig, AnthropicClient, ApprovalPolicy, SessionStore, Workspace, make_tools
     from moonlet.agent.loop import Budgets
     from moonlet.agent.compress import CompactionConfig
@@ -255,5 +256,9 @@ def make_agent(url: str, workdir, store=None, *, approval: str = "yolo", prompt=
             reg.tools = {k: v for k, v in reg.tools.items() if k in only}
         return reg
 
+    runner = None
+    if hooks is not None:
+        from moonlet.agent.hooks import HookRunner, HooksConfig
+        runner = HookRunner(HooksConfig.parse(hooks, "test hooks"))
     return Agent(client, cfg, factory(0), Workspace(workdir), store or SessionStore(":memory:"), task=task,
-                 approval=ApprovalPolicy(approval, prompt), tool_factory=factory)
+                 approval=ApprovalPolicy(approval, prompt), tool_factory=factory, hooks=runner)
