@@ -96,9 +96,17 @@ class GrammarCache:
         # vocabulary) are special to xgrammar: never allowed, except as a matcher's stop tokens
         n = min(tokenizer.num_base_tokens, vocab_size)
         vocab = [tokenizer.token_bytes(i) for i in range(n)]
-        self.info = xgr.TokenizerInfo(vocab, vocab_type=xgr.VocabType.RAW, vocab_size=vocab_size,
-                                      stop_token_ids=list(getattr(tokenizer, "stop_token_ids", []) or []))
+        # no stop tokens of its own: each matcher gets its request's (``new_state``)
+        self.info = xgr.TokenizerInfo(vocab, vocab_type=xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=[])
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
+        # JSON never holds a raw control character (U+0000..U+001F) — in strings they must be escaped,
+        # and outside them only \t \n \r are whitespace. xgrammar's rules for length-bounded strings
+        # (maxLength / minLength) let them through, which json.loads then rejects, so JSON grammars are
+        # also masked with these static masks: tokens holding such bytes never, or only \t \n \r
+        # (when the request allows any whitespace between values)
+        any_ctrl = [any(b < 0x20 for b in v) for v in vocab]
+        bad_ctrl = [any(b < 0x20 and b not in b"\t\n\r" for b in v) for v in vocab]
+        self.json_masks = {False: _pack_allowed(any_ctrl, vocab_size), True: _pack_allowed(bad_ctrl, vocab_size)}
         self._cache: OrderedDict[tuple, object] = OrderedDict()
         self._lock = threading.Lock()
         self.num_compiled = 0  # grammars compiled (cache misses)
@@ -155,21 +163,24 @@ class GrammarCache:
         if stops:
             matcher = self.xgr.GrammarMatcher(compiled, override_stop_tokens=stops)
         else:  # nothing may end the request: it ends when the grammar is complete
-            matcher = self.xgr.GrammarMatcher(compiled, override_stop_tokens=[], terminate_without_stop_token=True)
+            matcher = self.xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
         end: tuple[int, ...] | None = None
         if think_markers is not None and prompt_leaves_thinking_open(prompt_ids, *think_markers):
             end = think_markers[1]
-        return StructuredState(matcher, self.vocab_size, end)
+        extra = self.json_masks[spec.any_whitespace] if spec.kind in ("json_schema", "json_object") else None
+        return StructuredState(matcher, self.vocab_size, end, extra)
 
 
 class StructuredState:
     """One request's constraint state: its grammar matcher, and whether the constraint is in force
     yet (it waits for ``</think>`` when the prompt opened a thinking section)."""
 
-    __slots__ = ("matcher", "vocab_size", "think_end", "active", "failed")
+    __slots__ = ("matcher", "vocab_size", "think_end", "active", "failed", "extra_mask")
 
-    def __init__(self, matcher, vocab_size: int, think_end: tuple[int, ...] | None = None):
+    def __init__(self, matcher, vocab_size: int, think_end: tuple[int, ...] | None = None,
+                 extra_mask: torch.Tensor | None = None):
         self.matcher = matcher
+        self.extra_mask = extra_mask  # a static bitmask row ANDed with the grammar's (JSON: no raw control bytes)
         self.vocab_size = vocab_size
         self.think_end = think_end  # the closer the constraint waits for (None: in force from the start)
         self.active = think_end is None
@@ -215,6 +226,8 @@ class StructuredState:
                     if self.matcher.is_terminated():
                         break
                     self.matcher.fill_next_token_bitmask(bitmask, first_row + j)
+                    if self.extra_mask is not None:
+                        bitmask[first_row + j] &= self.extra_mask
                     rows.append(first_row + j)
                 if j == len(drafts):
                     break
@@ -238,6 +251,16 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) 
     or Triton one for GPU logits, a C++ loop for CPU ones)."""
     xgr = load_xgrammar()
     xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
+
+
+def _pack_allowed(forbidden: Seq[bool], vocab_size: int) -> torch.Tensor:
+    """An int32 bitmask row (xgrammar's layout: bit i % 32 of word i // 32) allowing every token but
+    the ``forbidden`` ones (ids past ``forbidden`` stay allowed)."""
+    allowed = torch.ones(((vocab_size + 31) // 32) * 32, dtype=torch.int64)
+    if forbidden:
+        allowed[:len(forbidden)] = ~torch.tensor(forbidden, dtype=torch.bool)
+    words = (allowed.view(-1, 32) << torch.arange(32, dtype=torch.int64)).sum(dim=1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
