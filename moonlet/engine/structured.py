@@ -249,8 +249,13 @@ class StructuredState:
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
     """Set the logits the bitmask forbids to -inf, in place, in ``rows`` (xgrammar's kernel: a CUDA
     or Triton one for GPU logits, a C++ loop for CPU ones)."""
-    xgr = load_xgrammar()
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
+    global _xgr_kernels
+    if _xgr_kernels is None:  # imported once: a step never depends on the import system again
+        _xgr_kernels = load_xgrammar()
+    _xgr_kernels.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
+
+
+_xgr_kernels = None  # the xgrammar module, once a step has masked logits
 
 
 def _pack_allowed(forbidden: Seq[bool], vocab_size: int) -> torch.Tensor:
