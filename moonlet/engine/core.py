@@ -19,6 +19,7 @@ from .sampler import Sampler
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence
 from .spec import NgramProposer
+from .structured import GrammarCache
 from .thinking import ThinkingBudget, thinking_markers
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None}
@@ -139,6 +140,7 @@ class EngineCore:
                                              capture=rc.decode_graphs == "cuda")
         self.sampler = Sampler(model.device, rc.seed)
         self.requests: dict[str, Sequence] = {}
+        self._grammars: GrammarCache | None = None  # made on the first structured-output request
         eos = set(model.config.eos_token_ids)
         if tokenizer is not None:
             eos |= set(tokenizer.stop_token_ids)
@@ -169,6 +171,19 @@ class EngineCore:
         return self.vision.prepare(prompt_token_ids, images)
 
     # ---- requests -------------------------------------------------------------------------------
+    @property
+    def grammars(self) -> GrammarCache:
+        """The structured-output grammar cache (made on first use). Raises ValueError when the grammar
+        library is missing (``StructuredOutputUnavailable``) or the engine has no tokenizer."""
+        if self._grammars is None:
+            self._grammars = GrammarCache(self.tokenizer, self.model_config.vocab_size)
+        return self._grammars
+
+    def check_structured(self, spec) -> None:
+        """Compile a ``StructuredOutput`` (cached for the request that follows); ValueError when it
+        cannot be used (library missing, no tokenizer, a schema / regex the library rejects)."""
+        self.grammars.compile(spec)
+
     def check_request(self, prompt_token_ids, params: SamplingParams) -> list[int]:
         """Validate a request; returns the prompt as a list of ints (a ``MultimodalPrompt``: its expanded
         token ids). Raises ValueError (or PromptTooLongError) saying what is wrong."""
@@ -203,6 +218,8 @@ class EngineCore:
             raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
         if params.thinking_token_budget is not None:
             thinking_markers(params, self.tokenizer, vocab)
+        if params.structured is not None:
+            self.check_structured(params.structured)
         return ids
 
     def add_request(self, request_id: str, prompt_token_ids, params: SamplingParams, images=None) -> Sequence:
@@ -229,6 +246,12 @@ class EngineCore:
         seq = Sequence(request_id, ids, params, stop_ids, detok)
         seq.images = images
         seq.thinking = ThinkingBudget.for_request(params, ids, self.tokenizer)
+        if params.structured is not None:
+            try:  # reasoning-aware: a thinking section the prompt leaves open stays unconstrained
+                markers = thinking_markers(params, self.tokenizer, self.model_config.vocab_size)
+            except ValueError:
+                markers = None
+            seq.structured = self.grammars.new_state(params.structured, stop_ids, ids, markers)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return seq

@@ -2,7 +2,86 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+
+
+@dataclass
+class StructuredOutput:
+    """A constraint on what a request may generate (structured outputs / guided decoding).
+
+    Exactly one of: ``json_schema`` (a JSON Schema, as a dict or its JSON text: the output is one
+    JSON value valid under it), ``json_object=True`` (any JSON object, OpenAI's JSON mode), ``regex``
+    (the output matches the regular expression in full) or ``choice`` (the output is one of these
+    strings). ``strict`` (json_schema only): objects may hold only the properties the schema names
+    and arrays only the items it describes (the default, as OpenAI's ``strict: true``); False
+    follows the schema's own ``additionalProperties`` / ``items``. ``any_whitespace=False`` (json_schema
+    and json_object) allows no whitespace beyond the single spaces of ``", "`` and ``": "`` — vLLM's
+    ``disable_any_whitespace``, for small models that otherwise spend their tokens on blank space.
+
+    The engine compiles the constraint into a grammar (``moonlet.engine.structured``, which needs the
+    optional ``xgrammar`` package: ``pip install 'moonlet[structured]'``) and masks, at every step,
+    the tokens the grammar does not allow; end-of-sequence is allowed only where the grammar can end.
+    """
+
+    json_schema: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    strict: bool = True
+    any_whitespace: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.choice, tuple):
+            self.choice = list(self.choice)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming what is wrong (the schema's contents are checked when it compiles)."""
+        given = [name for name, on in (("json_schema", self.json_schema is not None), ("json_object", self.json_object),
+                                       ("regex", self.regex is not None), ("choice", self.choice is not None)) if on]
+        if len(given) != 1:
+            raise ValueError(f"StructuredOutput needs exactly one of json_schema, json_object, regex, choice; "
+                             f"got {', '.join(given) or 'none'}")
+        if self.json_schema is not None:
+            schema = self.json_schema
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError as e:
+                    raise ValueError(f"StructuredOutput.json_schema is not valid JSON: {e}") from None
+            if not isinstance(schema, (dict, bool)):
+                raise ValueError(f"StructuredOutput.json_schema must be a JSON Schema object; got "
+                                 f"{type(schema).__name__}")
+        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
+            raise ValueError(f"StructuredOutput.regex={self.regex!r} must be a non-empty string")
+        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
+                                        or any(not isinstance(c, str) or not c for c in self.choice)):
+            raise ValueError(f"StructuredOutput.choice={self.choice!r} must be a non-empty list of non-empty strings")
+        for name in ("json_object", "strict", "any_whitespace"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"StructuredOutput.{name}={getattr(self, name)!r} must be a bool")
+
+    @property
+    def kind(self) -> str:
+        """'json_schema', 'json_object', 'regex' or 'choice'."""
+        if self.json_schema is not None:
+            return "json_schema"
+        if self.json_object:
+            return "json_object"
+        return "regex" if self.regex is not None else "choice"
+
+    @property
+    def key(self) -> tuple:
+        """A hashable identity of the constraint (what the compiled-grammar cache is keyed by)."""
+        kind = self.kind
+        if kind == "json_schema":
+            schema = self.json_schema
+            text = schema if isinstance(schema, str) else json.dumps(schema, ensure_ascii=False)
+            return (kind, text, self.strict, self.any_whitespace)
+        if kind == "json_object":
+            return (kind, self.any_whitespace)
+        return (kind, self.regex) if kind == "regex" else (kind, tuple(self.choice))
 
 
 @dataclass
@@ -42,8 +121,11 @@ class SamplingParams:
     thinking_token_budget: int | None = None
     thinking_start_token_ids: list[int] | None = None
     thinking_end_token_ids: list[int] | None = None
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured, dict):
+            self.structured = StructuredOutput(**self.structured)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or [])]
@@ -91,6 +173,8 @@ class SamplingParams:
             if ids is not None and (not isinstance(ids, list) or not ids
                                     or any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in ids)):
                 bad(name, ids, "must be None (the tokenizer's marker) or a non-empty list of token ids >= 0")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            bad("structured", self.structured, "must be None or a StructuredOutput")
 
     @property
     def greedy(self) -> bool:

@@ -10,6 +10,11 @@ Rows of requests whose thinking budget is spent (``Sequence.thinking``, see ``th
 closing marker's next token in place of the sampled one, after sampling and on the host: the
 forward, the noise draws and every other row are exactly as without the budget.
 
+Rows of requests with a structured-output constraint (``Sequence.structured``, see ``structured``)
+have the logits their grammar forbids set to -inf after the penalties, so every later stage —
+greedy argmax, temperature, the filters, the draw — only sees allowed tokens. Raw logprobs are
+taken before the mask (the model's distribution).
+
 Speculative decoding (``Sampler.verify``): a sequence with draft tokens has one row per position;
 each row is processed as above (its penalties also counting the drafts before it), and the drafts
 are kept while they equal the row's target token — see ``verify`` for why that is exact.
@@ -154,13 +159,17 @@ class Sampler:
         want_lp = [p.logprobs is not None for p in params]
         raw_logprobs = logits.log_softmax(dim=-1) if any(want_lp) else None
 
+        owned = False  # whether ``logits`` is our own copy (the runner's tensor is never changed)
         pen_rows = [i for i, p in enumerate(params) if p.needs_penalties]
         if pen_rows:
             idx = torch.tensor(pen_rows, device=logits.device)
-            logits = logits.clone()
+            logits, owned = logits.clone(), True
             outputs = [owners[i].output_token_ids + list(drafts[which[i]][:offsets[i]]) for i in pen_rows]
             logits[idx] = apply_penalties(logits[idx], [owners[i].prompt_token_ids for i in pen_rows], outputs,
                                           [params[i] for i in pen_rows])
+
+        if any(getattr(s, "structured", None) is not None for s in seqs):
+            logits = self._mask_structured(logits if owned else logits.clone(), seqs, drafts)
 
         tokens = logits.argmax(dim=-1)
         rand_rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -193,6 +202,23 @@ class Sampler:
             results.append(SampleResult(emitted, lps, a))
             row += 1 + len(d)
         return results
+
+    @staticmethod
+    def _mask_structured(logits: torch.Tensor, seqs: Seq, drafts: Seq[Seq[int]]) -> torch.Tensor:
+        """Mask, in place, each constrained row's tokens its grammar forbids at that position."""
+        from .structured import allocate_bitmask, apply_bitmask
+
+        bitmask = allocate_bitmask(logits.shape[0], logits.shape[1])
+        rows: list[int] = []
+        row = 0
+        for s, d in zip(seqs, drafts):
+            state = getattr(s, "structured", None)
+            if state is not None:
+                rows += state.fill_rows(bitmask, row, s.token_ids, d)
+            row += 1 + len(d)
+        if rows:
+            apply_bitmask(logits, bitmask, rows)
+        return logits
 
     def _exponential_noise(self, seqs: Seq, vocab: int, device, keep_state: Seq[bool] | None = None
                            ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     from .multimodal import RequestImages
     from .spec import NgramIndex
+    from .structured import StructuredState
 
 
 @dataclass
@@ -91,6 +92,7 @@ class Sequence:
         self.stop_reason: str | int | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.thinking: ThinkingBudget | None = None  # set by the engine when params.thinking_token_budget is set
+        self.structured: StructuredState | None = None  # set by the engine when params.structured is set
         self.ngram_index: NgramIndex | None = None  # speculative decoding: made by the proposer on first use
         # image requests: each image's prompt positions, digest and patches, and its features while a
         # step needs them (``VisionInputs.provide``)
@@ -125,6 +127,13 @@ class Sequence:
         self.token_ids.append(token_id)
         if self.thinking is not None:
             self.thinking.observe(self.token_ids)
+        structured = self.structured
+        if structured is not None and not structured.accept(self.token_ids):
+            # the sampler's mask only lets allowed tokens through; should one slip by, the output
+            # can no longer match the constraint, so the request ends here rather than produce it
+            self.finish_reason, self.stop_reason = "abort", None
+            self.text.finish()
+            return
         if self.logprobs is not None and logprobs is not None:
             self.logprobs.append(logprobs)
         params = self.params
@@ -136,6 +145,10 @@ class Sequence:
         matched = self.text.push(token_id)
         if matched is not None:
             self.finish_reason, self.stop_reason = "stop", matched
+            return
+        if structured is not None and structured.terminated:  # complete, and no stop token may follow
+            self.finish_reason = "stop"
+            self.text.finish()
             return
         if self.num_output_tokens >= params.max_tokens or len(self.token_ids) >= max_model_len:
             self.finish_reason = "length"

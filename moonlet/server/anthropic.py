@@ -1,5 +1,11 @@
 """The Anthropic Messages API: ``POST /v1/messages`` (also ``?beta=true``) and
-``POST /v1/messages/count_tokens``. Request conversion lives in ``anthropic_convert``."""
+``POST /v1/messages/count_tokens``. Request conversion lives in ``anthropic_convert``.
+
+Structured outputs: ``output_config.format`` (``{"type": "json_schema", "schema": {...}}``, the
+generally available shape) or the earlier beta's top-level ``output_format`` (same object, sent with
+``anthropic-beta: structured-outputs-2025-11-13``) constrain the reply text to the schema, strictly
+(only the properties it names); thinking stays free. The JSON comes back as the text block.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +21,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..chat import ARGS_BEGIN, CALL_BEGIN, CALL_END
-from ..engine.params import SamplingParams
+from ..engine.params import SamplingParams, StructuredOutput
 from .anthropic_convert import check_thinking_budget, to_conversation
-from .errors import APIError, anthropic_stream_error
-from .generation import (Conversation, EngineRun, Prompt, SSEResponse, build_prompt, fit_max_tokens, make_sampling,
-                         sse_frame, start_run, supports_images, tool_section_stop_ids)
+from .errors import APIError, anthropic_stream_error, invalid
+from .generation import (Conversation, EngineRun, Prompt, SSEResponse, build_prompt, check_structured, fit_max_tokens,
+                         json_schema_format, make_sampling, sse_frame, start_run, supports_images,
+                         tool_section_stop_ids)
 from .reply import ReplyBuilder
 from .state import request_id_of, state_of
 from .tool_ids import normalize_k2_id, to_anthropic_id
@@ -35,8 +42,8 @@ class InputMessage(BaseModel):
 
 
 class CountTokensRequest(BaseModel):
-    """Unknown fields (metadata, cache_control, context_management, output_config, ...) are accepted
-    and ignored."""
+    """Unknown fields (metadata, cache_control, context_management, ...) are accepted and ignored;
+    ``output_config.format`` / ``output_format`` ask for structured output (``output_format_of``)."""
 
     model_config = ConfigDict(extra="allow")
     model: str
@@ -178,7 +185,29 @@ async def _prepare(body: CountTokensRequest, request: Request) -> tuple[Conversa
     return conv, await build_prompt(st.engine, st.tokenizer, conv)
 
 
-def _sampling(body: MessagesRequest, max_tokens: int, conv: Conversation, tokenizer) -> SamplingParams:
+def output_format_of(body: CountTokensRequest) -> tuple[StructuredOutput | None, str]:
+    """(the StructuredOutput of ``output_config.format`` or the beta ``output_format``, its field name)."""
+    extra = body.model_extra or {}
+    config, beta = extra.get("output_config"), extra.get("output_format")
+    fmt, param = None, "output_config.format"
+    if config is not None:
+        if not isinstance(config, dict):
+            raise invalid("output_config must be an object", param="output_config")
+        fmt = config.get("format")
+    if beta is not None:
+        if fmt is not None:
+            raise invalid("give output_config.format or output_format, not both", param="output_format")
+        fmt, param = beta, "output_format"
+    if fmt is None:
+        return None, param
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind != "json_schema":
+        raise invalid(f"{param}.type must be 'json_schema'; got {kind!r}", param=f"{param}.type")
+    return json_schema_format(fmt, param, name_required=False), param
+
+
+def _sampling(body: MessagesRequest, max_tokens: int, conv: Conversation, tokenizer,
+              structured: StructuredOutput | None = None) -> SamplingParams:
     return make_sampling(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -188,6 +217,7 @@ def _sampling(body: MessagesRequest, max_tokens: int, conv: Conversation, tokeni
         stop_token_ids=tool_section_stop_ids(tokenizer) if conv.forbid_tools else [],
         skip_special_tokens=False,
         thinking_token_budget=conv.thinking_budget,
+        structured=structured,
     )
 
 
@@ -209,7 +239,13 @@ async def create_message(body: MessagesRequest, request: Request):
     conv, prompt = await _prepare(body, request)
     check_thinking_budget(conv.thinking_budget, body.max_tokens, _interleaved_thinking(request))
     max_tokens, clamped = fit_max_tokens(len(prompt.token_ids), body.max_tokens, st.max_model_len, "anthropic")
-    params = _sampling(body, max_tokens, conv, st.tokenizer)
+    structured, param = output_format_of(body)
+    if structured is not None:
+        if conv.output_prefix:
+            raise invalid("a forced tool call (tool_choice any or tool) cannot be combined with a structured "
+                          "output format; drop one of them", param=param)
+        check_structured(st.engine, structured, f"{param}.schema")
+    params = _sampling(body, max_tokens, conv, st.tokenizer, structured)
     rid = request_id_of(request)
     run = EngineRun(st.engine, prompt.engine_input, params, rid, "anthropic", st.metrics)
     first = await start_run(run, request)

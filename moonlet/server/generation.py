@@ -10,6 +10,7 @@ import asyncio
 import inspect
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ from starlette.responses import StreamingResponse
 
 from ..chat import ARGS_BEGIN, CALL_BEGIN, SECTION_BEGIN, StreamingOutputParser
 from ..engine.errors import EngineDeadError, EngineOverloadedError, PromptTooLongError
-from ..engine.params import SamplingParams
+from ..engine.params import SamplingParams, StructuredOutput
 from .errors import APIError, invalid
 from .tool_ids import k2_id
 
@@ -196,6 +197,94 @@ def make_sampling(**fields) -> SamplingParams:
         return SamplingParams(**fields)
     except ValueError as e:
         raise invalid(str(e).replace("SamplingParams.", "")) from e
+
+
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def json_schema_format(fmt: dict, param: str, name_required: bool = True) -> StructuredOutput:
+    """A ``StructuredOutput`` for a json_schema format object holding ``schema`` (required), ``name``
+    (OpenAI's rule: 1-64 letters, digits, ``_`` or ``-``) and ``strict``; a 400 naming the field at
+    ``param`` for a bad one. ``strict`` true (or absent where ``name_required`` is False: Anthropic's
+    formats are always strict) allows only the properties the schema names. The API formats decode
+    compact JSON (no whitespace beyond ``", "`` and ``": "``): a model cannot then spend its tokens
+    on blank space, a known failure of whitespace-tolerant JSON grammars."""
+    name = fmt.get("name")
+    if name is not None or name_required:
+        if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
+            raise invalid(f"{param}.name must be 1-64 characters of letters, digits, '_' or '-'; got {name!r}",
+                          param=f"{param}.name")
+    schema = fmt.get("schema")
+    if not isinstance(schema, dict):
+        raise invalid(f"{param}.schema must be a JSON Schema object; got "
+                      f"{'nothing' if schema is None else type(schema).__name__}", param=f"{param}.schema")
+    strict = fmt.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise invalid(f"{param}.strict must be true or false", param=f"{param}.strict")
+    return StructuredOutput(json_schema=schema, strict=bool(strict) if name_required else strict is not False,
+                            any_whitespace=False)
+
+
+def openai_response_format(value, param: str = "response_format") -> StructuredOutput | None:
+    """Chat / completions ``response_format``: ``{"type": "text"}`` (None), ``{"type": "json_object"}``
+    or ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutput(json_object=True, any_whitespace=False)
+    if kind == "json_schema":
+        inner = value.get("json_schema")
+        if not isinstance(inner, dict):
+            raise invalid(f"{param}.json_schema must be an object {{'name', 'schema', 'strict'}}",
+                          param=f"{param}.json_schema")
+        return json_schema_format(inner, f"{param}.json_schema")
+    raise invalid(f"{param}.type must be 'text', 'json_object' or 'json_schema'; got {kind!r}", param=f"{param}.type")
+
+
+def vllm_structured_outputs(value, param: str = "structured_outputs") -> StructuredOutput | None:
+    """vLLM's ``structured_outputs`` extra: exactly one of ``json`` (a schema), ``json_object``,
+    ``regex``, ``choice``; ``disable_any_whitespace`` as in vLLM."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise invalid(f"{param} must be an object with one of json, json_object, regex, choice", param=param)
+    unknown = sorted(set(value) - {"json", "json_object", "regex", "choice", "disable_any_whitespace"})
+    if unknown:
+        raise invalid(f"{param}.{unknown[0]} is not supported; use json, json_object, regex or choice",
+                      param=f"{param}.{unknown[0]}")
+    schema = value.get("json")
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as e:
+            raise invalid(f"{param}.json is not valid JSON: {e}", param=f"{param}.json") from None
+    try:
+        return StructuredOutput(json_schema=schema, json_object=bool(value.get("json_object")),
+                                regex=value.get("regex"), choice=value.get("choice"),
+                                any_whitespace=not value.get("disable_any_whitespace", False))
+    except (ValueError, TypeError) as e:
+        raise invalid(f"{param}: {e}".replace("StructuredOutput.", ""), param=param) from None
+
+
+def check_structured(engine, spec: StructuredOutput | None, param: str) -> None:
+    """Compile ``spec`` on the engine (its grammar cache keeps it for the request), so a schema the
+    grammar library rejects, or a missing library, is a 400 naming ``param`` before any work."""
+    if spec is None:
+        return
+    core = getattr(engine, "engine", engine)  # AsyncLLM wraps the EngineCore
+    check = getattr(core, "check_structured", None)
+    try:
+        if check is not None:
+            check(spec)
+        else:
+            from ..engine.structured import load_xgrammar
+
+            load_xgrammar()
+    except ValueError as e:
+        raise invalid(str(e), param=param) from None
 
 
 def map_engine_error(e: BaseException, api: str) -> APIError:

@@ -9,6 +9,12 @@ Thinking: ``chat_template_kwargs`` reach the template (``{"thinking": false}``);
 continue_final_message, thinking_token_budget) are accepted; ``thinking_token_budget`` (also on
 ``/v1/completions``) caps the reasoning tokens: after that many, ``</think>`` is forced and the
 answer follows.
+
+Structured outputs: ``response_format`` ``{"type": "json_object"}`` or ``{"type": "json_schema",
+"json_schema": {"name", "schema", "strict"}}`` (also on ``/v1/completions``), or vLLM's
+``structured_outputs`` (``json`` / ``json_object`` / ``regex`` / ``choice``), constrain the reply
+(see ``moonlet.engine.structured``); with thinking on, the reasoning stays free and the content is
+constrained. A reply cut by max_tokens ends with finish_reason "length" and holds incomplete JSON.
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ from starlette.responses import JSONResponse, Response
 
 from ..engine.params import SamplingParams
 from .errors import APIError, invalid, openai_stream_error
-from .generation import (Conversation, EngineRun, SSEResponse, apply_tool_choice, build_prompt, fit_max_tokens,
-                         make_sampling, sse_frame, start_run, supports_images, tool_section_stop_ids)
+from .generation import (Conversation, EngineRun, SSEResponse, apply_tool_choice, build_prompt, check_structured,
+                         fit_max_tokens, make_sampling, openai_response_format, sse_frame, start_run, supports_images,
+                         tool_section_stop_ids, vllm_structured_outputs)
 from .images import Images, join_content
 from .reply import ReplyBuilder
 from .state import request_id_of, state_of
@@ -55,6 +62,21 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     max_tokens: int | None = Field(None, ge=1)
     thinking_token_budget: int | None = Field(None, ge=0)
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM's extra
+
+
+def structured_of(body: SamplingFields):
+    """(the request's StructuredOutput or None, the field that asked for it)."""
+    fmt = openai_response_format(body.response_format)
+    extra = vllm_structured_outputs(body.structured_outputs)
+    if fmt is not None and extra is not None:
+        raise invalid("give response_format or structured_outputs, not both", param="structured_outputs")
+    if extra is not None:
+        return extra, "structured_outputs"
+    if fmt is not None and fmt.kind == "json_schema":
+        return fmt, "response_format.json_schema.schema"
+    return fmt, "response_format"
 
 
 class ChatRequest(SamplingFields):
@@ -70,17 +92,23 @@ class ChatRequest(SamplingFields):
     continue_final_message: bool = False
 
 
-def sampling_params(body: SamplingFields, max_tokens: int, stop_ids: list[int], logprobs: int | None) -> SamplingParams:
+def sampling_params(body: SamplingFields, max_tokens: int, stop_ids: list[int], logprobs: int | None,
+                    engine=None) -> SamplingParams:
+    """The request's SamplingParams; with ``engine``, a structured-output constraint is compiled
+    there first (a schema it cannot use is a 400 naming the field)."""
     if body.n != 1:
         raise invalid(f"n={body.n} is not supported; this server returns one choice per request (n=1)", param="n")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    structured, param = structured_of(body)
+    if engine is not None:
+        check_structured(engine, structured, param)
     return make_sampling(
         max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
         top_p=body.top_p or 1.0, top_k=body.top_k if body.top_k and body.top_k > 0 else -1,
         min_p=body.min_p or 0.0, presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0, repetition_penalty=body.repetition_penalty or 1.0,
         stop=stop, stop_token_ids=stop_ids, ignore_eos=body.ignore_eos, seed=body.seed, logprobs=logprobs,
-        skip_special_tokens=False, thinking_token_budget=body.thinking_token_budget)
+        skip_special_tokens=False, thinking_token_budget=body.thinking_token_budget, structured=structured)
 
 
 def _text_content(content, where: str, images: Images | None = None) -> str | None:
@@ -303,7 +331,10 @@ async def chat_completions(body: ChatRequest, request: Request):
     max_tokens, _ = fit_max_tokens(len(prompt.token_ids), requested, st.max_model_len, "openai")
     top_n = (body.top_logprobs or 0) if body.logprobs else None
     stop_ids = tool_section_stop_ids(st.tokenizer) if conv.forbid_tools else []
-    params = sampling_params(body, max_tokens, stop_ids, top_n)
+    if conv.output_prefix and ((body.response_format or {}).get("type", "text") != "text" or body.structured_outputs):
+        raise invalid("a forced tool call (tool_choice 'required' or a named function) cannot be combined with "
+                      "a structured response_format; drop one of them", param="response_format")
+    params = sampling_params(body, max_tokens, stop_ids, top_n, engine=st.engine)
     run = EngineRun(st.engine, prompt.engine_input, params, request_id_of(request), "openai", st.metrics)
     first = await start_run(run, request)
     if first is None:

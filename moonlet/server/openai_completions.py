@@ -1,5 +1,6 @@
 """The OpenAI text completions API: ``POST /v1/completions`` (one prompt: a string or token ids;
-``echo``, legacy ``logprobs``, streaming with ``stream_options.include_usage``)."""
+``echo``, legacy ``logprobs``, streaming with ``stream_options.include_usage``, structured output with
+``response_format`` / ``structured_outputs`` as on chat completions)."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ async def completions(body: CompletionRequest, request: Request):
     if not ids:
         raise invalid("the prompt is empty; give at least one token", param="prompt")
     max_tokens, _ = fit_max_tokens(len(ids), body.max_tokens, st.max_model_len, "openai")
-    params = sampling_params(body, max_tokens, [], body.logprobs)
+    params = sampling_params(body, max_tokens, [], body.logprobs, engine=st.engine)
     run = EngineRun(st.engine, ids, params, request_id_of(request), "openai", st.metrics)
     first = await start_run(run, request)
     if first is None:

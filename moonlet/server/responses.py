@@ -19,6 +19,10 @@ non-streamed output exactly.
 Finished responses are stored (unless ``store: false``) in a bounded in-memory LRU store, so
 ``previous_response_id`` continues a conversation: the stored chain's input and output items come
 before the new input (the earlier ``instructions`` are not carried over, as in OpenAI's API).
+
+Structured output: ``text.format`` ``{"type": "json_schema", "name", "schema", "strict"}`` or
+``{"type": "json_object"}`` constrains the message text (reasoning stays free; see
+``moonlet.engine.structured``); the response echoes the format.
 """
 
 from __future__ import annotations
@@ -38,10 +42,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..chat import THINK_END
-from ..engine.params import SamplingParams
+from ..engine.params import SamplingParams, StructuredOutput
 from .errors import APIError, invalid, openai_stream_error
 from .generation import (Conversation, EngineRun, Prompt, SSEResponse, apply_tool_choice, build_prompt,
-                         fit_max_tokens, make_sampling, sse_frame, start_run, supports_images, tool_section_stop_ids)
+                         check_structured, fit_max_tokens, json_schema_format, make_sampling, sse_frame, start_run,
+                         supports_images, tool_section_stop_ids)
 from .images import Images, join_content
 from .reply import ReplyBuilder
 from .state import request_id_of, state_of
@@ -173,19 +178,34 @@ def _check_supported(body: ResponsesRequest) -> None:
         if extra.get(name) is not None:
             raise invalid(f"{name!r} (a stored prompt or conversation object) is not supported; send the input "
                           f"items (or previous_response_id) instead", param=name)
-    if body.text is not None:
-        fmt = body.text.get("format")
-        kind = fmt.get("type") if isinstance(fmt, dict) else None
-        if fmt is not None and kind != "text":
-            shown = kind if isinstance(kind, str) else fmt
-            raise invalid(f"text.format {shown!r} is not supported: this server returns plain text only "
-                          f"(no structured output); ask for JSON in the instructions and parse the text",
-                          param="text.format")
     if body.reasoning is not None:
         effort = body.reasoning.get("effort")
         if effort is not None and not isinstance(effort, str):
             raise invalid("reasoning.effort must be a string ('none' switches thinking off; 'minimal', 'low', "
                           "'medium', 'high' keep it on)", param="reasoning.effort")
+
+
+def text_format(body: ResponsesRequest) -> tuple[StructuredOutput | None, dict]:
+    """``text.format`` as (its StructuredOutput or None for plain text, the format to echo)."""
+    text = body.text if body.text is not None else {}
+    if not isinstance(text, dict):
+        raise invalid("text must be an object {'format': {...}}", param="text")
+    fmt = text.get("format")
+    if fmt is None:
+        return None, {"type": "text"}
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None, {"type": "text"}
+    if kind == "json_object":
+        return StructuredOutput(json_object=True, any_whitespace=False), {"type": "json_object"}
+    if kind == "json_schema":
+        spec = json_schema_format(fmt, "text.format")
+        echo = {"type": "json_schema", "name": fmt["name"], "schema": fmt["schema"], "strict": spec.strict}
+        if isinstance(fmt.get("description"), str):
+            echo["description"] = fmt["description"]
+        return spec, echo
+    raise invalid(f"text.format.type must be 'text', 'json_object' or 'json_schema'; got {kind!r}",
+                  param="text.format.type")
 
 
 def _text(content, where: str, images: Images | None = None) -> str:
@@ -518,8 +538,9 @@ class _Generation:
     object it makes (``snapshot``)."""
 
     def __init__(self, body: ResponsesRequest, echo: dict, prompt: Prompt, conv: Conversation, run: EngineRun,
-                 tokenizer):
+                 tokenizer, text_format: dict | None = None):
         self.body, self.echo, self.prompt, self.run = body, echo, prompt, run
+        self.text_format = text_format or {"type": "text"}
         self.parser, self.reply = prompt.parser(), ResponseOutput(conv.single_call)
         self.id, self.created = _new_id("resp"), int(time.time())
         self.token_ids: list[int] = []
@@ -564,7 +585,7 @@ class _Generation:
             "parallel_tool_calls": body.parallel_tool_calls is not False,
             "previous_response_id": body.previous_response_id, "reasoning": self.echo["reasoning"],
             "store": body.store is not False, "temperature": 1.0 if body.temperature is None else body.temperature,
-            "text": {"format": {"type": "text"}}, "tool_choice": self.echo["tool_choice"],
+            "text": {"format": self.text_format}, "tool_choice": self.echo["tool_choice"],
             "tools": self.echo["tools"], "top_p": 1.0 if body.top_p is None else body.top_p,
             "truncation": "disabled", "usage": self.usage() if final else None, "user": body.user,
             "metadata": body.metadata or {},
@@ -574,11 +595,12 @@ class _Generation:
         return self.snapshot("incomplete" if self.incomplete else "completed")
 
 
-def _sampling(body: ResponsesRequest, max_tokens: int, conv: Conversation, tokenizer) -> SamplingParams:
+def _sampling(body: ResponsesRequest, max_tokens: int, conv: Conversation, tokenizer,
+              structured: StructuredOutput | None = None) -> SamplingParams:
     return make_sampling(
         max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
         top_p=body.top_p or 1.0, stop_token_ids=tool_section_stop_ids(tokenizer) if conv.forbid_tools else [],
-        skip_special_tokens=False, thinking_token_budget=conv.thinking_budget)
+        skip_special_tokens=False, thinking_token_budget=conv.thinking_budget, structured=structured)
 
 
 def _as_input_param(e: APIError) -> APIError:
@@ -593,6 +615,7 @@ def _as_input_param(e: APIError) -> APIError:
 async def create_response(body: ResponsesRequest, request: Request):
     st, store = state_of(request), store_of(request)
     _check_supported(body)
+    structured, format_echo = text_format(body)
     history = store.conversation(body.previous_response_id) if body.previous_response_id else []
     items = input_items(body.input)
     conv, echo = to_conversation(body, history, items, vision=supports_images(st.engine))
@@ -601,7 +624,13 @@ async def create_response(body: ResponsesRequest, request: Request):
         max_tokens, _ = fit_max_tokens(len(prompt.token_ids), body.max_output_tokens, st.max_model_len, "openai")
     except APIError as e:
         raise _as_input_param(e) from None
-    params = _sampling(body, max_tokens, conv, st.tokenizer)
+    if structured is not None:
+        if conv.output_prefix:
+            raise invalid("a forced tool call (tool_choice 'required' or a named function) cannot be combined "
+                          "with a structured text.format; drop one of them", param="text.format")
+        check_structured(st.engine, structured,
+                         "text.format.schema" if structured.kind == "json_schema" else "text.format")
+    params = _sampling(body, max_tokens, conv, st.tokenizer, structured)
     run = EngineRun(st.engine, prompt.engine_input, params, request_id_of(request), "openai", st.metrics)
     try:
         first = await start_run(run, request)
@@ -609,7 +638,7 @@ async def create_response(body: ResponsesRequest, request: Request):
         raise _as_input_param(e) from None
     if first is None:
         return Response(status_code=499)
-    gen = _Generation(body, echo, prompt, conv, run, st.tokenizer)
+    gen = _Generation(body, echo, prompt, conv, run, st.tokenizer, format_echo)
 
     def keep(response: dict) -> None:
         if body.store is not False:

@@ -268,8 +268,7 @@ def test_empty_reply_is_one_empty_message(client, engine):
 
 
 @pytest.mark.parametrize("body,param,fragment", [
-    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format",
-     "no structured output"),
+    ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text.format.type", "must be 'text', 'json_object'"),
     ({"input": "hi", "background": True}, "background", "background mode is not supported"),
     ({"input": "hi", "truncation": "auto"}, "truncation", "never drops input items"),
     ({"input": [{"type": "message", "role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},

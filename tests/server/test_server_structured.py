@@ -1,0 +1,247 @@
+"""Structured outputs over HTTP: OpenAI chat / completions ``response_format`` (and vLLM's
+``structured_outputs``), Responses ``text.format``, Anthropic ``output_config.format`` / beta
+``output_format``. The real engine with a tiny random model must return JSON that parses and
+validates (the grammar forces it); bad formats are 400s naming the field; without the grammar
+library a structured request is a 400 naming the extra to install."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import httpx
+import openai
+import pytest
+from server_support import LiveServer
+
+from moonlet.engine import AsyncLLM
+from moonlet.server import create_app
+from moonlet.testing import random_model, tiny_k2_config
+from moonlet.tokenizer import Tokenizer
+
+pytest.importorskip("xgrammar")
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 6},
+        "temp": {"type": "integer", "minimum": -50, "maximum": 50},
+        "sky": {"enum": ["clear", "cloudy", "rain"]},
+        "hours": {"type": "array", "maxItems": 3, "items": {"type": "integer", "minimum": 0, "maximum": 23}},
+    },
+    "required": ["city", "temp", "sky", "hours"],
+    "additionalProperties": False,
+}
+MESSAGES = [{"role": "user", "content": "The weather in Paris, as JSON."}]
+NO_THINK = {"thinking": False}
+
+
+def check(text: str) -> dict:
+    """Parse ``text`` and validate it against SCHEMA (by hand: the keywords SCHEMA uses)."""
+    value = json.loads(text)
+    assert isinstance(value, dict) and set(value) == set(SCHEMA["required"]), value
+    assert isinstance(value["city"], str) and len(value["city"]) <= 6
+    assert isinstance(value["temp"], int) and -50 <= value["temp"] <= 50
+    assert value["sky"] in ("clear", "cloudy", "rain")
+    assert isinstance(value["hours"], list) and len(value["hours"]) <= 3
+    assert all(isinstance(h, int) and 0 <= h <= 23 for h in value["hours"])
+    return value
+
+
+def openai_format(strict: bool = True) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "weather", "schema": SCHEMA, "strict": strict}}
+
+
+@pytest.fixture(scope="module")
+def stack(tokenizer_dir):
+    tok = Tokenizer.from_pretrained(tokenizer_dir)
+    model = random_model(tiny_k2_config(vocab_size=tok.vocab_size, max_position_embeddings=512), seed=3)
+    llm = AsyncLLM(model=model, tokenizer=tok, num_blocks=160, block_size=16, max_num_seqs=16, start=False)
+    app = create_app(llm, served_model_name="tiny", shutdown_engine_on_exit=True)
+    with LiveServer(app) as server:
+        yield server, llm, tok
+
+
+def post(url: str, path: str, body: dict, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(url + path, json=body, headers=headers or {}, timeout=60)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_chat_json_schema(stack, temperature):
+    server, _, _ = stack
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=120, temperature=temperature,
+                                       seed=4, response_format=openai_format(), extra_body={
+                                           "chat_template_kwargs": NO_THINK})
+    assert r.choices[0].finish_reason == "stop"
+    check(r.choices[0].message.content)
+
+
+def test_chat_thinking_is_free_and_the_content_is_constrained(stack):
+    server, _, _ = stack
+    r = post(server.url, "/v1/chat/completions", {
+        "model": "tiny", "messages": MESSAGES, "max_tokens": 160, "temperature": 0, "thinking_token_budget": 5,
+        "response_format": openai_format()})
+    assert r.status_code == 200, r.text
+    msg = r.json()["choices"][0]["message"]
+    assert msg["reasoning_content"]  # five free reasoning tokens, then </think> and the constrained answer
+    check(msg["content"])
+
+
+def test_chat_json_object_streamed(stack):
+    server, _, _ = stack
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    stream = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=150, temperature=0, stream=True,
+        response_format={"type": "json_object"},
+        extra_body={"chat_template_kwargs": NO_THINK, "structured_outputs": None})
+    text, finish = "", None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+    if finish == "stop":
+        assert isinstance(json.loads(text), dict)
+    else:  # cut by max_tokens: an incomplete object
+        assert finish == "length" and text.startswith("{")
+
+
+def test_vllm_structured_outputs_regex_and_choice(stack):
+    server, _, _ = stack
+    r = post(server.url, "/v1/chat/completions", {
+        "model": "tiny", "messages": MESSAGES, "max_tokens": 30, "temperature": 1.0, "seed": 1,
+        "chat_template_kwargs": NO_THINK, "structured_outputs": {"choice": ["sunny", "rainy"]}})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] in ("sunny", "rainy")
+    r = post(server.url, "/v1/completions", {"model": "tiny", "prompt": "Code:", "max_tokens": 30, "temperature": 1,
+                                             "structured_outputs": {"regex": "[A-Z]{2}-[0-9]{3}"}})
+    assert r.status_code == 200, r.text
+    import re
+
+    assert re.fullmatch("[A-Z]{2}-[0-9]{3}", r.json()["choices"][0]["text"])
+
+
+def test_completions_response_format_and_max_tokens_cut(stack):
+    server, _, _ = stack
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    full = client.completions.create(model="tiny", prompt="Weather:", max_tokens=120, temperature=0,
+                                      extra_body={"response_format": openai_format()})
+    assert full.choices[0].finish_reason == "stop"
+    check(full.choices[0].text)
+    cut = client.completions.create(model="tiny", prompt="Weather:", max_tokens=6, temperature=0,
+                                     extra_body={"response_format": openai_format()})
+    assert cut.choices[0].finish_reason == "length"
+    assert full.choices[0].text.startswith(cut.choices[0].text)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(cut.choices[0].text)
+
+
+def test_responses_text_format(stack):
+    server, _, _ = stack
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    r = client.responses.create(model="tiny", input="The weather, as JSON.", max_output_tokens=120, temperature=0,
+                                reasoning={"effort": "none"},
+                                text={"format": {"type": "json_schema", "name": "weather", "schema": SCHEMA,
+                                                 "strict": True}})
+    assert r.status == "completed"
+    check(r.output_text)
+    assert r.text.format.type == "json_schema" and r.text.format.name == "weather"
+    r = client.responses.create(model="tiny", input="JSON please", max_output_tokens=150, temperature=0,
+                                reasoning={"effort": "none"}, text={"format": {"type": "json_object"}})
+    if r.status == "completed":
+        assert isinstance(json.loads(r.output_text), dict)
+
+
+@pytest.mark.parametrize("field", ["output_config", "output_format"])
+def test_anthropic_output_format(stack, field):
+    server, _, _ = stack
+    fmt = {"type": "json_schema", "schema": SCHEMA}
+    body = {"model": "tiny", "max_tokens": 120, "temperature": 0, "messages": MESSAGES,
+            "thinking": {"type": "disabled"}}
+    body.update({"output_config": {"format": fmt}} if field == "output_config" else {"output_format": fmt})
+    headers = {"anthropic-version": "2023-06-01"}
+    if field == "output_format":
+        headers["anthropic-beta"] = "structured-outputs-2025-11-13"
+    r = post(server.url, "/v1/messages", body, headers)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["stop_reason"] == "end_turn"
+    assert [b["type"] for b in data["content"]] == ["text"]
+    check(data["content"][0]["text"])
+
+
+@pytest.mark.parametrize("path,body,param,fragment", [
+    ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format.type", "must be 'text'"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}, "response_format.json_schema",
+     "must be an object"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "w"}}},
+     "response_format.json_schema.schema", "JSON Schema object"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema",
+                                                  "json_schema": {"name": "a b", "schema": SCHEMA}}},
+     "response_format.json_schema.name", "1-64 characters"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema",
+                                                  "json_schema": {"name": "w", "schema": {"type": "objectx"}}}},
+     "response_format.json_schema.schema", "cannot compile"),
+    ("/v1/chat/completions", {"structured_outputs": {"regex": "(open"}}, "structured_outputs", "cannot compile"),
+    ("/v1/chat/completions", {"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs.grammar",
+     "not supported"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
+     "structured_outputs", "not both"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}, "tool_choice": "required",
+                              "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "response_format", "forced tool call"),
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "w"}}},
+     "response_format.json_schema.schema", "JSON Schema object"),
+    ("/v1/responses", {"input": "x", "text": {"format": {"type": "json_schema", "name": "w",
+                                                         "schema": {"type": "objectx"}}}},
+     "text.format.schema", "cannot compile"),
+    ("/v1/responses", {"input": "x", "text": {"format": {"type": "json_schema", "schema": SCHEMA}}},
+     "text.format.name", "1-64 characters"),
+    ("/v1/messages", {"max_tokens": 5, "output_format": {"type": "json_object"}}, "output_format.type",
+     "must be 'json_schema'"),
+    ("/v1/messages", {"max_tokens": 5, "output_config": {"format": {"type": "json_schema", "schema": 3}}},
+     "output_config.format.schema", "JSON Schema object"),
+])
+def test_bad_formats_are_400_with_param(stack, path, body, param, fragment):
+    server, llm, _ = stack
+    body = {"model": "tiny", **({"messages": MESSAGES} if path != "/v1/completions" and path != "/v1/responses"
+                                else {}), **body}
+    r = post(server.url, path, body, {"anthropic-version": "2023-06-01"} if path == "/v1/messages" else {})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert fragment in err["message"], err
+    if path != "/v1/messages":  # Anthropic errors carry no param field; the message names it
+        assert err["param"] == param, err
+    else:
+        assert param in err["message"], err
+    assert llm.stats()["running"] == 0
+
+
+def test_without_the_library_a_structured_request_is_a_400_naming_the_extra(scripted, engine, monkeypatch):
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # `import xgrammar` now fails
+    r = post(scripted.url, "/v1/chat/completions", {"model": "m", "messages": MESSAGES,
+                                                    "response_format": {"type": "json_object"}},
+             {"authorization": "Bearer test-key"})
+    assert r.status_code == 400 and "moonlet[structured]" in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"] == "response_format"
+    r = post(scripted.url, "/v1/chat/completions", {"model": "m", "messages": MESSAGES},
+             {"authorization": "Bearer test-key"})
+    assert r.status_code == 200  # everything else works
+
+
+def test_scripted_engine_receives_the_constraint(scripted, engine):
+    """Each API's field reaches SamplingParams.structured in the same shape."""
+    auth = {"authorization": "Bearer test-key", "x-api-key": "test-key", "anthropic-version": "2023-06-01"}
+    post(scripted.url, "/v1/chat/completions", {"model": "m", "messages": MESSAGES,
+                                                "response_format": openai_format(strict=False)}, auth)
+    post(scripted.url, "/v1/responses", {"model": "m", "input": "x", "text": {"format": {
+        "type": "json_schema", "name": "w", "schema": SCHEMA, "strict": True}}}, auth)
+    post(scripted.url, "/v1/messages", {"model": "m", "max_tokens": 5, "messages": MESSAGES,
+                                        "output_config": {"format": {"type": "json_schema", "schema": SCHEMA}}}, auth)
+    post(scripted.url, "/v1/completions", {"model": "m", "prompt": "x", "response_format": {"type": "json_object"}},
+         auth)
+    specs = [c.params.structured for c in engine.calls[-4:]]
+    assert [(s.kind, s.strict, s.any_whitespace) for s in specs] == [
+        ("json_schema", False, False), ("json_schema", True, False), ("json_schema", True, False),
+        ("json_object", True, False)]
+    assert all(s.json_schema == SCHEMA for s in specs[:3])
