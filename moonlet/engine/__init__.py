@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 from .errors import EngineDeadError, EngineOverloadedError, PromptTooLongError
-from .params import SamplingParams
+from .params import SamplingParams, StructuredOutput
 from .sequence import RequestOutput
 
 _LAZY = {
@@ -21,7 +21,7 @@ _LAZY = {
 }
 
 __all__ = ["AsyncLLM", "EngineConfig", "EngineCore", "EngineDeadError", "EngineOverloadedError", "LLM",
-           "MultimodalPrompt", "PromptTooLongError", "RequestOutput", "SamplingParams"]
+           "MultimodalPrompt", "PromptTooLongError", "RequestOutput", "SamplingParams", "StructuredOutput"]
 
 
 def __getattr__(name: str):
