@@ -270,10 +270,12 @@ class Compressor:
             room = max(1000, (target - (estimate - estimate_request({"messages": tail}))) * 3)
             per = max(500, room // max(1, sum(1 for m in tail for _ in _blocks(m["content"]))))
             tail = [_truncate_result_blocks(m, per) if m["role"] == "user" else m for m in tail]
-            # images are kept in the tail; only if they alone still overflow are the oldest replaced by
-            # a note naming them (never silently), newest kept longest
+            # images are kept in the tail; only if the context still cannot hold them with room for a
+            # reply (a hard limit, not the target) are the oldest replaced by a note naming them (never
+            # silently), newest kept longest
+            hard = self.window - min(self.agent_config.max_tokens, self.window // 4)
             for i, m in enumerate(tail):
-                if estimate_request(dict(system_tools, messages=[head] + tail)) <= target:
+                if estimate_request(dict(system_tools, messages=[head] + tail)) <= hard:
                     break
                 if m["role"] == "user" and _has_images(m):
                     tail[i] = _drop_images(m, result_dropped)
