@@ -50,6 +50,10 @@ class ApprovalPolicy:
             if tool.name in self.always and not force:
                 return Decision(True)
             who = f"[{agent.label}] " if agent is not None and agent.label else ""
+            if agent is not None and agent.hooks:  # Notification hooks: the user is about to be asked
+                await agent.hooks.run(agent, "Notification", {
+                    "message": f"{who}moonlet needs your permission to use {tool.name}",
+                    "notification_type": "permission_prompt", "tool_name": tool.name}, target="permission_prompt")
             decision = await self.prompt(f"{who}{tool.summary(args)}")
             if decision.approved and decision.remember:
                 self.always.add(tool.name)

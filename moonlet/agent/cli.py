@@ -6,6 +6,7 @@ UserPromptSubmit hook, 130 interrupted."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -65,6 +66,10 @@ def _connection_args(p, resume: bool = False) -> None:
     g.add_argument("--max-reply-tokens", type=int, help="max_tokens of each model call (default 8192)")
     g.add_argument("--temperature", type=float)
     g.add_argument("--thinking", type=int, metavar="BUDGET", help="enable extended thinking with this token budget")
+    g.add_argument("--vision", action=argparse.BooleanOptionalAction, default=None,
+                   help="the model takes images: read_file and MCP tools return image blocks (default: from the "
+                        "checkpoint's vision_config when served in-process, from the endpoint's model info if it "
+                        "says, else off — images are then described in text)")
     g.add_argument("--db", help="session database (default: $MOONLET_HOME/agent/sessions.db)")
 
 
@@ -110,6 +115,7 @@ class Session:
         self.client = None
         self.mcp_clients = []
         self.mcp_tools = []
+        self.vision: bool | None = None  # what the model says about itself (None: it does not say)
 
     def launch(self) -> dict:
         a, s = self.args, self.saved.get("launch", {})
@@ -154,10 +160,17 @@ class Session:
                 model = None
             if not model:
                 raise ValueError(f"could not list the models of {url}; pass --model-name")
+        info = None
         if not window:
             info = await self.client.model_info(model) or {}
             window = next((int(info[k]) for k in ("max_input_tokens", "context_window", "max_model_len")
                            if isinstance(info.get(k), int)), None)
+        if self.local is not None:
+            self.vision = self.local.vision
+        elif launch["base_url"] and self.args.vision is None and not self.saved:
+            if info is None:
+                info = await self.client.model_info(model) or {}
+            self.vision = vision_from_model_info(info)
         configs = [McpServerConfig.parse(s) for s in launch["mcp"]]
         if launch["mcp_config"]:
             configs += load_mcp_config(launch["mcp_config"])
@@ -173,6 +186,33 @@ class Session:
             await self.client.aclose()
         if self.local is not None:
             await asyncio.to_thread(self.local.stop)
+
+
+def vision_from_model_info(info: dict) -> bool | None:
+    """Whether a `GET /v1/models/{id}` answer says the model takes images: a boolean `vision`, a
+    `capabilities` object or list naming vision/image input, or `input_modalities` holding "image".
+    None when it says nothing (moonlet's own server and Anthropic's do not): the agent then
+    stays text-only unless --vision is given."""
+    if not isinstance(info, dict):
+        return None
+    if isinstance(info.get("vision"), bool):
+        return info["vision"]
+    caps = info.get("capabilities")
+    if isinstance(caps, dict):
+        for key in ("vision", "image_input", "images"):
+            value = caps.get(key)
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, dict) and isinstance(value.get("supported"), bool):
+                return value["supported"]
+    if isinstance(caps, list) and all(isinstance(c, str) for c in caps):
+        return any(c.lower() in ("vision", "image", "image_input") for c in caps)
+    modalities = info.get("input_modalities")
+    if modalities is None and isinstance(info.get("modalities"), dict):
+        modalities = info["modalities"].get("input")
+    if isinstance(modalities, list):
+        return "image" in modalities
+    return None
 
 
 def _apply_overrides(config, args) -> None:
@@ -265,7 +305,11 @@ async def _interactive(agent, args) -> int:
                       "/pin NOTE  pin a note that survives compaction\n/usage  tokens and steps so far\n"
                       "/exit  leave (the session can be resumed)", file=sys.stderr)
             elif cmd == "/compact":
-                await agent.compact(rest.strip() or None, reason="/compact")
+                from .loop import CompactBlocked
+                try:
+                    await agent.compact(rest.strip() or None, reason="/compact")
+                except CompactBlocked as e:
+                    print(f"[compaction refused by a PreCompact hook: {e}]", file=sys.stderr)
                 agent.checkpoint()
             elif cmd == "/todo":
                 print(render_todos(agent.state.todos), file=sys.stderr)
@@ -338,6 +382,10 @@ async def _run_async(args, resume: bool) -> int:
             config.system_prompt = launch["system_prompt"]
         if args.temperature is None and launch.get("temperature") is not None and not resume:
             config.temperature = launch["temperature"]  # the checkpoint's evaluated sampling
+        if args.vision is not None:
+            config.vision = args.vision
+        elif sess.vision is not None:  # (a resumed remote session keeps what it was started with)
+            config.vision = sess.vision
 
         def factory(depth):
             return apply_profile(make_tools(depth, config.max_depth, sess.mcp_tools), launch.get("tools"),
@@ -358,6 +406,7 @@ async def _run_async(args, resume: bool) -> int:
             if agent.hooks:
                 n = sum(len(g.hooks) for groups in agent.hooks.config.events.values() for g in groups)
                 print(f"hooks: {n} from {', '.join(agent.hooks.config.sources)}", file=sys.stderr)
+        end_reason = "other"
         try:
             code = 0
             if resume:
@@ -373,9 +422,18 @@ async def _run_async(args, resume: bool) -> int:
                 code = _finish(agent, result, args)
             if (args.interactive or not (args.task if not resume else True)) and code in (0, 3):
                 code = await _interactive(agent, args)
+                end_reason = "prompt_input_exit"
+            if code == 130:
+                end_reason = "interrupted"
             return code
+        except BaseException:
+            end_reason = "error"
+            raise
         finally:
-            await agent.close()
+            try:
+                await agent.end_session(end_reason)
+            finally:
+                await agent.close()
     finally:
         await sess.close()
         store.close()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .client import APIError
 from .prompts import COMPACTED_HEADER, SUMMARY_INSTRUCTIONS, SUMMARY_SECTIONS, SUMMARY_SYSTEM
-from .tokens import estimate_request, estimate_text
+from .tokens import estimate_content, estimate_request
 
 if TYPE_CHECKING:
     from .loop import Agent
@@ -49,10 +49,58 @@ class CompactionResult:
     usages: list[dict] = field(default_factory=list)
     started_at: float = 0.0
     chunks: int = 0
+    images_dropped: list[str] = field(default_factory=list)   # tail images replaced by a note (window too small)
 
 
 def _blocks(content) -> list[dict]:
     return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+
+
+def _block_text(block: dict) -> str:
+    """A content block as the summarizer reads it; an image is named by where it came from, so the
+    summary can say "[image: PATH]" (its bytes never go to the summarizer)."""
+    t = block.get("type")
+    if t == "text":
+        return block.get("text", "")
+    if t == "image":
+        return f"[image: {block.get('_source') or 'attached by the user'}]"
+    return f"[{t} block]"
+
+
+def _drop_images(message: dict, dropped: list[str]) -> dict:
+    """A copy of a message with its image blocks (top level and inside tool results) replaced by a
+    note naming them; what was removed is added to `dropped`."""
+    def swap(blocks):
+        out = []
+        for x in blocks:
+            if isinstance(x, dict) and x.get("type") == "image":
+                name = x.get("_source") or "attached by the user"
+                dropped.append(name)
+                out.append({"type": "text", "text": f"[image: {name} — removed by compaction: the context window "
+                                                    "cannot hold it; read it again if it is still needed]"})
+            elif isinstance(x, dict) and x.get("type") == "tool_result" and isinstance(x.get("content"), list):
+                out.append(dict(x, content=swap(x["content"])))
+            else:
+                out.append(x)
+        return out
+    if isinstance(message["content"], str):
+        return message
+    return dict(message, content=swap(message["content"]))
+
+
+def _has_images(message: dict) -> bool:
+    content = message["content"]
+    if isinstance(content, str):
+        return False
+    return any(b.get("type") == "image" or (b.get("type") == "tool_result" and isinstance(b.get("content"), list)
+                                            and any(x.get("type") == "image" for x in b["content"]))
+               for b in content)
+
+
+def _count_images(message: dict) -> int:
+    return sum(1 for b in _blocks(message["content"]) for x in
+               ([b] if b.get("type") == "image" else b.get("content") if b.get("type") == "tool_result"
+                and isinstance(b.get("content"), list) else []) if x.get("type") == "image")
 
 
 def _render(message: dict, names: dict[str, str], limit: int = 4000) -> str:
@@ -68,12 +116,11 @@ def _render(message: dict, names: dict[str, str], limit: int = 4000) -> str:
             parts.append(f"TOOL CALL {b.get('name')}: {json.dumps(b.get('input'), ensure_ascii=False)[:limit]}")
         elif t == "tool_result":
             content = b.get("content")
-            text = content if isinstance(content, str) else \
-                "\n".join(x.get("text", "[non-text block]") for x in content or [])
+            text = content if isinstance(content, str) else "\n".join(_block_text(x) for x in content or [])
             err = " (error)" if b.get("is_error") else ""
             parts.append(f"TOOL RESULT{err} of {names.get(b.get('tool_use_id'), '?')}: {text[:limit]}")
         elif t in ("image", "document"):
-            parts.append(f"[{t} attached]")
+            parts.append(_block_text(b))
     if kind == "prompt":
         parts.insert(0, "[user message]")
     return "\n".join(parts)
@@ -162,13 +209,13 @@ class Compressor:
         if not candidates:
             return [], []
         first, rest = candidates[0], candidates[1:]
-        used = estimate_text(json.dumps(first["content"], ensure_ascii=False))
+        used = estimate_content(first["content"])
         if used > cap:  # a huge task: keep its start and end
             first = _truncate_result_blocks(first, int(cap * 3))
             used = cap
         kept, dropped = [first], []
         for p in reversed(rest):
-            n = estimate_text(json.dumps(p["content"], ensure_ascii=False))
+            n = estimate_content(p["content"])
             if used + n <= cap:
                 kept.insert(1, p)
                 used += n
@@ -207,6 +254,7 @@ class Compressor:
         system_tools = {"system": agent.system, "tools": agent.tools.specs()}
         placeholder = "x" * (self.summary_budget() * 3)
 
+        result_dropped: list[str] = []
         for k in range(self.cfg.keep_turns, -1, -1):
             tail = self._tail(body, k)
             tail_seqs = {m["_seq"] for m in tail}
@@ -222,6 +270,15 @@ class Compressor:
             room = max(1000, (target - (estimate - estimate_request({"messages": tail}))) * 3)
             per = max(500, room // max(1, sum(1 for m in tail for _ in _blocks(m["content"]))))
             tail = [_truncate_result_blocks(m, per) if m["role"] == "user" else m for m in tail]
+            # images are kept in the tail; only if the context still cannot hold them with room for a
+            # reply (a hard limit, not the target) are the oldest replaced by a note naming them (never
+            # silently), newest kept longest
+            hard = self.window - min(self.agent_config.max_tokens, self.window // 4)
+            for i, m in enumerate(tail):
+                if estimate_request(dict(system_tools, messages=[head] + tail)) <= hard:
+                    break
+                if m["role"] == "user" and _has_images(m):
+                    tail[i] = _drop_images(m, result_dropped)
 
         tail_seqs = {m["_seq"] for m in tail}
         kept_seqs = {p["_seq"] for p in kept_prompts}
@@ -230,7 +287,8 @@ class Compressor:
                  for b in _blocks(m["content"]) if b.get("type") == "tool_use"}
         pieces = [_render(m, names) for m in middle]
         pieces += [_render(p, names) for p in dropped if p["_seq"] not in {m["_seq"] for m in middle}]
-        result = CompactionResult(head={}, tail=tail, summary="", kept=[], summarized=[], started_at=started)
+        result = CompactionResult(head={}, tail=tail, summary="", kept=[], summarized=[], started_at=started,
+                                  images_dropped=result_dropped)
         if pieces:
             summary = await self._summarize(agent.state.summary, pieces, instructions, result)
         else:
@@ -239,7 +297,8 @@ class Compressor:
         result.head, result.summary = head, summary
         result.kept = ([{"seq": p["_seq"], "role": "user", "kind": "prompt", "why": "user message (verbatim in head)"}
                         for p in kept_prompts] +
-                       [{"seq": m["_seq"], "role": m["role"], "kind": m["_kind"], "why": "recent turn"} for m in tail])
+                       [{"seq": m["_seq"], "role": m["role"], "kind": m["_kind"], "why": "recent turn",
+                         **({"images": _count_images(m)} if _has_images(m) else {})} for m in tail])
         result.summarized = [m["_seq"] for m in old_heads] + [m["_seq"] for m in middle if m["_seq"] not in kept_seqs] \
             + [p["_seq"] for p in dropped]
         return result

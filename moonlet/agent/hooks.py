@@ -29,8 +29,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .loop import Agent
 
-EVENTS = ("SessionStart", "UserPromptSubmit", "PreToolUse", "PostToolUse", "Stop", "SubagentStop")
-MATCHER_EVENTS = {"PreToolUse": "tool name", "PostToolUse": "tool name", "SessionStart": "source (startup|resume)"}
+EVENTS = ("SessionStart", "UserPromptSubmit", "PreToolUse", "PostToolUse", "Stop", "SubagentStop", "PreCompact",
+          "SessionEnd", "Notification")
+MATCHER_EVENTS = {"PreToolUse": "tool name", "PostToolUse": "tool name", "SessionStart": "source (startup|resume)",
+                  "PreCompact": "trigger (manual|auto)", "SessionEnd": "reason",
+                  "Notification": "notification_type"}
+CONTEXT_EVENTS = ("UserPromptSubmit", "SessionStart", "PreCompact")  # plain stdout is context (instructions)
 DEFAULT_TIMEOUT = 60.0
 MAX_TIMEOUT = 3600.0
 MAX_CAPTURE = 64 * 1024      # bytes kept of each of a hook's stdout and stderr; the rest is read and dropped
@@ -219,7 +223,7 @@ class HookRun:
     duration_s: float = 0.0
     timed_out: bool = False
     error: str | None = None          # why the run is ignored (crash, timeout, bad output)
-    effect: str | None = None         # block | allow | deny | ask | context | halt (what it did)
+    effect: str | None = None         # block | allow | deny | ask | update | context | halt (what it did)
 
     def record(self) -> dict:
         def cap(s: str) -> str:
@@ -237,6 +241,7 @@ class HookOutcome:
     permission: str | None = None                         # PreToolUse: allow | ask | deny (deny wins, then ask)
     context: list[str] = field(default_factory=list)      # text to add for the model
     halt: str | None = None                               # "continue": false: end the turn, with this reason
+    updated_input: dict | None = None                     # PreToolUse "updatedInput": the input to run instead
     messages: list[str] = field(default_factory=list)     # systemMessage texts, for the user
     runs: list[HookRun] = field(default_factory=list)
 
@@ -329,7 +334,8 @@ def _interpret(event: str, run: HookRun, outcome: HookOutcome) -> None:
     object on stdout may set: "continue": false (+ "stopReason") to end the turn; "decision": "block"
     with "reason" (PreToolUse also takes the older "approve"); "systemMessage" for the user;
     "hookSpecificOutput": {"permissionDecision": allow|deny|ask, "permissionDecisionReason",
-    "additionalContext"}. Plain stdout of a UserPromptSubmit or SessionStart hook is context."""
+    "updatedInput" (PreToolUse: the tool input to run instead), "additionalContext"}. Plain stdout of a
+    UserPromptSubmit, SessionStart or PreCompact hook is context (for PreCompact: summary instructions)."""
     if run.error is not None:
         return
     if run.exit_code == 2:
@@ -343,7 +349,7 @@ def _interpret(event: str, run: HookRun, outcome: HookOutcome) -> None:
     if not out:
         return
     if not out.startswith("{"):
-        if event in ("UserPromptSubmit", "SessionStart"):
+        if event in CONTEXT_EVENTS:
             run.effect = "context"
             outcome.context.append(_clip(out))
         return
@@ -389,6 +395,13 @@ def _interpret(event: str, run: HookRun, outcome: HookOutcome) -> None:
                 outcome.reasons.append(_clip(str(why)) if why else "(a PreToolUse hook denied the call)")
             elif why:
                 outcome.messages.append(f"{perm}: {_clip(str(why))}")
+    updated = specific.get("updatedInput")
+    if updated is not None:
+        if event != "PreToolUse" or not isinstance(updated, dict):
+            problems.append("updatedInput must be an object, from a PreToolUse hook")
+        else:
+            effects.append("update")
+            outcome.updated_input = updated  # several hooks: the last in config order wins
     extra = specific.get("additionalContext")
     if extra:
         effects.append("context")

@@ -16,6 +16,7 @@ class LocalServer:
         self.url = ""
         self.context_window: int | None = None
         self.model_name: str | None = None
+        self.vision = False            # the served checkpoint takes images
         self._server = None
         self._thread = None
 
@@ -33,6 +34,11 @@ class LocalServer:
             self.model_path = str(default_model_path())  # FileNotFoundError says how to get it
         engine = AsyncLLM(self.model_path, start=False, **self.engine_args)
         self.context_window = int(engine.max_model_len)
+        from moonlet.config import ModelConfig
+        try:  # a checkpoint with a vision_config (K2.5 / K2.6) is served with its vision tower
+            self.vision = ModelConfig.from_pretrained(self.model_path).vision_config is not None
+        except Exception:
+            self.vision = False
         app = create_app(engine, shutdown_engine_on_exit=True)
         self.model_name = app.state.moonlet.served_model_name
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

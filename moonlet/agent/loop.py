@@ -17,6 +17,7 @@ from .client import AnthropicClient, APIError, RetryNotice
 from .compress import CompactionConfig, Compressor
 from .events import AgentEvents
 from .hooks import HookOutcome, HookRunner
+from .images import strip_image_data
 from .prompts import SUBAGENT_PROMPT, SYSTEM_PROMPT
 from .store import SessionStore
 from .stream import wire_message
@@ -32,6 +33,10 @@ MIN_REPLY_TOKENS = 16  # a compacted context must leave at least this much of th
 
 class ContextTooSmall(ValueError):
     """The fixed part of the context (system prompt, tools, the user's messages) cannot fit the window."""
+
+
+class CompactBlocked(Exception):
+    """A PreCompact hook refused a manual compaction (the message is its reason)."""
 
 
 @dataclass
@@ -60,6 +65,7 @@ class AgentConfig:
     subagent_timeout: float = 3600.0
     swarm_concurrency: int = 8
     max_stop_blocks: int = 5              # consecutive Stop-hook blocks honoured before a stop is let through
+    vision: bool = False                  # the model takes images: tools return image blocks (else text notes)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -384,6 +390,12 @@ class Agent:
                 return message_text(m)
         return ""
 
+    async def end_session(self, reason: str = "other") -> None:
+        """Run the SessionEnd hooks (top agent only; they cannot block). `reason`: prompt_input_exit
+        (the user left interactive mode), interrupted, error or other."""
+        if self.hooks and self.config.depth == 0:
+            await self.hooks.run(self, "SessionEnd", {"reason": reason}, target=reason)
+
     async def maybe_compact(self) -> None:
         req = self.request()
         window = self.config.context_window
@@ -392,17 +404,31 @@ class Agent:
         tokens, _ = await self.counter.count(req, exact_above=limit)
         self.last_tokens = tokens
         if tokens >= threshold:
-            await self.compact(reason=f"context at {tokens} tokens >= {self.config.compaction.threshold:.0%} of {window}")
+            await self.compact(reason=f"context at {tokens} tokens >= {self.config.compaction.threshold:.0%} of {window}",
+                               trigger="auto")
         elif tokens + self._reserve() > window:
-            await self.compact(reason=f"{tokens} tokens + {self._reserve()} for the reply would not fit in {window}")
+            await self.compact(reason=f"{tokens} tokens + {self._reserve()} for the reply would not fit in {window}",
+                               trigger="auto")
 
     def _reserve(self) -> int:
         return min(self.config.max_tokens, self.config.context_window // 4)
 
-    async def compact(self, instructions: str | None = None, reason: str = "manual") -> None:
-        """Summarize the older part of the context (see compress.py) and record what was kept."""
+    async def compact(self, instructions: str | None = None, reason: str = "manual", trigger: str = "manual") -> None:
+        """Summarize the older part of the context (see compress.py) and record what was kept.
+        PreCompact hooks run first (`trigger` manual or auto): what they print is added to the summary
+        instructions; a block stops a manual compaction (CompactBlocked) and is ignored for an
+        automatic one, which the window needs."""
         if not any(m["_kind"] != "head" for m in self.messages):
             return
+        if self.hooks:
+            pre = await self.hooks.run(self, "PreCompact", {"trigger": trigger, "custom_instructions": instructions or ""},
+                                       target=trigger)
+            if trigger == "manual" and (pre.blocked or pre.halt):
+                why = pre.reason() if pre.blocked else pre.halt
+                self.store.event(self.session_id, self.state.steps, "compact_blocked", {"reason": why})
+                raise CompactBlocked(why)
+            if pre.context:
+                instructions = "\n\n".join([instructions] + pre.context if instructions else pre.context)
         before = self.last_tokens or (await self.counter.count(self.request(), exact_above=None))[0]
         fixed, _ = await self.counter.count(self.request(messages=[{"role": "user", "content": "."}]),
                                             exact_above=0)
@@ -426,6 +452,9 @@ class Agent:
                                      tokens_before=before, tokens_after=after, kept=result.kept,
                                      summarized=result.summarized, summary=result.summary,
                                      context=[m["_seq"] for m in self.messages])
+        if result.images_dropped:
+            self.store.event(self.session_id, self.state.steps, "images_dropped",
+                             {"images": result.images_dropped, "reason": "the kept turns did not fit the window"})
         self.events.compaction(self, reason, before, after, result)
 
     def _too_small(self, before: int, after: int | None, fixed: int) -> None:
@@ -473,13 +502,13 @@ class Agent:
             except APIError as e:
                 if e.context_overflow and not overflowed:
                     overflowed = True  # the estimate was too low: compact for real, then try once more
-                    await self.compact(reason=f"server rejected the request as too long: {e}")
+                    await self.compact(reason=f"server rejected the request as too long: {e}", trigger="auto")
                     continue
                 raise
             self._add_usage(message.get("usage") or {}, "step", t0, time.monotonic() - m0, message.get("stop_reason"))
             if message.get("stop_reason") == "model_context_window_exceeded" and not overflowed:
                 overflowed = True  # drop the cut-off reply and retry the step from a compacted context
-                await self.compact(reason="the model reported its context window exceeded")
+                await self.compact(reason="the model reported its context window exceeded", trigger="auto")
                 continue
             self._append({"role": "assistant", "content": message["content"]}, "assistant")
             self.last_message = message
@@ -542,17 +571,32 @@ class Agent:
                 result, approved = error(f"A PreToolUse hook stopped the agent: {pre.halt}"), False
             elif pre.blocked or pre.permission == "deny":
                 result, approved = error(f"A PreToolUse hook blocked this call: {pre.reason()}"), False
+            elif pre.updated_input is not None and (bad := validate_args(pre.updated_input, tool.input_schema)):
+                result, approved = error(f"A PreToolUse hook rewrote this call's input into one that breaks the "
+                                         f"tool's schema ({'; '.join(bad[:5])}); the call did not run"), False
+                self.store.event(self.session_id, self.state.steps, "input_updated",
+                                 {"tool": name, "tool_use_id": use_id, "original": args,
+                                  "updated": pre.updated_input, "invalid": bad[:10]})
             elif pre.permission == "allow":  # the hook answers for the user; recorded like an approval
                 approved = True
                 self.store.event(self.session_id, self.state.steps, "approval",
                                  {"tool": name, "approved": True, "by": "PreToolUse hook"})
             else:
-                decision = await self.approval.check(tool, args, self, force=pre.permission == "ask")
+                decision = await self.approval.check(tool, pre.updated_input if pre.updated_input is not None
+                                                     else args, self, force=pre.permission == "ask")
                 approved = decision.approved
                 if not approved:
                     result = error("The user did not approve this call." +
                                    (f" Their feedback: {decision.feedback}" if decision.feedback else ""))
             notes = ["[context from PreToolUse hooks]\n" + "\n\n".join(pre.context)] if pre.context else []
+            if approved and pre.updated_input is not None and pre.updated_input != args:
+                # what runs is the hook's input: it is recorded as the call's input, the original is kept
+                # in an event, and the model is told what ran
+                self.store.event(self.session_id, self.state.steps, "input_updated",
+                                 {"tool": name, "tool_use_id": use_id, "original": args, "updated": pre.updated_input})
+                args = pre.updated_input
+                notes.insert(0, "[a PreToolUse hook changed this call's input; what ran: "
+                                f"{json.dumps(args, ensure_ascii=False)[:2000]}]")
         self.store.record_tool_call(self.session_id, self.state.steps, use_id, name, args, approved)
         if approved:
             self.events.tool_call(self, tool, args)
@@ -568,7 +612,8 @@ class Agent:
             if self.hooks:
                 post = await self.hooks.run(self, "PostToolUse", {
                     "tool_name": name, "tool_input": args, "tool_use_id": use_id,
-                    "tool_response": {"content": result.content, "is_error": result.is_error}}, target=name)
+                    "tool_response": {"content": strip_image_data(result.content), "is_error": result.is_error}},
+                    target=name)
                 feedback = ([post.reason()] if post.blocked else []) + post.context
                 if feedback:
                     notes.append("[feedback from PostToolUse hooks]\n" + "\n\n".join(feedback))
@@ -582,7 +627,8 @@ class Agent:
             result.content = result.content[:MAX_RESULT_CHARS] + f"\n[... {cut} more characters truncated]"
         for note in notes:  # after the cut, so hook feedback always reaches the model
             _with_note(result, "\n\n" + note)
-        self.store.finish_tool_call(self.session_id, use_id, result.content, result.is_error)
+        # the image bytes live in the transcript message; the call record keeps their size only
+        self.store.finish_tool_call(self.session_id, use_id, strip_image_data(result.content), result.is_error)
         self.events.tool_result(self, name, result)
         block = {"type": "tool_result", "tool_use_id": use_id, "content": result.content}
         if result.is_error:

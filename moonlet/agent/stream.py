@@ -144,8 +144,17 @@ class MessageAccumulator:
 
 def wire_message(message: dict) -> dict:
     """The message as a server should see it: role and content only, private block keys dropped."""
+    def clean(blocks: list) -> list:
+        out = []
+        for b in blocks:
+            if isinstance(b, dict):
+                b = {k: v for k, v in b.items() if not k.startswith("_")}
+                if isinstance(b.get("content"), list):  # a tool_result's own blocks (images carry _source)
+                    b["content"] = clean(b["content"])
+            out.append(b)
+        return out
+
     content = message["content"]
     if isinstance(content, list):
-        content = [{k: v for k, v in b.items() if not k.startswith("_")} if isinstance(b, dict) else b
-                   for b in content]
+        content = clean(content)
     return {"role": message["role"], "content": content}

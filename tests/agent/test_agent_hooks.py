@@ -133,6 +133,10 @@ def test_matcher_forms():
     cfg_ = HooksConfig.parse(merge(cfg("PreToolUse", "a", "shell"), cfg("PreToolUse", "a", "sh.*"),
                                    cfg("PreToolUse", "b", "glob")))
     assert [h.command for h in cfg_.commands("PreToolUse", "shell")] == ["a"]   # the same command runs once
+    pc = HooksConfig.parse(merge(cfg("PreCompact", "m", "manual"), cfg("SessionEnd", "e", "prompt_input_exit"),
+                                 cfg("Notification", "n")))
+    assert [h.command for h in pc.commands("PreCompact", "manual")] == ["m"] and pc.commands("PreCompact", "auto") == []
+    assert pc.commands("SessionEnd", "other") == [] and [h.command for h in pc.commands("Notification", "x")] == ["n"]
 
 
 def test_post_tool_use_feedback_reaches_the_next_request(tmp_path):
@@ -373,3 +377,166 @@ def test_cli_records_hooks_in_show_and_export_and_resume_keeps_them(tmp_path):
     store = SessionStore(db)
     assert store.get_session("hk")["config"]["hooks"]["hooks"]["PreToolUse"][0]["matcher"] == "calculator"
     store.close()
+
+
+# -- updatedInput, PreCompact, SessionEnd, Notification ---------------------------------------------
+def test_pre_tool_use_updated_input_changes_what_runs_and_is_recorded(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    rewrite = hook(tmp_path, "rewrite",
+                   "cmd = ev['tool_input']['command']\n"
+                   "if 'original' in cmd:\n"
+                   "    new = dict(ev['tool_input'], command=cmd.replace('original', 'rewritten'))\n"
+                   "    print(json.dumps({'hookSpecificOutput': {'hookEventName': 'PreToolUse', "
+                   "'updatedInput': new}}))\n"
+                   "elif 'bad' in cmd:\n"
+                   "    print(json.dumps({'hookSpecificOutput': {'updatedInput': {'command': 5}}}))\n")
+    post = hook(tmp_path, "post", "")
+
+    def script(body):
+        n = len(tool_results(body))
+        if n == 0:
+            return Reply([tool("shell", {"command": "echo original > out.txt"})])
+        if n == 1:
+            return Reply([tool("shell", {"command": "echo bad > bad.txt"})])
+        return Reply([text("done")])
+
+    with ScriptedEndpoint(script) as ep:
+        agent = make_agent(ep.url, work, approval="yolo",
+                           hooks=merge(cfg("PreToolUse", rewrite, "shell"), cfg("PostToolUse", post)))
+        asyncio.run(_run(agent, "go"))
+    assert (work / "out.txt").read_text() == "rewritten\n"                # what ran is the hook's input
+    assert not (work / "bad.txt").exists()                               # a schema-breaking rewrite does not run
+    first, second = result_text(last_results(ep.requests[1])[0]), last_results(ep.requests[2])[0]
+    assert "changed this call's input; what ran" in first and "echo rewritten > out.txt" in first
+    assert second["is_error"] and "breaks the tool's schema" in result_text(second)
+    calls = agent.store.tool_calls(agent.session_id)
+    assert calls[0]["input"] == {"command": "echo rewritten > out.txt"} and calls[0]["approved"]
+    assert calls[1]["input"] == {"command": "echo bad > bad.txt"} and not calls[1]["approved"]
+    updates = [e["data"] for e in agent.store.events(agent.session_id) if e["kind"] == "input_updated"]
+    assert updates[0]["original"] == {"command": "echo original > out.txt"}
+    assert updates[0]["updated"] == {"command": "echo rewritten > out.txt"} and updates[1]["invalid"]
+    assert logged(tmp_path, "post")[0]["tool_input"] == {"command": "echo rewritten > out.txt"}
+    assert [r["effect"] for r in hook_events(agent) if r["event"] == "PreToolUse"] == ["update", "update"]
+
+
+def test_updated_input_goes_through_approval(tmp_path):
+    """Without a permission decision the rewritten call is what the user is asked about."""
+    from moonlet.agent.approval import Decision
+    asked = []
+
+    async def prompt(summary):
+        asked.append(summary)
+        return Decision(True)
+
+    rewrite = hook(tmp_path, "rw", "print(json.dumps({'hookSpecificOutput': {'updatedInput': "
+                                   "{'path': 'b.txt', 'content': 'B'}}}))\n")
+
+    def script(body):
+        if not tool_results(body):
+            return Reply([tool("write_file", {"path": "a.txt", "content": "A"})])
+        return Reply([text("done")])
+
+    with ScriptedEndpoint(script) as ep:
+        agent = make_agent(ep.url, tmp_path, approval="ask", prompt=prompt, hooks=cfg("PreToolUse", rewrite))
+        asyncio.run(_run(agent, "go"))
+    assert asked == ["write_file(b.txt)"] and (tmp_path / "b.txt").read_text() == "B"
+    assert not (tmp_path / "a.txt").exists()
+
+
+def _compaction_agent(tmp_path, hooks, summaries):
+    from moonlet.agent.prompts import SUMMARY_SYSTEM
+    for i in range(3):
+        (tmp_path / f"p{i}.txt").write_text("".join(f"part {i} line {j} " + "z" * 80 + "\n" for j in range(25)))
+
+    def script(body):
+        if body.get("system") == SUMMARY_SYSTEM:
+            summaries.append(body["messages"][0]["content"])
+            return Reply([text("## Current focus\n- parts")])
+        n = len(tool_results(body))
+        return Reply([tool("read_file", {"path": f"p{n}.txt"})]) if n < 3 else Reply([text("read all")])
+
+    return script
+
+
+def test_pre_compact_adds_instructions_and_can_block_a_manual_compact(tmp_path):
+    from moonlet.agent.loop import CompactBlocked
+    pre = hook(tmp_path, "pre", "if 'forbid' in ev['custom_instructions']:\n"
+                                "    print('not now: the user is reviewing', file=sys.stderr); sys.exit(2)\n"
+                                "print('Keep every file name that was read.')\n")
+    summaries: list[str] = []
+    script = _compaction_agent(tmp_path, None, summaries)
+
+    async def go(url):
+        agent = make_agent(url, tmp_path, only={"read_file"}, hooks=cfg("PreCompact", pre, "manual"),
+                           compaction={"keep_turns": 0})
+        try:
+            await agent.run("read the parts")
+            await agent.compact("focus on part 2")
+            await agent.run("and once more")          # something new to compact
+            with pytest.raises(CompactBlocked, match="not now: the user is reviewing"):
+                await agent.compact("forbid it")
+            return agent
+        finally:
+            await agent.close()
+            await agent.client.aclose()
+
+    with ScriptedEndpoint(script) as ep:
+        agent = asyncio.run(go(ep.url))
+    assert len(summaries) == 1 and len(agent.store.compactions(agent.session_id)) == 1   # the blocked one did not run
+    assert "focus on part 2" in summaries[0] and "Keep every file name that was read." in summaries[0]
+    assert [(e["trigger"], e["custom_instructions"]) for e in logged(tmp_path, "pre")] == \
+        [("manual", "focus on part 2"), ("manual", "forbid it")]
+    assert any(e["kind"] == "compact_blocked" for e in agent.store.events(agent.session_id))
+
+
+def test_pre_compact_cannot_block_an_automatic_compaction(tmp_path):
+    block = hook(tmp_path, "block", "print('never', file=sys.stderr); sys.exit(2)\n")
+    summaries: list[str] = []
+    script = _compaction_agent(tmp_path, None, summaries)
+    with ScriptedEndpoint(script, window=2500) as ep:
+        agent = make_agent(ep.url, tmp_path, only={"read_file"}, hooks=cfg("PreCompact", block),
+                           context_window=2500, max_tokens=200)
+        (result,) = asyncio.run(_run(agent, "read the parts"))
+    assert result.text == "read all" and ep.oversized == []
+    assert agent.store.compactions(agent.session_id) and summaries
+    assert {e["trigger"] for e in logged(tmp_path, "block")} == {"auto"}
+
+
+def test_session_end_runs_on_exit_and_notification_on_approval_prompts(tmp_path):
+    work, db = tmp_path / "work", tmp_path / "s.db"
+    work.mkdir()
+    end = hook(tmp_path, "end", "print('cannot block', file=sys.stderr); sys.exit(2)\n")
+    hooks_file = tmp_path / "hooks.json"
+    hooks_file.write_text(json.dumps(cfg("SessionEnd", end)))
+    with ScriptedEndpoint(lambda body: Reply([text("bye")])) as ep:
+        base = [sys.executable, "-m", "moonlet", "agent", "run", "--base-url", ep.url, "--model-name", "scripted",
+                "--workdir", str(work), "--hooks", str(hooks_file), "--db", str(db), "-q"]
+        once = subprocess.run(base[:5] + ["hi"] + base[5:], capture_output=True, text=True, timeout=120)
+        inter = subprocess.run(base, input="hello\n/exit\n", capture_output=True, text=True, timeout=120)
+    assert once.returncode == 0 and once.stdout.strip() == "bye", once.stderr
+    assert inter.returncode == 0, inter.stderr
+    assert [e["reason"] for e in logged(tmp_path, "end")] == ["other", "prompt_input_exit"]
+    store = SessionStore(db)
+    sessions = [s["id"] for s in store.list_sessions()]
+    assert all(store.get_session(s)["status"] == "done" for s in sessions)   # exit 2 changed nothing
+    store.close()
+
+    from moonlet.agent.approval import Decision
+    note = hook(tmp_path, "note", "")
+
+    async def prompt(summary):
+        return Decision(True)
+
+    def script(body):
+        if not tool_results(body):
+            return Reply([tool("write_file", {"path": "x.txt", "content": "x"}), tool("calculator", {"expression": "1"})])
+        return Reply([text("done")])
+
+    with ScriptedEndpoint(script) as ep:
+        agent = make_agent(ep.url, work, approval="reads", prompt=prompt,
+                           hooks=cfg("Notification", note, "permission_prompt"))
+        asyncio.run(_run(agent, "go"))
+    seen = logged(tmp_path, "note")   # write_file asks (and notifies); the calculator is a read and does not
+    assert [(e["notification_type"], e["tool_name"]) for e in seen] == [("permission_prompt", "write_file")]
+    assert "needs your permission to use write_file" in seen[0]["message"]

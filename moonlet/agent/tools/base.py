@@ -32,6 +32,14 @@ class ToolContext:
     workspace: "Workspace"
     agent: "Agent | None" = None
     tool_use_id: str = ""
+    vision: bool | None = None    # None: the agent's config says (False without an agent)
+
+    @property
+    def can_see(self) -> bool:
+        """Whether images may go to the model (else tools describe them in text)."""
+        if self.vision is not None:
+            return self.vision
+        return bool(self.agent is not None and getattr(self.agent.config, "vision", False))
 
 
 class Tool:

@@ -1,8 +1,9 @@
-"""File tools, confined to the work directory: read_file (line ranges, size cap), write_file,
-str_replace (exactly one match)."""
+"""File tools, confined to the work directory: read_file (line ranges, size cap; image files as image
+blocks for models with vision, see images.py), write_file, str_replace (exactly one match)."""
 
 from __future__ import annotations
 
+from ..images import image_content, sniff
 from .base import Tool, ToolContext, ToolError, ToolResult
 
 MAX_LINES = 1000
@@ -12,7 +13,7 @@ MAX_LINE_CHARS = 2000
 
 class ReadFileTool(Tool):
     name = "read_file"
-    description = (f"Read a text file in the work directory. Returns numbered lines; at most {MAX_LINES} lines or "
+    description = (f"Read a file in the work directory. Returns numbered lines; at most {MAX_LINES} lines or "
                    f"{MAX_BYTES // 1000} KB per call — use `offset` (1-based first line) and `limit` to read more.")
     input_schema = {
         "type": "object",
@@ -32,6 +33,9 @@ class ReadFileTool(Tool):
         if path.is_dir():
             raise ToolError(f"{args['path']!r} is a directory; use glob to list it")
         data = path.read_bytes()
+        media_type = sniff(data)  # by content, not by name: a .png that holds text is read as text
+        if media_type is not None:
+            return ToolResult(image_content(data, media_type, ctx.workspace.relative(path), ctx.can_see))
         if b"\x00" in data[:8192]:
             raise ToolError(f"{args['path']!r} looks binary ({len(data)} bytes); it cannot be shown as text")
         lines = data.decode("utf-8", "replace").splitlines()

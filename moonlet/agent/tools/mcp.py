@@ -6,6 +6,8 @@ server process's stdin/stdout: `initialize` (then the `notifications/initialized
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import itertools
 import json
 import os
@@ -13,6 +15,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
+from ..images import image_content, sniff
 from .base import Tool, ToolContext, ToolError, ToolResult
 
 PROTOCOL_VERSION = "2025-06-18"
@@ -182,6 +185,17 @@ def sanitize_schema(schema) -> dict:
     return schema
 
 
+def _image_blocks(item: dict, label: str, vision: bool) -> list[dict]:
+    """An MCP image item under the same rule as image files (images.py): an image block (downscaled
+    where needed) for a model with vision, a text note otherwise or when the data is not an image."""
+    try:
+        data = base64.b64decode(item["data"], validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        return [{"type": "text", "text": f"[image: {label}] the server sent image data that is not valid base64"}]
+    media_type = sniff(data) or str(item.get("mimeType") or "application/octet-stream")
+    return image_content(data, media_type, label, vision)
+
+
 class McpTool(Tool):
     def __init__(self, client: McpClient, spec: dict):
         self.client = client
@@ -202,8 +216,7 @@ class McpTool(Tool):
             if kind == "text":
                 blocks.append({"type": "text", "text": item.get("text", "")})
             elif kind == "image" and item.get("data"):
-                blocks.append({"type": "image", "source": {"type": "base64", "media_type": item.get("mimeType", "image/png"),
-                                                           "data": item["data"]}})
+                blocks.extend(_image_blocks(item, f"{self.name} result", ctx.can_see))
             elif kind == "resource":
                 res = item.get("resource") or {}
                 blocks.append({"type": "text", "text": res.get("text") or f"[resource {res.get('uri')}]"})
