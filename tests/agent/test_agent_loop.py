@@ -2,7 +2,6 @@
 guard, concurrency of independent tools, budgets, retries and approvals."""
 
 import asyncio
-import json
 
 from agent_scripted import (Reply, ScriptedEndpoint, blocks, error, last_results, make_agent, result_text, text,
                             thinking, tool)
