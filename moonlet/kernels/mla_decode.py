@@ -293,7 +293,6 @@ def paged_decode_attention_triton(q: torch.Tensor, pool: torch.Tensor, block_tab
     _check(q, pool, block_tables, ctx_lens, kv_lora)
     S, h, D = q.shape
     block_size = pool.shape[1]
-    rope = D - kv_lora
     if S > 65535:  # the launch grid's last axis
         raise ValueError(f"paged_decode_attention_triton: {S} sequences in one call; at most 65535")
     if S == 0:
