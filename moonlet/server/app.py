@@ -23,6 +23,7 @@ from . import openai as openai_api
 from . import openai_completions
 from . import responses as responses_api
 from .errors import APIError, api_of, error_body, error_response, format_validation_error
+from .generation import supports_images
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .state import ServerState, state_of
 
@@ -113,13 +114,15 @@ class RequestContext:
 
 def _model_card(state: ServerState, api: str) -> dict:
     name = state.served_model_name
+    # vision: whether image input is accepted (an extension field; moonlet's agent reads it)
+    vision = supports_images(state.engine)
     if api == "anthropic":
         created = datetime.fromtimestamp(state.created, tz=timezone.utc).isoformat().replace("+00:00", "Z")
         # max_input_tokens / max_tokens: the context window, so clients can size their conversations
         return {"id": name, "type": "model", "display_name": name, "created_at": created,
-                "max_input_tokens": state.max_model_len, "max_tokens": state.max_model_len}
+                "max_input_tokens": state.max_model_len, "max_tokens": state.max_model_len, "vision": vision}
     return {"id": name, "object": "model", "created": int(state.created), "owned_by": "moonlet",
-            "max_model_len": state.max_model_len}
+            "max_model_len": state.max_model_len, "vision": vision}
 
 
 def create_app(engine, served_model_name: str | None = None, api_key: str | None = None, *,

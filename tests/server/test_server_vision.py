@@ -272,3 +272,15 @@ def test_metrics_count_the_image_work(stack):
     # the second request shares the image's blocks (prefix hit) or its cached features: never a second encode
     assert encoded == 1
     assert counter(after, "moonlet_image_cache_bytes") > 0
+
+
+def test_model_info_says_whether_images_are_accepted(stack, scripted):
+    from moonlet.agent.cli import vision_from_model_info
+
+    server, *_ = stack
+    for url, name, vision in ((server.url, "tiny-vl", True), (scripted.url, None, False)):
+        listed = httpx.get(url + "/v1/models", headers={"x-api-key": "test-key"}).json()["data"][0]
+        name = name or listed["id"]
+        for headers in ({"x-api-key": "test-key", "anthropic-version": "2023-06-01"}, {"authorization": "Bearer test-key"}):
+            info = httpx.get(f"{url}/v1/models/{name}", headers=headers).json()
+            assert info["vision"] is vision and vision_from_model_info(info) is vision
