@@ -322,5 +322,7 @@ def to_conversation(req, vision: bool = False) -> Conversation:
 
     conv = Conversation(messages=messages, tools=list(tools.values()), template_kwargs=template_kwargs,
                         prefill=prefill, thinking_budget=budget, images=images.images)
-    apply_tool_choice(conv, kind, forced, ids.count, bool(choice.get("disable_parallel_tool_use")))
+    strict = [t["name"] for t in req.tools or [] if isinstance(t, dict) and t.get("strict") is True
+              and t.get("name") in tools]
+    apply_tool_choice(conv, kind, forced, ids.count, bool(choice.get("disable_parallel_tool_use")), strict)
     return conv
