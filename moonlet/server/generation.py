@@ -12,8 +12,8 @@ import json
 import logging
 import re
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Collection
 
 import anyio
 from starlette.responses import StreamingResponse
