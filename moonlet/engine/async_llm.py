@@ -135,11 +135,16 @@ class AsyncLLM:
     async def generate(self, prompt_token_ids, params: SamplingParams | None = None,
                        request_id: str | None = None, images=None) -> AsyncIterator[RequestOutput]:
         """``prompt_token_ids``: token ids or a ``MultimodalPrompt``; ``images`` (vision models): the
-        images for the prompt's placeholder runs, prepared here, on the caller's thread."""
+        images for the prompt's placeholder runs, prepared here, on the caller's thread. A request with
+        a structured-output constraint is checked — its grammar compiled — in a worker thread, so
+        other streams on this event loop go on meanwhile; the engine thread then finds it cached."""
         params = params if params is not None else SamplingParams()
         if images:
             prompt_token_ids = self.engine.prepare_prompt(prompt_token_ids, images)
-        ids = self.engine.check_request(prompt_token_ids, params)
+        if params.structured is not None:  # compiling a new grammar takes a while: not on the event loop
+            ids = await asyncio.to_thread(self.engine.check_request, prompt_token_ids, params)
+        else:
+            ids = self.engine.check_request(prompt_token_ids, params)
         if isinstance(prompt_token_ids, MultimodalPrompt):
             ids = prompt_token_ids  # the engine thread runs the vision tower on it
         if self._error is not None or self._closed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from .sampler import Sampler
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence
 from .spec import NgramProposer
-from .structured import GrammarCache
+from .structured import GrammarCache, StructuredOutputError
 from .thinking import ThinkingBudget, thinking_markers
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None}
@@ -141,6 +142,7 @@ class EngineCore:
         self.sampler = Sampler(model.device, rc.seed)
         self.requests: dict[str, Sequence] = {}
         self._grammars: GrammarCache | None = None  # made on the first structured-output request
+        self._grammars_lock = threading.Lock()  # requests are checked on worker threads too
         eos = set(model.config.eos_token_ids)
         if tokenizer is not None:
             eos |= set(tokenizer.stop_token_ids)
@@ -175,14 +177,24 @@ class EngineCore:
     def grammars(self) -> GrammarCache:
         """The structured-output grammar cache (made on first use). Raises ValueError when the grammar
         library is missing (``StructuredOutputUnavailable``) or the engine has no tokenizer."""
-        if self._grammars is None:
-            self._grammars = GrammarCache(self.tokenizer, self.model_config.vocab_size)
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCache(self.tokenizer, self.model_config.vocab_size)
         return self._grammars
 
     def check_structured(self, spec) -> None:
-        """Compile a ``StructuredOutput`` (cached for the request that follows); ValueError when it
-        cannot be used (library missing, no tokenizer, a schema / regex the library rejects)."""
-        self.grammars.compile(spec)
+        """Compile a ``StructuredOutput`` (cached for the request that follows); StructuredOutputError
+        (a ValueError whose ``param`` is ``spec.param``) when it cannot be used (library missing, no
+        tokenizer, a schema / regex the library rejects). Takes as long as the compile: callers on an
+        event loop run it in a worker thread (``AsyncLLM.generate`` does)."""
+        try:
+            self.grammars.compile(spec)
+        except StructuredOutputError as e:
+            if e.param is None:
+                e.param = spec.param
+            raise
+        except ValueError as e:
+            raise StructuredOutputError(str(e), spec.param) from None
 
     def check_request(self, prompt_token_ids, params: SamplingParams) -> list[int]:
         """Validate a request; returns the prompt as a list of ints (a ``MultimodalPrompt``: its expanded

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+TOOL_STARTS = ("text", "section", "arguments")
+
 
 @dataclass
 class StructuredOutput:
@@ -12,12 +14,25 @@ class StructuredOutput:
 
     Exactly one of: ``json_schema`` (a JSON Schema, as a dict or its JSON text: the output is one
     JSON value valid under it), ``json_object=True`` (any JSON object, OpenAI's JSON mode), ``regex``
-    (the output matches the regular expression in full) or ``choice`` (the output is one of these
-    strings). ``strict`` (json_schema only): objects may hold only the properties the schema names
-    and arrays only the items it describes (the default, as OpenAI's ``strict: true``); False
-    follows the schema's own ``additionalProperties`` / ``items``. ``any_whitespace=False`` (json_schema
-    and json_object) allows no whitespace beyond the single spaces of ``", "`` and ``": "`` — vLLM's
+    (the output matches the regular expression in full), ``choice`` (the output is one of these
+    strings) or ``tools`` (strict tool calls, below). ``strict`` (json_schema and tools): objects may
+    hold only the properties the schema names and arrays only the items it describes (the default,
+    as OpenAI's ``strict: true``); False follows the schema's own ``additionalProperties`` /
+    ``items``. ``any_whitespace=False`` (json_schema and json_object; tool arguments are always
+    compact) allows no whitespace beyond the single spaces of ``", "`` and ``": "`` — vLLM's
     ``disable_any_whitespace``, for small models that otherwise spend their tokens on blank space.
+
+    ``tools``: the output is a K2 reply whose tool calls are valid — each call names one of these
+    tools (``{"name": str, "parameters": JSON Schema or None}``; None: any JSON object) and its
+    arguments are compact JSON valid under that tool's schema (``strict`` as above). Where the output
+    begins, ``tool_start``: ``"text"`` (free text — thinking, content — then optionally one tool-call
+    section), ``"section"`` (the prompt ends with the section opener: one or more calls, then the
+    section's end) or ``"arguments"`` (the prompt ends inside ``tools[0]``'s call, after its
+    argument marker: its arguments, the call's end, any further calls, the section's end — what a
+    server's forced call prefills). ``parallel_tool_calls=False``: at most one call.
+
+    ``param`` (not part of the constraint's identity): the request field the constraint came from,
+    carried by a compile error (``StructuredOutputError.param``) so a server can name it.
 
     The engine compiles the constraint into a grammar (``moonlet.engine.structured``, which needs the
     optional ``xgrammar`` package: ``pip install 'moonlet[structured]'``) and masks, at every step,
@@ -28,20 +43,27 @@ class StructuredOutput:
     json_object: bool = False
     regex: str | None = None
     choice: list[str] | None = None
+    tools: list[dict] | None = None
     strict: bool = True
     any_whitespace: bool = True
+    tool_start: str = "text"
+    parallel_tool_calls: bool = True
+    param: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.choice, tuple):
             self.choice = list(self.choice)
+        if isinstance(self.tools, tuple):
+            self.tools = list(self.tools)
         self.validate()
 
     def validate(self) -> None:
         """Raise ValueError naming what is wrong (the schema's contents are checked when it compiles)."""
         given = [name for name, on in (("json_schema", self.json_schema is not None), ("json_object", self.json_object),
-                                       ("regex", self.regex is not None), ("choice", self.choice is not None)) if on]
+                                       ("regex", self.regex is not None), ("choice", self.choice is not None),
+                                       ("tools", self.tools is not None)) if on]
         if len(given) != 1:
-            raise ValueError(f"StructuredOutput needs exactly one of json_schema, json_object, regex, choice; "
+            raise ValueError(f"StructuredOutput needs exactly one of json_schema, json_object, regex, choice, tools; "
                              f"got {', '.join(given) or 'none'}")
         if self.json_schema is not None:
             schema = self.json_schema
@@ -58,17 +80,41 @@ class StructuredOutput:
         if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
                                         or any(not isinstance(c, str) or not c for c in self.choice)):
             raise ValueError(f"StructuredOutput.choice={self.choice!r} must be a non-empty list of non-empty strings")
-        for name in ("json_object", "strict", "any_whitespace"):
+        if self.tools is not None:
+            self._validate_tools()
+        for name in ("json_object", "strict", "any_whitespace", "parallel_tool_calls"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"StructuredOutput.{name}={getattr(self, name)!r} must be a bool")
 
+    def _validate_tools(self) -> None:
+        if not isinstance(self.tools, list) or not self.tools:
+            raise ValueError(f"StructuredOutput.tools={self.tools!r} must be a non-empty list of "
+                             f"{{'name', 'parameters'}} tools")
+        names = set()
+        for i, tool in enumerate(self.tools):
+            name = tool.get("name") if isinstance(tool, dict) else None
+            if not isinstance(name, str) or not name or any(c.isspace() for c in name) or ":" in name:
+                raise ValueError(f"StructuredOutput.tools[{i}].name={name!r} must be a non-empty string without "
+                                 f"whitespace or ':' (K2 writes calls as functions.NAME:INDEX)")
+            if name in names:
+                raise ValueError(f"StructuredOutput.tools[{i}].name={name!r} is used twice; tool names must be unique")
+            names.add(name)
+            schema = tool.get("parameters")
+            if schema is not None and not isinstance(schema, (dict, bool)):
+                raise ValueError(f"StructuredOutput.tools[{i}].parameters must be a JSON Schema object or None; "
+                                 f"got {type(schema).__name__}")
+        if self.tool_start not in TOOL_STARTS:
+            raise ValueError(f"StructuredOutput.tool_start={self.tool_start!r} must be one of {', '.join(TOOL_STARTS)}")
+
     @property
     def kind(self) -> str:
-        """'json_schema', 'json_object', 'regex' or 'choice'."""
+        """'json_schema', 'json_object', 'regex', 'choice' or 'tools'."""
         if self.json_schema is not None:
             return "json_schema"
         if self.json_object:
             return "json_object"
+        if self.tools is not None:
+            return "tools"
         return "regex" if self.regex is not None else "choice"
 
     @property
@@ -81,6 +127,9 @@ class StructuredOutput:
             return (kind, text, self.strict, self.any_whitespace)
         if kind == "json_object":
             return (kind, self.any_whitespace)
+        if kind == "tools":
+            return (kind, json.dumps(self.tools, ensure_ascii=False, sort_keys=True), self.tool_start,
+                    self.parallel_tool_calls, self.strict)
         return (kind, self.regex) if kind == "regex" else (kind, tuple(self.choice))
 
 

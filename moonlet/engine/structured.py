@@ -28,9 +28,24 @@ position's target token is drawn from its masked distribution and a draft the gr
 never accepted. Preemption does not touch the matcher: it lives on the Sequence, a recompute only
 refills the cache, and the sample after it continues from the same state.
 
+Strict tool calls (``StructuredOutput.tools``): the grammar is an xgrammar structural tag over K2's
+tool-call layout, ``<|tool_calls_section_begin|>`` then per call ``<|tool_call_begin|>functions.NAME:IDX
+<|tool_call_argument_begin|>ARGS<|tool_call_end|>``, then ``<|tool_calls_section_end|>``. The markers
+are single special tokens, matched by id (xgrammar's ``token`` format), so these grammars use a
+second vocabulary view in which K2's named special tokens are tokens (in the first they are never
+allowed); NAME is one of the declared names, IDX is digits, ARGS is compact JSON under that tool's
+schema (the grammar ``xgrammar.Grammar.from_json_schema`` builds, embedded). Before the section the
+reply is free at the token level (thinking, text; only the four in-section markers are excluded, and
+the section opener starts the constraint), so a thinking section needs no waiting for ``</think>``.
+While the matcher is inside a call's arguments the state also masks tokens holding raw control
+bytes and every special token but the call's end (the JSON string rules would let their text in).
+
 Grammars are compiled once per distinct constraint per engine (an LRU of ``GrammarCache.capacity``
-entries), when the request is checked (``EngineCore.check_request``), so a bad schema is an error
-of the request and the step loop never compiles. The per-step cost is the matcher's mask
+entries; concurrent compiles of the same constraint wait for one), when the request is checked
+(``EngineCore.check_request``; ``AsyncLLM.generate`` runs that check in a worker thread for a
+constrained request, so a compile never blocks the event loop), so a bad schema is an error of the
+request (``StructuredOutputError``, with the request field in ``param``) and the step loop never
+compiles. The per-step cost is the matcher's mask
 computation on the host (tens of microseconds per constrained row for JSON) and one bitmask
 application; unconstrained rows pay nothing. See docs/serving-engine.md.
 """
@@ -53,7 +68,15 @@ logger = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'moonlet[structured]'"
 
 
-class StructuredOutputUnavailable(ValueError):
+class StructuredOutputError(ValueError):
+    """A constraint that cannot be used; ``param`` names the request field it came from (or None)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class StructuredOutputUnavailable(StructuredOutputError):
     """Structured output was requested but the grammar library is not installed."""
 
     def __init__(self) -> None:
@@ -107,20 +130,37 @@ class GrammarCache:
         any_ctrl = [any(b < 0x20 for b in v) for v in vocab]
         bad_ctrl = [any(b < 0x20 and b not in b"\t\n\r" for b in v) for v in vocab]
         self.json_masks = {False: _pack_allowed(any_ctrl, vocab_size), True: _pack_allowed(bad_ctrl, vocab_size)}
+        self.tokenizer = tokenizer
+        self._tool_vocab: ToolVocab | None = None
         self._cache: OrderedDict[tuple, object] = OrderedDict()
         self._lock = threading.Lock()
+        self._compiling: dict[tuple, threading.Event] = {}  # keys being compiled now
         self.num_compiled = 0  # grammars compiled (cache misses)
 
     def compile(self, spec: StructuredOutput):
-        """The compiled grammar for ``spec`` (from the cache when seen recently). ValueError for a
-        schema, regex or choice the library cannot compile."""
+        """The compiled grammar for ``spec`` (from the cache when seen recently; a compile of the same
+        constraint under way on another thread is waited for). StructuredOutputError (a ValueError,
+        with ``spec.param``) for a schema, regex or choice the library cannot compile."""
         key = spec.key
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit
-        compiled = self._compile(spec)
+        while True:
+            with self._lock:
+                hit = self._cache.get(key)
+                if hit is not None:
+                    self._cache.move_to_end(key)
+                    return hit
+                running = self._compiling.get(key)
+                if running is None:
+                    done = self._compiling[key] = threading.Event()
+                    break
+            running.wait()  # then look again: a failed compile left nothing, and this one retries it
+        try:
+            compiled = self._compile(spec)
+        except ValueError as e:
+            raise StructuredOutputError(str(e), spec.param) from None
+        finally:
+            with self._lock:
+                self._compiling.pop(key, None)
+            done.set()
         with self._lock:
             self._cache[key] = compiled
             self._cache.move_to_end(key)
@@ -129,8 +169,18 @@ class GrammarCache:
             self.num_compiled += 1
         return compiled
 
+    @property
+    def tool_vocab(self) -> "ToolVocab":
+        """The vocabulary view for tool-call grammars (made on first use)."""
+        with self._lock:
+            if self._tool_vocab is None:
+                self._tool_vocab = ToolVocab(self)
+            return self._tool_vocab
+
     def _compile(self, spec: StructuredOutput):
         kind = spec.kind
+        if kind == "tools":
+            return self.tool_vocab.compile(spec)
         try:
             if kind == "json_schema":
                 schema = spec.json_schema
@@ -146,11 +196,7 @@ class GrammarCache:
             rule = " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choice)
             return self.compiler.compile_grammar(self.xgr.Grammar.from_ebnf(f"root ::= {rule}"))
         except (RuntimeError, ValueError, TypeError) as e:
-            detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            # xgrammar prefixes its messages with a timestamp and source location: keep the message
-            if "] " in detail and detail.startswith("["):
-                detail = detail.split(": ", 1)[-1]
-            raise ValueError(f"cannot compile the structured-output {kind.replace('_', ' ')}: {detail}") from None
+            raise ValueError(f"cannot compile the structured-output {kind.replace('_', ' ')}: {_detail(e)}") from None
 
     def new_state(self, spec: StructuredOutput, stop_ids: Seq[int], prompt_ids: Seq[int],
                   think_markers: tuple[tuple[int, ...], tuple[int, ...]] | None) -> "StructuredState":
@@ -160,6 +206,12 @@ class GrammarCache:
 
         compiled = self.compile(spec)
         stops = sorted(int(t) for t in stop_ids)
+        if spec.kind == "tools":  # the grammar covers the whole reply, thinking included
+            tv = self.tool_vocab
+            args = (tv.args_begin, tv.call_end, tv.args_mask)
+            matcher = self.xgr.GrammarMatcher(compiled, override_stop_tokens=stops) if stops else \
+                self.xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
+            return StructuredState(matcher, self.vocab_size, args=args, in_args=spec.tool_start == "arguments")
         if stops:
             matcher = self.xgr.GrammarMatcher(compiled, override_stop_tokens=stops)
         else:  # nothing may end the request: it ends when the grammar is complete
@@ -175,11 +227,15 @@ class StructuredState:
     """One request's constraint state: its grammar matcher, and whether the constraint is in force
     yet (it waits for ``</think>`` when the prompt opened a thinking section)."""
 
-    __slots__ = ("matcher", "vocab_size", "think_end", "active", "failed", "extra_mask")
+    __slots__ = ("matcher", "vocab_size", "think_end", "active", "failed", "extra_mask", "args", "in_args")
 
     def __init__(self, matcher, vocab_size: int, think_end: tuple[int, ...] | None = None,
-                 extra_mask: torch.Tensor | None = None):
+                 extra_mask: torch.Tensor | None = None, args: tuple[int, int, torch.Tensor] | None = None,
+                 in_args: bool = False):
         self.matcher = matcher
+        # tool calls: (argument-marker id, call-end id, the bitmask row ANDed while inside arguments)
+        self.args = args
+        self.in_args = in_args
         self.extra_mask = extra_mask  # a static bitmask row ANDed with the grammar's (JSON: no raw control bytes)
         self.vocab_size = vocab_size
         self.think_end = think_end  # the closer the constraint waits for (None: in force from the start)
@@ -205,10 +261,20 @@ class StructuredState:
             return True
         if self.matcher.is_terminated():
             return True
-        if not self.matcher.accept_token(int(token_ids[-1])):
+        token = int(token_ids[-1])
+        if not self.matcher.accept_token(token):
             self.failed = True
             return False
+        self.in_args = self._next_in_args(self.in_args, token)
         return True
+
+    def _next_in_args(self, in_args: bool, token: int) -> bool:
+        """Whether the matcher is inside a call's arguments after ``token``."""
+        if self.args is None:
+            return False
+        if token == self.args[0]:
+            return True
+        return False if token == self.args[1] else in_args
 
     def fill_rows(self, bitmask: torch.Tensor, first_row: int, token_ids: Seq[int], drafts: Seq[int] = ()) -> list[int]:
         """Fill ``bitmask[first_row + j]`` with the tokens allowed at verified position j (0: the next
@@ -220,6 +286,7 @@ class StructuredState:
         active = self.active
         tail = list(token_ids[-len(self.think_end):]) if self.think_end is not None and not active else []
         fed = 0
+        in_args = self.in_args
         try:
             for j in range(len(drafts) + 1):
                 if active:
@@ -228,6 +295,8 @@ class StructuredState:
                     self.matcher.fill_next_token_bitmask(bitmask, first_row + j)
                     if self.extra_mask is not None:
                         bitmask[first_row + j] &= self.extra_mask
+                    if in_args:
+                        bitmask[first_row + j] &= self.args[2]
                     rows.append(first_row + j)
                 if j == len(drafts):
                     break
@@ -236,6 +305,7 @@ class StructuredState:
                     if not self.matcher.accept_token(d):
                         break
                     fed += 1
+                    in_args = self._next_in_args(in_args, d)
                 else:
                     tail.append(d)
                     if self._waits_over(tail):
@@ -244,6 +314,83 @@ class StructuredState:
             if fed:
                 self.matcher.rollback(fed)
         return rows
+
+
+class ToolVocab:
+    """The grammar side of strict tool calls: a vocabulary view in which K2's named special tokens are
+    tokens (their names as text; the unnamed slots stay special), a compiler over it, the marker ids,
+    and the mask for argument positions (no raw control bytes, no special token but the call's end)."""
+
+    def __init__(self, cache: GrammarCache):
+        from ..chat import ARGS_BEGIN, CALL_BEGIN, CALL_END, SECTION_BEGIN, SECTION_END
+
+        tok, xgr, V = cache.tokenizer, cache.xgr, cache.vocab_size
+        try:
+            ids = [tok.token_id(m) for m in (SECTION_BEGIN, SECTION_END, CALL_BEGIN, ARGS_BEGIN, CALL_END)]
+        except (KeyError, AttributeError):
+            raise ValueError("strict tool calls need K2's tool-call special tokens (<|tool_calls_section_begin|> "
+                             "...), which this tokenizer does not have") from None
+        self.section_begin, self.section_end, self.call_begin, self.args_begin, self.call_end = ids
+        self.markers = ids
+        n = min(tok.num_base_tokens, V)
+        vocab = [tok.token_bytes(i) for i in range(n)] + [b""] * (V - n)
+        for name, i in tok.special_tokens.items():
+            if n <= i < V:
+                vocab[i] = name.encode("utf-8")
+        self.xgr = xgr
+        self.info = xgr.TokenizerInfo(vocab, vocab_type=xgr.VocabType.RAW, vocab_size=V, stop_token_ids=[])
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
+        forbidden = [any(b < 0x20 for b in v) for v in vocab[:n]] + [i != self.call_end for i in range(n, V)]
+        self.args_mask = _pack_allowed(forbidden, V)
+
+    def compile(self, spec: StructuredOutput):
+        """The structural tag of ``spec`` (kind 'tools'), compiled. ValueError naming the tool whose
+        schema the library cannot compile."""
+        xgr = self.xgr
+
+        def token(t: int) -> dict:
+            return {"type": "token", "token": t}
+
+        def arguments(i: int, tool: dict) -> dict:
+            schema = tool.get("parameters")
+            strict = spec.strict if schema is not None else False
+            text = json.dumps(schema if schema is not None else {"type": "object"}, ensure_ascii=False)
+            try:
+                grammar = xgr.Grammar.from_json_schema(text, any_whitespace=False, strict_mode=strict)
+            except (RuntimeError, ValueError, TypeError) as e:
+                raise ValueError(f"cannot compile the parameters schema of tool {tool['name']!r} "
+                                 f"(tools[{i}]): {_detail(e)}") from None
+            return {"type": "grammar", "grammar": str(grammar)}
+
+        args = [arguments(i, t) for i, t in enumerate(spec.tools)]
+        calls = [{"type": "sequence", "elements": [
+            token(self.call_begin), {"type": "const_string", "value": f"functions.{t['name']}:"},
+            {"type": "regex", "pattern": "[0-9]{1,6}"}, token(self.args_begin), a, token(self.call_end)]}
+            for t, a in zip(spec.tools, args)]
+        call = calls[0] if len(calls) == 1 else {"type": "or", "elements": calls}
+        rest = ([{"type": "star", "content": call}] if spec.parallel_tool_calls else []) + [token(self.section_end)]
+        if spec.tool_start == "arguments":
+            fmt = {"type": "sequence", "elements": [args[0], token(self.call_end)] + rest}
+        else:
+            fmt = {"type": "sequence", "elements": [call] + rest}
+            if spec.tool_start == "text":
+                fmt = {"type": "sequence", "elements": [
+                    {"type": "any_tokens", "exclude_tokens": list(self.markers)},
+                    {"type": "optional", "content": {"type": "sequence",
+                                                     "elements": [token(self.section_begin), fmt]}}]}
+        try:
+            return self.compiler.compile_structural_tag(xgr.StructuralTag.from_json({"type": "structural_tag",
+                                                                                     "format": fmt}))
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise ValueError(f"cannot compile the tool-call grammar: {_detail(e)}") from None
+
+
+def _detail(e: BaseException) -> str:
+    """An xgrammar error's message, without the timestamp and source location it is prefixed with."""
+    detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    if "] " in detail and detail.startswith("["):
+        detail = detail.split(": ", 1)[-1]
+    return detail
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:

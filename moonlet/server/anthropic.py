@@ -5,6 +5,8 @@ Structured outputs: ``output_config.format`` (``{"type": "json_schema", "schema"
 generally available shape) or the earlier beta's top-level ``output_format`` (same object, sent with
 ``anthropic-beta: structured-outputs-2025-11-13``) constrain the reply text to the schema, strictly
 (only the properties it names); thinking stays free. The JSON comes back as the text block.
+Tools with ``strict: true``: every ``tool_use`` block the reply makes names a declared tool and its
+input is valid under that tool's ``input_schema`` (see ``generation.tool_constraint``).
 """
 
 from __future__ import annotations
@@ -244,7 +246,10 @@ async def create_message(body: MessagesRequest, request: Request):
         if conv.output_prefix:
             raise invalid("a forced tool call (tool_choice any or tool) cannot be combined with a structured "
                           "output format; drop one of them", param=param)
-        check_structured(st.engine, structured, f"{param}.schema")
+        check_structured(structured, f"{param}.schema")
+    else:  # strict tools (an output format constrains the text instead; the calls are then not constrained)
+        structured = conv.tool_constraint
+        check_structured(structured, "tools")
     params = _sampling(body, max_tokens, conv, st.tokenizer, structured)
     rid = request_id_of(request)
     run = EngineRun(st.engine, prompt.engine_input, params, rid, "anthropic", st.metrics)

@@ -19,7 +19,8 @@ What is done with each part of a request:
   tool-section opener; any -> the reply is opened with K2's tool-section token, so it must be a
   call; tool -> the reply is opened with the named call up to its arguments (Anthropic likewise
   prefills for forced tool use, and allows no thinking with it). ``disable_parallel_tool_use``
-  keeps the first call and ends the reply there.
+  keeps the first call and ends the reply there. Tools with ``strict: true`` constrain the calls
+  (``Conversation.tool_constraint``; see ``generation.tool_constraint``).
 - ``thinking``: enabled/adaptive -> template ``thinking=True``; disabled -> ``thinking=False``;
   absent -> the template's default. ``enabled`` needs ``budget_tokens``, an integer >= 1024 (the
   API's floor) and below max_tokens (checked by the endpoint; the ``interleaved-thinking-*`` beta
@@ -322,5 +323,7 @@ def to_conversation(req, vision: bool = False) -> Conversation:
 
     conv = Conversation(messages=messages, tools=list(tools.values()), template_kwargs=template_kwargs,
                         prefill=prefill, thinking_budget=budget, images=images.images)
-    apply_tool_choice(conv, kind, forced, ids.count, bool(choice.get("disable_parallel_tool_use")))
+    strict = [t["name"] for t in req.tools or [] if isinstance(t, dict) and t.get("strict") is True
+              and t.get("name") in tools]
+    apply_tool_choice(conv, kind, forced, ids.count, bool(choice.get("disable_parallel_tool_use")), strict)
     return conv

@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import anyio
@@ -86,14 +87,18 @@ class Conversation:
     single_call: bool = False  # keep the first tool call and end the reply there
     thinking_budget: int | None = None  # cap on thinking tokens (SamplingParams.thinking_token_budget)
     images: list = field(default_factory=list)  # decoded images, in the order of their placeholders
+    tool_constraint: StructuredOutput | None = None  # strict tools: the calls the reply may make
 
 
 def apply_tool_choice(conv: Conversation, kind: str, forced_name: str | None, call_index: int,
-                      single_call: bool) -> None:
+                      single_call: bool, strict: Collection[str] = ()) -> None:
     """Steer the reply for a tool choice: ``auto`` (as is), ``none`` (no tools declared; stop at a
     tool-section opener), ``any`` (the reply opens K2's tool section, so it must be a call), ``tool``
     (the reply opens the named call up to its arguments; ``call_index`` numbers its K2 id).
-    Forced calls switch thinking off (as Anthropic does for forced tool use)."""
+    Forced calls switch thinking off (as Anthropic does for forced tool use).
+
+    ``strict``: the names of the tools marked strict. When there are any, ``conv.tool_constraint``
+    constrains the reply's tool calls (``tool_constraint``)."""
     if conv.prefill:
         conv.template_kwargs["thinking"] = False  # the prefill is answer text, not reasoning
     if kind == "none":
@@ -105,6 +110,30 @@ def apply_tool_choice(conv: Conversation, kind: str, forced_name: str | None, ca
         if kind == "tool":
             conv.output_prefix += CALL_BEGIN + k2_id(forced_name, call_index) + ARGS_BEGIN
     conv.single_call = single_call
+    if strict and conv.tools:
+        conv.tool_constraint = tool_constraint(conv.tools, set(strict), kind, forced_name, single_call)
+
+
+def tool_constraint(tools: list[dict], strict: set[str], kind: str, forced_name: str | None,
+                    single_call: bool) -> StructuredOutput:
+    """The constraint for a reply that may call ``tools`` (K2 declarations, ``{"type": "function",
+    "function": {"name", "parameters"}}``), some of them strict: every call names a declared tool
+    (only ``forced_name`` for a named choice) and its arguments are JSON — valid under the tool's
+    schema for a strict tool, any object for the others. Where the output starts follows the prefill
+    of ``apply_tool_choice``: free text (``auto``), inside the opened section (``any``), inside the
+    named call's arguments (``tool``). ``single_call``: at most one call."""
+    decls = [t["function"] for t in tools]
+    if kind == "tool":
+        decls = [d for d in decls if d["name"] == forced_name]
+    spec_tools = [{"name": d["name"], "parameters": d.get("parameters") if d["name"] in strict else None}
+                  for d in decls]
+    start = {"any": "section", "tool": "arguments"}.get(kind, "text")
+    try:
+        return StructuredOutput(tools=spec_tools, tool_start=start, parallel_tool_calls=not single_call,
+                                param="tools")
+    except ValueError as e:
+        raise invalid(f"cannot constrain the tool calls: {str(e).replace('StructuredOutput.', '')}",
+                      param="tools") from None
 
 
 @dataclass
@@ -269,20 +298,19 @@ def vllm_structured_outputs(value, param: str = "structured_outputs") -> Structu
         raise invalid(f"{param}: {e}".replace("StructuredOutput.", ""), param=param) from None
 
 
-def check_structured(engine, spec: StructuredOutput | None, param: str) -> None:
-    """Compile ``spec`` on the engine (its grammar cache keeps it for the request), so a schema the
-    grammar library rejects, or a missing library, is a 400 naming ``param`` before any work."""
+def check_structured(spec: StructuredOutput | None, param: str) -> None:
+    """Tag ``spec`` with the request field it came from and check that the grammar library is there
+    (a 400 naming ``param`` and the extra to install when not). The grammar is compiled by the engine
+    when the request is submitted — ``AsyncLLM.generate`` does it in a worker thread, never on the
+    event loop — and a schema it cannot compile comes back from ``EngineRun.start`` as a 400 naming
+    ``spec.param`` (``map_engine_error``)."""
     if spec is None:
         return
-    core = getattr(engine, "engine", engine)  # AsyncLLM wraps the EngineCore
-    check = getattr(core, "check_structured", None)
-    try:
-        if check is not None:
-            check(spec)
-        else:
-            from ..engine.structured import load_xgrammar
+    spec.param = param
+    from ..engine.structured import load_xgrammar
 
-            load_xgrammar()
+    try:
+        load_xgrammar()
     except ValueError as e:
         raise invalid(str(e), param=param) from None
 
@@ -296,8 +324,8 @@ def map_engine_error(e: BaseException, api: str) -> APIError:
         return APIError("overloaded", f"Overloaded: {e}", retry_after=1)
     if isinstance(e, EngineDeadError):
         return APIError("overloaded", f"the engine is not running ({e}); the server is shutting down or failed")
-    if isinstance(e, ValueError):
-        return invalid(str(e))
+    if isinstance(e, ValueError):  # a StructuredOutputError names its request field
+        return invalid(str(e), param=getattr(e, "param", None))
     logger.error("engine request failed", exc_info=(type(e), e, e.__traceback__))
     return APIError("api_error", f"internal error while generating: {type(e).__name__}: {e}")
 

@@ -15,6 +15,9 @@ Structured outputs: ``response_format`` ``{"type": "json_object"}`` or ``{"type"
 ``structured_outputs`` (``json`` / ``json_object`` / ``regex`` / ``choice``), constrain the reply
 (see ``moonlet.engine.structured``); with thinking on, the reasoning stays free and the content is
 constrained. A reply cut by max_tokens ends with finish_reason "length" and holds incomplete JSON.
+Tools with ``function.strict: true``: every tool call the reply makes names a declared function and
+its arguments are valid JSON under that function's ``parameters`` (the other tools' arguments: any
+JSON object); text and reasoning stay free (see ``generation.tool_constraint``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..engine.params import SamplingParams
+from ..engine.params import SamplingParams, StructuredOutput
 from .errors import APIError, invalid, openai_stream_error
 from .generation import (Conversation, EngineRun, SSEResponse, apply_tool_choice, build_prompt, check_structured,
                          fit_max_tokens, make_sampling, openai_response_format, sse_frame, start_run, supports_images,
@@ -93,15 +96,19 @@ class ChatRequest(SamplingFields):
 
 
 def sampling_params(body: SamplingFields, max_tokens: int, stop_ids: list[int], logprobs: int | None,
-                    engine=None) -> SamplingParams:
-    """The request's SamplingParams; with ``engine``, a structured-output constraint is compiled
-    there first (a schema it cannot use is a 400 naming the field)."""
+                    engine=None, tools: StructuredOutput | None = None) -> SamplingParams:
+    """The request's SamplingParams. A structured-output constraint is tagged with its field and
+    compiled when the engine gets the request (off the event loop; a schema it cannot use is a 400
+    naming the field). ``tools``: the strict-tool constraint (``Conversation.tool_constraint``),
+    used when the request asks for no response format — a format constrains the content and then
+    the tool calls are not constrained. ``engine`` is unused (kept for callers)."""
     if body.n != 1:
         raise invalid(f"n={body.n} is not supported; this server returns one choice per request (n=1)", param="n")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     structured, param = structured_of(body)
-    if engine is not None:
-        check_structured(engine, structured, param)
+    if structured is None and tools is not None:
+        structured, param = tools, "tools"
+    check_structured(structured, param)
     return make_sampling(
         max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
         top_p=body.top_p or 1.0, top_k=body.top_k if body.top_k and body.top_k > 0 else -1,
@@ -234,7 +241,9 @@ def to_conversation(body: ChatRequest, vision: bool = False) -> Conversation:
         prefill = messages.pop()["content"]
     conv = Conversation(messages=messages, tools=list(tools.values()), template_kwargs=kwargs, prefill=prefill,
                         images=images.images)
-    apply_tool_choice(conv, kind, forced, ids.count, body.parallel_tool_calls is False)
+    strict = [t["function"]["name"] for t in body.tools or []
+              if isinstance(t, dict) and isinstance(t.get("function"), dict) and t["function"].get("strict") is True]
+    apply_tool_choice(conv, kind, forced, ids.count, body.parallel_tool_calls is False, strict)
     return conv
 
 
@@ -334,7 +343,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     if conv.output_prefix and ((body.response_format or {}).get("type", "text") != "text" or body.structured_outputs):
         raise invalid("a forced tool call (tool_choice 'required' or a named function) cannot be combined with "
                       "a structured response_format; drop one of them", param="response_format")
-    params = sampling_params(body, max_tokens, stop_ids, top_n, engine=st.engine)
+    params = sampling_params(body, max_tokens, stop_ids, top_n, tools=conv.tool_constraint)
     run = EngineRun(st.engine, prompt.engine_input, params, request_id_of(request), "openai", st.metrics)
     first = await start_run(run, request)
     if first is None:

@@ -280,8 +280,10 @@ def _convert_tools(tools) -> tuple[dict[str, dict], list[dict]]:
         decl["parameters"] = params
         declared[name] = {"type": "function", "function": decl}
         strict = tool.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise invalid(f"tools.{i}.strict must be true or false", param=f"tools.{i}.strict")
         echo.append({"type": "function", "name": name, "description": description, "parameters": params,
-                     "strict": strict if isinstance(strict, bool) else None})
+                     "strict": strict is not False})
     return declared, echo
 
 
@@ -402,7 +404,8 @@ def to_conversation(body: ResponsesRequest, history: list[dict], items: list[dic
         kwargs["thinking"] = effort != "none"
     conv = Conversation(messages=turns.messages, tools=list(tools.values()), template_kwargs=kwargs,
                         thinking_budget=body.thinking_token_budget, images=turns.images.images)
-    apply_tool_choice(conv, kind, forced, turns.ids.count, body.parallel_tool_calls is False)
+    strict = [t["name"] for t in tools_echo if t["strict"]]  # the Responses API defaults strict to true
+    apply_tool_choice(conv, kind, forced, turns.ids.count, body.parallel_tool_calls is False, strict)
     summary = (body.reasoning or {}).get("summary")
     echo = {"tools": tools_echo, "tool_choice": choice_echo,
             "reasoning": {"effort": effort, "summary": summary if isinstance(summary, str) else None}}
@@ -628,8 +631,10 @@ async def create_response(body: ResponsesRequest, request: Request):
         if conv.output_prefix:
             raise invalid("a forced tool call (tool_choice 'required' or a named function) cannot be combined "
                           "with a structured text.format; drop one of them", param="text.format")
-        check_structured(st.engine, structured,
-                         "text.format.schema" if structured.kind == "json_schema" else "text.format")
+        check_structured(structured, "text.format.schema" if structured.kind == "json_schema" else "text.format")
+    else:  # strict tools (a text.format constrains the text instead; the calls are then not constrained)
+        structured = conv.tool_constraint
+        check_structured(structured, "tools")
     params = _sampling(body, max_tokens, conv, st.tokenizer, structured)
     run = EngineRun(st.engine, prompt.engine_input, params, request_id_of(request), "openai", st.metrics)
     try:

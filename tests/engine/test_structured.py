@@ -255,3 +255,260 @@ def test_structured_output_needs_a_tokenizer(model):
     engine = LLM(model=model, num_blocks=32, block_size=8)
     with pytest.raises(ValueError, match="tokenizer"):
         engine.generate([3, 4, 5], SamplingParams(structured=StructuredOutput(json_object=True)))
+
+
+# ---- strict tool calls ----------------------------------------------------------------------------
+TOOLS = [
+    {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 6},
+                                         "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+        "required": ["city", "days"]}},
+    {"name": "set_color", "parameters": {"type": "object", "properties": {"color": {"enum": ["red", "blue"]}},
+                                         "required": ["color"]}},
+]
+SCHEMAS = {t["name"]: t["parameters"] for t in TOOLS}
+SECTION = "<|tool_calls_section_begin|>"
+MARKERS = ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
+           "<|tool_call_argument_begin|>", "<|tool_call_end|>")
+
+
+def tool_params(start: str = "section", parallel: bool = True, **kw) -> SamplingParams:
+    kw.setdefault("max_tokens", 160)
+    return SamplingParams(structured=StructuredOutput(tools=TOOLS, tool_start=start, parallel_tool_calls=parallel),
+                          **kw)
+
+
+def check_calls(text: str, prefix: str = SECTION, tools=SCHEMAS, finished: bool = True) -> list:
+    """Parse a reply (after ``prefix``, what the prompt ended with) with K2's output parser; every call
+    must name a declared tool and carry arguments valid under its schema, and a finished reply must
+    parse without error (a reply cut by max_tokens ends in an unfinished call). Returns the calls."""
+    from moonlet.chat import parse_output
+
+    parsed = parse_output(prefix + text)
+    if finished:
+        assert parsed.error is None, (parsed.error, text)
+    for call in parsed.tool_calls:
+        assert call.name in tools, call
+        validate(json.loads(call.arguments), tools[call.name])
+    return parsed.tool_calls
+
+
+def test_tool_constraint_fields_are_checked():
+    with pytest.raises(ValueError, match="non-empty list"):
+        StructuredOutput(tools=[])
+    with pytest.raises(ValueError, match="without whitespace"):
+        StructuredOutput(tools=[{"name": "a b"}])
+    with pytest.raises(ValueError, match="used twice"):
+        StructuredOutput(tools=[{"name": "a"}, {"name": "a"}])
+    with pytest.raises(ValueError, match="tool_start"):
+        StructuredOutput(tools=[{"name": "a"}], tool_start="middle")
+    assert StructuredOutput(tools=TOOLS).kind == "tools"
+    assert StructuredOutput(tools=TOOLS, param="x").key == StructuredOutput(tools=TOOLS).key
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_required_tool_calls_are_valid(llm, tok, temperature):
+    prompts = ["Hello", "Call a tool.", "x y z", "1 2 3", "weather?"]
+    outs = llm.generate(prompts, [tool_params(temperature=temperature, seed=s) for s in range(len(prompts))])
+    assert temperature == 0 or any(out.finish_reason == "stop" for out in outs)
+    for out in outs:  # a random model may go on making calls until max_tokens
+        calls = check_calls(out.text, finished=out.finish_reason == "stop")
+        assert calls
+        if out.finish_reason == "stop":
+            assert out.text.endswith("<|tool_calls_section_end|>")
+
+
+def test_named_call_without_parallel_calls_is_one_valid_call(llm, tok):
+    prefix = SECTION + "<|tool_call_begin|>functions.set_color:0<|tool_call_argument_begin|>"
+    named = [TOOLS[1]]
+    outs = llm.generate(["a", "b", "c"], [SamplingParams(temperature=1.0, seed=s, max_tokens=60, structured=StructuredOutput(
+        tools=named, tool_start="arguments", parallel_tool_calls=False)) for s in range(3)])
+    for out in outs:
+        assert out.finish_reason == "stop"
+        calls = check_calls(out.text, prefix)
+        assert [c.name for c in calls] == ["set_color"]
+    outs = llm.generate(["a", "b", "c", "d"], [tool_params(temperature=0, seed=s, parallel=False) for s in range(4)])
+    assert all(o.finish_reason == "stop" and len(check_calls(o.text)) == 1 for o in outs)
+
+
+def tool_reference(model, tok, prompt: list[int], start: str, max_tokens: int, parallel: bool) -> list[int]:
+    """Greedy decoding with no engine: the grammar built here with xgrammar's own structural-tag
+    classes over a vocabulary holding K2's named special tokens, its matcher's bitmask applied with
+    torch (inside arguments also: no raw control bytes, no special token but the call's end)."""
+    from xgrammar import structural_tag as st
+
+    V = model.config.vocab_size
+    n = tok.num_base_tokens
+    vocab = [tok.token_bytes(i) for i in range(n)] + [b""] * (V - n)
+    for name, i in tok.special_tokens.items():
+        vocab[i] = name.encode()
+    ids = [tok.token_id(m) for m in MARKERS]
+    sec_begin, sec_end, call_begin, args_begin, call_end = ids
+    info = xgr.TokenizerInfo(vocab, vocab_type=xgr.VocabType.RAW, vocab_size=V)
+
+    def call(tool):
+        grammar = xgr.Grammar.from_json_schema(json.dumps(tool["parameters"]), any_whitespace=False, strict_mode=True)
+        return st.SequenceFormat(elements=[
+            st.TokenFormat(token=call_begin), st.ConstStringFormat(value=f"functions.{tool['name']}:"),
+            st.RegexFormat(pattern="[0-9]{1,6}"), st.TokenFormat(token=args_begin), st.GrammarFormat(grammar=str(grammar)),
+            st.TokenFormat(token=call_end)])
+
+    calls = st.OrFormat(elements=[call(t) for t in TOOLS])
+    more = [st.StarFormat(content=calls)] if parallel else []
+    section = st.SequenceFormat(elements=[calls, *more, st.TokenFormat(token=sec_end)])
+    fmt = section if start == "section" else st.SequenceFormat(elements=[
+        st.AnyTokensFormat(exclude_tokens=ids),
+        st.OptionalFormat(content=st.SequenceFormat(elements=[st.TokenFormat(token=sec_begin), section]))])
+    compiled = xgr.GrammarCompiler(info).compile_structural_tag(st.StructuralTag(format=fmt))
+    matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=sorted(set(tok.stop_token_ids) | {1}))
+    in_args_ok = torch.tensor([not any(b < 0x20 for b in v) for v in vocab[:n]] + [i == call_end for i in range(n, V)])
+    bitmask = xgr.allocate_token_bitmask(1, V)
+    ids_, out, in_args = list(prompt), [], False
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            logits = model(torch.tensor([ids_]))[0, -1].float()
+            matcher.fill_next_token_bitmask(bitmask)
+            allowed = ((bitmask[0, :, None] >> torch.arange(32, dtype=torch.int32)) & 1).reshape(-1)[:V].bool()
+            if in_args:
+                allowed &= in_args_ok
+            t = int(logits.masked_fill(~allowed, float("-inf")).argmax())
+            out.append(t)
+            ids_.append(t)
+            assert matcher.accept_token(t)
+            in_args = True if t == args_begin else False if t == call_end else in_args
+            if matcher.is_terminated():
+                break
+    return out
+
+
+def section_favoring_model(model, tok, prompt: list[int]):
+    """A copy of ``model`` whose tool-section opener scores 1.5 times the third free greedy token, so
+    a greedy reply writes a few free tokens and then opens a tool-call section."""
+    import copy
+
+    from moonlet.testing import greedy_reference
+
+    t = greedy_reference(model, prompt, 3)[2]
+    biased = copy.deepcopy(model)
+    with torch.no_grad():
+        w = biased.lm_head.weight
+        w[tok.token_id(SECTION)] = w[t] * 1.5
+    return biased
+
+
+@pytest.mark.parametrize("start,parallel", [("section", False), ("section", True), ("text", False)])
+def test_greedy_tool_calls_equal_a_plain_masked_loop(model, tok, start, parallel):
+    prompt = tok.encode("Use a tool")
+    m = section_favoring_model(model, tok, prompt) if start == "text" else model
+    engine = LLM(model=m, tokenizer=tok, num_blocks=128, block_size=8)
+    out = engine.generate(prompt, tool_params(start, parallel, temperature=0, max_tokens=150))[0]
+    assert out.token_ids == tool_reference(m, tok, prompt, start, 150, parallel)
+    calls = check_calls(out.text, SECTION if start == "section" else "", finished=not parallel)
+    assert calls
+    if not parallel:  # one call, the section's end, EOS
+        assert len(calls) == 1 and out.finish_reason == "stop"
+    if start == "text":  # free text before the section: what the unconstrained model writes
+        free = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=150))[0]
+        i = out.text.index(SECTION)
+        assert i > 0 and free.text.startswith(out.text[:i])
+
+
+def test_auto_tool_calls_leave_text_free_and_any_call_is_valid(model, tok, llm):
+    prompts = ["Hello", "Call a tool.", "x y z", "1 2 3"]
+    free = [SamplingParams(temperature=0.8, seed=s, max_tokens=40) for s in range(len(prompts))]
+    want = llm.generate(prompts, free)
+    got = llm.generate(prompts, [tool_params("text", temperature=0.8, seed=s, max_tokens=40) for s in range(4)])
+    for w, g in zip(want, got):
+        ids = [tok.token_id(m) for m in MARKERS]
+        if not set(w.token_ids) & set(ids):  # no tool markers: the constraint never bites
+            assert g.token_ids == w.token_ids
+    biased = LLM(model=section_favoring_model(model, tok, tok.encode("Hello")), tokenizer=tok, num_blocks=128,
+                 block_size=8)
+    outs = biased.generate(prompts, [tool_params("text", parallel=False, temperature=t, seed=s, max_tokens=200)
+                                     for s in range(2) for t in (0.0, 1.0)])
+    made = sum(len(check_calls(out.text, "", finished=out.finish_reason == "stop")) for out in outs)
+    assert made > 0
+
+
+def test_thinking_stays_free_before_the_tool_calls(llm, tok):
+    ids = tok.apply_chat_template([{"role": "user", "content": "Use a tool."}], thinking=True, tokenize=True)
+    assert tok.decode(ids).endswith("<think>")
+    k = 8
+    free = llm.generate(ids, SamplingParams(temperature=0, max_tokens=k))[0]
+    assert not set(free.token_ids) & {tok.token_id(m) for m in MARKERS}
+    out = llm.generate(ids, tool_params("text", temperature=0, thinking_token_budget=k, max_tokens=80))[0]
+    assert out.token_ids[:k] == free.token_ids and out.token_ids[k] == tok.token_id("</think>")
+    if out.finish_reason == "stop":
+        check_calls(out.text, "")
+
+
+def test_speculative_decoding_gives_the_same_tool_calls(model, tok, llm):
+    spec = LLM(model=model, tokenizer=tok, num_blocks=128, block_size=8, speculative="ngram",
+               num_speculative_tokens=4, ngram_max=3, ngram_min=1)
+    prompts = ["functions.get_weather:0 functions.get_weather:1", "Hello", "red red blue"]
+    params = [tool_params(temperature=0), tool_params(temperature=0.8, seed=5), tool_params("text", temperature=0)]
+    want = llm.generate(prompts, params)
+    got = spec.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert spec.stats()["spec_draft_tokens"] > 0
+    for out in got[:2]:
+        check_calls(out.text, finished=out.finish_reason == "stop")
+
+
+def test_bad_tool_schema_names_the_tool(llm):
+    bad = StructuredOutput(tools=[TOOLS[0], {"name": "broken", "parameters": {"type": "objectx"}}], param="tools")
+    from moonlet.engine.structured import StructuredOutputError
+
+    with pytest.raises(StructuredOutputError, match="tool 'broken'") as info:
+        llm.generate("a", SamplingParams(structured=bad))
+    assert info.value.param == "tools"
+
+
+def test_a_slow_compile_does_not_block_other_streams(model, tok, monkeypatch):
+    """AsyncLLM compiles a new grammar in a worker thread: while one (made slow here) compiles, another
+    stream on the same event loop goes on. The compile waits until that stream has produced three
+    outputs; were it on the event loop, that could never happen and the wait would time out."""
+    import asyncio
+    import threading
+
+    from moonlet.engine import AsyncLLM
+    from moonlet.engine.structured import GrammarCache
+
+    gate, events = threading.Event(), []
+    real = GrammarCache._compile
+
+    def slow(self, spec):
+        events.append("compile started")
+        events.append("compile released" if gate.wait(timeout=30) else "compile timed out")
+        return real(self, spec)
+
+    monkeypatch.setattr(GrammarCache, "_compile", slow)
+
+    async def main():
+        engine = AsyncLLM(model=model, tokenizer=tok, num_blocks=64, block_size=8)
+        try:
+            async def free():
+                n = 0
+                async for out in engine.generate(tok.encode("free"), SamplingParams(temperature=0, max_tokens=40,
+                                                                                    ignore_eos=True)):
+                    n += 1
+                    events.append("free output")
+                    if n == 3:
+                        gate.set()
+
+            async def constrained():
+                await asyncio.sleep(0)
+                outs = [o async for o in engine.generate(tok.encode("json"), tool_params(temperature=0))]
+                events.append("constrained done")
+                return outs[-1]
+
+            _, last = await asyncio.gather(free(), constrained())
+            return last
+        finally:
+            engine.shutdown()
+
+    last = asyncio.run(main())
+    assert "compile timed out" not in events
+    during = events[events.index("compile started"):events.index("compile released")]
+    assert "free output" in during  # the other stream went on while the grammar compiled
+    check_calls(last.text, finished=last.finish_reason == "stop")

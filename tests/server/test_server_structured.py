@@ -245,3 +245,142 @@ def test_scripted_engine_receives_the_constraint(scripted, engine):
         ("json_schema", False, False), ("json_schema", True, False), ("json_schema", True, False),
         ("json_object", True, False)]
     assert all(s.json_schema == SCHEMA for s in specs[:3])
+
+
+# ---- strict tools -----------------------------------------------------------------------------------
+TOOL_SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 6}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+COLOR_SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "blue"]}}, "required": ["color"],
+                "additionalProperties": False}
+SCHEMAS = {"forecast": TOOL_SCHEMA, "paint": COLOR_SCHEMA}
+
+
+def check_args(name: str, args) -> None:
+    """A call's name is declared and its arguments (JSON text or an object) are valid under its schema."""
+    assert name in SCHEMAS, name
+    value = json.loads(args) if isinstance(args, str) else args
+    schema = SCHEMAS[name]
+    assert isinstance(value, dict) and set(value) == set(schema["required"]), value
+    if name == "forecast":
+        assert isinstance(value["city"], str) and len(value["city"]) <= 6
+        assert isinstance(value["days"], int) and 1 <= value["days"] <= 7
+    else:
+        assert value["color"] in ("red", "blue")
+
+
+def openai_tools(strict=True) -> list[dict]:
+    return [{"type": "function", "function": {"name": n, "parameters": s, **({"strict": strict} if strict is not None
+                                                                              else {})}}
+            for n, s in SCHEMAS.items()]
+
+
+@pytest.mark.parametrize("temperature,choice", [(0.0, "required"), (1.0, "required"),
+                                                (1.0, {"type": "function", "function": {"name": "paint"}})])
+def test_chat_strict_tools_forced_calls_are_valid(stack, temperature, choice):
+    server, _, _ = stack
+    for seed in range(3):
+        r = post(server.url, "/v1/chat/completions", {
+            "model": "tiny", "messages": MESSAGES, "max_tokens": 120, "temperature": temperature, "seed": seed,
+            "tools": openai_tools(), "tool_choice": choice, "parallel_tool_calls": False})
+        assert r.status_code == 200, r.text
+        choice0 = r.json()["choices"][0]
+        assert choice0["finish_reason"] == "tool_calls", choice0
+        calls = choice0["message"]["tool_calls"]
+        assert len(calls) == 1  # parallel_tool_calls false: one call
+        check_args(calls[0]["function"]["name"], calls[0]["function"]["arguments"])
+        if isinstance(choice, dict):
+            assert calls[0]["function"]["name"] == "paint"
+
+
+def test_chat_strict_tools_streamed_and_auto(stack):
+    server, _, _ = stack
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    stream = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=120, temperature=0,
+                                            tools=openai_tools(), tool_choice="required", parallel_tool_calls=False,
+                                            stream=True)
+    calls: dict[int, dict] = {}
+    for chunk in stream:
+        for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            call = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+            call["name"] += (tc.function.name or "") if tc.function else ""
+            call["arguments"] += (tc.function.arguments or "") if tc.function else ""
+    assert len(calls) == 1
+    check_args(calls[0]["name"], calls[0]["arguments"])
+    for seed in range(3):  # auto: text stays allowed; any call made is valid
+        r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=60, temperature=1.0, seed=seed,
+                                           tools=openai_tools(), extra_body={"chat_template_kwargs": NO_THINK})
+        for call in r.choices[0].message.tool_calls or []:
+            check_args(call.function.name, call.function.arguments)
+
+
+def test_responses_tools_are_strict_by_default(stack):
+    server, _, _ = stack
+    tools = [{"type": "function", "name": n, "parameters": s} for n, s in SCHEMAS.items()]
+    r = post(server.url, "/v1/responses", {"model": "tiny", "input": "Paint it.", "max_output_tokens": 120,
+                                           "temperature": 0, "tools": tools, "tool_choice": "required",
+                                           "parallel_tool_calls": False})
+    assert r.status_code == 200, r.text
+    data = r.json()
+    calls = [item for item in data["output"] if item["type"] == "function_call"]
+    assert len(calls) == 1
+    check_args(calls[0]["name"], calls[0]["arguments"])
+    assert all(t["strict"] is True for t in data["tools"])
+
+
+def test_anthropic_strict_tools(stack):
+    server, _, _ = stack
+    tools = [{"name": n, "input_schema": s, "strict": True} for n, s in SCHEMAS.items()]
+    for seed, choice in enumerate([{"type": "any", "disable_parallel_tool_use": True}, {"type": "tool", "name": "forecast"}]):
+        r = post(server.url, "/v1/messages", {"model": "tiny", "max_tokens": 120, "temperature": 1.0, "messages": MESSAGES,
+                                              "tools": tools, "tool_choice": choice},
+                 {"anthropic-version": "2023-06-01"})
+        assert r.status_code == 200, r.text
+        data = r.json()
+        uses = [b for b in data["content"] if b["type"] == "tool_use"]
+        assert uses and data["stop_reason"] == "tool_use", data
+        for block in uses:
+            check_args(block["name"], block["input"])
+        if choice["type"] == "tool":
+            assert {b["name"] for b in uses} == {"forecast"}
+        else:
+            assert len(uses) == 1
+
+
+def test_a_strict_tool_schema_that_cannot_compile_is_a_400(stack):
+    server, llm, _ = stack
+    tools = [{"type": "function", "function": {"name": "bad", "parameters": {"type": "objectx"}, "strict": True}}]
+    r = post(server.url, "/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, "tools": tools})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "tools" and "tool 'bad'" in err["message"], err
+    assert llm.stats()["running"] == 0
+
+
+def test_scripted_engine_receives_the_tool_constraint(scripted, engine):
+    """Strict tools reach SamplingParams.structured as a tools constraint; non-strict ones leave the
+    request unconstrained, as before."""
+    auth = {"authorization": "Bearer test-key", "x-api-key": "test-key", "anthropic-version": "2023-06-01"}
+    post(scripted.url, "/v1/chat/completions", {"model": "m", "messages": MESSAGES, "tools": openai_tools(None)}, auth)
+    post(scripted.url, "/v1/chat/completions", {"model": "m", "messages": MESSAGES, "tools": openai_tools(False)}, auth)
+    post(scripted.url, "/v1/responses", {"model": "m", "input": "x", "tools": [
+        {"type": "function", "name": "paint", "parameters": COLOR_SCHEMA, "strict": False}]}, auth)
+    post(scripted.url, "/v1/messages", {"model": "m", "max_tokens": 5, "messages": MESSAGES,
+                                        "tools": [{"name": "paint", "input_schema": COLOR_SCHEMA}]}, auth)
+    assert [c.params.structured for c in engine.calls[-4:]] == [None] * 4
+    post(scripted.url, "/v1/chat/completions", {"model": "m", "messages": MESSAGES, "tools": [
+        openai_tools()[0], openai_tools(False)[1]], "tool_choice": "required", "parallel_tool_calls": False}, auth)
+    post(scripted.url, "/v1/responses", {"model": "m", "input": "x", "tools": [
+        {"type": "function", "name": "paint", "parameters": COLOR_SCHEMA}],
+        "tool_choice": {"type": "function", "name": "paint"}}, auth)
+    post(scripted.url, "/v1/messages", {"model": "m", "max_tokens": 5, "messages": MESSAGES,
+                                        "tools": [{"name": "paint", "input_schema": COLOR_SCHEMA, "strict": True}]},
+         auth)
+    specs = [c.params.structured for c in engine.calls[-3:]]
+    assert [(s.kind, s.tool_start, s.parallel_tool_calls, s.param) for s in specs] == [
+        ("tools", "section", False, "tools"), ("tools", "arguments", True, "tools"), ("tools", "text", True, "tools")]
+    assert specs[0].tools == [{"name": "forecast", "parameters": TOOL_SCHEMA}, {"name": "paint", "parameters": None}]
+    assert specs[1].tools == specs[2].tools == [{"name": "paint", "parameters": COLOR_SCHEMA}]
