@@ -43,6 +43,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..chat import THINK_END
 from ..engine.params import SamplingParams, StructuredOutput
+from ..engine.structured import structured_available
 from .errors import APIError, invalid, openai_stream_error
 from .generation import (Conversation, EngineRun, Prompt, SSEResponse, apply_tool_choice, build_prompt,
                          check_structured, fit_max_tokens, json_schema_format, make_sampling, sse_frame, start_run,
@@ -404,7 +405,14 @@ def to_conversation(body: ResponsesRequest, history: list[dict], items: list[dic
         kwargs["thinking"] = effort != "none"
     conv = Conversation(messages=turns.messages, tools=list(tools.values()), template_kwargs=kwargs,
                         thinking_budget=body.thinking_token_budget, images=turns.images.images)
-    strict = [t["name"] for t in tools_echo if t["strict"]]  # the Responses API defaults strict to true
+    # The Responses API defaults strict to true. That default is kept when the grammar library is
+    # installed; without it (a base install) only tools that ask for strict explicitly are constrained
+    # (and get the 400 naming the extra), so clients that never mention strict keep working.
+    explicit = {t.get("name") for t in (body.tools or []) if isinstance(t, dict) and t.get("strict") is True}
+    if not structured_available():
+        for t in tools_echo:
+            t["strict"] = t["name"] in explicit
+    strict = [t["name"] for t in tools_echo if t["strict"]]
     apply_tool_choice(conv, kind, forced, turns.ids.count, body.parallel_tool_calls is False, strict)
     summary = (body.reasoning or {}).get("summary")
     echo = {"tools": tools_echo, "tool_choice": choice_echo,

@@ -227,6 +227,17 @@ def test_without_the_library_a_structured_request_is_a_400_naming_the_extra(scri
     r = post(scripted.url, "/v1/chat/completions", {"model": "m", "messages": MESSAGES},
              {"authorization": "Bearer test-key"})
     assert r.status_code == 200  # everything else works
+    # the Responses API's default strictness needs the library: without it, tools that do not ask for
+    # strict are served unconstrained (and echoed as not strict); an explicit strict: true is a 400
+    tool = {"type": "function", "name": "get_weather", "parameters": SCHEMA}
+    calls = len(engine.calls)
+    r = post(scripted.url, "/v1/responses", {"model": "m", "input": "x", "tools": [tool]},
+             {"authorization": "Bearer test-key"})
+    assert r.status_code == 200, r.text
+    assert r.json()["tools"][0]["strict"] is False and engine.calls[calls].params.structured is None
+    r = post(scripted.url, "/v1/responses", {"model": "m", "input": "x", "tools": [dict(tool, strict=True)]},
+             {"authorization": "Bearer test-key"})
+    assert r.status_code == 400 and "moonlet[structured]" in r.json()["error"]["message"], r.text
 
 
 def test_scripted_engine_receives_the_constraint(scripted, engine):
