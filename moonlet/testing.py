@@ -112,11 +112,50 @@ def tiny_tokenizer_dir(directory, vocab_size: int = 512, chat_template: str = "k
     from pathlib import Path
 
     from .tokenizer import Tokenizer
+
+    directory = Path(directory)
+    Tokenizer(_tiny_bpe(vocab_size), name_or_path="moonlet-tiny-test").save_pretrained(
+        directory, chat_template=chat_template)
+    return directory
+
+
+def _tiny_bpe(vocab_size: int) -> dict[bytes, int]:
+    """The tiny BPE ranks of ``vocab_size`` tokens, trained once per process and size."""
     from .train.bpe import train_bpe
 
     if vocab_size not in _TINY_BPE_CACHE:
         _TINY_BPE_CACHE[vocab_size] = train_bpe(_tiny_corpus(), vocab_size, min_frequency=1)
+    return _TINY_BPE_CACHE[vocab_size]
+
+
+# A tiny MoonViT (the K2.5 / K2.6 vision tower) in the published config's key spelling: 4-px patches,
+# width 16, two blocks, merged 2 x 2 into a 64-wide text model (tiny_k2_config's hidden size).
+TINY_VISION_CONFIG = dict(
+    patch_size=4, init_pos_emb_height=6, init_pos_emb_width=5, init_pos_emb_time=4, vt_hidden_size=16,
+    vt_num_attention_heads=2, vt_intermediate_size=24, vt_num_hidden_layers=2, merge_kernel_size=[2, 2],
+    mm_hidden_size=16, mm_projector_type="patchmerger", merge_type="sd2_tpool", pos_emb_type="divided_fixed",
+    projector_hidden_act="gelu", projector_ln_eps=1e-5, video_attn_type="spatial_temporal", text_hidden_size=64,
+    model_type="")
+
+
+def tiny_image_processor():
+    """The image-processor settings that match TINY_VISION_CONFIG (4-px patches, 2 x 2 merge)."""
+    from .multimodal import ImageProcessorConfig
+
+    return ImageProcessorConfig(patch_size=4, merge_kernel_size=2)
+
+
+def tiny_vision_tokenizer_dir(directory, chat_template: str = "kimi-k2.6"):
+    """``tiny_tokenizer_dir`` whose special slots also name K2.5's media tokens (``<|media_begin|>``,
+    ``<|media_content|>``, ``<|media_end|>``, ``<|media_pad|>``), for image-text tests; returns its Path."""
+    from pathlib import Path
+
+    from .tokenizer import K2_SPECIAL_TOKENS, Tokenizer
+
+    names = {512 + slot: name for slot, name in K2_SPECIAL_TOKENS.items()}
+    names.update({512 + 18: "<|media_begin|>", 512 + 19: "<|media_content|>", 512 + 20: "<|media_end|>",
+                  512 + 21: "<|media_pad|>"})
     directory = Path(directory)
-    Tokenizer(_TINY_BPE_CACHE[vocab_size], name_or_path="moonlet-tiny-test").save_pretrained(
+    Tokenizer(_tiny_bpe(512), {name: i for i, name in names.items()}).save_pretrained(
         directory, chat_template=chat_template)
     return directory

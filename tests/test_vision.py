@@ -23,16 +23,12 @@ from moonlet.model.vision import (VisionLanguageModel, apply_rope_2d, interpolat
                                   sincos_time_embedding)
 from moonlet.multimodal import (IMAGE_PLACEHOLDER, ImageProcessorConfig, expand_image_placeholders,
                                 image_to_patches, load_image, plan_resize, preprocess_images)
+from moonlet.testing import TINY_VISION_CONFIG as TINY_VISION
 from moonlet.testing import random_model, tiny_k2_config
 from moonlet.weights import load_model, load_vision_language_model, save_model
 
 PAD = 300  # the tiny text model's image placeholder id
 
-TINY_VISION = dict(patch_size=4, init_pos_emb_height=6, init_pos_emb_width=5, init_pos_emb_time=4,
-                   vt_hidden_size=16, vt_num_attention_heads=2, vt_intermediate_size=24, vt_num_hidden_layers=2,
-                   merge_kernel_size=[2, 2], mm_hidden_size=16, mm_projector_type="patchmerger",
-                   merge_type="sd2_tpool", pos_emb_type="divided_fixed", projector_hidden_act="gelu",
-                   projector_ln_eps=1e-5, video_attn_type="spatial_temporal", text_hidden_size=64, model_type="")
 
 
 def tiny_config(**vision) -> ModelConfig:

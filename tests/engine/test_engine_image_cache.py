@@ -17,8 +17,8 @@ from moonlet.engine import LLM, SamplingParams
 from moonlet.engine.multimodal import ImageFeatureCache
 from moonlet.model.vision import VisionLanguageModel
 from moonlet.multimodal import IMAGE_PLACEHOLDER, preprocess_images
-from moonlet.testing import _TINY_BPE_CACHE, random_model, tiny_k2_config, tiny_tokenizer_dir
-from moonlet.tokenizer import K2_SPECIAL_TOKENS, Tokenizer
+from moonlet.testing import random_model, tiny_k2_config, tiny_tokenizer_dir, tiny_vision_tokenizer_dir
+from moonlet.tokenizer import Tokenizer
 
 HIDDEN = TINY_VISION["text_hidden_size"]
 TOKENS = {"a": 15, "b": 6, "c": 1}  # image tokens of the images below (40x24, 16x24, 8x8 px at patch 4)
@@ -239,14 +239,7 @@ def test_chunked_prefill_encodes_an_image_when_a_chunk_reaches_it(vlm, images, m
 def chat_stack(tmp_path_factory):
     """A tokenizer with the media tokens and a tiny image-text model whose placeholder is its <|media_pad|>."""
     pytest.importorskip("PIL")
-    tiny_tokenizer_dir(tmp_path_factory.mktemp("tok"))  # trains (and caches) the BPE
-    names = {512 + slot: name for slot, name in K2_SPECIAL_TOKENS.items()}
-    names.update({512 + 18: "<|media_begin|>", 512 + 19: "<|media_content|>", 512 + 20: "<|media_end|>",
-                  512 + 21: "<|media_pad|>"})
-    directory = tmp_path_factory.mktemp("vtok")
-    Tokenizer(_TINY_BPE_CACHE[512], {name: i for i, name in names.items()}).save_pretrained(
-        directory, chat_template="kimi-k2.6")
-    tok = Tokenizer.from_pretrained(directory)
+    tok = Tokenizer.from_pretrained(tiny_vision_tokenizer_dir(tmp_path_factory.mktemp("vtok")))
     text = tiny_k2_config(vocab_size=tok.vocab_size, bos_token_id=512, eos_token_id=513)
     cfg = ModelConfig.from_dict({"model_type": "kimi_k25", "media_placeholder_token_id": tok.special_tokens["<|media_pad|>"],
                                  "text_config": text.to_dict(), "vision_config": TINY_VISION})

@@ -13,17 +13,13 @@ from moonlet.config import ModelConfig
 from moonlet.engine import LLM, SamplingParams
 from moonlet.engine.multimodal import RequestImages, placeholder_runs
 from moonlet.model.vision import VisionLanguageModel, merge_image_features
-from moonlet.multimodal import ImageProcessorConfig, expand_image_placeholders, preprocess_images
-from moonlet.testing import random_model, tiny_k2_config
+from moonlet.multimodal import expand_image_placeholders, preprocess_images
+from moonlet.testing import TINY_VISION_CONFIG as TINY_VISION
+from moonlet.testing import random_model, tiny_image_processor, tiny_k2_config
 
 PAD = 300  # the tiny text model's image placeholder id
 MAX_TOKENS = 6
-TINY_VISION = dict(patch_size=4, init_pos_emb_height=6, init_pos_emb_width=5, init_pos_emb_time=4,
-                   vt_hidden_size=16, vt_num_attention_heads=2, vt_intermediate_size=24, vt_num_hidden_layers=2,
-                   merge_kernel_size=[2, 2], mm_hidden_size=16, mm_projector_type="patchmerger",
-                   merge_type="sd2_tpool", pos_emb_type="divided_fixed", projector_hidden_act="gelu",
-                   projector_ln_eps=1e-5, video_attn_type="spatial_temporal", text_hidden_size=64, model_type="")
-PROCESSOR = ImageProcessorConfig(patch_size=4, merge_kernel_size=2)
+PROCESSOR = tiny_image_processor()
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
 

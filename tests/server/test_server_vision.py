@@ -17,17 +17,13 @@ from server_support import LiveServer
 from moonlet.config import ModelConfig
 from moonlet.engine import AsyncLLM
 from moonlet.model.vision import VisionLanguageModel, merge_image_features
-from moonlet.multimodal import IMAGE_PLACEHOLDER, ImageProcessorConfig, expand_image_placeholders, preprocess_images
+from moonlet.multimodal import IMAGE_PLACEHOLDER, expand_image_placeholders, preprocess_images
 from moonlet.server import create_app
-from moonlet.testing import _TINY_BPE_CACHE, random_model, tiny_k2_config, tiny_tokenizer_dir
-from moonlet.tokenizer import K2_SPECIAL_TOKENS, Tokenizer
+from moonlet.testing import TINY_VISION_CONFIG as TINY_VISION
+from moonlet.testing import random_model, tiny_image_processor, tiny_k2_config, tiny_vision_tokenizer_dir
+from moonlet.tokenizer import Tokenizer
 
-TINY_VISION = dict(patch_size=4, init_pos_emb_height=6, init_pos_emb_width=5, init_pos_emb_time=4,
-                   vt_hidden_size=16, vt_num_attention_heads=2, vt_intermediate_size=24, vt_num_hidden_layers=2,
-                   merge_kernel_size=[2, 2], mm_hidden_size=16, mm_projector_type="patchmerger",
-                   merge_type="sd2_tpool", pos_emb_type="divided_fixed", projector_hidden_act="gelu",
-                   projector_ln_eps=1e-5, video_attn_type="spatial_temporal", text_hidden_size=64, model_type="")
-PROCESSOR = ImageProcessorConfig(patch_size=4, merge_kernel_size=2)
+PROCESSOR = tiny_image_processor()
 MAX_TOKENS = 6
 NO_THINK = {"thinking": False}
 
@@ -48,14 +44,7 @@ def data_url(data: bytes, media_type: str = "image/png") -> str:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     pytest.importorskip("PIL")
-    tiny_tokenizer_dir(tmp_path_factory.mktemp("tok"), chat_template="kimi-k2.6")  # trains (and caches) the BPE
-    names = {512 + slot: name for slot, name in K2_SPECIAL_TOKENS.items()}
-    names.update({512 + 18: "<|media_begin|>", 512 + 19: "<|media_content|>", 512 + 20: "<|media_end|>",
-                  512 + 21: "<|media_pad|>"})
-    directory = tmp_path_factory.mktemp("vtok")
-    Tokenizer(_TINY_BPE_CACHE[512], {name: i for i, name in names.items()}).save_pretrained(
-        directory, chat_template="kimi-k2.6")
-    tok = Tokenizer.from_pretrained(directory)
+    tok = Tokenizer.from_pretrained(tiny_vision_tokenizer_dir(tmp_path_factory.mktemp("vtok")))
     pad = tok.special_tokens["<|media_pad|>"]
     text = tiny_k2_config(vocab_size=tok.vocab_size, bos_token_id=512, eos_token_id=513)
     cfg = ModelConfig.from_dict({"model_type": "kimi_k25", "media_placeholder_token_id": pad,
