@@ -347,14 +347,22 @@ def _plan_entries(model: Transformer, ckpt: Checkpoint, config: ModelConfig, qua
         lines = []
         if missing:
             lines.append(f"{len(missing)} tensor(s) the model needs are not in the checkpoint: "
-                         + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+                         + _first_names(missing))
         if unexpected:
             lines.append(f"{len(unexpected)} checkpoint tensor(s) the model has no place for: "
-                         + ", ".join(f"{by_model_name[u]} (in {ckpt.file_of(by_model_name[u])})" for u in unexpected[:8])
-                         + (" ..." if len(unexpected) > 8 else ""))
+                         + _first_names([f"{by_model_name[u]} (in {ckpt.file_of(by_model_name[u])})"
+                                         for u in unexpected[:_NAMES_SHOWN + 1]]))
         raise ValueError(f"checkpoint {ckpt.directory} does not match its config.json: " + "; ".join(lines)
                          + ". Check that config.json belongs to these weights.")
     return entries
+
+
+_NAMES_SHOWN = 8
+
+
+def _first_names(names: list[str]) -> str:
+    """The first few of ``names`` joined for an error message, with " ..." when there are more."""
+    return ", ".join(names[:_NAMES_SHOWN]) + (" ..." if len(names) > _NAMES_SHOWN else "")
 
 
 def _check_shapes(entry: _Entry, shape: tuple[int, ...], ckpt: Checkpoint, quant) -> None:
@@ -472,10 +480,10 @@ def load_vision_language_model(path: str | os.PathLike, device: str | torch.devi
             lines = []
             if missing:
                 lines.append(f"{len(missing)} vision tensor(s) the model needs are not in the checkpoint: "
-                             + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+                             + _first_names(missing))
             if unexpected:
                 lines.append(f"{len(unexpected)} vision tensor(s) the model has no place for: "
-                             + ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else ""))
+                             + _first_names(unexpected))
             raise ValueError(f"checkpoint {ckpt.directory} does not match its vision_config: " + "; ".join(lines)
                              + ". Check that config.json's vision_config belongs to these weights.")
         entries = [_Entry(name, "plain", {"weight": name}) for name in sorted(expected)]
