@@ -93,7 +93,8 @@ class Conversation:
 def apply_tool_choice(conv: Conversation, kind: str, forced_name: str | None, call_index: int,
                       single_call: bool, strict: Collection[str] = ()) -> None:
     """Steer the reply for a tool choice: ``auto`` (as is), ``none`` (no tools declared; stop at a
-    tool-section opener), ``any`` (the reply opens K2's tool section, so it must be a call), ``tool``
+    tool-section opener; also what a request that declares no tools gets, so a reply never calls a
+    tool the client did not offer), ``any`` (the reply opens K2's tool section, so it must be a call), ``tool``
     (the reply opens the named call up to its arguments; ``call_index`` numbers its K2 id).
     Forced calls switch thinking off (as Anthropic does for forced tool use).
 
@@ -101,7 +102,7 @@ def apply_tool_choice(conv: Conversation, kind: str, forced_name: str | None, ca
     constrains the reply's tool calls (``tool_constraint``)."""
     if conv.prefill:
         conv.template_kwargs["thinking"] = False  # the prefill is answer text, not reasoning
-    if kind == "none":
+    if kind == "none" or not conv.tools:  # no tool may be called: none is declared, or the choice says so
         conv.tools, conv.forbid_tools = None, True
         return
     if kind in ("any", "tool"):

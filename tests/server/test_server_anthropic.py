@@ -162,6 +162,21 @@ def test_malformed_tool_call_comes_back_as_text(client, engine):
     assert "get_weather" in msg.content[0].text
 
 
+def test_a_request_without_tools_never_gets_a_tool_call(client, engine, scripted):
+    """The model may still try to open a tool section (K2 models are trained to); with no tool declared
+    every API stops it there, as for tool_choice none, so no reply names a tool the client never offered."""
+    section = engine.tokenizer.token_id("<|tool_calls_section_begin|>")
+    engine.push(Script("Let me check."))
+    msg = client.messages.create(model="m", max_tokens=50, messages=USER)
+    assert engine.calls[-1].params.stop_token_ids == [section] and "tool_use" not in [b.type for b in msg.content]
+    headers = {"authorization": "Bearer test-key"}
+    for path, body in (("/v1/chat/completions", {"model": "m", "messages": USER}),
+                       ("/v1/responses", {"model": "m", "input": "hi"})):
+        engine.push(Script("Let me check."))
+        assert httpx.post(scripted.url + path, json=body, headers=headers, timeout=30).status_code == 200
+        assert engine.calls[-1].params.stop_token_ids == [section], path
+
+
 def test_tool_choice_steers_the_reply(client, engine):
     engine.push(Script('{"city": "Oslo"}<|tool_call_end|><|tool_calls_section_end|>'))
     msg = client.messages.create(model="m", max_tokens=50, tools=TOOLS, messages=USER,
