@@ -4,6 +4,8 @@ a sequence verifying speculative drafts, for each of its drafts too)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from .attention import BatchLayout, PagedLatentKV, PrefillSpan
@@ -11,6 +13,24 @@ from .cache import LatentCachePool
 from .moba import MobaSpec
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
+
+
+@dataclass
+class StepInput:
+    """One step's forward in plain data: per entry (a sequence of the batch, decodes first) the tokens
+    it computes from position ``starts[i]`` on, how many rows of it to sample (0: a partial prompt
+    chunk; 1: its last token; 1 + drafts: a verification span), its block table and, for models with
+    KDA layers, its recurrent-state slot; the step's state loads and snapshots; and the image feature
+    rows that replace placeholder embeddings (flat index [n], features [n, hidden]) or None."""
+
+    tokens: list[list[int]]
+    starts: list[int]
+    sample: list[int]
+    block_tables: list[list[int]]
+    state_slots: list[int] | None = None
+    state_inits: list = field(default_factory=list)
+    state_saves: list = field(default_factory=list)
+    image_rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class ModelRunner:
@@ -31,7 +51,8 @@ class ModelRunner:
                                 moba=MobaSpec.from_config(model.config, pool.block_size), states=states)
         self.states = states  # RecurrentStates (models with KDA layers) or None
         self.graphs = None
-        self.graph_steps = 0  # decode steps served from the graphs (or their eager stand-in)
+        self.graph_steps = 0
+        self.workers = None  # tensor parallelism: moonlet.engine.parallel.Workers, sent every step  # decode steps served from the graphs (or their eager stand-in)
 
     def enable_decode_graphs(self, scratch_block: int, max_model_len: int, batch_sizes, capture: bool) -> None:
         """Serve decode-only steps from ``DecodeGraphs`` (``capture=False``: its static buffers, run eagerly)."""
@@ -40,8 +61,29 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, self.kv, scratch_block, -(-max_model_len // self.block_size),
                                    batch_sizes, capture=capture)
 
-    def build_layout(self, batch: ScheduledBatch) -> tuple[torch.Tensor, BatchLayout, list[tuple[int, int]]]:
-        """input_ids [1, N], the layout, and per sequence (first flat index, count) of the rows to sample:
+    def prepare(self, batch: ScheduledBatch) -> StepInput:
+        """The step's forward in plain data (what tensor-parallel workers receive)."""
+        tokens, starts, sample = [], [], []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start = seq.num_computed_tokens
+            drafts = batch.draft_tokens.get(seq)
+            if drafts:
+                assert n == 1 + len(drafts) and start + 1 == seq.num_tokens, "a verification span is 1 + drafts"
+                tokens.append([seq.token_ids[start]] + list(drafts))
+                sample.append(n)
+            else:
+                tokens.append(list(seq.token_ids[start:start + n]))
+                sample.append(1 if start + n == seq.num_tokens else 0)
+            starts.append(start)
+        slots = None if self.states is None else [s.state_slot for s in batch.seqs]
+        image_rows = self.image_rows(batch)
+        if image_rows is not None:
+            image_rows = (image_rows[0].cpu(), image_rows[1].cpu()) if self.workers is not None else image_rows
+        return StepInput(tokens, starts, sample, [list(s.block_table) for s in batch.seqs], slots,
+                         list(batch.state_inits), list(batch.state_saves), image_rows)
+
+    def build_layout(self, step: StepInput) -> tuple[torch.Tensor, BatchLayout, list[tuple[int, int]]]:
+        """input_ids [1, N], the layout, and per entry (first flat index, count) of the rows to sample:
         its last token (count 1), its last token and each draft (1 + drafts) when it verifies drafts,
         none (count 0) when it only computed part of its prompt.
 
@@ -56,30 +98,25 @@ class ModelRunner:
         prefills: list[PrefillSpan] = []
         pre_pos: list[torch.Tensor] = []
         pre_slots: list[torch.Tensor] = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            start = seq.num_computed_tokens
-            flat = len(ids)
-            drafts = batch.draft_tokens.get(seq)
-            if drafts:
-                assert n == 1 + len(drafts) and start + 1 == seq.num_tokens, "a verification span is 1 + drafts"
-                ids.append(seq.token_ids[start])
-                ids.extend(drafts)
-                sample_at.append((flat, n))
+        for i, (new, start, count, table) in enumerate(zip(step.tokens, step.starts, step.sample, step.block_tables)):
+            n, flat = len(new), len(ids)
+            ids.extend(new)
+            if count > 1:
+                sample_at.append((flat, count))
             else:
-                ids.extend(seq.token_ids[start:start + n])
-                sample_at.append((flat + n - 1, 1) if start + n == seq.num_tokens else (-1, 0))
+                sample_at.append((flat + n - 1, 1) if count else (-1, 0))
             if n == 1:
                 num_decodes += 1
                 decode_pos.append(start)
-                decode_tables.append(seq.block_table)
+                decode_tables.append(table)
             else:
-                blocks = torch.tensor(seq.block_table, dtype=torch.long)
+                blocks = torch.tensor(table, dtype=torch.long)
                 pos = torch.arange(start, start + n)
                 prefills.append(PrefillSpan(flat, n, start + n, blocks.to(self.device),
-                                            -1 if seq.state_slot is None else seq.state_slot))
+                                            -1 if step.state_slots is None else step.state_slots[i]))
                 pre_pos.append(pos)
                 pre_slots.append(blocks[pos // bs] * bs + pos % bs)
-        assert num_decodes == 0 or all(n == 1 for n in batch.num_new_tokens[:num_decodes]), "decodes must lead"
+        assert all(len(t) == 1 for t in step.tokens[:num_decodes]), "decodes must lead"
 
         positions, slots = [], []
         tables = ctx = state_slots = None
@@ -92,7 +129,7 @@ class ModelRunner:
             slots.append(padded[torch.arange(num_decodes), dpos // bs] * bs + dpos % bs)
             tables, ctx = padded.to(self.device), (dpos + 1).to(self.device)
             if self.states is not None:
-                state_slots = torch.tensor([s.state_slot for s in batch.seqs[:num_decodes]], device=self.device)
+                state_slots = torch.tensor(step.state_slots[:num_decodes], device=self.device)
         positions += pre_pos
         slots += pre_slots
         layout = BatchLayout(
@@ -107,20 +144,28 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None]:
         """Run the batch; returns the sequences to sample and their logits [rows, vocab] (float32): one row
         per sequence, in order, or ``1 + len(drafts)`` consecutive rows for a sequence verifying drafts
-        (``batch.draft_tokens``)."""
-        image_rows = self.image_rows(batch)
-        if self.graphs is not None and batch.seqs and all(n == 1 for n in batch.num_new_tokens) and \
-                image_rows is None and self.graphs.can_run(len(batch.seqs), max(len(s.block_table) for s in batch.seqs)):
-            return self._execute_graph(batch)
-        input_ids, layout, sample_at = self.build_layout(batch)
+        (``batch.draft_tokens``). With tensor-parallel workers, they run the same step alongside."""
+        step = self.prepare(batch)
+        if self.workers is not None:
+            self.workers.send_step(step)
+        rows, logits = self.run(step)
+        return [batch.seqs[i] for i in rows], logits
+
+    @torch.inference_mode()
+    def run(self, step: StepInput) -> tuple[list[int], torch.Tensor | None]:
+        """Run a prepared step: (the entries sampled, their logits rows as ``execute`` describes)."""
+        if self.graphs is not None and step.tokens and all(len(t) == 1 for t in step.tokens) and \
+                step.image_rows is None and self.graphs.can_run(len(step.tokens),
+                                                                max(len(t) for t in step.block_tables)):
+            return self._run_graph(step)
+        input_ids, layout, sample_at = self.build_layout(step)
         inputs_embeds = None
-        if image_rows is not None:  # image features over the placeholder tokens' embeddings
-            index, features = image_rows
+        if step.image_rows is not None:  # image features over the placeholder tokens' embeddings
+            index, features = step.image_rows
             inputs_embeds = self.model.model.embed_tokens(input_ids)
-            inputs_embeds[0, index.to(self.device)] = features.to(inputs_embeds.dtype)
+            inputs_embeds[0, index.to(self.device)] = features.to(device=self.device, dtype=inputs_embeds.dtype)
         if self.states is not None:  # load fresh / resumed slots, note the snapshots to take
-            self.states.begin_step(batch.state_inits, batch.state_saves,
-                                   [s.state_slot for s in batch.seqs[:layout.num_decodes]])
+            self.states.begin_step(step.state_inits, step.state_saves, step.state_slots[:layout.num_decodes])
         self.kv.set_batch(layout)
         try:
             hidden = self.model.hidden_states(input_ids, positions=layout.positions[None], kv=self.kv,
@@ -135,7 +180,7 @@ class ModelRunner:
         flat = [first + j for first, count in sample_at for j in range(count)]
         index = torch.tensor(flat, device=self.device)
         logits = self.model.lm_head(hidden[0, index]).float()  # only the rows we sample from
-        return [batch.seqs[i] for i in rows], logits
+        return rows, logits
 
     @staticmethod
     def image_rows(batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -161,17 +206,13 @@ class ModelRunner:
             return None
         return torch.cat(index), torch.cat(features)
 
-    def _execute_graph(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None]:
-        seqs = batch.seqs
-        starts = [s.num_computed_tokens for s in seqs]
-        logits = self.graphs.run([s.token_ids[p] for s, p in zip(seqs, starts)], starts,
-                                 [s.block_table for s in seqs],
-                                 None if self.states is None else [s.state_slot for s in seqs],
-                                 batch.state_inits, batch.state_saves)
+    def _run_graph(self, step: StepInput) -> tuple[list[int], torch.Tensor | None]:
+        logits = self.graphs.run([t[0] for t in step.tokens], step.starts, step.block_tables, step.state_slots,
+                                 step.state_inits, step.state_saves)
         self.graph_steps += 1
-        rows = [i for i, (s, p) in enumerate(zip(seqs, starts)) if p + 1 == s.num_tokens]
+        rows = [i for i, count in enumerate(step.sample) if count]
         if not rows:
             return [], None
-        if len(rows) < len(seqs):
+        if len(rows) < len(step.tokens):
             logits = logits[torch.tensor(rows, device=logits.device)]
-        return [seqs[i] for i in rows], logits
+        return rows, logits
