@@ -376,15 +376,22 @@ def _check_shapes(entry: _Entry, shape: tuple[int, ...], ckpt: Checkpoint, quant
         quant.check_shapes(entry, shape, ckpt)
 
 
-def _materialize(entry: _Entry, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, quant) -> torch.Tensor:
+def _materialize(entry: _Entry, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, quant,
+                 shard=None) -> torch.Tensor:
+    """The entry's tensor on ``device`` in its run dtype; with a ``moonlet.parallel.Shard`` that names a
+    dimension, only that slice (a plain tensor is sliced before it is copied)."""
     target = torch.float32 if entry.name.endswith(FP32_TENSORS) else dtype
+    part = shard is not None and shard.dim is not None
     if entry.kind == "plain":
         src = ckpt.get(entry.parts["weight"])
+        if part:
+            src = src.narrow(shard.dim, shard.start, shard.size)
         out = src.to(device=device, dtype=target)
-        if out.data_ptr() == src.data_ptr():
-            out = out.clone()  # own the memory: the file may be rewritten while the model lives
+        if out.data_ptr() == src.data_ptr() or not out.is_contiguous():
+            out = out.clone(memory_format=torch.contiguous_format)  # own the memory: the file may be rewritten
         return out
-    return quant.dequantize(entry, ckpt, device, target)
+    out = quant.dequantize(entry, ckpt, device, target)
+    return out.narrow(shard.dim, shard.start, shard.size).clone() if part else out
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -400,7 +407,7 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-               dtype: torch.dtype | str | None = None) -> Transformer:
+               dtype: torch.dtype | str | None = None, tensor_parallel=None) -> Transformer:
     """Load a checkpoint directory (config.json + safetensors) as a moonlet Transformer in eval mode.
 
     Reads model_type kimi_k2, kimi_k25 (the text model; ``language_model.`` prefixes and vision
@@ -413,6 +420,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     ``dtype``: None (or "auto") keeps the checkpoint's dtype (config.json ``torch_dtype``) on every
     device, CPU included; pass torch.float32 for faster, more exact CPU runs of small models. The
     router's ``e_score_correction_bias`` stays float32.
+
+    ``tensor_parallel`` (a ``moonlet.parallel.TensorParallel`` of more than one rank): load this rank's
+    part of the model (``moonlet.parallel.shard_transformer``). The whole checkpoint is checked against
+    config.json as always, but only this rank's tensors are read: its experts, its slices of the split
+    matrices (a quantized one is dequantized, then sliced), and the replicated rest.
     """
     from .quant import scheme_for  # quant imports this module's Checkpoint helpers lazily
 
@@ -428,6 +440,16 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         entries = _plan_entries(model, ckpt, config, quant)
         if hasattr(quant, "check_placement"):
             quant.check_placement(entries, {n for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        targets = {entry.name: [(entry.name, None)] for entry in entries}
+        if tensor_parallel is not None and tensor_parallel.world_size > 1:
+            from .parallel import shard_transformer
+
+            targets = {}
+            shards = shard_transformer(model, tensor_parallel)
+            for local in model.state_dict():
+                shard = shards.get(local)
+                targets.setdefault(local if shard is None else shard.source, []).append((local, shard))
+            entries = [entry for entry in entries if entry.name in targets]  # other ranks' experts: not read
         by_file: dict[str, list[_Entry]] = {}
         for entry in entries:
             by_file.setdefault(ckpt.file_of(next(iter(entry.parts.values()))), []).append(entry)
@@ -435,7 +457,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         with torch.no_grad():
             for file_name in sorted(by_file):
                 for entry in by_file[file_name]:
-                    _assign(model, entry.name, _materialize(entry, ckpt, device, run_dtype, quant))
+                    for local, shard in targets[entry.name]:
+                        _assign(model, local, _materialize(entry, ckpt, device, run_dtype, quant, shard))
                 ckpt.close()  # unmap this shard (and any companion file) before the next
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -449,13 +472,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
 
 
 def load_vision_language_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-                               dtype: torch.dtype | str | None = None):
+                               dtype: torch.dtype | str | None = None, tensor_parallel=None):
     """Load a kimi_k25 (K2.5 / K2.6) checkpoint with its vision encoder: a ``VisionLanguageModel`` whose
     ``language_model`` is what ``load_model`` returns and whose ``vision_tower`` and ``mm_projector`` hold
     the checkpoint's ``vision_tower.*`` / ``mm_projector.*`` tensors, in the same dtype on ``device``.
 
     The vision tensors must match config.json's ``vision_config`` exactly: every missing, unexpected or
     mis-shaped one is an error naming it. They are read as stored (bf16/fp32/fp16), not dequantized.
+    ``tensor_parallel``: the text model is this rank's share (``load_model``); the vision encoder is whole.
     """
     from .model.vision import VisionLanguageModel
 
@@ -465,7 +489,7 @@ def load_vision_language_model(path: str | os.PathLike, device: str | torch.devi
     if config.vision_config is None:
         raise ValueError(f"{directory / 'config.json'} has no vision_config: it is not a kimi_k25 (K2.5 / K2.6) "
                          "image-text checkpoint; use load_model for the text model")
-    language_model = load_model(path, device=device, dtype=dtype)
+    language_model = load_model(path, device=device, dtype=dtype, tensor_parallel=tensor_parallel)
     run_dtype = language_model.dtype
     device = torch.device(device)
     with torch.device("meta"):

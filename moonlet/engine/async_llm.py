@@ -115,6 +115,7 @@ class AsyncLLM:
             for request_id in list(self.engine.requests):
                 self.engine.abort_request(request_id)
             self._stats = self.engine.stats()
+            self.engine.close()
 
     def __enter__(self) -> "AsyncLLM":
         return self

@@ -66,6 +66,10 @@ class EngineConfig:
     # vision models: bytes of projected image features kept by image content (LRU), so an image sent
     # again in another prompt is not encoded again; default IMAGE_FEATURE_CACHE_BYTES, 0 turns it off
     image_feature_cache_memory: int | str | None = None
+    # tensor parallelism (moonlet.parallel, moonlet.engine.parallel): the model split over this many
+    # processes (GPUs cuda:i .. cuda:i+N-1 on CUDA, gloo on the CPU); attention heads, MLP columns and
+    # the vocabulary split N ways, routed experts spread over the ranks (expert parallel)
+    tensor_parallel_size: int = 1
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -80,6 +84,9 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"engine argument {name}={value!r} must be a positive integer")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"engine argument tensor_parallel_size={self.tensor_parallel_size!r} must be a positive "
+                             "integer (1: no tensor parallelism)")
         if self.max_num_seqs < 1:
             raise ValueError(f"engine argument max_num_seqs={self.max_num_seqs!r} must be >= 1")
         if self.state_snapshots is not None and (not isinstance(self.state_snapshots, int) or self.state_snapshots < 0):
@@ -266,6 +273,9 @@ def add_engine_cli_args(parser) -> None:
     g.add_argument("--image-feature-cache-memory", default=None,
                    help="vision models: bytes of projected image features kept by image content, so an image "
                         "sent again is not re-encoded, e.g. 256MiB (default 256MiB; 0 turns it off)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
+                   help="split the model over this many processes (GPUs cuda:0..N-1; gloo on CPU): heads, MLP "
+                        "columns and vocabulary split N ways, routed experts spread over the ranks (default 1)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model and cache dtype (default: the checkpoint's)")
@@ -283,7 +293,7 @@ def engine_args_from_cli(args) -> dict:
         engine_seed="seed", prefill_attention="prefill_attention", decode_graphs="decode_graphs",
         decode_kernel="decode_kernel", state_snapshots="state_snapshots", speculative="speculative",
         num_speculative_tokens="num_speculative_tokens", ngram_max="ngram_max", ngram_min="ngram_min",
-        image_feature_cache_memory="image_feature_cache_memory",
+        image_feature_cache_memory="image_feature_cache_memory", tensor_parallel_size="tensor_parallel_size",
     )
     out = {field: getattr(args, attr) for attr, field in names.items() if getattr(args, attr, None) is not None}
     for flag in ("enable_prefix_caching", "enable_chunked_prefill"):

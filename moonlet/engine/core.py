@@ -9,13 +9,12 @@ from pathlib import Path
 import torch
 
 from ..kernels.moe import fuse_moe_experts
-from .cache import KVCacheManager, LatentCachePool, latent_layer_ids
+from .cache import KVCacheManager
 from .config import EngineConfig, resolve
 from .errors import PromptTooLongError
 from .multimodal import MultimodalPrompt, RequestImages, VisionInputs
+from .parallel import build_runner
 from .params import SamplingParams
-from .recurrent import RecurrentStates
-from .runner import ModelRunner
 from .sampler import Sampler
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence
@@ -50,19 +49,22 @@ def resolve_model_path(model_path: str | os.PathLike | None) -> Path:
     return Path(default_model_path())
 
 
-def load_model_and_tokenizer(model_path, device: str | None, dtype) -> tuple[torch.nn.Module, object, str]:
+def load_model_and_tokenizer(model_path, device: str | None, dtype, tensor_parallel=None
+                             ) -> tuple[torch.nn.Module, object, str]:
     """Load a checkpoint directory (and its tokenizer, when it ships one). Returns (model, tokenizer, name).
     A config with a ``vision_config`` (K2.5 / K2.6) gives a ``VisionLanguageModel`` (vision tower,
-    projector and text model); any other the text ``Transformer``."""
+    projector and text model); any other the text ``Transformer``. ``tensor_parallel``: load rank 0's
+    share of the text model (``moonlet.parallel``)."""
     path = resolve_model_path(model_path)
     from ..config import ModelConfig
     from ..weights import load_model, load_vision_language_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if ModelConfig.from_pretrained(path).vision_config is not None:
-        model = load_vision_language_model(str(path), device=device, dtype=_as_dtype(dtype))
+        model = load_vision_language_model(str(path), device=device, dtype=_as_dtype(dtype),
+                                           tensor_parallel=tensor_parallel)
     else:
-        model = load_model(str(path), device=device, dtype=_as_dtype(dtype))
+        model = load_model(str(path), device=device, dtype=_as_dtype(dtype), tensor_parallel=tensor_parallel)
     tokenizer = None
     if (path / "tiktoken.model").is_file():
         from ..tokenizer import Tokenizer
@@ -78,14 +80,41 @@ def build_engine(model_path=None, model=None, tokenizer=None, image_processor=No
     preprocessor_config.json, else the published K2.5 values at the vision_config's patch size."""
     config = EngineConfig.from_kwargs(**engine_args)
     name = None
-    if model is None:
+    workers = None
+    if config.tensor_parallel_size > 1:
+        if model is not None:
+            raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} loads each rank's share of the "
+                             "checkpoint in its own process: pass model_path (a checkpoint directory), not a model "
+                             "object")
+        config.validate()
+        from .parallel import Workers
+
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        workers = Workers(resolve_model_path(model_path), config.tensor_parallel_size, device, config.dtype)
+        try:
+            model, loaded_tokenizer, name = load_model_and_tokenizer(model_path, device, config.dtype, workers.tp)
+            workers.wait_for("loaded")
+        except BaseException:
+            workers.close()
+            raise
+        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+        if image_processor is None and getattr(model, "vision_tower", None) is not None:
+            from ..multimodal import ImageProcessorConfig
+
+            image_processor = ImageProcessorConfig.from_pretrained(resolve_model_path(model_path))
+    elif model is None:
         model, loaded_tokenizer, name = load_model_and_tokenizer(model_path, config.device, config.dtype)
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
         if image_processor is None and getattr(model, "vision_tower", None) is not None:
             from ..multimodal import ImageProcessorConfig
 
             image_processor = ImageProcessorConfig.from_pretrained(resolve_model_path(model_path))
-    return EngineCore(model, tokenizer, config, model_name=name, image_processor=image_processor)
+    try:
+        return EngineCore(model, tokenizer, config, model_name=name, image_processor=image_processor, workers=workers)
+    except BaseException:
+        if workers is not None:
+            workers.close()
+        raise
 
 
 class EngineCore:
@@ -93,8 +122,9 @@ class EngineCore:
     (AsyncLLM runs it on its own thread)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, config: EngineConfig | None = None,
-                 model_name: str | None = None, image_processor=None):
+                 model_name: str | None = None, image_processor=None, workers=None):
         config = config or EngineConfig()
+        self.workers = workers  # tensor parallelism: moonlet.engine.parallel.Workers (ranks 1..W-1)
         self.vision: VisionInputs | None = None
         if getattr(model, "vision_tower", None) is not None:  # a VisionLanguageModel: run its text model
             vlm, model = model, model.language_model
@@ -120,25 +150,13 @@ class EngineCore:
         self.config = resolve(config, model.config, model.device, model.dtype)
         rc = self.config
         self.model_name = config.model_name or model_name or "moonlet"
-        # with decode graphs, one block more than the cache manager hands out: the padding rows' scratch
-        scratch = 1 if rc.decode_graphs != "off" else 0
-        self.pool = LatentCachePool(model.config.num_hidden_layers, rc.num_blocks + scratch, rc.block_size,
-                                    model.config.latent_dim, dtype=model.dtype, device=model.device,
-                                    layer_ids=latent_layer_ids(model.config))
         hybrid = bool(model.config.kda_layer_ids)
         self.cache = KVCacheManager(rc.num_blocks, rc.block_size, rc.enable_prefix_caching,
                                     state_slots=rc.max_num_seqs if hybrid else 0, state_snapshots=rc.state_snapshots)
         self.proposer = NgramProposer(rc.speculative, rc.max_model_len) if rc.speculative is not None else None
         self.scheduler = Scheduler(self.cache, rc.max_num_seqs, rc.max_num_batched_tokens, rc.enable_chunked_prefill,
                                    proposer=self.proposer)
-        states = RecurrentStates(model.config, rc.max_num_seqs, model.dtype, model.device,
-                                 num_snapshots=rc.state_snapshots, scratch_row=bool(scratch)) if hybrid else None
-        self.runner = ModelRunner(self.model, self.pool, expanded_prefill=rc.expanded_prefill,
-                                  triton_decode=rc.triton_decode, states=states)
-        if rc.decode_graphs != "off":
-            self.runner.enable_decode_graphs(scratch_block=rc.num_blocks, max_model_len=rc.max_model_len,
-                                             batch_sizes=rc.decode_graph_batch_sizes,
-                                             capture=rc.decode_graphs == "cuda")
+        self.pool, _, self.runner = build_runner(self.model, rc, workers)
         self.sampler = Sampler(model.device, rc.seed)
         self.requests: dict[str, Sequence] = {}
         self._grammars: GrammarCache | None = None  # made on the first structured-output request
@@ -158,6 +176,11 @@ class EngineCore:
     @property
     def max_model_len(self) -> int:
         return self.config.max_model_len
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent; the engine cannot step afterwards)."""
+        if self.workers is not None:
+            self.workers.close()
 
     @property
     def supports_images(self) -> bool:

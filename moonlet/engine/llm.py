@@ -31,6 +31,16 @@ class LLM:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    def close(self) -> None:
+        """Release what outlives the object otherwise: tensor-parallel worker processes."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def model_name(self) -> str:
         return self.engine.model_name

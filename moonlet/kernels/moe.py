@@ -87,11 +87,13 @@ def sort_by_group(indices: torch.Tensor, num_groups: int) -> tuple[torch.Tensor,
 
 
 def grouped_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
-                    experts: StackedExperts) -> torch.Tensor:
+                    experts: StackedExperts, skip_outside: bool = False) -> torch.Tensor:
     """Σ_k weights[t, k] · expert_{indices[t, k]}(x[t]) (+ the shared expert when ``experts.shared_slot``).
 
     x [N, H]; weights [N, k] (float32 from the router); indices [N, k] in [0, num routed experts).
     Inference only: no autograd (training uses the per-expert loop).
+    ``skip_outside`` (expert parallelism): an index of ``num_groups`` marks a slot another rank
+    computes; such slots sort after every group, grouped_mm leaves their rows unwritten, and they add 0.
     Returns [N, H] in x.dtype. As in the per-expert loop, each expert's output is rounded to x.dtype
     and its product with the float32 routing weight is computed in float32 and rounded once; the sum
     over a token's slots then accumulates in float32 (the loop adds in x.dtype) and is
@@ -114,6 +116,9 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
     y = F.grouped_mm(act, experts.down.transpose(1, 2), offs=offs)  # [N*k, H']
     # Each row times its routing weight: computed in float32 (the weights' dtype), rounded once to x.dtype.
     y.mul_(weights.reshape(-1).index_select(0, order).unsqueeze(-1))
+    if skip_outside:  # rows past the last group's end hold whatever the allocator left there
+        computed = indices.reshape(-1).index_select(0, order) < experts.num_groups
+        y = torch.where(computed.unsqueeze(-1), y, y.new_zeros(()))
     # Back to token order: row j of y belongs to flat slot order[j]. A gather through the inverse
     # permutation (no accumulation, deterministic; index_copy_ is far slower on CPU).
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=order.device))

@@ -103,20 +103,32 @@ class MoE(nn.Module):
         # not a buffer, so state_dict and .to() see only the per-expert views).
         self.stacked = None
         self._stack_ptrs: tuple[int, ...] = ()
+        # Expert parallelism (set by moonlet.parallel.shard_transformer): this module holds the routed
+        # experts [expert_offset, expert_offset + len(experts)) and its share of the shared experts'
+        # intermediate dimension; ``tp`` sums every rank's partial output.
+        self.expert_offset: int | None = None
+        self.tp = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, indices = self.gate(flat)
+        if self.expert_offset is not None:  # slots routed to other ranks' experts get index len(experts): skipped
+            indices = indices - self.expert_offset
+            elsewhere = (indices < 0) | (indices >= len(self.experts))
+            indices = indices.masked_fill(elsewhere, len(self.experts))
+            weights = weights.masked_fill(elsewhere, 0.0)
         # Training keeps the loop: gradients flow per expert Linear (and Muon works per expert
         # matrix anyway); the grouped path serves inference once fuse_experts() has run.
         stacked = self._current_stack() if self.stacked is not None and not torch.is_grad_enabled() else None
         if stacked is not None:
-            out = grouped_experts(flat, weights, indices, stacked)
+            out = grouped_experts(flat, weights, indices, stacked, skip_outside=self.expert_offset is not None)
         else:
             out = self.route_tokens(flat, weights, indices)
         if self.shared_experts is not None and (stacked is None or not stacked.shared_slot):
             out = out + self.shared_experts(flat)
+        if self.tp is not None:
+            self.tp.all_reduce(out)
         return out.view(shape)
 
     @torch.no_grad()
@@ -135,7 +147,10 @@ class MoE(nn.Module):
             return
         mlps = list(self.experts)
         shared = self.shared_experts
-        shared_slot = shared is not None and shared.gate_proj.weight.shape == mlps[0].gate_proj.weight.shape
+        # (not under expert parallelism: there the shared expert's share is summed with the routed
+        # experts' partial outputs, and the group index past the local experts marks skipped slots)
+        shared_slot = (shared is not None and self.expert_offset is None
+                       and shared.gate_proj.weight.shape == mlps[0].gate_proj.weight.shape)
         if shared_slot:
             mlps.append(shared)
         self.stacked = None  # release the previous stack before allocating the new one
@@ -168,11 +183,12 @@ class MoE(nn.Module):
         return self.stacked
 
     def route_tokens(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Σ_k weights[:, k] · expert[indices[:, k]](x), visiting only the experts some token chose."""
+        """Σ_k weights[:, k] · expert[indices[:, k]](x), visiting only the experts some token chose
+        (an index of len(experts) or more marks a slot computed elsewhere: skipped)."""
         out = torch.zeros_like(x)
         flat_idx = indices.reshape(-1)
         order = flat_idx.argsort(stable=True)
-        counts = torch.bincount(flat_idx, minlength=len(self.experts)).tolist()
+        counts = torch.bincount(flat_idx, minlength=len(self.experts)).tolist()[:len(self.experts)]
         token_of = order // indices.shape[1]
         weight_of = weights.reshape(-1)[order]
         start = 0
