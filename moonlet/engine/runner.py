@@ -146,9 +146,15 @@ class ModelRunner:
         per sequence, in order, or ``1 + len(drafts)`` consecutive rows for a sequence verifying drafts
         (``batch.draft_tokens``). With tensor-parallel workers, they run the same step alongside."""
         step = self.prepare(batch)
-        if self.workers is not None:
+        if self.workers is None:
+            rows, logits = self.run(step)
+        else:
             self.workers.send_step(step)
-        rows, logits = self.run(step)
+            try:
+                rows, logits = self.run(step)
+            except Exception as e:
+                self.workers.failed(e)
+                raise
         return [batch.seqs[i] for i in rows], logits
 
     @torch.inference_mode()

@@ -1,0 +1,150 @@
+"""Tensor / expert parallelism (moonlet.parallel, moonlet.engine.parallel) on the CPU over gloo.
+
+The reference is the same checkpoint run whole in one process: the sharded model's logits must equal
+the full model's, and a tensor-parallel engine must give the same greedy tokens (and nearly the same
+log-probabilities) as a single-process engine, through prefix-cache hits, chunked prefill, speculative
+drafts and the decode-graph path."""
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from moonlet.engine import LLM, SamplingParams
+from moonlet.engine.parallel import WorkerError
+from moonlet.model import Transformer
+from moonlet.parallel import TensorParallel, shard_transformer
+from moonlet.testing import random_model, tiny_k2_config, tiny_kimi_linear_config, tiny_v2_lite_config
+from moonlet.weights import load_model, save_model
+
+CONFIGS = {
+    "k2": lambda: tiny_k2_config(),
+    # two shared experts: with 2 ranks each one's share of them is one routed expert's size
+    "v2-lite": lambda: tiny_v2_lite_config(),
+    # a vocabulary 2 does not divide (uneven last range) and a tied head
+    "k2-odd-vocab-tied": lambda: tiny_k2_config(vocab_size=301, tie_word_embeddings=True),
+}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sharded_logits(rank: int, world: int, port: int, path: str, ids: torch.Tensor, out: dict) -> None:
+    torch.set_num_threads(1)
+    tp = TensorParallel.connect(rank, world, "127.0.0.1", port, torch.device("cpu"), timeout_s=120)
+    model = load_model(path, dtype=torch.float32, tensor_parallel=tp)
+    with torch.no_grad():
+        logits = model(ids)
+    experts = {name.split(".mlp.experts.")[1].split(".")[0] for name in model.state_dict() if ".mlp.experts." in name}
+    out[rank] = (logits, len(experts))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_sharded_model_matches_the_whole_model(tmp_path, name):
+    config = CONFIGS[name]()
+    save_model(random_model(config, seed=5), tmp_path)
+    whole = load_model(tmp_path, dtype=torch.float32)
+    ids = torch.randint(0, config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expect = whole(ids)
+    manager = mp.get_context("spawn").Manager()
+    out = manager.dict()
+    mp.spawn(_sharded_logits, args=(2, _port(), str(tmp_path), ids, out), nprocs=2, join=True)
+    for rank in range(2):
+        logits, num_experts = out[rank]
+        assert logits.shape == expect.shape
+        torch.testing.assert_close(logits, expect, atol=2e-5, rtol=1e-4)
+        assert num_experts == config.n_routed_experts // 2  # each rank holds (and read) half of them
+
+
+class _FakeGroup:
+    pass
+
+
+@pytest.mark.parametrize("world, field, factory", [
+    (3, "num_attention_heads", tiny_k2_config),
+    (16, "n_routed_experts", lambda: tiny_k2_config(num_attention_heads=16)),
+])
+def test_sharding_refuses_uneven_splits(world, field, factory):
+    with torch.device("meta"):
+        model = Transformer(factory())
+    with pytest.raises(ValueError, match=f"{field}.*not divisible by tensor_parallel_size {world}"):
+        shard_transformer(model, TensorParallel(0, world, _FakeGroup()))
+
+
+def test_sharding_refuses_kda_layers():
+    with torch.device("meta"):
+        model = Transformer(tiny_kimi_linear_config())
+    with pytest.raises(ValueError, match="Kimi Delta Attention"):
+        shard_transformer(model, TensorParallel(0, 2, _FakeGroup()))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tp-k2")
+    save_model(random_model(tiny_k2_config(), seed=3), path)
+    return path
+
+
+PROMPTS = [[5, 9, 33, 7, 2, 11], [5, 9, 33, 7, 2, 11, 40, 41], list(range(20, 90)), [7, 8, 7, 8, 7, 8, 7, 8, 7]]
+
+
+def _run(path, **engine_args):
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=2)
+    with LLM(str(path), dtype="float32", block_size=4, num_blocks=96, max_num_batched_tokens=32,
+             **engine_args) as llm:
+        first = llm.generate(PROMPTS[:1], params)  # then the second prompt extends a cached prefix
+        rest = llm.generate(PROMPTS[1:], params)
+        return first + rest, llm.stats()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [{}, {"speculative": "ngram", "num_speculative_tokens": 3},
+                                   {"decode_graphs": "eager", "decode_graph_batch_sizes": (1, 2, 4)}],
+                         ids=["plain", "ngram", "graphs"])
+def test_engine_tokens_match_a_single_process(checkpoint, extra):
+    expect, _ = _run(checkpoint, **extra)
+    got, stats = _run(checkpoint, tensor_parallel_size=2, **extra)
+    assert stats["prefix_cache_hits"] > 0  # the cached prefix was served on both ranks' pools
+    for a, b in zip(expect, got):
+        assert b.token_ids == a.token_ids
+        for la, lb in zip(a.logprobs, b.logprobs):
+            assert la.keys() == lb.keys()
+            for token in la:
+                assert lb[token] == pytest.approx(la[token], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_dead_worker_is_a_clear_error(checkpoint):
+    llm = LLM(str(checkpoint), dtype="float32", block_size=4, num_blocks=32, tensor_parallel_size=2)
+    try:
+        proc = llm.engine.workers.procs[0]
+        proc.kill()
+        proc.join(10)
+        with pytest.raises(WorkerError, match="rank 1"):
+            llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))
+    finally:
+        llm.close()
+    assert not proc.is_alive()
+
+
+def test_tensor_parallel_needs_a_checkpoint_path_and_a_valid_size(checkpoint):
+    with pytest.raises(ValueError, match="pass model_path"):
+        LLM(model=random_model(tiny_k2_config()), tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="tensor_parallel_size=0"):
+        LLM(str(checkpoint), tensor_parallel_size=0)
+
+
+@pytest.mark.slow
+def test_an_unsplittable_model_stops_the_workers(checkpoint):
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    with pytest.raises(ValueError, match="num_attention_heads \\(4\\) is not divisible by tensor_parallel_size 3"):
+        LLM(str(checkpoint), dtype="float32", num_blocks=16, tensor_parallel_size=3)
+    left = [p for p in multiprocessing.active_children() if p not in before]
+    assert not left
