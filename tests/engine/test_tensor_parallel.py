@@ -119,6 +119,36 @@ def test_engine_tokens_match_a_single_process(checkpoint, extra):
 
 
 @pytest.mark.slow
+def test_moba_layers_under_tensor_parallelism(tmp_path):
+    """MoBA picks blocks per head from the cache's page sums: with the heads split, each rank picks for
+    its own heads, which must give the single-process tokens."""
+    save_model(random_model(tiny_k2_config(moba_config={"block_size": 8, "top_k": 2}), seed=7), tmp_path)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = [list(range(30, 100)), list(range(200, 241))]
+    runs = []
+    for world in (1, 2):
+        with LLM(str(tmp_path), dtype="float32", block_size=8, num_blocks=64, max_num_batched_tokens=24,
+                 tensor_parallel_size=world) as llm:
+            runs.append([o.token_ids for o in llm.generate(prompts, params)])
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_engine_on_two_gpus_matches_one(checkpoint):
+    """NCCL, decode graphs captured on both ranks, the Triton decode kernel: float32 greedy tokens equal
+    the single-GPU engine's."""
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    runs = []
+    for world in (1, 2):
+        with LLM(str(checkpoint), device="cuda", dtype="float32", num_blocks=64, max_num_seqs=8,
+                 tensor_parallel_size=world) as llm:
+            runs.append([o.token_ids for o in llm.generate(PROMPTS, params)])
+            if world == 2:
+                assert llm.engine.runner.graph_steps > 0
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.slow
 def test_a_dead_worker_is_a_clear_error(checkpoint):
     llm = LLM(str(checkpoint), dtype="float32", block_size=4, num_blocks=32, tensor_parallel_size=2)
     try:
