@@ -2,6 +2,8 @@
 
 The split (Megatron-style for attention and dense MLPs, expert parallel for the routed experts):
 
+- Kimi Delta Attention (hybrid models): heads split the same way (their q/k/v projections, short
+  convolutions, gates, decay parameters), ``o_proj`` reduced; each rank keeps its heads' recurrent state.
 - MLA: each rank holds ``num_attention_heads / world_size`` heads: its rows of ``q_b_proj`` (or
   ``q_proj``) and ``kv_b_proj``, and the matching columns of ``o_proj``, whose partial outputs are
   summed by one all-reduce. The down-projections to the latent (``q_a_proj``,
@@ -194,7 +196,7 @@ def shard_transformer(model: nn.Module, tp: TensorParallel) -> dict[str, Shard]:
     """Turn a full ``Transformer`` (normally built on the meta device, before loading) into this rank's
     part, in place, and return where each of its tensors comes from: ``{local name: Shard}``. Tensors
     not listed are replicated under their own name. Raises ValueError when the model cannot be split
-    ``tp.world_size`` ways (head, expert, intermediate counts not divisible; KDA layers)."""
+    ``tp.world_size`` ways (head, expert, intermediate counts not divisible)."""
     with torch.device(model.lm_head.weight.device):  # new modules where the model is (the meta device, loading)
         return _shard_transformer(model, tp)
 
@@ -203,11 +205,10 @@ def _shard_transformer(model: nn.Module, tp: TensorParallel) -> dict[str, Shard]
     from .model.attention import MLAttention
     from .model.moe import MLP, MoE
 
+    from .model.kda import KimiDeltaAttention, ShortConvolution
+
     config = model.config
     shards: dict[str, Shard] = {}
-    if config.kda_layer_ids:
-        raise ValueError(f"tensor parallelism does not support models with Kimi Delta Attention layers yet "
-                         f"(layers {list(config.kda_layer_ids)}); run this model with tensor_parallel_size 1")
     dtype = model.lm_head.weight.dtype
 
     def note(local: str, source: str, dim: int, start: int, size: int) -> None:
@@ -257,6 +258,29 @@ def _shard_transformer(model: nn.Module, tp: TensorParallel) -> dict[str, Shard]
             o = RowParallelLinear(heads * v, config.hidden_size, attn.o_proj.bias is not None, tp)
             attn.o_proj = o.to(dtype=dtype)
             note(f"{p}.self_attn.o_proj.weight", f"{p}.self_attn.o_proj.weight", 1, start * v, heads * v)
+            attn.num_heads = heads
+        elif isinstance(attn, KimiDeltaAttention):
+            start, heads = tp.split(attn.num_heads, "linear_attn_config num_heads")
+            d = attn.head_dim
+            lo, n = start * d, heads * d  # channels of this rank's heads in every [H·d] dimension
+            hidden = config.hidden_size
+            for name in ("q_proj", "k_proj", "v_proj"):
+                setattr(attn, name, _linear(hidden, n, False, getattr(attn, name)))
+                note(f"{p}.self_attn.{name}.weight", f"{p}.self_attn.{name}.weight", 0, lo, n)
+                conv = f"{name[0]}_conv1d"
+                setattr(attn, conv, ShortConvolution(n, attn.conv_size).to(dtype=dtype))
+                note(f"{p}.self_attn.{conv}.weight", f"{p}.self_attn.{conv}.weight", 0, lo, n)
+            for name in ("f_b_proj", "g_b_proj"):
+                setattr(attn, name, _linear(d, n, False, getattr(attn, name)))
+                note(f"{p}.self_attn.{name}.weight", f"{p}.self_attn.{name}.weight", 0, lo, n)
+            attn.b_proj = _linear(hidden, heads, False, attn.b_proj)
+            note(f"{p}.self_attn.b_proj.weight", f"{p}.self_attn.b_proj.weight", 0, start, heads)
+            attn.A_log = nn.Parameter(torch.empty(1, 1, heads, 1, dtype=torch.float32))
+            note(f"{p}.self_attn.A_log", f"{p}.self_attn.A_log", 2, start, heads)
+            attn.dt_bias = nn.Parameter(torch.empty(n, dtype=torch.float32))
+            note(f"{p}.self_attn.dt_bias", f"{p}.self_attn.dt_bias", 0, lo, n)
+            attn.o_proj = RowParallelLinear(n, hidden, False, tp).to(dtype=dtype)
+            note(f"{p}.self_attn.o_proj.weight", f"{p}.self_attn.o_proj.weight", 1, lo, n)
             attn.num_heads = heads
         mlp = layer.mlp
         if isinstance(mlp, MoE):

@@ -67,8 +67,11 @@ def build_runner(model, rc, workers=None):
     scratch = 1 if rc.decode_graphs != "off" else 0
     pool = LatentCachePool(config.num_hidden_layers, rc.num_blocks + scratch, rc.block_size, config.latent_dim,
                            dtype=model.dtype, device=model.device, layer_ids=latent_layer_ids(config))
-    states = RecurrentStates(config, rc.max_num_seqs, model.dtype, model.device, num_snapshots=rc.state_snapshots,
-                             scratch_row=bool(scratch)) if config.kda_layer_ids else None
+    states = None
+    if config.kda_layer_ids:
+        heads = model.model.layers[config.kda_layer_ids[0]].self_attn.num_heads  # this rank's share
+        states = RecurrentStates(config, rc.max_num_seqs, model.dtype, model.device,
+                                 num_snapshots=rc.state_snapshots, scratch_row=bool(scratch), num_heads=heads)
     runner = ModelRunner(model, pool, expanded_prefill=rc.expanded_prefill, triton_decode=rc.triton_decode,
                          states=states)
     runner.workers = workers

@@ -34,15 +34,18 @@ from ..model.kda import KDAState
 
 
 class RecurrentStates:
-    """The KDA layers' state rows: for each KDA layer, q/k/v conv states [rows, kernel − 1, H·d] in the
+    """The KDA layers' state rows (``num_heads``: H when it is not the config's, as on a tensor-parallel
+    rank): for each KDA layer, q/k/v conv states [rows, kernel − 1, H·d] in the
     model's dtype and S [rows, H, d, d] in float32. Rows 0 .. num_slots − 1 are the running sequences'
     slots, the next num_snapshots rows the snapshots (snapshot r is row num_slots + r), and with
     ``scratch_row=True`` one last row for the padding rows of decode graphs (``self.scratch_row``)."""
 
     def __init__(self, config, num_slots: int, dtype: torch.dtype, device, num_snapshots: int = 0,
-                 scratch_row: bool = False):
+                 scratch_row: bool = False, num_heads: int | None = None):
         lin = config.linear_attn_config
         H, d, k = lin["num_heads"], lin["head_dim"], lin["short_conv_kernel_size"]
+        if num_heads is not None:  # a tensor-parallel rank: its share of the heads
+            H = num_heads
         self.num_slots, self.num_snapshots = num_slots, num_snapshots
         self.device = device
         rows = num_slots + num_snapshots + (1 if scratch_row else 0)

@@ -24,6 +24,8 @@ CONFIGS = {
     "v2-lite": lambda: tiny_v2_lite_config(),
     # a vocabulary 2 does not divide (uneven last range) and a tied head
     "k2-odd-vocab-tied": lambda: tiny_k2_config(vocab_size=301, tie_word_embeddings=True),
+    # Kimi Linear: KDA heads split too (projections, convolutions, gates, decay parameters)
+    "kimi-linear": lambda: tiny_kimi_linear_config(),
 }
 
 
@@ -76,11 +78,29 @@ def test_sharding_refuses_uneven_splits(world, field, factory):
         shard_transformer(model, TensorParallel(0, world, _FakeGroup()))
 
 
-def test_sharding_refuses_kda_layers():
+def test_sharding_refuses_uneven_kda_heads():
     with torch.device("meta"):
-        model = Transformer(tiny_kimi_linear_config())
-    with pytest.raises(ValueError, match="Kimi Delta Attention"):
-        shard_transformer(model, TensorParallel(0, 2, _FakeGroup()))
+        model = Transformer(tiny_kimi_linear_config(num_attention_heads=4))
+    with pytest.raises(ValueError, match="linear_attn_config num_heads \\(2\\) is not divisible by "
+                                         "tensor_parallel_size 4"):
+        shard_transformer(model, TensorParallel(0, 4, _FakeGroup()))
+
+
+@pytest.mark.slow
+def test_hybrid_model_under_tensor_parallelism(tmp_path):
+    """Kimi Linear: each rank keeps its heads' KDA state; prefix hits resume from state snapshots on every
+    rank. Same tokens as one process."""
+    save_model(random_model(tiny_kimi_linear_config(), seed=2), tmp_path)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = [list(range(3, 40)), list(range(3, 40)) + [5, 6, 7], [9, 8, 7, 6, 5, 4]]
+    runs = []
+    for world in (1, 2):
+        with LLM(str(tmp_path), dtype="float32", block_size=4, num_blocks=64, max_num_batched_tokens=16,
+                 tensor_parallel_size=world) as llm:
+            out = llm.generate(prompts[:1], params) + llm.generate(prompts[1:], params)
+            runs.append([o.token_ids for o in out])
+            assert llm.stats()["state_snapshots_restored"] > 0
+    assert runs[0] == runs[1]
 
 
 @pytest.fixture(scope="module")
