@@ -198,3 +198,38 @@ def test_an_unsplittable_model_stops_the_workers(checkpoint):
         LLM(str(checkpoint), dtype="float32", num_blocks=16, tensor_parallel_size=3)
     left = [p for p in multiprocessing.active_children() if p not in before]
     assert not left
+
+
+@pytest.mark.slow
+def test_image_requests_under_tensor_parallelism(tmp_path):
+    """The vision tower runs on rank 0 only; the workers get the image feature rows with the step."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from moonlet.config import ModelConfig
+    from moonlet.model.vision import VisionLanguageModel
+    from moonlet.testing import TINY_VISION_CONFIG, tiny_image_processor
+
+    pad = 300
+    outer = {"model_type": "kimi_k25", "media_placeholder_token_id": pad, "text_config": tiny_k2_config().to_dict(),
+             "vision_config": TINY_VISION_CONFIG}
+    cfg = ModelConfig.from_dict(outer)
+    vlm = VisionLanguageModel(cfg, random_model(cfg, seed=1)).init_vision_weights(11, std=0.05).eval()
+    save_model(vlm, tmp_path, dtype=torch.float32)
+    images = []
+    for seed in (1, 2):
+        buf = io.BytesIO()
+        pixels = np.random.default_rng(seed).integers(0, 256, size=(20, 28, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(buf, format="PNG")
+        images.append(buf.getvalue())
+    requests = [{"prompt": [5, 7, pad, 9, 11], "images": images[:1]},
+                {"prompt": [5, pad, 8, pad, 6], "images": images}, [4, 5, 6, 7]]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    runs = []
+    for world in (1, 2):
+        with LLM(str(tmp_path), image_processor=tiny_image_processor(), dtype="float32", block_size=4,
+                 num_blocks=64, max_num_batched_tokens=8, tensor_parallel_size=world) as llm:
+            runs.append([o.token_ids for o in llm.generate(requests, params)])
+    assert runs[0] == runs[1]
