@@ -66,6 +66,10 @@ class EngineConfig:
     # vision models: bytes of projected image features kept by image content (LRU), so an image sent
     # again in another prompt is not encoded again; default IMAGE_FEATURE_CACHE_BYTES, 0 turns it off
     image_feature_cache_memory: int | str | None = None
+    # quantized checkpoints (block FP8, INT4 experts): "keep" computes from the stored weights
+    # (moonlet.model.quantized; Triton kernels on CUDA), "dequantize" turns them into dtype weights
+    # while loading. Default: keep on CUDA, dequantize elsewhere. Plain checkpoints load the same either way.
+    quantization: str | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -91,6 +95,8 @@ class EngineConfig:
                              f"'absorbed'")
         if self.decode_kernel not in (None, "triton", "reference"):
             raise ValueError(f"engine argument decode_kernel={self.decode_kernel!r} must be 'triton' or 'reference'")
+        if self.quantization not in (None, "keep", "dequantize"):
+            raise ValueError(f"engine argument quantization={self.quantization!r} must be 'keep' or 'dequantize'")
         if self.decode_graphs not in (None, "cuda", "eager", "off"):
             raise ValueError(f"engine argument decode_graphs={self.decode_graphs!r} must be 'cuda', 'eager' or 'off'")
         if self.decode_graph_batch_sizes is not None and (
@@ -266,6 +272,10 @@ def add_engine_cli_args(parser) -> None:
     g.add_argument("--image-feature-cache-memory", default=None,
                    help="vision models: bytes of projected image features kept by image content, so an image "
                         "sent again is not re-encoded, e.g. 256MiB (default 256MiB; 0 turns it off)")
+    g.add_argument("--quantization", choices=["keep", "dequantize"], default=None,
+                   help="quantized checkpoints (block FP8, INT4 experts): keep the stored weights and compute "
+                        "from them, or dequantize them to --dtype while loading (default: keep on GPU, "
+                        "dequantize on CPU)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model and cache dtype (default: the checkpoint's)")
@@ -283,7 +293,7 @@ def engine_args_from_cli(args) -> dict:
         engine_seed="seed", prefill_attention="prefill_attention", decode_graphs="decode_graphs",
         decode_kernel="decode_kernel", state_snapshots="state_snapshots", speculative="speculative",
         num_speculative_tokens="num_speculative_tokens", ngram_max="ngram_max", ngram_min="ngram_min",
-        image_feature_cache_memory="image_feature_cache_memory",
+        image_feature_cache_memory="image_feature_cache_memory", quantization="quantization",
     )
     out = {field: getattr(args, attr) for attr, field in names.items() if getattr(args, attr, None) is not None}
     for flag in ("enable_prefix_caching", "enable_chunked_prefill"):
