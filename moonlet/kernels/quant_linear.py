@@ -151,6 +151,16 @@ if triton is not None:
         return q * s
 
     @triton.jit
+    def _round_to(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
+        """x (fp32) rounded to ``dtype``. The interpreter's fp32 -> bf16 conversion truncates (the GPU
+        rounds to nearest even), so under it the rounding is done on the bits first, exactly."""
+        if EMULATE_RNE:
+            bits = x.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            x = bits.to(tl.float32, bitcast=True)
+        return x.to(dtype)
+
+    @triton.jit
     def _quant_gemm_kernel(
         a_ptr, rows_ptr, groups_ptr,
         w_ptr, s_ptr, u_ptr, us_ptr,  # u / us: the up-projection stack (SWIGLU only)
@@ -164,7 +174,8 @@ if triton is not None:
         GROUPED: tl.constexpr, SWIGLU: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
-        DOTS_IN_FP32: tl.constexpr,  # interpreter only: its tl.dot mistakes bf16 for uint16
+        DOTS_IN_FP32: tl.constexpr,  # interpreter + bf16 only: fp32 dots (its tl.dot mistakes bf16 for
+                                     # uint16) and round-to-nearest by hand (its bf16 conversion truncates)
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -196,28 +207,28 @@ if triton is not None:
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w_mask = k_ok[:, None] & n_ok[None, :]
             # Round the dequantized tile to the activations' dtype, as the reference's dense weight is.
-            w = _dequant_tile(w_ptr, s_ptr, offs_n, offs_k, w_mask, w_sn, w_sk, s_sn, s_sk,
-                              INT4, SCALE_ROWS, SCALE_COLS).to(a_ptr.dtype.element_ty)
+            w = _round_to(_dequant_tile(w_ptr, s_ptr, offs_n, offs_k, w_mask, w_sn, w_sk, s_sn, s_sk,
+                                        INT4, SCALE_ROWS, SCALE_COLS), a_ptr.dtype.element_ty, DOTS_IN_FP32)
             if DOTS_IN_FP32:
                 a = a.to(tl.float32)
                 w = w.to(tl.float32)
             acc = tl.dot(a, w, acc=acc, input_precision=DOT_PRECISION)
             if SWIGLU:
-                u = _dequant_tile(u_ptr, us_ptr, offs_n, offs_k, w_mask, w_sn, w_sk, s_sn, s_sk,
-                                  INT4, SCALE_ROWS, SCALE_COLS).to(a_ptr.dtype.element_ty)
+                u = _round_to(_dequant_tile(u_ptr, us_ptr, offs_n, offs_k, w_mask, w_sn, w_sk, s_sn, s_sk,
+                                            INT4, SCALE_ROWS, SCALE_COLS), a_ptr.dtype.element_ty, DOTS_IN_FP32)
                 if DOTS_IN_FP32:
                     u = u.to(tl.float32)
                 acc_u = tl.dot(a, u, acc=acc_u, input_precision=DOT_PRECISION)
 
         if SWIGLU:
             # As the reference: gate and up rounded to the output dtype, silu(gate) · up in fp32, rounded once.
-            g = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
-            up = acc_u.to(c_ptr.dtype.element_ty).to(tl.float32)
+            g = _round_to(acc, c_ptr.dtype.element_ty, DOTS_IN_FP32).to(tl.float32)
+            up = _round_to(acc_u, c_ptr.dtype.element_ty, DOTS_IN_FP32).to(tl.float32)
             out = g * tl.sigmoid(g) * up
         else:
             out = acc
         tl.store(c_ptr + rows.to(tl.int64)[:, None] * c_s0 + offs_n[None, :] * c_s1,
-                 out.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+                 _round_to(out, c_ptr.dtype.element_ty, DOTS_IN_FP32), mask=row_ok[:, None] & n_ok[None, :])
 
 
 def _check_triton(x: torch.Tensor, what: str) -> None:
