@@ -440,7 +440,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
 
     Reads model_type kimi_k2, kimi_k25 (the text model; ``language_model.`` prefixes and vision
     tensors are handled), deepseek_v3, deepseek_v2 and kimi_linear (its MoE names mapped); sharded (index) or single-file checkpoints;
-    bf16/fp32 weights, block-FP8 and compressed-tensors INT4 (dequantized while loading). MTP layers
+    bf16/fp32 weights, block-FP8 and compressed-tensors INT4 (dequantized while loading, or kept: see
+    ``quantized`` below). MTP layers
     and stray ``rotary_emb.inv_freq`` tensors are skipped. The model is built on the meta device and
     each tensor is materialized once, directly in its final dtype on ``device``, shard by shard,
     so host memory peaks near the model's size plus one tensor.
