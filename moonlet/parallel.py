@@ -188,8 +188,9 @@ class ParallelLMHead(nn.Linear):
 
 # ---- splitting a model ----------------------------------------------------------------------------
 
-def _linear(in_features: int, out_features: int, bias: bool, like: nn.Linear) -> nn.Linear:
-    return nn.Linear(in_features, out_features, bias=bias, dtype=like.weight.dtype)
+def _linear(in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> nn.Linear:
+    # a plain linear even where the full model had a quantized one: split weights are loaded dequantized
+    return nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
 
 
 def shard_transformer(model: nn.Module, tp: TensorParallel) -> dict[str, Shard]:
@@ -218,12 +219,12 @@ def _shard_transformer(model: nn.Module, tp: TensorParallel) -> dict[str, Shard]
         inter = mlp.gate_proj.out_features
         start, size = tp.split(inter, f"{prefix} intermediate size")
         hidden = mlp.gate_proj.in_features
-        mlp.gate_proj = _linear(hidden, size, False, mlp.gate_proj)
-        mlp.up_proj = _linear(hidden, size, False, mlp.up_proj)
+        mlp.gate_proj = _linear(hidden, size, False, dtype)
+        mlp.up_proj = _linear(hidden, size, False, dtype)
         if reduce:
             down = RowParallelLinear(size, hidden, False, tp).to(dtype=dtype)
         else:  # the MoE reduces routed + shared once
-            down = _linear(size, hidden, False, mlp.down_proj)
+            down = _linear(size, hidden, False, dtype)
         mlp.down_proj = down
         for name in ("gate_proj", "up_proj"):
             note(f"{prefix}.{name}.weight", f"{prefix}.{name}.weight", 0, start, size)
@@ -247,12 +248,12 @@ def _shard_transformer(model: nn.Module, tp: TensorParallel) -> dict[str, Shard]
             start, heads = tp.split(attn.num_heads, "num_attention_heads")
             qk, kvb = attn.qk_head_dim, attn.qk_nope_head_dim + attn.v_head_dim
             if attn.q_lora_rank:
-                attn.q_b_proj = _linear(attn.q_lora_rank, heads * qk, False, attn.q_b_proj)
+                attn.q_b_proj = _linear(attn.q_lora_rank, heads * qk, False, dtype)
                 note(f"{p}.self_attn.q_b_proj.weight", f"{p}.self_attn.q_b_proj.weight", 0, start * qk, heads * qk)
             else:
-                attn.q_proj = _linear(attn.q_proj.in_features, heads * qk, False, attn.q_proj)
+                attn.q_proj = _linear(attn.q_proj.in_features, heads * qk, False, dtype)
                 note(f"{p}.self_attn.q_proj.weight", f"{p}.self_attn.q_proj.weight", 0, start * qk, heads * qk)
-            attn.kv_b_proj = _linear(attn.kv_lora_rank, heads * kvb, False, attn.kv_b_proj)
+            attn.kv_b_proj = _linear(attn.kv_lora_rank, heads * kvb, False, dtype)
             note(f"{p}.self_attn.kv_b_proj.weight", f"{p}.self_attn.kv_b_proj.weight", 0, start * kvb, heads * kvb)
             v = attn.v_head_dim
             o = RowParallelLinear(heads * v, config.hidden_size, attn.o_proj.bias is not None, tp)
@@ -265,15 +266,15 @@ def _shard_transformer(model: nn.Module, tp: TensorParallel) -> dict[str, Shard]
             lo, n = start * d, heads * d  # channels of this rank's heads in every [H·d] dimension
             hidden = config.hidden_size
             for name in ("q_proj", "k_proj", "v_proj"):
-                setattr(attn, name, _linear(hidden, n, False, getattr(attn, name)))
+                setattr(attn, name, _linear(hidden, n, False, dtype))
                 note(f"{p}.self_attn.{name}.weight", f"{p}.self_attn.{name}.weight", 0, lo, n)
                 conv = f"{name[0]}_conv1d"
                 setattr(attn, conv, ShortConvolution(n, attn.conv_size).to(dtype=dtype))
                 note(f"{p}.self_attn.{conv}.weight", f"{p}.self_attn.{conv}.weight", 0, lo, n)
             for name in ("f_b_proj", "g_b_proj"):
-                setattr(attn, name, _linear(d, n, False, getattr(attn, name)))
+                setattr(attn, name, _linear(d, n, False, dtype))
                 note(f"{p}.self_attn.{name}.weight", f"{p}.self_attn.{name}.weight", 0, lo, n)
-            attn.b_proj = _linear(hidden, heads, False, attn.b_proj)
+            attn.b_proj = _linear(hidden, heads, False, dtype)
             note(f"{p}.self_attn.b_proj.weight", f"{p}.self_attn.b_proj.weight", 0, start, heads)
             attn.A_log = nn.Parameter(torch.empty(1, 1, heads, 1, dtype=torch.float32))
             note(f"{p}.self_attn.A_log", f"{p}.self_attn.A_log", 2, start, heads)

@@ -144,6 +144,10 @@ def unpack_int4(packed: torch.Tensor, scale: torch.Tensor, shape, group_size: in
 
 # ---- schemes: which tensors, how they are stored --------------------------------------------------
 
+def _dtype_of(linear: nn.Linear) -> torch.dtype:
+    return linear.weight.dtype
+
+
 def _module_of(name: str) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
@@ -225,6 +229,17 @@ class Fp8BlockScheme:
         s = ckpt.get(entry.parts["scale_inv"]).to(device)
         return dequantize_fp8_block(q, s, self.block_size, dtype)
 
+    def kept_module(self, linear: nn.Linear, entry, ckpt: "Checkpoint") -> nn.Module:
+        """The ``Fp8BlockLinear`` (on the meta device) that holds ``linear``'s stored tensors as they are."""
+        from .model.quantized import Fp8BlockLinear
+
+        return Fp8BlockLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              block_size=self.block_size, dtype=_dtype_of(linear), device="meta")
+
+    def kept_parts(self, entry) -> dict[str, str]:
+        """Buffer name of the kept module -> checkpoint tensor name."""
+        return {"weight": entry.parts["weight"], "weight_scale_inv": entry.parts["scale_inv"]}
+
 
 class Int4GroupScheme:
     """compressed-tensors pack-quantized, symmetric int4 groups: the K2-Thinking / K2.5 / K2.6 layout."""
@@ -305,6 +320,25 @@ class Int4GroupScheme:
             if ckpt.shape(raw) != want:
                 raise ValueError(f"tensor {raw!r} in {ckpt.file_of(raw)} has shape {list(ckpt.shape(raw))}; "
                                  f"a {list(shape)} weight needs {list(want)}")
+
+    def kept_module(self, linear: nn.Linear, entry, ckpt: "Checkpoint") -> nn.Module:
+        """The ``Int4GroupLinear`` (on the meta device) that holds ``linear``'s stored tensors as they are
+        (its scales in the checkpoint's scale dtype)."""
+        from .model.quantized import Int4GroupLinear
+        from .weights import SAFETENSORS_DTYPES
+
+        code = ckpt.dtype_name(entry.parts["scale"])
+        if code not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {entry.parts['scale']!r} in {ckpt.file_of(entry.parts['scale'])} has dtype "
+                             f"{code}; INT4 scales are read as BF16, F16 or F32")
+        return Int4GroupLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                               group_size=self.group_size, scale_dtype=SAFETENSORS_DTYPES[code],
+                               dtype=_dtype_of(linear), device="meta")
+
+    def kept_parts(self, entry) -> dict[str, str]:
+        """Buffer name of the kept module -> checkpoint tensor name."""
+        return {"weight_packed": entry.parts["packed"], "weight_scale": entry.parts["scale"],
+                "weight_shape": entry.parts["shape"]}
 
     def dequantize(self, entry, ckpt: "Checkpoint", device, dtype) -> torch.Tensor:
         packed = ckpt.get(entry.parts["packed"]).to(device)

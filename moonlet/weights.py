@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import ModelConfig
+from .model.quantized import quantized_modules
 from .model.transformer import FP32_TENSORS, Transformer
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -30,6 +31,10 @@ SINGLE_NAME = "model.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# safetensors dtype codes of the floating tensors moonlet reads as is (quantization scales)
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+# load_model(quantized=...): dequantize quantized weights while loading, or keep them as stored
+QUANTIZED_MODES = ("dequantize", "keep")
 _DTYPE_ALIASES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
                   "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                   "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -78,11 +83,15 @@ def _output_tensors(model: Transformer, dtype: torch.dtype, quant, prefix: str):
     tied = model.config.tie_word_embeddings
     rename = kimi_linear_name if model.config.model_type == "kimi_linear" else (lambda n: n)
     linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    kept = {n for n, _ in quantized_modules(model)}
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue  # a tied head is the embedding; the hub layout stores it once
         tensor = tensor.detach()
-        if quant is not None and quant.should_quantize(name, linear):
+        module, _, attr = name.rpartition(".")
+        if module in kept and attr != "bias":
+            pieces = {name: tensor}  # kept quantized (load_model(quantized="keep")): the stored bytes
+        elif quant is not None and quant.should_quantize(name, linear):
             pieces = quant.quantize(name, tensor, scale_dtype=dtype)
         elif tensor.is_floating_point() and not name.endswith(FP32_TENSORS):
             pieces = {name: tensor.to(dtype)}
@@ -133,6 +142,13 @@ def save_model(model: Transformer, directory: str | os.PathLike, max_shard_bytes
         raise TypeError(f"save_model needs a moonlet Transformer (with a ModelConfig .config); got {type(model).__name__}")
     out_dtype = resolve_dtype(dtype, config) if dtype is not None else model.dtype
     quant = make_scheme(quantization) if quantization is not None else None
+    kept_config = None
+    if quantized_modules(model):  # loaded with quantized="keep": written as stored, with its own config
+        if quant is not None:
+            raise ValueError(f"save_model(quantization={quantization!r}): this model keeps quantized weights "
+                             "(load_model(quantized='keep')) and they are written as stored; load it with "
+                             "quantized='dequantize' to quantize it differently")
+        kept_config = config.quantization_config or (config.outer or {}).get("quantization_config")
     prefix = TEXT_PREFIX if config.outer is not None else ""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -184,7 +200,7 @@ def save_model(model: Transformer, directory: str | os.PathLike, max_shard_bytes
 
     out_config = config.replace(torch_dtype=_DTYPE_NAMES[out_dtype], extra=dict(config.extra),
                                 outer=None if config.outer is None else dict(config.outer),
-                                quantization_config=quant.config_dict() if quant is not None else None)
+                                quantization_config=quant.config_dict() if quant is not None else kept_config)
     out_config.extra.pop("dtype", None)  # transformers 5's spelling of torch_dtype would contradict it
     if out_config.outer is not None:
         out_config.outer.pop("quantization_config", None)
@@ -376,6 +392,15 @@ def _check_shapes(entry: _Entry, shape: tuple[int, ...], ckpt: Checkpoint, quant
         quant.check_shapes(entry, shape, ckpt)
 
 
+def _owned(src: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``src`` (read from a file mapping) on ``device`` in ``dtype`` (None: its own), in memory of its own
+    and contiguous: the file may be rewritten while the model lives."""
+    out = src.to(device=device, dtype=dtype or src.dtype)
+    if out.data_ptr() == src.data_ptr() or not out.is_contiguous():
+        out = out.clone(memory_format=torch.contiguous_format)
+    return out
+
+
 def _materialize(entry: _Entry, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, quant,
                  shard=None) -> torch.Tensor:
     """The entry's tensor on ``device`` in its run dtype; with a ``moonlet.parallel.Shard`` that names a
@@ -384,14 +409,25 @@ def _materialize(entry: _Entry, ckpt: Checkpoint, device: torch.device, dtype: t
     part = shard is not None and shard.dim is not None
     if entry.kind == "plain":
         src = ckpt.get(entry.parts["weight"])
-        if part:
-            src = src.narrow(shard.dim, shard.start, shard.size)
-        out = src.to(device=device, dtype=target)
-        if out.data_ptr() == src.data_ptr() or not out.is_contiguous():
-            out = out.clone(memory_format=torch.contiguous_format)  # own the memory: the file may be rewritten
-        return out
+        return _owned(src.narrow(shard.dim, shard.start, shard.size) if part else src, device, target)
     out = quant.dequantize(entry, ckpt, device, target)
     return out.narrow(shard.dim, shard.start, shard.size).clone() if part else out
+
+
+def _keep_quantized(model: Transformer, entries: list[_Entry], quant, ckpt: Checkpoint) -> None:
+    """Replace (on the meta model) each linear whose weight the checkpoint stores quantized by the
+    quantized module of its scheme (``moonlet.model.quantized``), named as the checkpoint names it."""
+    for entry in entries:
+        if entry.kind == "plain":
+            continue
+        module_name = entry.name.rpartition(".")[0]
+        linear = model.get_submodule(module_name)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"{entry.name} is stored quantized but {module_name} is a {type(linear).__name__}, "
+                             "not a linear layer; load with quantized='dequantize'")
+        parent_name, _, child = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, quant.kept_module(linear, entry, ckpt))
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -407,12 +443,14 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-               dtype: torch.dtype | str | None = None, tensor_parallel=None) -> Transformer:
+               dtype: torch.dtype | str | None = None, quantized: str = "dequantize",
+               tensor_parallel=None) -> Transformer:
     """Load a checkpoint directory (config.json + safetensors) as a moonlet Transformer in eval mode.
 
     Reads model_type kimi_k2, kimi_k25 (the text model; ``language_model.`` prefixes and vision
     tensors are handled), deepseek_v3, deepseek_v2 and kimi_linear (its MoE names mapped); sharded (index) or single-file checkpoints;
-    bf16/fp32 weights, block-FP8 and compressed-tensors INT4 (dequantized while loading). MTP layers
+    bf16/fp32 weights, block-FP8 and compressed-tensors INT4 (dequantized while loading, or kept: see
+    ``quantized`` below). MTP layers
     and stray ``rotary_emb.inv_freq`` tensors are skipped. The model is built on the meta device and
     each tensor is materialized once, directly in its final dtype on ``device``, shard by shard,
     so host memory peaks near the model's size plus one tensor.
@@ -421,13 +459,22 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     device, CPU included; pass torch.float32 for faster, more exact CPU runs of small models. The
     router's ``e_score_correction_bias`` stays float32.
 
+    ``quantized``: "dequantize" (default) turns block-FP8 / INT4 weights into ``dtype`` weights while
+    loading; "keep" builds ``Fp8BlockLinear`` / ``Int4GroupLinear`` (``moonlet.model.quantized``) for
+    the linears the checkpoint stores quantized and gives them the file's tensors byte for byte (their
+    names are the checkpoint's); everything else is loaded as usual. A plain checkpoint loads the same
+    either way.
+
     ``tensor_parallel`` (a ``moonlet.parallel.TensorParallel`` of more than one rank): load this rank's
     part of the model (``moonlet.parallel.shard_transformer``). The whole checkpoint is checked against
-    config.json as always, but only this rank's tensors are read: its experts, its slices of the split
-    matrices (a quantized one is dequantized, then sliced), and the replicated rest.
+    config.json as always, but only this rank's tensors are read: its experts (kept quantized with
+    "keep"), its slices of the split matrices (a quantized one is dequantized, then sliced), and the
+    replicated rest.
     """
     from .quant import scheme_for  # quant imports this module's Checkpoint helpers lazily
 
+    if quantized not in QUANTIZED_MODES:
+        raise ValueError(f"load_model(quantized={quantized!r}): use one of {', '.join(QUANTIZED_MODES)}")
     path = Path(path)
     directory = path.parent if path.is_file() else path
     config = ModelConfig.from_pretrained(directory)
@@ -440,16 +487,22 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         entries = _plan_entries(model, ckpt, config, quant)
         if hasattr(quant, "check_placement"):
             quant.check_placement(entries, {n for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        keep = quantized == "keep" and quant is not None
+        if keep:
+            _keep_quantized(model, entries, quant, ckpt)
         targets = {entry.name: [(entry.name, None)] for entry in entries}
         if tensor_parallel is not None and tensor_parallel.world_size > 1:
             from .parallel import shard_transformer
 
-            targets = {}
             shards = shard_transformer(model, tensor_parallel)
-            for local in model.state_dict():
-                shard = shards.get(local)
-                targets.setdefault(local if shard is None else shard.source, []).append((local, shard))
-            entries = [entry for entry in entries if entry.name in targets]  # other ranks' experts: not read
+            by_source: dict[str, list] = {}
+            for local, shard in shards.items():
+                by_source.setdefault(shard.source, []).append((local, shard))
+            # split or renamed tensors from their shards; routed experts no shard names belong to other
+            # ranks (not read); the rest is replicated under its own name
+            targets = {e.name: by_source.get(e.name, [] if ".mlp.experts." in e.name else [(e.name, None)])
+                       for e in entries}
+            entries = [entry for entry in entries if targets[entry.name]]
         by_file: dict[str, list[_Entry]] = {}
         for entry in entries:
             by_file.setdefault(ckpt.file_of(next(iter(entry.parts.values()))), []).append(entry)
@@ -458,7 +511,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
             for file_name in sorted(by_file):
                 for entry in by_file[file_name]:
                     for local, shard in targets[entry.name]:
-                        _assign(model, local, _materialize(entry, ckpt, device, run_dtype, quant, shard))
+                        if keep and entry.kind != "plain" and (shard is None or shard.dim is None):
+                            module_name = local.rpartition(".")[0]
+                            for attr, raw in quant.kept_parts(entry).items():
+                                _assign(model, f"{module_name}.{attr}", _owned(ckpt.get(raw), device))
+                        else:
+                            _assign(model, local, _materialize(entry, ckpt, device, run_dtype, quant, shard))
                 ckpt.close()  # unmap this shard (and any companion file) before the next
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -472,14 +530,16 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
 
 
 def load_vision_language_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-                               dtype: torch.dtype | str | None = None, tensor_parallel=None):
+                               dtype: torch.dtype | str | None = None, quantized: str = "dequantize",
+                               tensor_parallel=None):
     """Load a kimi_k25 (K2.5 / K2.6) checkpoint with its vision encoder: a ``VisionLanguageModel`` whose
     ``language_model`` is what ``load_model`` returns and whose ``vision_tower`` and ``mm_projector`` hold
     the checkpoint's ``vision_tower.*`` / ``mm_projector.*`` tensors, in the same dtype on ``device``.
 
     The vision tensors must match config.json's ``vision_config`` exactly: every missing, unexpected or
     mis-shaped one is an error naming it. They are read as stored (bf16/fp32/fp16), not dequantized.
-    ``tensor_parallel``: the text model is this rank's share (``load_model``); the vision encoder is whole.
+    ``quantized`` is ``load_model``'s, for the text model. ``tensor_parallel``: the text model is this
+    rank's share (``load_model``); the vision encoder is whole.
     """
     from .model.vision import VisionLanguageModel
 
@@ -489,7 +549,8 @@ def load_vision_language_model(path: str | os.PathLike, device: str | torch.devi
     if config.vision_config is None:
         raise ValueError(f"{directory / 'config.json'} has no vision_config: it is not a kimi_k25 (K2.5 / K2.6) "
                          "image-text checkpoint; use load_model for the text model")
-    language_model = load_model(path, device=device, dtype=dtype, tensor_parallel=tensor_parallel)
+    language_model = load_model(path, device=device, dtype=dtype, quantized=quantized,
+                                tensor_parallel=tensor_parallel)
     run_dtype = language_model.dtype
     device = torch.device(device)
     with torch.device("meta"):

@@ -30,6 +30,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", default=None, choices=["keep", "dequantize"],
+                   help="quantized checkpoints (block FP8, INT4 experts): compute from the stored weights, or "
+                        "dequantize them to --dtype while loading (default: keep on GPU, dequantize on CPU)")
     p.set_defaults(func=run)
 
 
@@ -88,12 +91,13 @@ def run(args) -> int:
 
     path = resolve_model_path(args.model)
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    args.quantization = args.quantization or ("keep" if torch.device(args.device).type == "cuda" else "dequantize")
     tok = Tokenizer.from_pretrained(path)
     inputs_embeds = None
     if args.image:
         model, prompt_ids, inputs_embeds = _image_prompt(path, tok, args, dtype)
     else:
-        model = load_model(path, device=args.device, dtype=dtype)
+        model = load_model(path, device=args.device, dtype=dtype, quantized=args.quantization)
         if args.chat:
             prompt_ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=True,
                                                  add_generation_prompt=True)
@@ -123,7 +127,7 @@ def _image_prompt(path: str, tok, args, dtype):
                               preprocess_images)
     from ..weights import load_vision_language_model
 
-    vlm = load_vision_language_model(path, device=args.device, dtype=dtype)
+    vlm = load_vision_language_model(path, device=args.device, dtype=dtype, quantized=args.quantization)
     pad_id = vlm.placeholder_id
     if tok.special_tokens.get(MEDIA_PAD) != pad_id:
         raise ValueError(f"the tokenizer's {MEDIA_PAD} is {tok.special_tokens.get(MEDIA_PAD)}, but config.json's "

@@ -70,6 +70,10 @@ class EngineConfig:
     # processes (GPUs cuda:i .. cuda:i+N-1 on CUDA, gloo on the CPU); attention heads, MLP columns and
     # the vocabulary split N ways, routed experts spread over the ranks (expert parallel)
     tensor_parallel_size: int = 1
+    # quantized checkpoints (block FP8, INT4 experts): "keep" computes from the stored weights
+    # (moonlet.model.quantized; Triton kernels on CUDA), "dequantize" turns them into dtype weights
+    # while loading. Default: keep on CUDA, dequantize elsewhere. Plain checkpoints load the same either way.
+    quantization: str | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -98,6 +102,8 @@ class EngineConfig:
                              f"'absorbed'")
         if self.decode_kernel not in (None, "triton", "reference"):
             raise ValueError(f"engine argument decode_kernel={self.decode_kernel!r} must be 'triton' or 'reference'")
+        if self.quantization not in (None, "keep", "dequantize"):
+            raise ValueError(f"engine argument quantization={self.quantization!r} must be 'keep' or 'dequantize'")
         if self.decode_graphs not in (None, "cuda", "eager", "off"):
             raise ValueError(f"engine argument decode_graphs={self.decode_graphs!r} must be 'cuda', 'eager' or 'off'")
         if self.decode_graph_batch_sizes is not None and (
@@ -276,6 +282,10 @@ def add_engine_cli_args(parser) -> None:
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
                    help="split the model over this many processes (GPUs cuda:0..N-1; gloo on CPU): heads, MLP "
                         "columns and vocabulary split N ways, routed experts spread over the ranks (default 1)")
+    g.add_argument("--quantization", choices=["keep", "dequantize"], default=None,
+                   help="quantized checkpoints (block FP8, INT4 experts): keep the stored weights and compute "
+                        "from them, or dequantize them to --dtype while loading (default: keep on GPU, "
+                        "dequantize on CPU)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model and cache dtype (default: the checkpoint's)")
@@ -294,6 +304,7 @@ def engine_args_from_cli(args) -> dict:
         decode_kernel="decode_kernel", state_snapshots="state_snapshots", speculative="speculative",
         num_speculative_tokens="num_speculative_tokens", ngram_max="ngram_max", ngram_min="ngram_min",
         image_feature_cache_memory="image_feature_cache_memory", tensor_parallel_size="tensor_parallel_size",
+        quantization="quantization",
     )
     out = {field: getattr(args, attr) for attr, field in names.items() if getattr(args, attr, None) is not None}
     for flag in ("enable_prefix_caching", "enable_chunked_prefill"):

@@ -49,22 +49,25 @@ def resolve_model_path(model_path: str | os.PathLike | None) -> Path:
     return Path(default_model_path())
 
 
-def load_model_and_tokenizer(model_path, device: str | None, dtype, tensor_parallel=None
-                             ) -> tuple[torch.nn.Module, object, str]:
+def load_model_and_tokenizer(model_path, device: str | None, dtype, quantization: str | None = None,
+                             tensor_parallel=None) -> tuple[torch.nn.Module, object, str]:
     """Load a checkpoint directory (and its tokenizer, when it ships one). Returns (model, tokenizer, name).
     A config with a ``vision_config`` (K2.5 / K2.6) gives a ``VisionLanguageModel`` (vision tower,
-    projector and text model); any other the text ``Transformer``. ``tensor_parallel``: load rank 0's
-    share of the text model (``moonlet.parallel``)."""
+    projector and text model); any other the text ``Transformer``. ``quantization`` ("keep" or
+    "dequantize", EngineConfig's): what happens to quantized weights (default: keep on CUDA).
+    ``tensor_parallel``: load rank 0's share of the text model (``moonlet.parallel``)."""
     path = resolve_model_path(model_path)
     from ..config import ModelConfig
     from ..weights import load_model, load_vision_language_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    quantized = quantization or ("keep" if torch.device(device).type == "cuda" else "dequantize")
     if ModelConfig.from_pretrained(path).vision_config is not None:
-        model = load_vision_language_model(str(path), device=device, dtype=_as_dtype(dtype),
+        model = load_vision_language_model(str(path), device=device, dtype=_as_dtype(dtype), quantized=quantized,
                                            tensor_parallel=tensor_parallel)
     else:
-        model = load_model(str(path), device=device, dtype=_as_dtype(dtype), tensor_parallel=tensor_parallel)
+        model = load_model(str(path), device=device, dtype=_as_dtype(dtype), quantized=quantized,
+                           tensor_parallel=tensor_parallel)
     tokenizer = None
     if (path / "tiktoken.model").is_file():
         from ..tokenizer import Tokenizer
@@ -90,9 +93,11 @@ def build_engine(model_path=None, model=None, tokenizer=None, image_processor=No
         from .parallel import Workers
 
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        workers = Workers(resolve_model_path(model_path), config.tensor_parallel_size, device, config.dtype)
+        workers = Workers(resolve_model_path(model_path), config.tensor_parallel_size, device, config.dtype,
+                          config.quantization)
         try:
-            model, loaded_tokenizer, name = load_model_and_tokenizer(model_path, device, config.dtype, workers.tp)
+            model, loaded_tokenizer, name = load_model_and_tokenizer(model_path, device, config.dtype,
+                                                                     config.quantization, workers.tp)
             workers.wait_for("loaded")
         except BaseException:
             workers.close()
@@ -103,7 +108,9 @@ def build_engine(model_path=None, model=None, tokenizer=None, image_processor=No
 
             image_processor = ImageProcessorConfig.from_pretrained(resolve_model_path(model_path))
     elif model is None:
-        model, loaded_tokenizer, name = load_model_and_tokenizer(model_path, config.device, config.dtype)
+        config.validate()
+        model, loaded_tokenizer, name = load_model_and_tokenizer(model_path, config.device, config.dtype,
+                                                                 config.quantization)
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
         if image_processor is None and getattr(model, "vision_tower", None) is not None:
             from ..multimodal import ImageProcessorConfig

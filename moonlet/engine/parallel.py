@@ -92,7 +92,8 @@ class Workers:
     (``self.tp`` is rank 0's ``TensorParallel``); each worker then loads its share of the checkpoint.
     """
 
-    def __init__(self, model_path, world_size: int, device: torch.device | str, dtype=None):
+    def __init__(self, model_path, world_size: int, device: torch.device | str, dtype=None,
+                 quantization: str | None = None):
         import torch.multiprocessing as mp
 
         if world_size < 2:
@@ -109,7 +110,7 @@ class Workers:
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker_main, name=f"moonlet-tp{rank}", daemon=True,
                                args=(rank, world_size, port, str(model_path), str(rank_device(device, rank)),
-                                     dtype, threads, child))
+                                     dtype, quantization, threads, child))
             proc.start()
             child.close()
             self.procs.append(proc)
@@ -219,8 +220,8 @@ def _stop(procs, conns) -> None:
         conn.close()
 
 
-def _worker_main(rank: int, world_size: int, port: int, model_path: str, device: str, dtype, threads: int,
-                 conn) -> None:
+def _worker_main(rank: int, world_size: int, port: int, model_path: str, device: str, dtype,
+                 quantization: str | None, threads: int, conn) -> None:
     """A worker process: join the group, load this rank's share, build the runner, run steps until told
     to stop. Errors are reported to rank 0 and end the process."""
     torch.set_num_threads(threads)
@@ -235,7 +236,9 @@ def _worker_main(rank: int, world_size: int, port: int, model_path: str, device:
         from .core import _as_dtype
 
         ModelConfig.from_pretrained(model_path)  # a clear error before any tensor is read
-        model = load_model(model_path, device=device, dtype=_as_dtype(dtype), tensor_parallel=tp).eval()
+        quantized = quantization or ("keep" if device.type == "cuda" else "dequantize")  # as rank 0 decides
+        model = load_model(model_path, device=device, dtype=_as_dtype(dtype), quantized=quantized,
+                           tensor_parallel=tp).eval()
         fuse_moe_experts(model)
         conn.send(("loaded",))
         message = conn.recv()

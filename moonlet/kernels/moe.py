@@ -50,6 +50,10 @@ class StackedExperts:
     def num_groups(self) -> int:
         return self.gate_up.shape[0]
 
+    @property
+    def device(self) -> torch.device:
+        return self.gate_up.device
+
     def views(self, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate [I, H], up [I, H], down [H, I]) of one group: views into the stacked storage."""
         i, h, ip = self.intermediate_size, self.hidden_size, self.down.shape[-1]
@@ -94,11 +98,16 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
     Inference only: no autograd (training uses the per-expert loop).
     ``skip_outside`` (expert parallelism): an index of ``num_groups`` marks a slot another rank
     computes; such slots sort after every group, grouped_mm leaves their rows unwritten, and they add 0.
+    Quantized stacks (``moonlet.kernels.quant_moe.QuantStackedExperts``) go to ``quant_grouped_experts``.
     Returns [N, H] in x.dtype. As in the per-expert loop, each expert's output is rounded to x.dtype
     and its product with the float32 routing weight is computed in float32 and rounded once; the sum
     over a token's slots then accumulates in float32 (the loop adds in x.dtype) and is
     deterministic (a reduction, no atomics).
     """
+    if not isinstance(experts, StackedExperts):
+        from .quant_moe import quant_grouped_experts
+
+        return quant_grouped_experts(x, weights, indices, experts, skip_outside=skip_outside)
     n, hidden = x.shape
     if experts.shared_slot:
         weights = torch.cat([weights, weights.new_ones(n, 1)], dim=1)

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .norm import RMSNorm
+from .quantized import dense_weight
 from .rope import apply_rope
 from .sparse import moba_attention, moba_max_logit
 
@@ -110,8 +111,9 @@ class MLAttention(nn.Module):
         return self.kv_a_layernorm(latent), k_pe
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """kv_b_proj split per head: W_UK [h, nope, kv_lora] and W_UV [h, v, kv_lora]."""
-        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        """kv_b_proj split per head: W_UK [h, nope, kv_lora] and W_UV [h, v, kv_lora] (a quantized
+        kv_b_proj is dequantized to the run dtype once and cached)."""
+        w = dense_weight(self.kv_b_proj, self.kv_a_layernorm.weight.dtype).view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LatentKV | None = None,

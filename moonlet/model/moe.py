@@ -9,6 +9,12 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..kernels.moe import grouped_experts, stack_experts
+from .quantized import QuantizedLinear
+
+
+def _stored(linear: nn.Module) -> torch.Tensor:
+    """The tensor holding a linear layer's weight values: ``weight``, or a quantized layer's stored values."""
+    return linear.matrix().data if isinstance(linear, QuantizedLinear) else linear.weight
 
 
 class MLP(nn.Module):
@@ -145,11 +151,15 @@ class MoE(nn.Module):
         """
         if self.stacked is not None and self._stack_is_current():
             return
+        if any(isinstance(m.gate_proj, QuantizedLinear) for m in self.experts):
+            self._fuse_quantized_experts()
+            return
         mlps = list(self.experts)
         shared = self.shared_experts
         # (not under expert parallelism: there the shared expert's share is summed with the routed
         # experts' partial outputs, and the group index past the local experts marks skipped slots)
         shared_slot = (shared is not None and self.expert_offset is None
+                       and not isinstance(shared.gate_proj, QuantizedLinear)
                        and shared.gate_proj.weight.shape == mlps[0].gate_proj.weight.shape)
         if shared_slot:
             mlps.append(shared)
@@ -162,18 +172,48 @@ class MoE(nn.Module):
         self.stacked = stacked
         self._stack_ptrs = tuple(w.data_ptr() for w in self._watched_weights())
 
+    def _fuse_quantized_experts(self) -> None:
+        """``fuse_experts`` for experts kept quantized (``moonlet.model.quantized``): their stored
+        values and scales are stacked as they are (``moonlet.kernels.quant_moe``) and each expert's
+        buffers re-pointed at its slice. The shared expert joins as a group when it is stored in the
+        same format and shape (a K2 FP8 checkpoint); otherwise (K2.5's bf16 shared expert next to
+        INT4 experts) it stays a separate MLP. Experts of mixed formats stay on the per-expert loop."""
+        from ..kernels.quant_moe import stack_quantized_experts
+
+        mlps = list(self.experts)
+        first = mlps[0].gate_proj.matrix()
+        fmt = lambda m: (type(m), m.matrix().block, m.matrix().data.dtype, m.matrix().scale.dtype)  # noqa: E731
+        projections = [p for m in mlps for p in (m.gate_proj, m.up_proj, m.down_proj)]
+        if not all(isinstance(p, QuantizedLinear) and fmt(p) == fmt(mlps[0].gate_proj) for p in projections):
+            self.stacked = None  # mixed storage: the per-expert loop handles it
+            return
+        shared = self.shared_experts
+        shared_slot = (shared is not None and self.expert_offset is None and all(isinstance(p, QuantizedLinear) and fmt(p) == fmt(mlps[0].gate_proj)
+                                                  for p in (shared.gate_proj, shared.up_proj, shared.down_proj))
+                       and shared.gate_proj.matrix().shape == first.shape)
+        if shared_slot:
+            mlps.append(shared)
+        self.stacked = None
+        stacked = stack_quantized_experts([m.gate_proj.matrix() for m in mlps], [m.up_proj.matrix() for m in mlps],
+                                          [m.down_proj.matrix() for m in mlps], shared_slot=shared_slot)
+        for g, mlp in enumerate(mlps):
+            for linear, (data, scale) in zip((mlp.gate_proj, mlp.up_proj, mlp.down_proj), stacked.views(g)):
+                linear.point_at(data, scale)
+        self.stacked = stacked
+        self._stack_ptrs = tuple(w.data_ptr() for w in self._watched_weights())
+
     def _watched_weights(self) -> tuple[torch.Tensor, ...]:
         # The first and last group's weights: .to(), cast() and load_model replace every weight,
         # and checking all of them on every forward would cost more than the check is worth.
         last = self.shared_experts if self.stacked.shared_slot else self.experts[-1]
-        return (self.experts[0].gate_proj.weight, self.experts[0].down_proj.weight,
-                last.gate_proj.weight, last.down_proj.weight)
+        return tuple(_stored(linear) for linear in (self.experts[0].gate_proj, self.experts[0].down_proj,
+                                                    last.gate_proj, last.down_proj))
 
     def _stack_is_current(self) -> bool:
         """Whether the watched weights are still views of the stack (the stack keeps its storage
         alive, so no other tensor on its device can have the same address)."""
         watched = self._watched_weights()
-        return (watched[0].device == self.stacked.gate_up.device
+        return (watched[0].device == self.stacked.device
                 and tuple(w.data_ptr() for w in watched) == self._stack_ptrs)
 
     def _current_stack(self):

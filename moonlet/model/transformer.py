@@ -21,6 +21,7 @@ from .attention import LatentKV, MLAttention
 from .kda import KimiDeltaAttention
 from .moe import MLP, MoE
 from .norm import RMSNorm
+from .quantized import QuantizedLinear
 from .rope import RotaryEmbedding
 
 # Tensors that stay float32 whatever dtype the model runs in: the router's correction bias and
@@ -161,20 +162,25 @@ class Transformer(nn.Module):
         self.model.rotary_emb.reset_parameters()
 
     def cast(self, dtype: torch.dtype) -> "Transformer":
-        """Cast parameters and buffers to ``dtype``, keeping FP32_TENSORS in float32."""
+        """Cast parameters and buffers to ``dtype``, keeping FP32_TENSORS in float32 and quantized
+        layers' stored weights and scales as they are (they compute in the activations' dtype)."""
         for name, p in self.named_parameters():
             if p.is_floating_point() and not name.endswith(FP32_TENSORS):
                 p.data = p.data.to(dtype)
         for module in self.modules():
+            if isinstance(module, QuantizedLinear):
+                continue
             for bname, b in module._buffers.items():
                 if b is not None and b.is_floating_point() and not bname.endswith(FP32_TENSORS) and bname != "inv_freq":
                     module._buffers[bname] = b.to(dtype)
         return self
 
     def num_parameters(self) -> int:
-        """Checkpoint tensor elements: parameters plus the router correction biases."""
+        """Logical weights, as a dense checkpoint counts them: parameters, the router correction biases,
+        and out x in for each quantized linear (not its packed words or scales)."""
         n = sum(p.numel() for p in self.parameters())
         n += sum(b.numel() for name, b in self.named_buffers() if name.endswith("e_score_correction_bias"))
+        n += sum(m.logical_numel() for m in self.modules() if isinstance(m, QuantizedLinear))
         return n
 
     @property

@@ -169,6 +169,44 @@ def test_engine_on_two_gpus_matches_one(checkpoint):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["int4", "fp8"])
+def test_quantized_checkpoint_kept_under_tensor_parallelism(tmp_path, quantization):
+    """Each rank keeps its routed experts (their grouped path skips the other ranks' slots) and the
+    replicated linears as stored, and dequantizes its slices of the split matrices: the tokens of one
+    process keeping everything."""
+    from moonlet.model.quantized import quantized_modules
+
+    save_model(random_model(tiny_k2_config(), seed=4), tmp_path, dtype=torch.bfloat16, quantization=quantization)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = [list(range(3, 30)), [7, 8, 9], list(range(100, 112))]
+    runs = []
+    for world in (1, 2):
+        with LLM(str(tmp_path), quantization="keep", dtype="float32", block_size=4, num_blocks=64,
+                 tensor_parallel_size=world) as llm:
+            kept = quantized_modules(llm.engine.model)
+            assert kept  # the routed experts at least
+            if world == 2:  # split matrices are dequantized slices; whole experts and replicated linears stay stored
+                assert all(".mlp.experts." in name or name.endswith(("q_a_proj", "kv_a_proj_with_mqa"))
+                           for name, _ in kept)
+            runs.append([o.token_ids for o in llm.generate(prompts, params)])
+    assert runs[0] == runs[1]
+
+
+def test_fused_moe_slot_layout_skips_other_ranks_slots():
+    from moonlet.kernels.quant_moe import align_slots
+
+    groups, block_m = 3, 4
+    indices = torch.tensor([[0, 3], [2, 3], [3, 0], [1, 2], [3, 3]])  # 3 = another rank's expert
+    rows, block_groups = align_slots(indices, groups, block_m)
+    flat = indices.reshape(-1)
+    real = rows[rows < flat.numel()].tolist()
+    assert sorted(real) == [i for i in range(flat.numel()) if flat[i] < groups]  # each local slot once
+    for tile, group in enumerate(block_groups.tolist()):
+        tile_rows = [r for r in rows[tile * block_m:(tile + 1) * block_m].tolist() if r < flat.numel()]
+        assert all(flat[r] == group for r in tile_rows)
+
+
+@pytest.mark.slow
 def test_a_dead_worker_is_a_clear_error(checkpoint):
     llm = LLM(str(checkpoint), dtype="float32", block_size=4, num_blocks=32, tensor_parallel_size=2)
     try:
