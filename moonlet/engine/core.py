@@ -127,7 +127,8 @@ class EngineCore:
                                     layer_ids=latent_layer_ids(model.config))
         hybrid = bool(model.config.kda_layer_ids)
         self.cache = KVCacheManager(rc.num_blocks, rc.block_size, rc.enable_prefix_caching,
-                                    state_slots=rc.max_num_seqs if hybrid else 0, state_snapshots=rc.state_snapshots)
+                                    state_slots=rc.max_num_seqs if hybrid else 0, state_snapshots=rc.state_snapshots,
+                                    host_blocks=rc.host_blocks)
         self.proposer = NgramProposer(rc.speculative, rc.max_model_len) if rc.speculative is not None else None
         self.scheduler = Scheduler(self.cache, rc.max_num_seqs, rc.max_num_batched_tokens, rc.enable_chunked_prefill,
                                    proposer=self.proposer)
@@ -135,6 +136,8 @@ class EngineCore:
                                  num_snapshots=rc.state_snapshots, scratch_row=bool(scratch)) if hybrid else None
         self.runner = ModelRunner(self.model, self.pool, expanded_prefill=rc.expanded_prefill,
                                   triton_decode=rc.triton_decode, states=states)
+        if rc.host_blocks:
+            self.runner.host = self._host_pool(rc.host_blocks)
         if rc.decode_graphs != "off":
             self.runner.enable_decode_graphs(scratch_block=rc.num_blocks, max_model_len=rc.max_model_len,
                                              batch_sizes=rc.decode_graph_batch_sizes,
@@ -154,6 +157,14 @@ class EngineCore:
         self.spec_draft_tokens = 0  # draft tokens verified (speculative decoding)
         self.spec_accepted_tokens = 0  # of those, kept as output tokens
         self.spec_verifications = 0  # sequence-steps that verified at least one draft
+
+    def _host_pool(self, num_blocks: int):
+        """The host tier's storage, shaped after the device pool (and the MoBA page sums, if any)."""
+        from .host_cache import HostCachePool
+
+        sums = self.runner.kv.page_sums
+        return HostCachePool(self.pool, num_blocks, num_sum_layers=sums.data.shape[0] if sums is not None else 0,
+                             pin_memory=self.pool.data.device.type == "cuda")
 
     @property
     def max_model_len(self) -> int:
@@ -291,6 +302,7 @@ class EngineCore:
         token this step (finished ones included)."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
+            self.runner.swap(batch)  # evictions decided while scheduling still move to the host tier
             if self.scheduler.has_work():
                 raise RuntimeError("the scheduler could not schedule any work although requests are pending "
                                    f"({len(self.scheduler.waiting)} waiting, {len(self.scheduler.running)} running, "
@@ -372,4 +384,18 @@ class EngineCore:
             "image_cache_hits": vision.cache_hits if vision else 0,
             "images_skipped": vision.images_skipped if vision else 0,
             "image_cache_bytes": vision.cache.num_bytes if vision else 0,
+            **self._host_stats(),
+        }
+
+    def _host_stats(self) -> dict:
+        """The host cache tier's counters (all 0 when it is off)."""
+        c, host, per_block = self.cache.counters, self.cache.host, self.config.host_block_bytes
+        return {
+            "host_cache_blocks_total": host.capacity if host is not None else 0,
+            "host_cache_blocks_used": len(host) if host is not None else 0,
+            "host_cache_hits": c.host_cache_hits,
+            "host_cache_blocks_swapped_in": c.host_blocks_swapped_in,
+            "host_cache_blocks_swapped_out": c.host_blocks_swapped_out,
+            "host_cache_bytes_swapped_in": c.host_blocks_swapped_in * per_block,
+            "host_cache_bytes_swapped_out": c.host_blocks_swapped_out * per_block,
         }

@@ -32,6 +32,7 @@ class ModelRunner:
         self.states = states  # RecurrentStates (models with KDA layers) or None
         self.graphs = None
         self.graph_steps = 0  # decode steps served from the graphs (or their eager stand-in)
+        self.host = None  # HostCachePool: the host tier of the prefix cache (host_cache_memory), or None
 
     def enable_decode_graphs(self, scratch_block: int, max_model_len: int, batch_sizes, capture: bool) -> None:
         """Serve decode-only steps from ``DecodeGraphs`` (``capture=False``: its static buffers, run eagerly)."""
@@ -108,6 +109,7 @@ class ModelRunner:
         """Run the batch; returns the sequences to sample and their logits [rows, vocab] (float32): one row
         per sequence, in order, or ``1 + len(drafts)`` consecutive rows for a sequence verifying drafts
         (``batch.draft_tokens``)."""
+        self.swap(batch)
         image_rows = self.image_rows(batch)
         if self.graphs is not None and batch.seqs and all(n == 1 for n in batch.num_new_tokens) and \
                 image_rows is None and self.graphs.can_run(len(batch.seqs), max(len(s.block_table) for s in batch.seqs)):
@@ -136,6 +138,15 @@ class ModelRunner:
         index = torch.tensor(flat, device=self.device)
         logits = self.model.lm_head(hidden[0, index]).float()  # only the rows we sample from
         return [batch.seqs[i] for i in rows], logits
+
+    def swap(self, batch: ScheduledBatch) -> None:
+        """The step's host-tier copies, before anything in the step writes the pool: evicted blocks out
+        to host memory (with their MoBA page sums), then host prefix hits into their new device blocks."""
+        if self.host is None or not (batch.swap_out or batch.swap_in):
+            return
+        sums = self.kv.page_sums.data if self.kv.page_sums is not None else None
+        self.host.swap_out(batch.swap_out, self.pool, sums)
+        self.host.swap_in(batch.swap_in, self.pool, sums)
 
     @staticmethod
     def image_rows(batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
