@@ -406,6 +406,26 @@ def test_preemption_and_aborts_with_swaps_in_flight_match_reference(model):
         assert tokens == greedy_reference(model, prompt, len(tokens))
 
 
+def test_server_metrics_report_the_host_tier(model):
+    pytest.importorskip("prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from moonlet.server.metrics import ServerMetrics
+
+    llm = LLM(model=model, block_size=BS, num_blocks=14, max_num_batched_tokens=32, host_cache_memory=64 * HOST_BLOCK)
+    run_sessions(llm, session_starts(3, 22, seed=2), turns=2)
+    stats = llm.stats()
+    text = ServerMetrics(llm.engine).render().decode()
+    value = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert value["moonlet_host_cache_hits_total"] == stats["host_cache_hits"] > 0
+    assert value["moonlet_host_cache_blocks_swapped_in_total"] == stats["host_cache_blocks_swapped_in"] > 0
+    assert value["moonlet_host_cache_blocks_swapped_out_total"] == stats["host_cache_blocks_swapped_out"] > 0
+    assert value["moonlet_host_cache_swapped_in_bytes_total"] == HOST_BLOCK * stats["host_cache_blocks_swapped_in"]
+    assert value["moonlet_host_cache_swapped_out_bytes_total"] == HOST_BLOCK * stats["host_cache_blocks_swapped_out"]
+    assert value["moonlet_host_cache_blocks_total"] == 64
+    assert value["moonlet_host_cache_blocks_used"] == stats["host_cache_blocks_used"] > 0
+
+
 # ---- settings ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value,match", [
