@@ -161,6 +161,8 @@ class HostCachePool:
         if not pairs:
             return
         host = [h for h, _ in pairs]
+        if self._written and self._event.query():  # every swap-out so far has landed
+            self._written.clear()
         if self._written and not self._written.isdisjoint(host):
             self._event.synchronize()  # a swap-out into one of these blocks may still be in flight
             self._written.clear()
