@@ -463,6 +463,7 @@ def test_host_tier_sizing_and_flag():
     assert "host_cache_memory" not in engine_args_from_cli(parser.parse_args([]))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_host_tier_is_pinned_and_restores_blocks(model):
     llm = LLM(model=model, device="cuda", block_size=BS, num_blocks=14, host_cache_memory=64 * HOST_BLOCK,
@@ -475,3 +476,20 @@ def test_cuda_host_tier_is_pinned_and_restores_blocks(model):
     assert [r[1] for r in got] == [r[1] for r in reference]
     assert [r[2] for r in got] == [r[2] for r in reference]
     assert llm.stats()["host_cache_hits"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_swap_in_reads_a_block_swapped_out_in_the_same_step():
+    """The swap-out is asynchronous into pinned memory; a swap-in of the same host block right after it
+    (one step) must see the copied rows, not what the host block held before."""
+    pool = LatentCachePool(2, 4, BS, 8, device="cuda")
+    pool.data.normal_()
+    storage = HostCachePool(pool, 2, pin_memory=True)
+    storage.data.fill_(float("nan"))
+    storage.swap_out([(0, 1), (2, 0)], pool)
+    storage.swap_in([(1, 3)], pool)
+    torch.cuda.synchronize()
+    assert torch.equal(pool.data[:, 3], pool.data[:, 0])
+    storage.synchronize()
+    assert torch.equal(storage.data[0].cuda(), pool.data[:, 2])
