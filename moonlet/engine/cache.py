@@ -8,7 +8,9 @@ Prefix caching: once a block is full, it is named by a hash of (parent block's h
 so equal hashes mean equal whole prefixes (a block holding image tokens also hashes the digests of
 those images: equal placeholders with other pixels are other content). A later request whose prompt
 starts with the same full blocks shares them (reference counts) instead of recomputing them. Blocks
-nobody holds stay cached until the allocator needs them, least recently freed first.
+nobody holds stay cached until the allocator needs them, least recently freed first. With a host
+tier (``host_cache.py``) an evicted block's content moves to host memory first, and a later prefix
+hit there copies it back instead of recomputing it.
 """
 
 from __future__ import annotations
@@ -115,7 +117,10 @@ def parse_bytes(value: int | float | str) -> int:
 @dataclass
 class CacheCounters:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int = 0  # of those, tokens found cached
+    prefix_cache_hits: int = 0  # of those, tokens found cached (in either tier)
+    host_cache_hits: int = 0  # of those, tokens whose blocks came from the host tier
+    host_blocks_swapped_in: int = 0  # host -> device block copies
+    host_blocks_swapped_out: int = 0  # device -> host block copies (evictions kept)
 
 
 class BlockAllocator:
@@ -136,6 +141,7 @@ class BlockAllocator:
         self._free_plain: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives the lowest id first
         self._free_cached: OrderedDict[int, None] = OrderedDict()  # LRU: first = evicted first
         self.on_uncache = None  # called with a hash when its block's content is dropped (state snapshots)
+        self.on_evict = None  # called with (block, hash) before allocate() reuses a cached block (host tier)
 
     @property
     def num_free(self) -> int:
@@ -147,6 +153,8 @@ class BlockAllocator:
             block = self._free_plain.pop()
         elif self._free_cached:
             block, _ = self._free_cached.popitem(last=False)
+            if self.on_evict is not None:
+                self.on_evict(block, self.hash_of[block])
             self._uncache(block)
         else:
             raise RuntimeError("no free KV cache block (the scheduler should have checked num_free)")
@@ -180,6 +188,14 @@ class BlockAllocator:
 
     def lookup(self, digest: bytes) -> int | None:
         return self.cached.get(digest) if self.enable_prefix_caching else None
+
+    def forget(self, block: int) -> None:
+        """Unname a block whose content will never be written (a swap-in that was called off); unlike
+        an eviction this tells no one (the content still lives wherever it was to come from)."""
+        digest = self.hash_of[block]
+        if digest is not None:
+            del self.cached[digest]
+            self.hash_of[block] = None
 
     def _uncache(self, block: int) -> None:
         digest = self.hash_of[block]
@@ -264,10 +280,26 @@ class KVCacheManager:
     """Block bookkeeping per sequence: prefix matching, growing block tables, freeing, caching."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, state_slots: int = 0,
-                 state_snapshots: int = 0):
+                 state_snapshots: int = 0, host_blocks: int = 0):
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks, block_size, enable_prefix_caching)
         self.counters = CacheCounters()
+        # the host tier (host_blocks > 0): evicted cached blocks are copied to host memory, and prefix
+        # hits there are copied back; the copies are handed to each step by ``take_swaps``
+        self.host = None
+        self._swap_out: list[tuple[int, int]] = []  # (device block, host block), this step
+        self._swap_in: list[tuple[int, int]] = []  # (host block, device block) of admitted sequences, this step
+        self._swap_in_of: dict["Sequence", list[tuple[int, int]]] = {}  # matched, not yet admitted
+        if host_blocks:
+            if not enable_prefix_caching:
+                raise ValueError("the host cache tier keeps prefix-cache blocks; it needs prefix caching on")
+            if state_slots:
+                raise ValueError("the host cache tier does not support models with KDA layers (their prefix hits "
+                                 "also need recurrent-state snapshots, which stay on the device)")
+            from .host_cache import HostBlockIndex
+
+            self.host = HostBlockIndex(host_blocks)
+            self.allocator.on_evict = self._evict_to_host
         # recurrent-state slots (models with KDA layers): a sequence holds one from its first
         # allocation until its blocks are freed
         self.state_slots = state_slots
@@ -308,7 +340,7 @@ class KVCacheManager:
             hashes.append(block_hash(hashes[-1] if hashes else None, tokens[i * bs:(i + 1) * bs], extra))
         return hashes[:num_full_blocks]
 
-    def match_prefix(self, seq: "Sequence") -> int:
+    def match_prefix(self, seq: "Sequence", token_budget: int | None = None) -> int:
         """Attach the cached blocks matching the start of a sequence that holds no blocks yet.
 
         At least one token is always left to compute (its logits are needed). With KDA layers
@@ -323,6 +355,9 @@ class KVCacheManager:
         further yet). That end is where the two branch, so later requests (the same system prompt and
         tools with another task) will likely branch there too: ``plan_snapshot`` snapshots this
         sequence's state there while it recomputes the chain, and the next such request hits.
+        
+        Host tier (``host``): see ``_match_with_host``; ``token_budget`` (the step's tokens left) bounds
+        its swap-ins so that the sequence's first chunk still finds free blocks.
         """
         assert not seq.block_table, "match_prefix on a sequence that already holds blocks"
         seq.snapshot_restore = None
@@ -332,6 +367,8 @@ class KVCacheManager:
             return 0
         matchable = (len(seq.token_ids) - 1) // self.block_size
         hashes = self._hashes(seq, matchable)
+        if self.host is not None:
+            return self._match_with_host(seq, hashes, token_budget)
         blocks: list[int] = []
         for digest in hashes:
             block = self.allocator.lookup(digest)
@@ -354,6 +391,72 @@ class KVCacheManager:
         seq.num_computed_tokens = hit
         seq.num_registered_blocks = len(seq.block_table)
         return hit
+
+    def _match_with_host(self, seq: "Sequence", hashes: list[bytes], token_budget: int | None) -> int:
+        """``match_prefix`` with the host tier: the chain of hashes continues through blocks held on
+        the device (shared, as without the tier) and blocks held only on the host. Each of the latter
+        gets a fresh device block, named by its hash at once (a sequence matched later in this step
+        shares it: the swap-in runs before the forward), and a swap-in (host block, device block)
+        that the step runs when the sequence is admitted (``admit``; ``free`` calls it off). A host
+        hit is taken only while enough free blocks stay for the sequence's first chunk (the rest of
+        the prompt, or ``token_budget`` tokens of it): swapping in blocks that would only be given
+        back when admission fails is wasted copying."""
+        bs, alloc = self.block_size, self.allocator
+        swaps: list[tuple[int, int]] = []
+        for digest in hashes:
+            block = alloc.lookup(digest)
+            if block is not None:
+                alloc.acquire_cached(block)  # now, so that a swap-in's allocation cannot evict it
+            else:
+                src = self.host.get(digest)
+                if src is None:
+                    break
+                held = len(seq.block_table) + 1  # blocks held after this hit
+                rest = seq.num_tokens - held * bs
+                chunk = rest if token_budget is None else min(rest, token_budget)
+                if alloc.num_free < 1 + self.blocks_needed(held * bs + chunk) - held:
+                    break
+                self.host.pin(src)  # before allocating: an eviction to the host must not reuse src
+                block = alloc.allocate()
+                alloc.register(block, digest)
+                swaps.append((src, block))
+            seq.block_table.append(block)
+        if swaps:
+            self._swap_in_of[seq] = swaps
+        hit = len(seq.block_table) * bs
+        seq.num_computed_tokens = hit
+        seq.num_registered_blocks = len(seq.block_table)
+        return hit
+
+    def _evict_to_host(self, block: int, digest: bytes) -> None:
+        """The allocator is about to reuse cached ``block``: keep its content in the host tier (a
+        swap-out this step runs before anything writes the block), unless the tier has it already."""
+        if digest in self.host:
+            self.host.get(digest)  # the same content (same hash): only mark it recently used
+            return
+        dst = self.host.store(digest)
+        if dst is not None:  # None: every host block is read by this step; the content is dropped
+            self._swap_out.append((block, dst))
+            self.counters.host_blocks_swapped_out += 1
+
+    def admit(self, seq: "Sequence") -> None:
+        """The scheduler admitted ``seq`` into this step: its host-tier swap-ins become part of the step."""
+        swaps = self._swap_in_of.pop(seq, None)
+        if swaps:
+            self._swap_in.extend(swaps)
+            self.counters.host_blocks_swapped_in += len(swaps)
+            self.counters.host_cache_hits += len(swaps) * self.block_size
+
+    def take_swaps(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """This step's copies, (swap_out, swap_in), for the ``ScheduledBatch``; the runner runs them
+        before the forward, swap-outs first. Releases the step's pins on host blocks: nothing else is
+        decided in this step."""
+        assert not self._swap_in_of, "take_swaps while a matched sequence is neither admitted nor freed"
+        out, into = self._swap_out, self._swap_in
+        self._swap_out, self._swap_in = [], []
+        if self.host is not None:
+            self.host.unpin_all()
+        return out, into
 
     def record_lookup(self, num_tokens: int, num_hit: int) -> None:
         self.counters.prefix_cache_queries += num_tokens
@@ -379,7 +482,12 @@ class KVCacheManager:
 
     def free(self, seq: "Sequence") -> None:
         """Release all of a sequence's blocks. Its last blocks are freed first, so under LRU the
-        prefix blocks (the most shareable) are evicted last."""
+        prefix blocks (the most shareable) are evicted last. Swap-ins planned for it and not yet
+        admitted are called off: their blocks are unnamed (the content never arrives) and go back
+        as plain free blocks, their host blocks unpinned."""
+        for src, block in self._swap_in_of.pop(seq, ()):
+            self.host.unpin(src)
+            self.allocator.forget(block)
         for block in reversed(seq.block_table):
             self.allocator.release(block)
         seq.block_table = []

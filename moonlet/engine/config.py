@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import available_memory, bytes_per_block, parse_bytes
+from .cache import available_memory, bytes_per_block, latent_layer_ids, parse_bytes
 from .spec import SPECULATIVE_METHODS, SpeculativeConfig
 
 # CPU default: a small share of free RAM, never more than this.
@@ -74,6 +74,10 @@ class EngineConfig:
     # (moonlet.model.quantized; Triton kernels on CUDA), "dequantize" turns them into dtype weights
     # while loading. Default: keep on CUDA, dequantize elsewhere. Plain checkpoints load the same either way.
     quantization: str | None = None
+    # host tier of the prefix cache: bytes (or e.g. "8GiB") of host memory that keeps cached blocks
+    # evicted from the device pool, copied back on a later prefix hit instead of recomputed
+    # (moonlet.engine.host_cache); 0 or None: off. Pinned memory on CUDA. Not for hybrid (KDA) models.
+    host_cache_memory: int | str | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -115,6 +119,7 @@ class EngineConfig:
             raise ValueError(f"engine argument kv_cache_fraction={self.kv_cache_fraction!r} must be in (0, 1]")
         self.speculative_config()  # raises on bad speculative settings
         self.image_cache_bytes()  # raises on a bad image feature cache size
+        self.host_cache_bytes()  # raises on a bad host cache size
 
     def image_cache_bytes(self) -> int:
         """The image feature cache's size in bytes (vision models), checked."""
@@ -124,6 +129,19 @@ class EngineConfig:
         if size < 0:
             raise ValueError(f"engine argument image_feature_cache_memory={self.image_feature_cache_memory!r} must "
                              f"be >= 0 bytes (0 turns the image feature cache off)")
+        return size
+
+    def host_cache_bytes(self) -> int:
+        """The host cache tier's size in bytes (0: off), checked."""
+        if self.host_cache_memory is None:
+            return 0
+        if isinstance(self.host_cache_memory, bool):
+            raise ValueError(f"engine argument host_cache_memory={self.host_cache_memory!r} must be a number of "
+                             f"bytes or a size such as '8GiB'")
+        size = parse_bytes(self.host_cache_memory)
+        if size < 0:
+            raise ValueError(f"engine argument host_cache_memory={self.host_cache_memory!r} must be >= 0 bytes "
+                             f"(0 turns the host cache tier off)")
         return size
 
     def speculative_config(self) -> SpeculativeConfig | None:
@@ -153,6 +171,8 @@ class ResolvedConfig:
     triton_decode: bool = False
     state_snapshots: int = 0  # recurrent-state snapshot rows (hybrid models with prefix caching)
     speculative: SpeculativeConfig | None = None  # speculative decoding (None: off)
+    host_blocks: int = 0  # blocks of the host cache tier (0: off)
+    host_block_bytes: int = 0  # bytes per host block (latent rows of every layer, plus MoBA page sums)
 
 
 def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.dtype) -> ResolvedConfig:
@@ -220,6 +240,7 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
         raise ValueError("engine argument decode_graphs='cuda' needs a CUDA device; use 'eager' or 'off'")
     from .cuda_graph import DEFAULT_BATCH_SIZES
 
+    host_blocks, host_block_bytes = host_cache_blocks(cfg, model_config, block_size, dtype)
     sizes = cfg.decode_graph_batch_sizes or tuple(b for b in DEFAULT_BATCH_SIZES if b < cfg.max_num_seqs)
     graph_sizes = tuple(sorted({min(b, cfg.max_num_seqs) for b in sizes} | {cfg.max_num_seqs})) \
         if graphs != "off" else ()
@@ -230,8 +251,41 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
         max_waiting=cfg.max_waiting, seed=cfg.seed,
         expanded_prefill=(cfg.prefill_attention or ("expanded" if on_cuda else "absorbed")) == "expanded",
         decode_graphs=graphs, decode_graph_batch_sizes=graph_sizes, triton_decode=triton_decode,
-        state_snapshots=snapshots, speculative=speculative,
+        state_snapshots=snapshots, speculative=speculative, host_blocks=host_blocks,
+        host_block_bytes=host_block_bytes,
     )
+
+
+def host_cache_blocks(cfg: EngineConfig, model_config, block_size: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(blocks, bytes per block) of the host cache tier for ``cfg.host_cache_memory``; (0, 0) when off.
+    ValueError when the tier cannot be used: prefix caching off, a hybrid (KDA) model, less than one
+    block, more than the host's available memory."""
+    size = cfg.host_cache_bytes()
+    if not size:
+        return 0, 0
+    given = f"engine argument host_cache_memory={cfg.host_cache_memory!r}"
+    if not cfg.enable_prefix_caching:
+        raise ValueError(f"{given}: the host cache tier keeps prefix-cache blocks, but prefix caching is off; turn "
+                         f"it on or leave host_cache_memory at 0")
+    if model_config.kda_layer_ids:
+        raise ValueError(f"{given}: the host cache tier does not support models with KDA layers (Kimi Linear, "
+                         f"layers {list(model_config.kda_layer_ids)}): a prefix hit there also needs the recurrent-"
+                         f"state snapshot at the chain's end, which stays on the device; leave host_cache_memory at "
+                         f"0 for this model")
+    from .host_cache import HostCachePool
+
+    moba_layers = sum(model_config.is_moba_layer(i) for i in range(model_config.num_hidden_layers))
+    per_block = HostCachePool.bytes_per_block(len(latent_layer_ids(model_config)), block_size,
+                                              model_config.latent_dim, dtype, moba_layers)
+    blocks = size // per_block
+    if blocks < 1:
+        raise ValueError(f"{given} ({size} bytes) is smaller than one host block ({per_block} bytes: {block_size} "
+                         f"tokens x {len(latent_layer_ids(model_config))} layers x {model_config.latent_dim} "
+                         f"values); raise it or set 0 to turn the tier off")
+    free = available_memory(torch.device("cpu"))
+    if size > free:
+        raise ValueError(f"{given} ({size} bytes) is more than the host's available memory ({free} bytes); lower it")
+    return blocks, per_block
 
 
 def add_engine_cli_args(parser) -> None:
@@ -286,6 +340,10 @@ def add_engine_cli_args(parser) -> None:
                    help="quantized checkpoints (block FP8, INT4 experts): keep the stored weights and compute "
                         "from them, or dequantize them to --dtype while loading (default: keep on GPU, "
                         "dequantize on CPU)")
+    g.add_argument("--host-cache-memory", default=None,
+                   help="host memory for a second tier of the prefix cache, e.g. 8GiB: cached blocks evicted from "
+                        "the device pool are kept there and copied back on a later prefix hit instead of being "
+                        "recomputed (pinned memory on GPU; not for hybrid Kimi Linear models; default 0: off)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model and cache dtype (default: the checkpoint's)")
@@ -304,7 +362,7 @@ def engine_args_from_cli(args) -> dict:
         decode_kernel="decode_kernel", state_snapshots="state_snapshots", speculative="speculative",
         num_speculative_tokens="num_speculative_tokens", ngram_max="ngram_max", ngram_min="ngram_min",
         image_feature_cache_memory="image_feature_cache_memory", tensor_parallel_size="tensor_parallel_size",
-        quantization="quantization",
+        quantization="quantization", host_cache_memory="host_cache_memory",
     )
     out = {field: getattr(args, attr) for attr, field in names.items() if getattr(args, attr, None) is not None}
     for flag in ("enable_prefix_caching", "enable_chunked_prefill"):

@@ -159,7 +159,8 @@ class EngineCore:
         self.model_name = config.model_name or model_name or "moonlet"
         hybrid = bool(model.config.kda_layer_ids)
         self.cache = KVCacheManager(rc.num_blocks, rc.block_size, rc.enable_prefix_caching,
-                                    state_slots=rc.max_num_seqs if hybrid else 0, state_snapshots=rc.state_snapshots)
+                                    state_slots=rc.max_num_seqs if hybrid else 0, state_snapshots=rc.state_snapshots,
+                                    host_blocks=rc.host_blocks)
         self.proposer = NgramProposer(rc.speculative, rc.max_model_len) if rc.speculative is not None else None
         self.scheduler = Scheduler(self.cache, rc.max_num_seqs, rc.max_num_batched_tokens, rc.enable_chunked_prefill,
                                    proposer=self.proposer)
@@ -321,6 +322,8 @@ class EngineCore:
         token this step (finished ones included)."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
+            if batch.swap_out or batch.swap_in:  # evictions decided while scheduling still move to the host tier
+                self.runner.execute(batch)  # (on every tensor-parallel rank)
             if self.scheduler.has_work():
                 raise RuntimeError("the scheduler could not schedule any work although requests are pending "
                                    f"({len(self.scheduler.waiting)} waiting, {len(self.scheduler.running)} running, "
@@ -402,4 +405,18 @@ class EngineCore:
             "image_cache_hits": vision.cache_hits if vision else 0,
             "images_skipped": vision.images_skipped if vision else 0,
             "image_cache_bytes": vision.cache.num_bytes if vision else 0,
+            **self._host_stats(),
+        }
+
+    def _host_stats(self) -> dict:
+        """The host cache tier's counters (all 0 when it is off)."""
+        c, host, per_block = self.cache.counters, self.cache.host, self.config.host_block_bytes
+        return {
+            "host_cache_blocks_total": host.capacity if host is not None else 0,
+            "host_cache_blocks_used": len(host) if host is not None else 0,
+            "host_cache_hits": c.host_cache_hits,
+            "host_cache_blocks_swapped_in": c.host_blocks_swapped_in,
+            "host_cache_blocks_swapped_out": c.host_blocks_swapped_out,
+            "host_cache_bytes_swapped_in": c.host_blocks_swapped_in * per_block,
+            "host_cache_bytes_swapped_out": c.host_blocks_swapped_out * per_block,
         }

@@ -75,6 +75,12 @@ def build_runner(model, rc, workers=None):
     runner = ModelRunner(model, pool, expanded_prefill=rc.expanded_prefill, triton_decode=rc.triton_decode,
                          states=states)
     runner.workers = workers
+    if rc.host_blocks:  # the host tier of the prefix cache, shaped after the pool (and MoBA page sums)
+        from .host_cache import HostCachePool
+
+        sums = runner.kv.page_sums
+        runner.host = HostCachePool(pool, rc.host_blocks, num_sum_layers=sums.data.shape[0] if sums is not None else 0,
+                                    pin_memory=pool.data.device.type == "cuda")
     if workers is not None:  # the workers build theirs at the same time (graph capture runs collectives)
         workers.init_runners(rc)
     if rc.decode_graphs != "off":

@@ -31,6 +31,10 @@ class StepInput:
     state_inits: list = field(default_factory=list)
     state_saves: list = field(default_factory=list)
     image_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+    # host tier of the prefix cache: (device block, host block) copies out, then (host block, device
+    # block) copies in, before the forward (ScheduledBatch.swap_out / swap_in)
+    swap_out: list = field(default_factory=list)
+    swap_in: list = field(default_factory=list)
 
 
 class ModelRunner:
@@ -51,8 +55,9 @@ class ModelRunner:
                                 moba=MobaSpec.from_config(model.config, pool.block_size), states=states)
         self.states = states  # RecurrentStates (models with KDA layers) or None
         self.graphs = None
-        self.graph_steps = 0
-        self.workers = None  # tensor parallelism: moonlet.engine.parallel.Workers, sent every step  # decode steps served from the graphs (or their eager stand-in)
+        self.graph_steps = 0  # decode steps served from the graphs (or their eager stand-in)
+        self.workers = None  # tensor parallelism: moonlet.engine.parallel.Workers, sent every step
+        self.host = None  # HostCachePool: the host tier of the prefix cache (host_cache_memory), or None
 
     def enable_decode_graphs(self, scratch_block: int, max_model_len: int, batch_sizes, capture: bool) -> None:
         """Serve decode-only steps from ``DecodeGraphs`` (``capture=False``: its static buffers, run eagerly)."""
@@ -80,7 +85,8 @@ class ModelRunner:
         if image_rows is not None:
             image_rows = (image_rows[0].cpu(), image_rows[1].cpu()) if self.workers is not None else image_rows
         return StepInput(tokens, starts, sample, [list(s.block_table) for s in batch.seqs], slots,
-                         list(batch.state_inits), list(batch.state_saves), image_rows)
+                         list(batch.state_inits), list(batch.state_saves), image_rows,
+                         list(getattr(batch, "swap_out", ())), list(getattr(batch, "swap_in", ())))
 
     def build_layout(self, step: StepInput) -> tuple[torch.Tensor, BatchLayout, list[tuple[int, int]]]:
         """input_ids [1, N], the layout, and per entry (first flat index, count) of the rows to sample:
@@ -160,6 +166,9 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, step: StepInput) -> tuple[list[int], torch.Tensor | None]:
         """Run a prepared step: (the entries sampled, their logits rows as ``execute`` describes)."""
+        self.swap(step)
+        if not step.tokens:  # only host-tier copies this step
+            return [], None
         if self.graphs is not None and step.tokens and all(len(t) == 1 for t in step.tokens) and \
                 step.image_rows is None and self.graphs.can_run(len(step.tokens),
                                                                 max(len(t) for t in step.block_tables)):
@@ -187,6 +196,15 @@ class ModelRunner:
         index = torch.tensor(flat, device=self.device)
         logits = self.model.lm_head(hidden[0, index]).float()  # only the rows we sample from
         return rows, logits
+
+    def swap(self, batch: ScheduledBatch | StepInput) -> None:
+        """The step's host-tier copies, before anything in the step writes the pool: evicted blocks out
+        to host memory (with their MoBA page sums), then host prefix hits into their new device blocks."""
+        if self.host is None or not (batch.swap_out or batch.swap_in):
+            return
+        sums = self.kv.page_sums.data if self.kv.page_sums is not None else None
+        self.host.swap_out(batch.swap_out, self.pool, sums)
+        self.host.swap_in(batch.swap_in, self.pool, sums)
 
     @staticmethod
     def image_rows(batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor] | None:

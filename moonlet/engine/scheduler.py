@@ -21,6 +21,11 @@ drafts is scheduled as a multi-token entry (its verification span) and its draft
 Models with KDA layers: the batch also says what each scheduled sequence's recurrent-state slot
 must hold before the forward (zeros for a sequence starting at token 0, a snapshot for a prefix hit)
 and which states the forward should snapshot (``KVCacheManager.plan_snapshot``).
+
+Host cache tier (``KVCacheManager.host``): evicting a cached block while scheduling (any allocation)
+may copy it to host memory, and admitting a request whose prefix continues in the host tier copies
+those blocks back into fresh device blocks. Both are lists on the batch (``swap_out``, ``swap_in``)
+that the runner executes before the forward, swap-outs first.
 """
 
 from __future__ import annotations
@@ -47,6 +52,10 @@ class ScheduledBatch:
     # speculative decoding: the draft tokens of the sequences that verify drafts this step; such a
     # sequence computes its last token and then these (num_new_tokens = 1 + len(drafts))
     draft_tokens: dict[Sequence, list[int]] = field(default_factory=dict)
+    # host cache tier: (device block, host block) copies of evicted blocks, then (host block, device
+    # block) copies of host prefix hits; both run before the forward, in this order
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -169,7 +178,7 @@ class Scheduler:
         # 2. waiting requests, in order, unless this step already had to preempt
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            hit = self.cache.match_prefix(seq)
+            hit = self.cache.match_prefix(seq, budget)
             n = seq.num_uncomputed_tokens
             if n > budget:
                 if not self.enable_chunked_prefill:
@@ -183,6 +192,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.cache.record_lookup(seq.num_tokens, hit)
+            self.cache.admit(seq)
             if seq.num_cached_tokens < 0:
                 seq.num_cached_tokens = hit
                 self.prompt_tokens_total += seq.num_prompt_tokens
@@ -192,6 +202,7 @@ class Scheduler:
             budget -= n
 
         batch = ScheduledBatch(preempted=preempted, draft_tokens=drafts)
+        batch.swap_out, batch.swap_in = self.cache.take_swaps()
         # decodes (1 token) first, as the runner's layout wants
         for seq, n in sorted(chosen.items(), key=lambda item: item[1] != 1):
             batch.seqs.append(seq)

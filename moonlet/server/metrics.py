@@ -1,7 +1,7 @@
 """Prometheus metrics for ``GET /metrics``.
 
 Server-side counters and latency histograms are recorded per request; the engine's gauges
-(running/waiting requests, cache usage, prefix-cache and speculative-decoding counters) are read
+(running/waiting requests, cache usage, prefix-cache, host-tier and speculative-decoding counters) are read
 from ``engine.stats()`` at scrape time. Each app has its own registry, so several apps in one process do not collide.
 """
 
@@ -41,6 +41,10 @@ class _EngineCollector:
             ("moonlet_kv_cache_blocks_free", "KV cache blocks not held by any request", "blocks_free"),
             ("moonlet_image_cache_bytes", "Bytes of image features held by the feature cache (vision models)",
              "image_cache_bytes"),
+            ("moonlet_host_cache_blocks_total", "Blocks of the prefix cache's host tier (0: off)",
+             "host_cache_blocks_total"),
+            ("moonlet_host_cache_blocks_used", "Host-tier blocks holding an evicted prefix-cache block",
+             "host_cache_blocks_used"),
         ]
         for name, doc, key in gauges:
             if key in stats:
@@ -61,6 +65,17 @@ class _EngineCollector:
             ("moonlet_image_cache_hits", "Images whose features came from the feature cache", "image_cache_hits"),
             ("moonlet_images_skipped", "Images not encoded because a prefix-cache hit covered them",
              "images_skipped"),
+            # the prefix cache's host tier (host_cache_memory)
+            ("moonlet_host_cache_hits", "Prompt tokens whose cached blocks were copied back from the host tier",
+             "host_cache_hits"),
+            ("moonlet_host_cache_blocks_swapped_in", "Blocks copied from the host tier into the device pool",
+             "host_cache_blocks_swapped_in"),
+            ("moonlet_host_cache_blocks_swapped_out", "Evicted device blocks copied to the host tier",
+             "host_cache_blocks_swapped_out"),
+            ("moonlet_host_cache_swapped_in_bytes", "Bytes copied from the host tier into the device pool",
+             "host_cache_bytes_swapped_in"),
+            ("moonlet_host_cache_swapped_out_bytes", "Bytes copied from the device pool to the host tier",
+             "host_cache_bytes_swapped_out"),
             # hybrid (KDA) models
             ("moonlet_state_snapshots_saved", "Recurrent-state snapshots written", "state_snapshots_saved"),
             ("moonlet_state_snapshots_restored", "Recurrent-state snapshots a prefix hit resumed from",

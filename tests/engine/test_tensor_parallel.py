@@ -207,6 +207,23 @@ def test_fused_moe_slot_layout_skips_other_ranks_slots():
 
 
 @pytest.mark.slow
+def test_host_cache_tier_under_tensor_parallelism(checkpoint):
+    """Swap-outs and swap-ins travel with the step: every rank copies its own pool's blocks to and from
+    its own host tier, and a host hit gives the single-process tokens."""
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    sessions = [list(range(10 + 50 * i, 50 + 50 * i)) for i in range(3)]  # 40 tokens: 10 blocks each
+    runs = []
+    for world in (1, 2):
+        with LLM(str(checkpoint), dtype="float32", block_size=4, num_blocks=24, host_cache_memory="256KiB",
+                 tensor_parallel_size=world) as llm:
+            out = [llm.generate([s], params)[0].token_ids for s in sessions]  # the first one is evicted
+            again = llm.generate([sessions[0] + out[0] + [7, 7, 7]], params)[0]
+            assert llm.stats()["host_cache_hits"] > 0 and again.num_cached_tokens >= 40
+            runs.append(out + [again.token_ids])
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.slow
 def test_a_dead_worker_is_a_clear_error(checkpoint):
     llm = LLM(str(checkpoint), dtype="float32", block_size=4, num_blocks=32, tensor_parallel_size=2)
     try:
