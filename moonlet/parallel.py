@@ -110,30 +110,6 @@ class TensorParallel:
         self.group.allgather([parts], [x]).wait()
         return torch.cat(parts, dim=-1)
 
-    def broadcast_object(self, obj=None):
-        """Rank 0's ``obj`` on every rank (pickled; for small control messages)."""
-        if self.world_size == 1:
-            return obj
-        import pickle
-
-        if self.rank == 0:
-            data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
-            size = torch.tensor([data.numel()], dtype=torch.long)
-        else:
-            size = torch.zeros(1, dtype=torch.long)
-        self._broadcast_cpu(size)
-        if self.rank != 0:
-            data = torch.empty(int(size), dtype=torch.uint8)
-        self._broadcast_cpu(data)
-        return obj if self.rank == 0 else pickle.loads(data.numpy().tobytes())
-
-    def _broadcast_cpu(self, t: torch.Tensor) -> None:
-        import torch.distributed as dist
-
-        opts = dist.BroadcastOptions()
-        opts.rootRank = 0
-        self.group.broadcast([t], opts).wait()
-
 
 # ---- sharded modules ------------------------------------------------------------------------------
 

@@ -84,33 +84,28 @@ def build_engine(model_path=None, model=None, tokenizer=None, image_processor=No
     config = EngineConfig.from_kwargs(**engine_args)
     name = None
     workers = None
-    if config.tensor_parallel_size > 1:
-        if model is not None:
-            raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} loads each rank's share of the "
-                             "checkpoint in its own process: pass model_path (a checkpoint directory), not a model "
-                             "object")
+    if config.tensor_parallel_size > 1 and model is not None:
+        raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} loads each rank's share of the "
+                         "checkpoint in its own process: pass model_path (a checkpoint directory), not a model object")
+    if model is None:
         config.validate()
-        from .parallel import Workers
+        device = config.device
+        if config.tensor_parallel_size > 1:  # start the other ranks first: they load their shares meanwhile
+            from .parallel import Workers
 
-        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        workers = Workers(resolve_model_path(model_path), config.tensor_parallel_size, device, config.dtype,
-                          config.quantization)
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            workers = Workers(resolve_model_path(model_path), config.tensor_parallel_size, device, config.dtype,
+                              config.quantization)
         try:
             model, loaded_tokenizer, name = load_model_and_tokenizer(model_path, device, config.dtype,
-                                                                     config.quantization, workers.tp)
-            workers.wait_for("loaded")
+                                                                     config.quantization,
+                                                                     workers.tp if workers is not None else None)
+            if workers is not None:
+                workers.wait_for("loaded")
         except BaseException:
-            workers.close()
+            if workers is not None:
+                workers.close()
             raise
-        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
-        if image_processor is None and getattr(model, "vision_tower", None) is not None:
-            from ..multimodal import ImageProcessorConfig
-
-            image_processor = ImageProcessorConfig.from_pretrained(resolve_model_path(model_path))
-    elif model is None:
-        config.validate()
-        model, loaded_tokenizer, name = load_model_and_tokenizer(model_path, config.device, config.dtype,
-                                                                 config.quantization)
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
         if image_processor is None and getattr(model, "vision_tower", None) is not None:
             from ..multimodal import ImageProcessorConfig

@@ -236,12 +236,10 @@ def _worker_main(rank: int, world_size: int, port: int, model_path: str, device:
         torch.cuda.set_device(device)
     try:
         tp = TensorParallel.connect(rank, world_size, HOST, port, device)
-        from ..config import ModelConfig
         from ..kernels.moe import fuse_moe_experts
         from ..weights import load_model
         from .core import _as_dtype
 
-        ModelConfig.from_pretrained(model_path)  # a clear error before any tensor is read
         quantized = quantization or ("keep" if device.type == "cuda" else "dequantize")  # as rank 0 decides
         model = load_model(model_path, device=device, dtype=_as_dtype(dtype), quantized=quantized,
                            tensor_parallel=tp).eval()

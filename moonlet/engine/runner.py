@@ -77,14 +77,15 @@ class ModelRunner:
                 tokens.append([seq.token_ids[start]] + list(drafts))
                 sample.append(n)
             else:
-                tokens.append(list(seq.token_ids[start:start + n]))
+                tokens.append(seq.token_ids[start:start + n])  # a slice: already a copy
                 sample.append(1 if start + n == seq.num_tokens else 0)
             starts.append(start)
         slots = None if self.states is None else [s.state_slot for s in batch.seqs]
         image_rows = self.image_rows(batch)
         if image_rows is not None:
             image_rows = (image_rows[0].cpu(), image_rows[1].cpu()) if self.workers is not None else image_rows
-        return StepInput(tokens, starts, sample, [list(s.block_table) for s in batch.seqs], slots,
+        # block tables as they are (no per-step copy of long tables; sending to workers pickles them)
+        return StepInput(tokens, starts, sample, [s.block_table for s in batch.seqs], slots,
                          list(batch.state_inits), list(batch.state_saves), image_rows,
                          list(getattr(batch, "swap_out", ())), list(getattr(batch, "swap_in", ())))
 
