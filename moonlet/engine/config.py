@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +60,11 @@ class EngineConfig:
     # speculative decoding: None (off) or "ngram" (prompt-lookup drafts, moonlet.engine.spec): up to
     # num_speculative_tokens drafts per decoding sequence and step, from the latest earlier occurrence
     # of its last ngram_max .. ngram_min tokens; verified in the same forward, output unchanged
+    # "draft": the greedy continuation of a smaller model of the same tokenizer (moonlet.engine.draft),
+    # speculative_model: its checkpoint directory (or a loaded model); its latent cache shares the KV
+    # cache budget
     speculative: str | None = None
+    speculative_model: str | os.PathLike | torch.nn.Module | None = None
     num_speculative_tokens: int = 4
     ngram_max: int = 4
     ngram_min: int = 2
@@ -147,8 +152,18 @@ class EngineConfig:
     def speculative_config(self) -> SpeculativeConfig | None:
         """The validated speculative-decoding settings, or None when it is off."""
         if self.speculative is None:
+            if self.speculative_model is not None:
+                raise ValueError(f"engine argument speculative_model={self.speculative_model!r} needs "
+                                 "speculative='draft' (CLI --speculative draft)")
             return None
-        return SpeculativeConfig(self.speculative, self.num_speculative_tokens, self.ngram_max, self.ngram_min)
+        draft = self.speculative_model
+        if isinstance(draft, torch.nn.Module):
+            draft = f"<{type(draft).__name__} object>"
+        elif draft is not None and not isinstance(draft, (str, os.PathLike)):
+            raise ValueError(f"engine argument speculative_model={draft!r} must be a checkpoint directory path (or, "
+                             "from Python, a loaded moonlet model)")
+        return SpeculativeConfig(self.speculative, self.num_speculative_tokens, self.ngram_max, self.ngram_min,
+                                 str(draft) if draft is not None else None)
 
 
 @dataclass
@@ -175,12 +190,16 @@ class ResolvedConfig:
     host_block_bytes: int = 0  # bytes per host block (latent rows of every layer, plus MoBA page sums)
 
 
-def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.dtype) -> ResolvedConfig:
-    """Fill in defaults for ``device``; size the pool (call after the model is on the device)."""
+def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.dtype,
+            draft_config=None) -> ResolvedConfig:
+    """Fill in defaults for ``device``; size the pool (call after the model, and the draft model
+    whose config is ``draft_config`` if any, are on the device: a block then holds both latents)."""
     cfg.validate()
     on_cuda = device.type == "cuda"
     block_size = cfg.block_size or (64 if on_cuda else 16)
     per_block = bytes_per_block(model_config, block_size, dtype)
+    if draft_config is not None:
+        per_block += bytes_per_block(draft_config, block_size, dtype)
     # hybrid models (KDA layers): each running sequence also holds a recurrent-state slot, and prefix
     # caching keeps snapshots of that state (state_snapshots rows of the same size)
     per_state = model_config.kda_state_bytes(torch.empty(0, dtype=dtype).element_size())
@@ -229,12 +248,7 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
     if cfg.decode_kernel == "triton" and not triton_decode:
         raise ValueError("engine argument decode_kernel='triton' needs a CUDA GPU (compute capability >= 8.0) and "
                          "the triton package; use 'reference'")
-    speculative = cfg.speculative_config()
-    if speculative is not None and model_config.kda_layer_ids:
-        raise ValueError(f"engine argument speculative={cfg.speculative!r}: speculative decoding does not support "
-                         f"models with KDA layers (Kimi Linear, layers {list(model_config.kda_layer_ids)}): their "
-                         f"recurrent state advances over every verified token and cannot be rolled back past a "
-                         f"rejected draft; leave speculative unset (None) for this model")
+    speculative = check_speculative(cfg, model_config)
     graphs = cfg.decode_graphs or ("cuda" if on_cuda else "off")
     if graphs == "cuda" and not on_cuda:
         raise ValueError("engine argument decode_graphs='cuda' needs a CUDA device; use 'eager' or 'off'")
@@ -254,6 +268,17 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
         state_snapshots=snapshots, speculative=speculative, host_blocks=host_blocks,
         host_block_bytes=host_block_bytes,
     )
+
+
+def check_speculative(cfg: EngineConfig, model_config) -> SpeculativeConfig | None:
+    """The speculative-decoding settings, refused for a model they cannot serve."""
+    speculative = cfg.speculative_config()
+    if speculative is not None and model_config.kda_layer_ids:
+        raise ValueError(f"engine argument speculative={cfg.speculative!r}: speculative decoding does not support "
+                         f"models with KDA layers (Kimi Linear, layers {list(model_config.kda_layer_ids)}): their "
+                         f"recurrent state advances over every verified token and cannot be rolled back past a "
+                         f"rejected draft; leave speculative unset (None) for this model")
+    return speculative
 
 
 def host_cache_blocks(cfg: EngineConfig, model_config, block_size: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -321,8 +346,12 @@ def add_engine_cli_args(parser) -> None:
                    help="replay decode steps from CUDA graphs (default: cuda on GPU, off on CPU)")
     g.add_argument("--speculative", choices=list(SPECULATIVE_METHODS), default=None,
                    help="speculative decoding: 'ngram' drafts continuations of earlier occurrences of each "
-                        "sequence's last tokens (prompt lookup) and verifies them in the same forward; the output "
-                        "does not change (default: off)")
+                        "sequence's last tokens (prompt lookup), 'draft' the greedy continuation of a smaller model "
+                        "(--speculative-model); the drafts are verified in the same forward and the output does "
+                        "not change (default: off)")
+    g.add_argument("--speculative-model", default=None, metavar="PATH",
+                   help="with --speculative draft: the draft model's checkpoint directory (a smaller model with the "
+                        "same tokenizer)")
     g.add_argument("--num-speculative-tokens", type=int, default=None,
                    help="with --speculative: most draft tokens per sequence and step (default 4)")
     g.add_argument("--ngram-max", type=int, default=None,
@@ -360,6 +389,7 @@ def engine_args_from_cli(args) -> dict:
         max_num_batched_tokens="max_num_batched_tokens", max_waiting="max_waiting", device="device", dtype="dtype",
         engine_seed="seed", prefill_attention="prefill_attention", decode_graphs="decode_graphs",
         decode_kernel="decode_kernel", state_snapshots="state_snapshots", speculative="speculative",
+        speculative_model="speculative_model",
         num_speculative_tokens="num_speculative_tokens", ngram_max="ngram_max", ngram_min="ngram_min",
         image_feature_cache_memory="image_feature_cache_memory", tensor_parallel_size="tensor_parallel_size",
         quantization="quantization", host_cache_memory="host_cache_memory",

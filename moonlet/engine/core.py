@@ -10,7 +10,7 @@ import torch
 
 from ..kernels.moe import fuse_moe_experts
 from .cache import KVCacheManager
-from .config import EngineConfig, resolve
+from .config import EngineConfig, check_speculative, resolve
 from .errors import PromptTooLongError
 from .multimodal import MultimodalPrompt, RequestImages, VisionInputs
 from .parallel import build_runner
@@ -18,6 +18,7 @@ from .params import SamplingParams
 from .sampler import Sampler
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence
+from .draft import DraftModelProposer, build_draft_runner, check_draft_model
 from .spec import NgramProposer
 from .structured import GrammarCache, StructuredOutputError
 from .thinking import ThinkingBudget, thinking_markers
@@ -112,7 +113,8 @@ def build_engine(model_path=None, model=None, tokenizer=None, image_processor=No
 
             image_processor = ImageProcessorConfig.from_pretrained(resolve_model_path(model_path))
     try:
-        return EngineCore(model, tokenizer, config, model_name=name, image_processor=image_processor, workers=workers)
+        return EngineCore(model, tokenizer, config, model_name=name, image_processor=image_processor, workers=workers,
+                          model_path=resolve_model_path(model_path) if name is not None else None)
     except BaseException:
         if workers is not None:
             workers.close()
@@ -124,7 +126,9 @@ class EngineCore:
     (AsyncLLM runs it on its own thread)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, config: EngineConfig | None = None,
-                 model_name: str | None = None, image_processor=None, workers=None):
+                 model_name: str | None = None, image_processor=None, workers=None, model_path=None):
+        """``model_path``: the checkpoint directory the model came from, if any (a draft model's
+        tokenizer file is checked against its)."""
         config = config or EngineConfig()
         self.workers = workers  # tensor parallelism: moonlet.engine.parallel.Workers (ranks 1..W-1)
         self.vision: VisionInputs | None = None
@@ -149,17 +153,26 @@ class EngineCore:
         fuse_moe_experts(self.model)  # grouped-GEMM MoE for inference, on every device (after any cast)
         self.tokenizer = tokenizer
         self.model_config = model.config
-        self.config = resolve(config, model.config, model.device, model.dtype)
+        self.draft_model = None
+        if config.speculative == "draft":  # before sizing the pool: its weights and latents take memory too
+            self.draft_model = self._load_draft(config, model_path)
+        self.config = resolve(config, model.config, model.device, model.dtype,
+                              draft_config=self.draft_model.config if self.draft_model is not None else None)
         rc = self.config
         self.model_name = config.model_name or model_name or "moonlet"
         hybrid = bool(model.config.kda_layer_ids)
         self.cache = KVCacheManager(rc.num_blocks, rc.block_size, rc.enable_prefix_caching,
                                     state_slots=rc.max_num_seqs if hybrid else 0, state_snapshots=rc.state_snapshots,
                                     host_blocks=rc.host_blocks)
-        self.proposer = NgramProposer(rc.speculative, rc.max_model_len) if rc.speculative is not None else None
+        self.pool, _, self.runner = build_runner(self.model, rc, workers)
+        self.proposer = None
+        if self.draft_model is not None:
+            self.proposer = DraftModelProposer(rc.speculative, rc.max_model_len, build_draft_runner(self.draft_model, rc),
+                                               self.cache, rc.max_num_batched_tokens)
+        elif rc.speculative is not None:
+            self.proposer = NgramProposer(rc.speculative, rc.max_model_len)
         self.scheduler = Scheduler(self.cache, rc.max_num_seqs, rc.max_num_batched_tokens, rc.enable_chunked_prefill,
                                    proposer=self.proposer)
-        self.pool, _, self.runner = build_runner(self.model, rc, workers)
         self.sampler = Sampler(model.device, rc.seed)
         self.requests: dict[str, Sequence] = {}
         self._grammars: GrammarCache | None = None  # made on the first structured-output request
@@ -175,6 +188,25 @@ class EngineCore:
         self.spec_draft_tokens = 0  # draft tokens verified (speculative decoding)
         self.spec_accepted_tokens = 0  # of those, kept as output tokens
         self.spec_verifications = 0  # sequence-steps that verified at least one draft
+
+    def _load_draft(self, config: EngineConfig, model_path) -> torch.nn.Module:
+        """The draft model for ``speculative='draft'``: ``config.speculative_model`` (a loaded model, or
+        the checkpoint directory to load), on the target's device and in its dtype, checked against it."""
+        check_speculative(config, self.model.config)  # a clear error for a missing or odd value, or a hybrid target
+        draft_model, draft_path = config.speculative_model, None
+        if not isinstance(draft_model, torch.nn.Module):
+            draft_path = resolve_model_path(draft_model)
+            draft_model, _, _ = load_model_and_tokenizer(draft_path, str(self.model.device), None, config.quantization)
+        if getattr(draft_model, "vision_tower", None) is not None:  # drafts text: its language model is enough
+            draft_model = draft_model.language_model
+        check_draft_model(self.model.config, draft_model.config, model_path, draft_path)
+        if draft_model.device != self.model.device:
+            draft_model = draft_model.to(self.model.device)
+        if draft_model.dtype != self.model.dtype:
+            draft_model = draft_model.cast(self.model.dtype)
+        draft_model = draft_model.eval()
+        fuse_moe_experts(draft_model)
+        return draft_model
 
     @property
     def max_model_len(self) -> int:
@@ -367,6 +399,13 @@ class EngineCore:
         return outputs
 
     # ---- metrics --------------------------------------------------------------------------------
+    def _draft_stats(self) -> dict:
+        proposer = self.proposer
+        if not isinstance(proposer, DraftModelProposer):
+            return {}
+        return {"draft_forwards": proposer.steps, "draft_catch_up_tokens": proposer.catch_up_tokens,
+                "draft_reused_tokens": proposer.reused_tokens}
+
     def stats(self) -> dict:
         """Counters and gauges (see docs/serving-engine.md for each key)."""
         c = self.cache.counters
@@ -395,6 +434,7 @@ class EngineCore:
             "spec_draft_tokens": self.spec_draft_tokens,
             "spec_accepted_tokens": self.spec_accepted_tokens,
             "spec_verifications": self.spec_verifications,
+            **self._draft_stats(),
             "images_encoded": vision.images_encoded if vision else 0,
             "image_encoder_calls": vision.vision_forwards if vision else 0,
             "image_cache_hits": vision.cache_hits if vision else 0,

@@ -69,7 +69,9 @@ class Scheduler:
     def __init__(self, cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
                  enable_chunked_prefill: bool = True, proposer=None):
         self.cache = cache
-        self.proposer = proposer  # speculative decoding: an object with propose(seq) -> draft token ids, or None
+        # speculative decoding: None, or an object with max_drafts(seq) and either propose(seq) -> draft
+        # token ids (n-gram) or, when its ``batched`` is true, propose_batch([(seq, k)]) -> lists (draft model)
+        self.proposer = proposer
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -116,6 +118,8 @@ class Scheduler:
         spare_blocks = self.cache.num_free_blocks - reserved
         bs = self.cache.block_size
         used = 0
+        if getattr(self.proposer, "batched", False):
+            return self._add_batched_drafts(decodes, budget, spare_blocks, chosen, drafts)
         for seq in decodes:
             if used == budget:
                 break
@@ -134,6 +138,38 @@ class Scheduler:
             drafts[seq] = proposal
             chosen[seq] = 1 + len(proposal)
             used += len(proposal)
+        return used
+
+    def _add_batched_drafts(self, decodes: list[Sequence], budget: int, spare_blocks: int,
+                            chosen: dict[Sequence, int], drafts: dict[Sequence, list[int]]) -> int:
+        """``_add_drafts`` for a proposer that drafts for all sequences at once (a draft model): first
+        each decode's number of drafts from its limits, the budget and the spare blocks, and the slots
+        for them (the draft model writes its own latents of the drafts there too), then one
+        ``propose_batch``. Returns the budget used."""
+        bs = self.cache.block_size
+        used = 0
+        plans: list[tuple[Sequence, int]] = []
+        for seq in decodes:
+            k = min(self.proposer.max_drafts(seq), budget - used)
+            room = (len(seq.block_table) + max(spare_blocks, 0)) * bs - seq.num_computed_tokens - 1
+            k = min(k, room)
+            if k <= 0:
+                continue
+            before = len(seq.block_table)
+            if not self.cache.allocate(seq, 1 + k):  # cannot happen: room counted free blocks
+                continue
+            spare_blocks -= len(seq.block_table) - before
+            plans.append((seq, k))
+            used += k
+        if not plans:
+            return 0
+        used = 0
+        for (seq, k), proposal in zip(plans, self.proposer.propose_batch(plans)):
+            proposal = proposal[:k]
+            if proposal:
+                drafts[seq] = proposal
+                chosen[seq] = 1 + len(proposal)
+                used += len(proposal)
         return used
 
     def schedule(self) -> ScheduledBatch:

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import torch
 
     from .multimodal import RequestImages
+    from .draft import DraftProgress
     from .spec import NgramIndex
     from .structured import StructuredState
 
@@ -94,6 +95,7 @@ class Sequence:
         self.thinking: ThinkingBudget | None = None  # set by the engine when params.thinking_token_budget is set
         self.structured: StructuredState | None = None  # set by the engine when params.structured is set
         self.ngram_index: NgramIndex | None = None  # speculative decoding: made by the proposer on first use
+        self.draft_progress: DraftProgress | None = None  # draft-model speculation: what the draft pool holds
         # image requests: each image's prompt positions, digest and patches, and its features while a
         # step needs them (``VisionInputs.provide``)
         self.images: RequestImages | None = None

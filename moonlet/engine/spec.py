@@ -1,4 +1,5 @@
-"""Speculative decoding with n-gram (prompt-lookup) drafts.
+"""Speculative decoding: the settings, and n-gram (prompt-lookup) drafts. (Drafts from a smaller
+model of the same tokenizer: ``draft.py``.)
 
 Agent and coding outputs copy spans of their context: a file being edited, a tool result quoted
 back, a list repeated with one change. When a sequence's last n tokens occurred before, the tokens
@@ -31,23 +32,31 @@ from typing import TYPE_CHECKING, Sequence as Seq
 if TYPE_CHECKING:
     from .sequence import Sequence
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """How drafts are proposed: ``method`` 'ngram', at most ``num_speculative_tokens`` per sequence
-    and step, from the longest matching suffix of ``ngram_max`` .. ``ngram_min`` tokens."""
+    """How drafts are proposed, at most ``num_speculative_tokens`` per sequence and step: ``method``
+    'ngram' from the longest matching suffix of ``ngram_max`` .. ``ngram_min`` tokens, or 'draft'
+    by the greedy continuation of the draft checkpoint at ``model`` (a directory)."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
     ngram_max: int = 4
     ngram_min: int = 2
+    model: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATIVE_METHODS:
             raise ValueError(f"engine argument speculative={self.method!r} is not a known method; use "
                              f"{' or '.join(repr(m) for m in SPECULATIVE_METHODS)} (or None: off)")
+        if self.method == "draft" and not self.model:
+            raise ValueError("engine argument speculative='draft' needs speculative_model: the checkpoint directory "
+                             "of a smaller model with the same tokenizer (CLI --speculative-model PATH)")
+        if self.method != "draft" and self.model:
+            raise ValueError(f"engine argument speculative_model={self.model!r} is only used with "
+                             f"speculative='draft' (got speculative={self.method!r})")
         k = self.num_speculative_tokens
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"engine argument num_speculative_tokens={k!r} must be an integer >= 1")
@@ -103,18 +112,23 @@ class NgramIndex:
         return []
 
 
+def max_drafts(config: SpeculativeConfig, seq: "Sequence", max_model_len: int) -> int:
+    """How many drafts ``seq`` may verify this step: at most ``num_speculative_tokens``, and few enough
+    that accepting them all cannot pass ``max_tokens`` or ``max_model_len`` (a verified step emits at
+    most drafts + 1 tokens)."""
+    remaining = min(seq.params.max_tokens - seq.num_output_tokens, max_model_len - seq.num_tokens)
+    return max(0, min(config.num_speculative_tokens, remaining - 1))
+
+
 class NgramProposer:
-    """Drafts for the scheduler: ``propose(seq)`` is the n-gram continuation, cut so that the
-    sequence can never pass ``max_tokens`` or ``max_model_len`` by accepting them all (a verified
-    step emits at most drafts + 1 tokens)."""
+    """Drafts for the scheduler: ``propose(seq)`` is the n-gram continuation, cut to ``max_drafts``."""
 
     def __init__(self, config: SpeculativeConfig, max_model_len: int):
         self.config = config
         self.max_model_len = max_model_len
 
     def max_drafts(self, seq: "Sequence") -> int:
-        remaining = min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens)
-        return max(0, min(self.config.num_speculative_tokens, remaining - 1))
+        return max_drafts(self.config, seq, self.max_model_len)
 
     def propose(self, seq: "Sequence") -> list[int]:
         k = self.max_drafts(seq)

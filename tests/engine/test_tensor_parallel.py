@@ -124,12 +124,17 @@ def _run(path, **engine_args):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [{}, {"speculative": "ngram", "num_speculative_tokens": 3},
+                                   {"speculative": "draft", "num_speculative_tokens": 3},
                                    {"decode_graphs": "eager", "decode_graph_batch_sizes": (1, 2, 4)}],
-                         ids=["plain", "ngram", "graphs"])
+                         ids=["plain", "ngram", "draft", "graphs"])
 def test_engine_tokens_match_a_single_process(checkpoint, extra):
+    if extra.get("speculative") == "draft":  # the whole checkpoint drafts for itself, on rank 0 only
+        extra = {**extra, "speculative_model": str(checkpoint)}
     expect, _ = _run(checkpoint, **extra)
     got, stats = _run(checkpoint, tensor_parallel_size=2, **extra)
     assert stats["prefix_cache_hits"] > 0  # the cached prefix was served on both ranks' pools
+    if "speculative_model" in extra:
+        assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] > 0
     for a, b in zip(expect, got):
         assert b.token_ids == a.token_ids
         for la, lb in zip(a.logprobs, b.logprobs):
