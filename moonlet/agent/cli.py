@@ -89,6 +89,10 @@ def _agent_args(p, resume: bool = False) -> None:
     g.add_argument("--tools", help="comma-separated tools to offer (default: all; with the bundled moonlet-tiny: "
                                    "the calculator and read_file it was trained with)")
     g.add_argument("--system-prompt", help="replace the built-in system prompt")
+    g.add_argument("--project-instructions", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the AGENTS.md files of the project (root down to the work directory) and "
+                        "$MOONLET_HOME/agent/AGENTS.md to the system prompt (default: on, except with a "
+                        "checkpoint's trained system prompt)")
     g.add_argument("--mcp", action="append", default=[], metavar="NAME=COMMAND", help="an MCP server over stdio")
     g.add_argument("--mcp-config", help="JSON file with {\"mcpServers\": {...}}")
     g.add_argument("--hooks", metavar="FILE", help="hooks JSON file ({\"hooks\": {EVENT: [...]}}); replaces the "
@@ -97,6 +101,10 @@ def _agent_args(p, resume: bool = False) -> None:
     g.add_argument("--max-stop-blocks", type=int, help="consecutive Stop-hook blocks honoured before the agent is "
                                                        "let stop anyway (default 5)")
     g.add_argument("-q", "--quiet", action="store_true", help="print only the final reply")
+    g.add_argument("--output-format", choices=("text", "json", "stream-json"), default="text",
+                   help="text (default): the reply streamed as it comes; json: one JSON object with the result, "
+                        "session id, stop reason and usage at the end; stream-json: one JSON object per line for "
+                        "every reply, tool call and result, then the result object (needs a task, not interactive)")
     g.add_argument("--show-thinking", action="store_true")
 
 
@@ -257,8 +265,29 @@ def _approval(args, saved_mode: str | None):
 
 
 def _events(args):
-    from .events import AgentEvents, TerminalEvents
-    return AgentEvents() if args.quiet else TerminalEvents(show_thinking=args.show_thinking)
+    from .events import AgentEvents, JsonEvents, TerminalEvents
+    fmt = getattr(args, "output_format", "text")
+    if fmt == "stream-json":
+        return JsonEvents()
+    return AgentEvents() if args.quiet or fmt == "json" else TerminalEvents(show_thinking=args.show_thinking)
+
+
+def _json_output(args) -> bool:
+    return getattr(args, "output_format", "text") in ("json", "stream-json")
+
+
+def _print_result(agent, result, code: int, started: float) -> None:
+    """The ``result`` object of --output-format json / stream-json (one line on stdout)."""
+    s = agent.state
+    record = {"type": "result", "session_id": agent.session_id, "exit_code": code, "is_error": code != 0,
+              "stop_reason": "interrupted" if result is None else result.stop_reason,
+              "result": None if result is None else result.text, "steps": s.steps,
+              "duration_s": round(time.time() - started, 3),
+              "usage": {"input_tokens": s.input_tokens, "output_tokens": s.output_tokens},
+              "compactions": s.compactions}
+    if code == 3:
+        record["resume"] = f"moonlet agent resume {agent.session_id}"
+    print(json.dumps(record, ensure_ascii=False), flush=True)
 
 
 async def _turn(agent, prompt):
@@ -341,7 +370,7 @@ def _finish(agent, result, args) -> int:
     if result.stop_reason == "prompt_blocked":
         print(f"[prompt refused by a UserPromptSubmit hook: {result.text}]", file=sys.stderr)
         return 1
-    if args.quiet:
+    if args.quiet and not _json_output(args):
         print(result.text)
     if result.stop_reason == "end_turn":
         return 0
@@ -355,6 +384,9 @@ async def _run_async(args, resume: bool) -> int:
     from .profiles import apply_profile
     from .tools import Workspace, make_tools
 
+    if _json_output(args) and (args.interactive or (not resume and not args.task)):
+        raise ValueError(f"--output-format {args.output_format} is for runs without a terminal conversation: give "
+                         "the TASK and leave out -i (or use --output-format text)")
     store = _store(args)
     saved = None
     if resume:
@@ -382,6 +414,10 @@ async def _run_async(args, resume: bool) -> int:
             config.system_prompt = launch["system_prompt"]
         if args.temperature is None and launch.get("temperature") is not None and not resume:
             config.temperature = launch["temperature"]  # the checkpoint's evaluated sampling
+        if getattr(args, "project_instructions", None) is not None:
+            config.project_instructions = args.project_instructions
+        elif launch.get("system_prompt") and not resume and not args.system_prompt:
+            config.project_instructions = False  # a small model's trained prompt: keep it as trained
         if args.vision is not None:
             config.vision = args.vision
         elif sess.vision is not None:  # (a resumed remote session keeps what it was started with)
@@ -400,9 +436,15 @@ async def _run_async(args, resume: bool) -> int:
                           session_id=args.session_id, **kwargs)
         full = dict(agent._session_config(), launch={k: v for k, v in launch.items()})
         store.update_config(agent.session_id, full)
+        if getattr(args, "output_format", "text") == "stream-json":
+            agent.events.emit(agent, "init", model=model, workdir=str(workspace.root), tools=agent.tools.names(),
+                              approval=approval.mode, context_window=config.context_window, resumed=resume,
+                              instructions=[path for path, _ in agent.instructions.files])
         if not args.quiet:
             print(f"session {agent.session_id} · model {model} · window {config.context_window} · workdir "
                   f"{workspace.root} · approval {approval.mode}", file=sys.stderr)
+            if agent.instructions:
+                print(f"instructions: {', '.join(path for path, _ in agent.instructions.files)}", file=sys.stderr)
             if agent.hooks:
                 n = sum(len(g.hooks) for groups in agent.hooks.config.events.values() for g in groups)
                 print(f"hooks: {n} from {', '.join(agent.hooks.config.sources)}", file=sys.stderr)
@@ -412,14 +454,20 @@ async def _run_async(args, resume: bool) -> int:
             if resume:
                 pending = agent.messages and agent.messages[-1]["role"] == "user"
                 if args.message or pending:
+                    started = time.time()
                     result = await _turn(agent, args.message if args.message else None)
                     code = _finish(agent, result, args)
+                    if _json_output(args):
+                        _print_result(agent, result, code, started)
                 elif not args.interactive:
                     print(f"session {agent.session_id} has no unfinished turn; give a MESSAGE or -i to continue it",
                           file=sys.stderr)
             elif args.task:
+                started = time.time()
                 result = await _turn(agent, args.task)
                 code = _finish(agent, result, args)
+                if _json_output(args):
+                    _print_result(agent, result, code, started)
             if (args.interactive or not (args.task if not resume else True)) and code in (0, 3):
                 code = await _interactive(agent, args)
                 end_reason = "prompt_input_exit"

@@ -103,3 +103,67 @@ class TerminalEvents(AgentEvents):
             self._at_line_start = True
         if result.stop_reason != "end_turn":
             self._line(f"[turn stopped: {result.stop_reason} after {result.steps} steps]")
+
+
+class JsonEvents(AgentEvents):
+    """``--output-format stream-json``: one JSON object per line on ``out`` as the run goes —
+    ``assistant`` (a reply's text and thinking, when it is complete), ``tool_use``, ``tool_result``,
+    ``retry``, ``compaction``, ``subagent``, ``hook`` (interventions and failures only) and
+    ``hook_message``; the CLI writes ``init`` before and ``result`` after. Every object carries
+    ``type`` and ``session_id``; see docs/agent.md for the fields."""
+
+    def __init__(self, out: TextIO | None = None):
+        self.out = out or sys.stdout
+        self._text: list[str] = []
+        self._thinking: list[str] = []
+
+    def emit(self, agent, kind: str, **fields) -> None:
+        import json
+
+        record = {"type": kind, "session_id": agent.session_id if agent is not None else None, **fields}
+        self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.out.flush()
+
+    def _flush_reply(self, agent) -> None:
+        if self._text or self._thinking:
+            self.emit(agent, "assistant", text="".join(self._text), thinking="".join(self._thinking))
+        self._text, self._thinking = [], []
+
+    def message_start(self, agent) -> None:
+        self._flush_reply(agent)
+
+    def text(self, agent, delta: str) -> None:
+        self._text.append(delta)
+
+    def thinking(self, agent, delta: str) -> None:
+        self._thinking.append(delta)
+
+    def tool_call(self, agent, tool, args) -> None:
+        self._flush_reply(agent)
+        self.emit(agent, "tool_use", name=tool.name, input=args)
+
+    def tool_result(self, agent, name, result) -> None:
+        content = result.content
+        images = 0 if isinstance(content, str) else sum(1 for b in content if b.get("type") == "image")
+        self.emit(agent, "tool_result", name=name, is_error=result.is_error, text=result.text(), images=images)
+
+    def retry(self, agent, notice) -> None:
+        self.emit(agent, "retry", attempt=notice.attempt, delay_s=round(notice.delay, 3), error=str(notice.error))
+
+    def compaction(self, agent, reason, before, after, result) -> None:
+        self.emit(agent, "compaction", reason=reason, tokens_before=before, tokens_after=after,
+                  summarized=len(result.summarized), kept=len(result.kept))
+
+    def subagent(self, agent, label, status) -> None:
+        self.emit(agent, "subagent", label=label, status=status)
+
+    def hook(self, agent, run) -> None:
+        if run.error is None and not run.effect:
+            return
+        self.emit(agent, "hook", event=run.event, command=run.command, effect=run.effect, error=run.error)
+
+    def hook_message(self, agent, event, text) -> None:
+        self.emit(agent, "hook_message", event=event, text=text)
+
+    def turn_end(self, agent, result) -> None:
+        self._flush_reply(agent)

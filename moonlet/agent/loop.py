@@ -18,6 +18,7 @@ from .compress import CompactionConfig, Compressor
 from .events import AgentEvents
 from .hooks import HookOutcome, HookRunner
 from .images import strip_image_data
+from .instructions import Instructions, load_instructions
 from .prompts import SUBAGENT_PROMPT, SYSTEM_PROMPT
 from .store import SessionStore
 from .stream import wire_message
@@ -66,6 +67,7 @@ class AgentConfig:
     swarm_concurrency: int = 8
     max_stop_blocks: int = 5              # consecutive Stop-hook blocks honoured before a stop is let through
     vision: bool = False                  # the model takes images: tools return image blocks (else text notes)
+    project_instructions: bool = True     # AGENTS.md files (moonlet.agent.instructions) join the system prompt
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -166,6 +168,8 @@ class Agent:
         self.label = label
         self.hooks = hooks if hooks is not None and hooks.config else None
         self.session_context: list[str] = []     # from SessionStart hooks, added to the system prompt
+        # AGENTS.md files for the work directory, read once per process (a resume reads them again)
+        self.instructions = load_instructions(workspace.root) if config.project_instructions else Instructions([])
         self._started = False                    # SessionStart hooks ran in this process
         self._resumed = _restored is not None
         self._halt: str | None = None            # a hook's "continue": false, pending
@@ -216,10 +220,14 @@ class Agent:
         return template.format(workdir=self.workspace.root)
 
     def _system(self) -> str:
-        """The system prompt as sent: with the SessionStart hooks' context, if any."""
-        if not self.session_context:
-            return self.system
-        return self.system + "\n\n# Session context (from SessionStart hooks)\n" + "\n\n".join(self.session_context)
+        """The system prompt as sent: with the project instructions and the SessionStart hooks'
+        context, if any."""
+        text = self.system
+        if self.instructions:
+            text += "\n\n" + self.instructions.render()
+        if self.session_context:
+            text += "\n\n# Session context (from SessionStart hooks)\n" + "\n\n".join(self.session_context)
+        return text
 
     def prompts(self) -> list[dict]:
         """Every user prompt of the session still in force, verbatim, oldest first."""

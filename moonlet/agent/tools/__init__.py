@@ -9,6 +9,7 @@ from .files import ReadFileTool, StrReplaceTool, WriteFileTool
 from .notes import PinNoteTool, TodoTool
 from .search import GlobTool, GrepTool
 from .shell import JobOutputTool, ShellTool
+from .web import WebFetchTool
 from .workspace import Workspace
 
 __all__ = ["Tool", "ToolContext", "ToolError", "ToolRegistry", "ToolResult", "Workspace", "validate_args",
@@ -22,7 +23,7 @@ def make_tools(depth: int = 0, max_depth: int = 1, extra: list[Tool] | tuple = (
     reg = ToolRegistry()
     shell = ShellTool()
     for tool in (shell, JobOutputTool(shell), ReadFileTool(), WriteFileTool(), StrReplaceTool(), GlobTool(),
-                 GrepTool(), TodoTool(), PinNoteTool(), CalculatorTool()):
+                 GrepTool(), WebFetchTool(), TodoTool(), PinNoteTool(), CalculatorTool()):
         reg.add(tool)
     if depth < max_depth:
         reg.add(TaskTool())
