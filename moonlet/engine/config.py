@@ -185,9 +185,15 @@ class ResolvedConfig:
     decode_graph_batch_sizes: tuple[int, ...] = ()
     triton_decode: bool = False
     state_snapshots: int = 0  # recurrent-state snapshot rows (hybrid models with prefix caching)
+    # hybrid models with speculative decoding: state rows after the snapshots that hold a verifying
+    # sequence's state after each of its drafts (num_speculative_tokens per sequence that may verify)
+    spec_state_rows: int = 0
     speculative: SpeculativeConfig | None = None  # speculative decoding (None: off)
     host_blocks: int = 0  # blocks of the host cache tier (0: off)
     host_block_bytes: int = 0  # bytes per host block (latent rows of every layer, plus MoBA page sums)
+
+
+SPEC_STATE_SEQS = 8  # hybrid models: sequences that may verify drafts in one step (state rows per draft each)
 
 
 def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.dtype,
@@ -206,7 +212,13 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
     snapshots = 0
     if per_state and cfg.enable_prefix_caching:
         snapshots = cfg.max_num_seqs if cfg.state_snapshots is None else cfg.state_snapshots
-    state_bytes = (cfg.max_num_seqs + snapshots) * per_state
+    # speculative decoding on a hybrid model: the state after each draft of a verification span is kept
+    # until the step's outcome is known (SPEC_STATE_SEQS sequences may verify drafts per step)
+    speculative = cfg.speculative_config()
+    spec_rows = 0
+    if per_state and speculative is not None:
+        spec_rows = speculative.num_speculative_tokens * min(cfg.max_num_seqs, SPEC_STATE_SEQS)
+    state_bytes = (cfg.max_num_seqs + snapshots + spec_rows) * per_state
     wanted_len = min(cfg.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
     if cfg.max_model_len and cfg.max_model_len > model_config.max_position_embeddings:
         raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's max_position_embeddings "
@@ -229,7 +241,8 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
             fix = "raise kv_cache_memory"
             if state_bytes:
                 fix += (f" (the KDA state takes {state_bytes} bytes of it: {cfg.max_num_seqs} slots + {snapshots} "
-                        f"snapshots; or lower max_num_seqs / state_snapshots)")
+                        f"snapshots" + (f" + {spec_rows} speculative-decoding rows" if spec_rows else "") +
+                        "; or lower max_num_seqs / state_snapshots)")
             raise ValueError(f"the KV cache budget ({budget} bytes) is smaller than one block ({per_block} bytes: "
                              f"{block_size} tokens x {model_config.num_hidden_layers} layers x "
                              f"{model_config.latent_dim} values); {fix}")
@@ -248,7 +261,6 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
     if cfg.decode_kernel == "triton" and not triton_decode:
         raise ValueError("engine argument decode_kernel='triton' needs a CUDA GPU (compute capability >= 8.0) and "
                          "the triton package; use 'reference'")
-    speculative = check_speculative(cfg, model_config)
     graphs = cfg.decode_graphs or ("cuda" if on_cuda else "off")
     if graphs == "cuda" and not on_cuda:
         raise ValueError("engine argument decode_graphs='cuda' needs a CUDA device; use 'eager' or 'off'")
@@ -265,20 +277,9 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
         max_waiting=cfg.max_waiting, seed=cfg.seed,
         expanded_prefill=(cfg.prefill_attention or ("expanded" if on_cuda else "absorbed")) == "expanded",
         decode_graphs=graphs, decode_graph_batch_sizes=graph_sizes, triton_decode=triton_decode,
-        state_snapshots=snapshots, speculative=speculative, host_blocks=host_blocks,
+        state_snapshots=snapshots, spec_state_rows=spec_rows, speculative=speculative, host_blocks=host_blocks,
         host_block_bytes=host_block_bytes,
     )
-
-
-def check_speculative(cfg: EngineConfig, model_config) -> SpeculativeConfig | None:
-    """The speculative-decoding settings, refused for a model they cannot serve."""
-    speculative = cfg.speculative_config()
-    if speculative is not None and model_config.kda_layer_ids:
-        raise ValueError(f"engine argument speculative={cfg.speculative!r}: speculative decoding does not support "
-                         f"models with KDA layers (Kimi Linear, layers {list(model_config.kda_layer_ids)}): their "
-                         f"recurrent state advances over every verified token and cannot be rolled back past a "
-                         f"rejected draft; leave speculative unset (None) for this model")
-    return speculative
 
 
 def host_cache_blocks(cfg: EngineConfig, model_config, block_size: int, dtype: torch.dtype) -> tuple[int, int]:

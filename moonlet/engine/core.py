@@ -10,7 +10,7 @@ import torch
 
 from ..kernels.moe import fuse_moe_experts
 from .cache import KVCacheManager
-from .config import EngineConfig, check_speculative, resolve
+from .config import EngineConfig, resolve
 from .errors import PromptTooLongError
 from .multimodal import MultimodalPrompt, RequestImages, VisionInputs
 from .parallel import build_runner
@@ -172,7 +172,7 @@ class EngineCore:
         elif rc.speculative is not None:
             self.proposer = NgramProposer(rc.speculative, rc.max_model_len)
         self.scheduler = Scheduler(self.cache, rc.max_num_seqs, rc.max_num_batched_tokens, rc.enable_chunked_prefill,
-                                   proposer=self.proposer)
+                                   proposer=self.proposer, spec_state_rows=(rc.state_snapshots, rc.spec_state_rows))
         self.sampler = Sampler(model.device, rc.seed)
         self.requests: dict[str, Sequence] = {}
         self._grammars: GrammarCache | None = None  # made on the first structured-output request
@@ -192,7 +192,7 @@ class EngineCore:
     def _load_draft(self, config: EngineConfig, model_path) -> torch.nn.Module:
         """The draft model for ``speculative='draft'``: ``config.speculative_model`` (a loaded model, or
         the checkpoint directory to load), on the target's device and in its dtype, checked against it."""
-        check_speculative(config, self.model.config)  # a clear error for a missing or odd value, or a hybrid target
+        config.speculative_config()  # a clear error for a missing or odd value first
         draft_model, draft_path = config.speculative_model, None
         if not isinstance(draft_model, torch.nn.Module):
             draft_path = resolve_model_path(draft_model)
@@ -349,8 +349,8 @@ class EngineCore:
         token this step (finished ones included)."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
-            if batch.swap_out or batch.swap_in:  # evictions decided while scheduling still move to the host tier
-                self.runner.execute(batch)  # (on every tensor-parallel rank)
+            if batch.swap_out or batch.swap_in or batch.state_copies:  # evictions decided while scheduling still
+                self.runner.execute(batch)  # move to the host tier; state copies still run (every rank)
             if self.scheduler.has_work():
                 raise RuntimeError("the scheduler could not schedule any work although requests are pending "
                                    f"({len(self.scheduler.waiting)} waiting, {len(self.scheduler.running)} running, "
@@ -386,8 +386,12 @@ class EngineCore:
             if draft is not None:
                 # its last token and the accepted drafts now have correct latents; the rejected drafts'
                 # slots lie past num_computed_tokens: never registered, overwritten by later steps
-                seq.num_computed_tokens = min(seq.num_computed_tokens + 1 + result.num_accepted, seq.num_tokens)
+                start = seq.num_computed_tokens
+                seq.num_computed_tokens = min(start + 1 + result.num_accepted, seq.num_tokens)
                 self.cache.cache_full_blocks(seq)
+                rows = batch.spec_state_rows.get(seq)
+                if rows is not None:
+                    self._settle_state(seq, start, rows)
                 self.spec_draft_tokens += len(draft)
                 self.spec_accepted_tokens += min(result.num_accepted, kept)
                 self.spec_verifications += 1
@@ -397,6 +401,27 @@ class EngineCore:
                 self.requests_finished += 1
             outputs.append(seq.make_output())
         return outputs
+
+    def _settle_state(self, seq: Sequence, start: int, rows: list[int]) -> None:
+        """A hybrid model's sequence after verifying drafts from position ``start``: its slot holds the
+        state after all of them, snapshot row ``rows[j]`` the state after its known token and j drafts.
+        Queue for the next step (before anything reads the states) the copy of the right one back into
+        the slot, after a snapshot of the last block boundary the accepted drafts crossed (the
+        sequence's latest output snapshot, which a conversation's next turn resumes from)."""
+        num_slots = self.config.max_num_seqs
+        copies = self.scheduler.pending_state_copies
+        after = seq.num_computed_tokens - start  # tokens of the span whose state is right
+        point = (start + after) // self.config.block_size * self.config.block_size
+        if self.cache.snapshots is not None and point - start >= 2:  # offset 1 was the plan's (scheduler)
+            reserved = self.cache._reserve(seq, point, output=point > seq.num_prompt_tokens)
+            if reserved is not None:
+                offset = point - start
+                src = seq.state_slot if offset == len(rows) + 1 else num_slots + rows[offset - 1]
+                copies.append((src, num_slots + reserved[1]))
+                seq.snapshot_pending = seq.output_snapshot = reserved[0]
+                self.cache.cache_full_blocks(seq)  # names it: the copy runs before any step could load it
+        if after <= len(rows) and seq.finish_reason is None:
+            copies.append((num_slots + rows[after - 1], seq.state_slot))
 
     # ---- metrics --------------------------------------------------------------------------------
     def _draft_stats(self) -> dict:

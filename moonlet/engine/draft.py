@@ -57,8 +57,8 @@ class DraftProgress:
 
 def check_draft_model(target_config, draft_config, target_path=None, draft_path=None) -> None:
     """ValueError when the draft cannot draft for the target: another vocabulary, another tokenizer
-    file (when both directories are known and ship one), or KDA layers (a recurrent state cannot be
-    rewound past a rejected draft)."""
+    file (when both directories are known and ship one), or KDA layers (the draft's cache holds MLA
+    latents only: no recurrent state to keep or rewind)."""
     if draft_config.vocab_size != target_config.vocab_size:
         raise ValueError(f"speculative_model: the draft's vocab_size is {draft_config.vocab_size} but the target's is "
                          f"{target_config.vocab_size}; a draft model must use the target's tokenizer")

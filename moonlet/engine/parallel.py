@@ -70,8 +70,10 @@ def build_runner(model, rc, workers=None):
     states = None
     if config.kda_layer_ids:
         heads = model.model.layers[config.kda_layer_ids[0]].self_attn.num_heads  # this rank's share
+        # snapshot rows, then (speculative decoding) the rows of the states after each draft
         states = RecurrentStates(config, rc.max_num_seqs, model.dtype, model.device,
-                                 num_snapshots=rc.state_snapshots, scratch_row=bool(scratch), num_heads=heads)
+                                 num_snapshots=rc.state_snapshots + rc.spec_state_rows, scratch_row=bool(scratch),
+                                 num_heads=heads)
     runner = ModelRunner(model, pool, expanded_prefill=rc.expanded_prefill, triton_decode=rc.triton_decode,
                          states=states)
     runner.workers = workers

@@ -64,6 +64,16 @@ class RecurrentStates:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for s in self.states.values() for t in s)
 
+    def copy_rows(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole rows (absolute indices: slot r is row r, snapshot s row num_slots + s): speculative
+        decoding's corrections after a verification — a slot back to the state after its accepted
+        tokens, and snapshots of boundaries that accepted drafts crossed (``EngineCore.step``). In order:
+        a later copy may read a row an earlier one wrote."""
+        for src, dst in copies:
+            for s in self.states.values():
+                for t in s:
+                    t[dst].copy_(t[src])
+
     def load(self, inits: list[tuple[int, int | None]]) -> None:
         """Load the slots in ``inits``: (slot, snapshot) copies the snapshot in, (slot, None) zeros it."""
         for slot, snap in inits:
@@ -75,10 +85,12 @@ class RecurrentStates:
                         t[slot].copy_(t[self.num_slots + snap])
 
     def begin_step(self, inits: list[tuple[int, int | None]], saves: list[tuple[int, int, int]],
-                   decode_slots: list[int]) -> None:
-        """Before a forward: load the slots in ``inits`` ((slot, snapshot or None for zeros)), and note
-        ``saves`` ((slot, offset, snapshot): copy the slot's state after its first ``offset`` new
-        tokens) for ``run``. ``decode_slots``: the step's single-token sequences' slots."""
+                   decode_slots: list[int], copies: list[tuple[int, int]] = ()) -> None:
+        """Before a forward: run the row ``copies`` (``copy_rows``), load the slots in ``inits``
+        ((slot, snapshot or None for zeros)), and note ``saves`` ((slot, offset, snapshot): copy the
+        slot's state after its first ``offset`` new tokens) for ``run``. ``decode_slots``: the step's
+        single-token sequences' slots."""
+        self.copy_rows(list(copies))
         self.load(inits)
         decodes = set(decode_slots)
         dec = [(slot, self.num_slots + snap) for slot, _, snap in saves if slot in decodes]

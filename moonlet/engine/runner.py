@@ -35,6 +35,9 @@ class StepInput:
     # block) copies in, before the forward (ScheduledBatch.swap_out / swap_in)
     swap_out: list = field(default_factory=list)
     swap_in: list = field(default_factory=list)
+    # models with KDA layers and speculative decoding: (source row, destination row) state copies that
+    # run first (ScheduledBatch.state_copies)
+    state_copies: list = field(default_factory=list)
 
 
 class ModelRunner:
@@ -87,7 +90,8 @@ class ModelRunner:
         # block tables as they are (no per-step copy of long tables; sending to workers pickles them)
         return StepInput(tokens, starts, sample, [s.block_table for s in batch.seqs], slots,
                          list(batch.state_inits), list(batch.state_saves), image_rows,
-                         list(getattr(batch, "swap_out", ())), list(getattr(batch, "swap_in", ())))
+                         list(getattr(batch, "swap_out", ())), list(getattr(batch, "swap_in", ())),
+                         list(getattr(batch, "state_copies", ())))
 
     def build_layout(self, step: StepInput) -> tuple[torch.Tensor, BatchLayout, list[tuple[int, int]]]:
         """input_ids [1, N], the layout, and per entry (first flat index, count) of the rows to sample:
@@ -169,6 +173,8 @@ class ModelRunner:
         """Run a prepared step: (the entries sampled, their logits rows as ``execute`` describes)."""
         self.swap(step)
         if not step.tokens:  # only host-tier copies this step
+            if step.state_copies and self.states is not None:
+                self.states.copy_rows(step.state_copies)
             return [], None
         if self.graphs is not None and step.tokens and all(len(t) == 1 for t in step.tokens) and \
                 step.image_rows is None and self.graphs.can_run(len(step.tokens),
@@ -181,7 +187,8 @@ class ModelRunner:
             inputs_embeds = self.model.model.embed_tokens(input_ids)
             inputs_embeds[0, index.to(self.device)] = features.to(device=self.device, dtype=inputs_embeds.dtype)
         if self.states is not None:  # load fresh / resumed slots, note the snapshots to take
-            self.states.begin_step(step.state_inits, step.state_saves, step.state_slots[:layout.num_decodes])
+            self.states.begin_step(step.state_inits, step.state_saves, step.state_slots[:layout.num_decodes],
+                                   step.state_copies)
         self.kv.set_batch(layout)
         try:
             hidden = self.model.hidden_states(input_ids, positions=layout.positions[None], kv=self.kv,
@@ -232,6 +239,8 @@ class ModelRunner:
         return torch.cat(index), torch.cat(features)
 
     def _run_graph(self, step: StepInput) -> tuple[list[int], torch.Tensor | None]:
+        if step.state_copies:
+            self.states.copy_rows(step.state_copies)
         logits = self.graphs.run([t[0] for t in step.tokens], step.starts, step.block_tables, step.state_slots,
                                  step.state_inits, step.state_saves)
         self.graph_steps += 1

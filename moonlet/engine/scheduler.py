@@ -56,6 +56,11 @@ class ScheduledBatch:
     # block) copies of host prefix hits; both run before the forward, in this order
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
+    # models with KDA layers and speculative decoding: per verifying sequence, the snapshot rows its state
+    # is copied to after each of its drafts (offsets 1 .. drafts), and the (source row, destination row)
+    # state copies the last verification left to do, run before anything else (EngineCore.step)
+    spec_state_rows: dict[Sequence, list[int]] = field(default_factory=dict)
+    state_copies: list[tuple[int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -67,11 +72,15 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True, proposer=None):
+                 enable_chunked_prefill: bool = True, proposer=None, spec_state_rows: tuple[int, int] = (0, 0)):
         self.cache = cache
         # speculative decoding: None, or an object with max_drafts(seq) and either propose(seq) -> draft
         # token ids (n-gram) or, when its ``batched`` is true, propose_batch([(seq, k)]) -> lists (draft model)
         self.proposer = proposer
+        # hybrid models: (first snapshot index, count) of the state rows verification spans write into, and
+        # the state copies a verification left for the next step (EngineCore.step fills it)
+        self.spec_state_rows = spec_state_rows
+        self.pending_state_copies: list[tuple[int, int]] = []
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -120,10 +129,13 @@ class Scheduler:
         used = 0
         if getattr(self.proposer, "batched", False):
             return self._add_batched_drafts(decodes, budget, spare_blocks, chosen, drafts)
+        rows_left = self.spec_state_rows[1]
         for seq in decodes:
             if used == budget:
                 break
             proposal = self.proposer.propose(seq)[:budget - used]
+            if seq.state_slot is not None:  # a hybrid model: one state row per draft
+                proposal = proposal[:rows_left]
             if not proposal:
                 continue
             # slots the sequence's table already has past its next token, plus the spare blocks
@@ -138,6 +150,8 @@ class Scheduler:
             drafts[seq] = proposal
             chosen[seq] = 1 + len(proposal)
             used += len(proposal)
+            if seq.state_slot is not None:
+                rows_left -= len(proposal)
         return used
 
     def _add_batched_drafts(self, decodes: list[Sequence], budget: int, spare_blocks: int,
@@ -149,12 +163,17 @@ class Scheduler:
         bs = self.cache.block_size
         used = 0
         plans: list[tuple[Sequence, int]] = []
+        rows_left = self.spec_state_rows[1]
         for seq in decodes:
             k = min(self.proposer.max_drafts(seq), budget - used)
             room = (len(seq.block_table) + max(spare_blocks, 0)) * bs - seq.num_computed_tokens - 1
             k = min(k, room)
+            if seq.state_slot is not None:  # a hybrid model: one state row per draft
+                k = min(k, rows_left)
             if k <= 0:
                 continue
+            if seq.state_slot is not None:
+                rows_left -= k
             before = len(seq.block_table)
             if not self.cache.allocate(seq, 1 + k):  # cannot happen: room counted free blocks
                 continue
@@ -239,6 +258,8 @@ class Scheduler:
 
         batch = ScheduledBatch(preempted=preempted, draft_tokens=drafts)
         batch.swap_out, batch.swap_in = self.cache.take_swaps()
+        batch.state_copies, self.pending_state_copies = self.pending_state_copies, []
+        next_row = self.spec_state_rows[0]
         # decodes (1 token) first, as the runner's layout wants
         for seq, n in sorted(chosen.items(), key=lambda item: item[1] != 1):
             batch.seqs.append(seq)
@@ -247,6 +268,13 @@ class Scheduler:
                 init = self.cache.state_init(seq)
                 if init is not None:
                     batch.state_inits.append(init)
-                for offset, row in self.cache.plan_snapshot(seq, n):
+                # a verification span: the snapshot plan covers its known token only; the state after each
+                # draft goes to a row of its own until the verification says which one is right
+                for offset, row in self.cache.plan_snapshot(seq, 1 if seq in drafts else n):
                     batch.state_saves.append((seq.state_slot, offset, row))
+                if seq in drafts:
+                    rows = list(range(next_row, next_row + len(drafts[seq])))
+                    next_row += len(rows)
+                    batch.spec_state_rows[seq] = rows
+                    batch.state_saves.extend((seq.state_slot, j + 1, row) for j, row in enumerate(rows))
         return batch

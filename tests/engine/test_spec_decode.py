@@ -18,7 +18,7 @@ from moonlet.engine.sampler import Sampler
 from moonlet.engine.scheduler import Scheduler
 from moonlet.engine.sequence import Sequence, SequenceStatus
 from moonlet.engine.spec import NgramIndex, NgramProposer, SpeculativeConfig, propose_ngram
-from moonlet.testing import (greedy_reference, random_model, tiny_k2_config, tiny_kimi_linear_config,
+from moonlet.testing import (greedy_reference, random_model, tiny_k2_config,
                              tiny_tokenizer_dir)
 
 N = 24  # max_tokens of most requests here
@@ -92,13 +92,6 @@ def test_config_validation_and_cli_flags():
     assert kwargs == dict(speculative="ngram", num_speculative_tokens=6, ngram_max=5, ngram_min=2)
     assert EngineConfig(**kwargs).speculative_config() == SpeculativeConfig("ngram", 6, 5, 2)
     assert "speculative" not in engine_args_from_cli(parser.parse_args([]))
-
-
-def test_hybrid_models_are_refused():
-    cfg = tiny_kimi_linear_config(vocab_size=96, max_position_embeddings=512)
-    model = random_model(cfg, seed=1)
-    with pytest.raises(ValueError, match="KDA layers.*cannot be rolled back.*speculative unset"):
-        LLM(model=model, num_blocks=16, speculative="ngram")
 
 
 # ---- the scheduler -------------------------------------------------------------------------------

@@ -87,19 +87,23 @@ def test_sharding_refuses_uneven_kda_heads():
 
 
 @pytest.mark.slow
-def test_hybrid_model_under_tensor_parallelism(tmp_path):
+@pytest.mark.parametrize("spec", [{}, {"speculative": "ngram", "ngram_min": 1}], ids=["plain", "ngram"])
+def test_hybrid_model_under_tensor_parallelism(tmp_path, spec):
     """Kimi Linear: each rank keeps its heads' KDA state; prefix hits resume from state snapshots on every
-    rank. Same tokens as one process."""
+    rank; with speculative decoding every rank puts back the state after the accepted drafts. Same
+    tokens as one process."""
     save_model(random_model(tiny_kimi_linear_config(), seed=2), tmp_path)
-    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    prompts = [list(range(3, 40)), list(range(3, 40)) + [5, 6, 7], [9, 8, 7, 6, 5, 4]]
+    params = SamplingParams(max_tokens=8 if not spec else 24, temperature=0.0, ignore_eos=True)
+    prompts = [list(range(3, 40)), list(range(3, 40)) + [5, 6, 7], [9, 8, 7, 6, 5, 4] * 3]
     runs = []
     for world in (1, 2):
         with LLM(str(tmp_path), dtype="float32", block_size=4, num_blocks=64, max_num_batched_tokens=16,
-                 tensor_parallel_size=world) as llm:
+                 tensor_parallel_size=world, **spec) as llm:
             out = llm.generate(prompts[:1], params) + llm.generate(prompts[1:], params)
             runs.append([o.token_ids for o in out])
             assert llm.stats()["state_snapshots_restored"] > 0
+            if spec:
+                assert llm.stats()["spec_draft_tokens"] > llm.stats()["spec_accepted_tokens"] > 0
     assert runs[0] == runs[1]
 
 
