@@ -124,8 +124,9 @@ def _run(path, **engine_args):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [{}, {"speculative": "ngram", "num_speculative_tokens": 3},
-                                   {"decode_graphs": "eager", "decode_graph_batch_sizes": (1, 2, 4)}],
-                         ids=["plain", "ngram", "graphs"])
+                                   {"decode_graphs": "eager", "decode_graph_batch_sizes": (1, 2, 4)},
+                                   {"kv_cache_dtype": "fp8"}],  # every rank quantizes its own pool alike
+                         ids=["plain", "ngram", "graphs", "fp8"])
 def test_engine_tokens_match_a_single_process(checkpoint, extra):
     expect, _ = _run(checkpoint, **extra)
     got, stats = _run(checkpoint, tensor_parallel_size=2, **extra)
