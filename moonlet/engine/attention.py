@@ -104,7 +104,9 @@ class PagedLatentKV:
     """``moonlet.model.attention.LatentKV`` over a ``LatentCachePool``, for one step's ``BatchLayout``.
 
     ``decode_kernel`` / ``prefill_kernel`` default to the reference functions above; a faster
-    implementation with the same signature (e.g. a GPU kernel) can be passed instead.
+    implementation with the same signature (e.g. a GPU kernel) can be passed instead. With an FP8 pool
+    (``kv_cache_dtype="fp8"``) every kernel is also given ``pool_scales=`` (the layer's per-entry scales);
+    with a pool in the model dtype it is not passed.
 
     With ``expanded_prefill=True`` the attention layers call ``attend_heads`` instead of ``attend``:
     decodes stay absorbed, prefill chunks run on expanded keys and values
