@@ -58,5 +58,8 @@ def run(args) -> int:
     print(f"moonlet serve: {name} (context {engine.max_model_len} tokens) on http://{args.host}:{args.port} "
           f"— Anthropic: /v1/messages, OpenAI: /v1/chat/completions; auth {'on' if args.api_key else 'off'}",
           flush=True)
+    stats = engine.stats()
+    print(f"moonlet serve: KV cache {stats['blocks_total']} blocks x {stats['block_size']} tokens in "
+          f"{stats['kv_cache_dtype']} ({stats['kv_cache_bytes'] / 2**20:.1f} MiB)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

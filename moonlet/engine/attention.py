@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import LatentCachePool
+from .kv_quant import read_entries
 from .moba import MobaSpec, PageSums, moba_sparse_decode_attention, moba_sparse_prefill_attention
 
 # Prefill attention materializes [rows, heads, ctx] scores; bound that to this many elements.
@@ -29,13 +30,14 @@ _MAX_SCORE_ELEMENTS = 1 << 25
 
 
 def paged_decode_attention(q: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor, ctx_lens: torch.Tensor,
-                           scale: float, kv_lora: int) -> torch.Tensor:
+                           scale: float, kv_lora: int, pool_scales: torch.Tensor | None = None) -> torch.Tensor:
     """q [S, h, D] (D = kv_lora + rope), pool [num_blocks, block_size, D], block_tables [S, nb] (padded
     with any valid block id), ctx_lens [S] -> [S, h, kv_lora] float32. Query s sees its first
-    ctx_lens[s] cached tokens."""
+    ctx_lens[s] cached tokens. ``pool_scales`` [num_blocks, block_size, 2]: an FP8 pool's scales
+    (``kv_quant``; entries are dequantized to float32 as they are read)."""
     S, nb = block_tables.shape
     bs, D = pool.shape[1], pool.shape[2]
-    keys = pool[block_tables].view(S, nb * bs, D).float()  # [S, K, D]
+    keys = read_entries(pool, pool_scales, block_tables, kv_lora).view(S, nb * bs, D)  # [S, K, D] float32
     scores = torch.bmm(q.float(), keys.transpose(1, 2)) * scale  # [S, h, K]
     valid = torch.arange(nb * bs, device=q.device)[None] < ctx_lens[:, None]  # [S, K]
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
@@ -43,11 +45,11 @@ def paged_decode_attention(q: torch.Tensor, pool: torch.Tensor, block_tables: to
 
 
 def paged_prefill_attention(q: torch.Tensor, pool: torch.Tensor, block_ids: torch.Tensor, ctx_len: int,
-                            scale: float, kv_lora: int) -> torch.Tensor:
+                            scale: float, kv_lora: int, pool_scales: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, h, D]: the last T of a sequence's ctx_len tokens; block_ids [nb] its blocks. Causal
-    attention over its cached tokens -> [T, h, kv_lora] float32."""
+    attention over its cached tokens -> [T, h, kv_lora] float32. ``pool_scales``: as for decode."""
     T, h, D = q.shape
-    keys = pool[block_ids].reshape(-1, D)[:ctx_len].float()  # [ctx, D]
+    keys = read_entries(pool, pool_scales, block_ids, kv_lora).reshape(-1, D)[:ctx_len]  # [ctx, D] float32
     values = keys[:, :kv_lora]
     q = q.float()
     out = torch.empty(T, h, kv_lora, device=q.device, dtype=torch.float32)
@@ -102,7 +104,9 @@ class PagedLatentKV:
     """``moonlet.model.attention.LatentKV`` over a ``LatentCachePool``, for one step's ``BatchLayout``.
 
     ``decode_kernel`` / ``prefill_kernel`` default to the reference functions above; a faster
-    implementation with the same signature (e.g. a GPU kernel) can be passed instead.
+    implementation with the same signature (e.g. a GPU kernel) can be passed instead. With an FP8 pool
+    (``kv_cache_dtype="fp8"``) every kernel is also given ``pool_scales=`` (the layer's per-entry scales);
+    with a pool in the model dtype it is not passed.
 
     With ``expanded_prefill=True`` the attention layers call ``attend_heads`` instead of ``attend``:
     decodes stay absorbed, prefill chunks run on expanded keys and values
@@ -149,10 +153,17 @@ class PagedLatentKV:
         q = torch.cat([q_latent[0], q_pe[0]], dim=-1)  # [N, h, D]
         return self._attend_latent(layer, q, pool, scale)[None].to(q_latent.dtype)
 
+    def _scales_kw(self, layer: int) -> dict:
+        """The kernels' ``pool_scales`` argument for an FP8 pool; nothing otherwise (so a kernel passed in
+        without that parameter still serves a pool in the model dtype)."""
+        scales = self.pool.layer_scales(layer)
+        return {} if scales is None else {"pool_scales": scales}
+
     def _attend_latent(self, layer: int, q: torch.Tensor, pool: torch.Tensor, scale: float) -> torch.Tensor:
         """Absorbed attention of the step's decodes and prefill chunks: q [N, h, D] -> [N, h, kv_lora] float32
         (MoBA selection on MoBA layers)."""
         lay = self.layout
+        kw = self._scales_kw(layer)
         N, h = q.shape[:2]
         out = torch.empty(N, h, self.kv_lora, device=q.device, dtype=torch.float32)
         moba = self.moba if self.page_sums is not None and layer in self.moba.layers else None
@@ -160,27 +171,29 @@ class PagedLatentKV:
         if nd and moba is not None:
             out[:nd] = self.moba_decode_kernel(q[:nd], pool, self.page_sums.layer(layer), lay.decode_block_tables,
                                                lay.decode_ctx_lens, scale, self.kv_lora, moba.block_size,
-                                               moba.top_k)
+                                               moba.top_k, **kw)
         elif nd:
             out[:nd] = self.decode_kernel(q[:nd], pool, lay.decode_block_tables, lay.decode_ctx_lens, scale,
-                                          self.kv_lora)
+                                          self.kv_lora, **kw)
         for span in lay.prefills:
             s, e = span.start, span.start + span.num_tokens
             if moba is not None:
                 out[s:e] = self.moba_prefill_kernel(q[s:e], pool, self.page_sums.layer(layer), span.block_ids,
-                                                    span.ctx_len, scale, self.kv_lora, moba.block_size, moba.top_k)
+                                                    span.ctx_len, scale, self.kv_lora, moba.block_size, moba.top_k,
+                                                    **kw)
             else:
-                out[s:e] = self.prefill_kernel(q[s:e], pool, span.block_ids, span.ctx_len, scale, self.kv_lora)
+                out[s:e] = self.prefill_kernel(q[s:e], pool, span.block_ids, span.ctx_len, scale, self.kv_lora,
+                                               **kw)
         return out
 
     def _store(self, layer: int, latent: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
-        """Write the new tokens' [latent | k_pe] into their slots; returns the layer's pool."""
+        """Write the new tokens' [latent | k_pe] into their slots (quantized into an FP8 pool); returns the
+        layer's pool."""
+        self.pool.write(layer, self.layout.slot_mapping, torch.cat([latent[0], k_pe[0]], dim=-1))
         pool = self.pool.layer(layer)  # [num_blocks, block_size, D]
-        D = pool.shape[-1]
-        entries = torch.cat([latent[0], k_pe[0]], dim=-1).to(pool.dtype)  # [N, D]
-        pool.view(-1, D).index_copy_(0, self.layout.slot_mapping, entries)
         if self.page_sums is not None and layer in self.moba.layers:
-            self.page_sums.update(layer, pool, self.layout.written_pages(self.pool.block_size))
+            self.page_sums.update(layer, pool, self.layout.written_pages(self.pool.block_size),
+                                  self.pool.layer_scales(layer), self.kv_lora)
         return pool
 
     def attend_heads(self, layer: int, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
@@ -202,14 +215,17 @@ class PagedLatentKV:
         if nd:
             q_latent = torch.einsum("thd,hdc->thc", q_nope[0, :nd], w_uk)
             q = torch.cat([q_latent, q_pe[0, :nd].to(q_latent.dtype)], dim=-1)
-            o = self.decode_kernel(q, pool, lay.decode_block_tables, lay.decode_ctx_lens, scale, self.kv_lora)
+            o = self.decode_kernel(q, pool, lay.decode_block_tables, lay.decode_ctx_lens, scale, self.kv_lora,
+                                   **self._scales_kw(layer))
             out[:nd] = torch.einsum("thc,hvc->thv", o.to(w_uv.dtype), w_uv)
         D = pool.shape[-1]
+        scales = self.pool.layer_scales(layer)
         for span in lay.prefills:
             s, e = span.start, span.start + span.num_tokens
             ctx = pool[span.block_ids].reshape(-1, D)[:span.ctx_len]
+            ctx_scales = None if scales is None else scales[span.block_ids].reshape(-1, scales.shape[-1])[:span.ctx_len]
             out[s:e] = expanded_prefill_attention(q_nope[0, s:e], q_pe[0, s:e], ctx, self.kv_lora, w_uk, w_uv,
-                                                  scale)
+                                                  scale, ctx_scales=ctx_scales)
         return out[None].to(q_nope.dtype)
 
     def recurrent(self, layer: int, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .kv_quant import NUM_SCALES, entry_bytes, is_fp8, quantize_entries
+
 if TYPE_CHECKING:
     from ..config import ModelConfig
     from .sequence import Sequence
@@ -49,24 +51,56 @@ class LatentCachePool:
     ``layer(i)`` is layer i's pool [num_blocks, block_size, latent_dim]; each entry is
     [normalized latent (kv_lora) | rotated k_pe (rope)]. Zero-initialized so that slots not yet
     written hold finite values (they are masked out, but NaN·0 would still poison a softmax).
+
+    An FP8 pool (``dtype=torch.float8_e4m3fn``, ``kv_cache_dtype="fp8"``) also holds ``scales``
+    [layers, num_blocks, block_size, 2] float32: per entry the latent's and the k_pe's scale
+    (``kv_quant``); ``kv_lora`` says where the latent part ends. Otherwise ``scales`` is None.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, latent_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 layer_ids: list[int] | None = None):
+                 layer_ids: list[int] | None = None, kv_lora: int | None = None):
         # layer_ids: the model layers that cache latents (hybrid models: the MLA layers only); default all
         self.layer_ids = list(range(num_layers)) if layer_ids is None else list(layer_ids)
         self._index = {layer: i for i, layer in enumerate(self.layer_ids)}
         self.num_layers, self.num_blocks = len(self.layer_ids), num_blocks
         self.block_size, self.latent_dim = block_size, latent_dim
+        self.kv_lora = kv_lora
         self.data = torch.zeros(self.num_layers, num_blocks, block_size, latent_dim, dtype=dtype, device=device)
+        self.scales = None
+        if is_fp8(dtype):
+            if kv_lora is None or not 0 < kv_lora < latent_dim:
+                raise ValueError(f"an FP8 latent pool needs kv_lora (where the latent part of an entry ends) in "
+                                 f"(0, {latent_dim}); got {kv_lora!r}")
+            self.scales = torch.zeros(self.num_layers, num_blocks, block_size, NUM_SCALES, dtype=torch.float32,
+                                      device=device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
 
     def layer(self, i: int) -> torch.Tensor:
         return self.data[self._index[i]]
 
+    def layer_scales(self, i: int) -> torch.Tensor | None:
+        """Layer i's scales [num_blocks, block_size, 2] (FP8 pools), else None."""
+        return None if self.scales is None else self.scales[self._index[i]]
+
+    def write(self, i: int, slots: torch.Tensor, entries: torch.Tensor) -> None:
+        """Store ``entries`` [N, latent_dim] at flat ``slots`` [N] (block * block_size + offset) of layer i:
+        cast to the pool's dtype, or quantized with their scales into an FP8 pool."""
+        pool = self.layer(i).view(-1, self.latent_dim)
+        if self.scales is None:
+            pool.index_copy_(0, slots, entries.to(pool.dtype))
+            return
+        q, scales = quantize_entries(entries, self.kv_lora)
+        pool.view(torch.uint8).index_copy_(0, slots, q.view(torch.uint8))  # no float8 index_copy_ on the CPU
+        self.layer_scales(i).view(-1, NUM_SCALES).index_copy_(0, slots, scales)
+
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+        scales = 0 if self.scales is None else self.scales.numel() * 4
+        return self.data.numel() * self.data.element_size() + scales
 
 
 def latent_layer_ids(config: "ModelConfig") -> list[int]:
@@ -76,8 +110,8 @@ def latent_layer_ids(config: "ModelConfig") -> list[int]:
 
 
 def bytes_per_block(config: "ModelConfig", block_size: int, dtype: torch.dtype) -> int:
-    elem = torch.empty(0, dtype=dtype).element_size()
-    return len(latent_layer_ids(config)) * block_size * config.latent_dim * elem
+    """Bytes of one pool block of ``dtype`` over every latent layer (an FP8 pool's scales included)."""
+    return len(latent_layer_ids(config)) * block_size * entry_bytes(config.latent_dim, dtype)
 
 
 def available_memory(device: torch.device) -> int:

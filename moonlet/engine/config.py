@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import available_memory, bytes_per_block, latent_layer_ids, parse_bytes
+from .kv_quant import KV_CACHE_DTYPES, resolve_kv_cache_dtype
 from .spec import SPECULATIVE_METHODS, SpeculativeConfig
 
 # CPU default: a small share of free RAM, never more than this.
@@ -83,6 +84,10 @@ class EngineConfig:
     # evicted from the device pool, copied back on a later prefix hit instead of recomputed
     # (moonlet.engine.host_cache); 0 or None: off. Pinned memory on CUDA. Not for hybrid (KDA) models.
     host_cache_memory: int | str | None = None
+    # storage of the latent KV cache: "auto" (None: the model dtype) or "fp8" (float8_e4m3fn with a
+    # float32 scale per token entry for the latent and one for k_pe; about half the bytes per token, so
+    # about twice the tokens in the same memory; moonlet.engine.kv_quant)
+    kv_cache_dtype: str | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -125,6 +130,7 @@ class EngineConfig:
         self.speculative_config()  # raises on bad speculative settings
         self.image_cache_bytes()  # raises on a bad image feature cache size
         self.host_cache_bytes()  # raises on a bad host cache size
+        resolve_kv_cache_dtype(self.kv_cache_dtype, torch.float32)  # raises on a bad or unsupported cache dtype
 
     def image_cache_bytes(self) -> int:
         """The image feature cache's size in bytes (vision models), checked."""
@@ -191,6 +197,7 @@ class ResolvedConfig:
     speculative: SpeculativeConfig | None = None  # speculative decoding (None: off)
     host_blocks: int = 0  # blocks of the host cache tier (0: off)
     host_block_bytes: int = 0  # bytes per host block (latent rows of every layer, plus MoBA page sums)
+    kv_cache_dtype: torch.dtype | None = None  # the pool's storage dtype (None: the model's)
 
 
 SPEC_STATE_SEQS = 8  # hybrid models: sequences that may verify drafts in one step (state rows per draft each)
@@ -203,9 +210,10 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
     cfg.validate()
     on_cuda = device.type == "cuda"
     block_size = cfg.block_size or (64 if on_cuda else 16)
-    per_block = bytes_per_block(model_config, block_size, dtype)
-    if draft_config is not None:
-        per_block += bytes_per_block(draft_config, block_size, dtype)
+    kv_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, dtype)
+    per_block = bytes_per_block(model_config, block_size, kv_dtype)
+    if draft_config is not None:  # the draft's latents, in the same cache dtype
+        per_block += bytes_per_block(draft_config, block_size, kv_dtype)
     # hybrid models (KDA layers): each running sequence also holds a recurrent-state slot, and prefix
     # caching keeps snapshots of that state (state_snapshots rows of the same size)
     per_state = model_config.kda_state_bytes(torch.empty(0, dtype=dtype).element_size())
@@ -244,8 +252,8 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
                         f"snapshots" + (f" + {spec_rows} speculative-decoding rows" if spec_rows else "") +
                         "; or lower max_num_seqs / state_snapshots)")
             raise ValueError(f"the KV cache budget ({budget} bytes) is smaller than one block ({per_block} bytes: "
-                             f"{block_size} tokens x {model_config.num_hidden_layers} layers x "
-                             f"{model_config.latent_dim} values); {fix}")
+                             f"{block_size} tokens x {len(latent_layer_ids(model_config))} layers x "
+                             f"{model_config.latent_dim} values in {kv_dtype}); {fix}")
     max_model_len = min(wanted_len, num_blocks * block_size)
     if cfg.max_num_batched_tokens is not None:
         max_batched = cfg.max_num_batched_tokens
@@ -266,7 +274,7 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
         raise ValueError("engine argument decode_graphs='cuda' needs a CUDA device; use 'eager' or 'off'")
     from .cuda_graph import DEFAULT_BATCH_SIZES
 
-    host_blocks, host_block_bytes = host_cache_blocks(cfg, model_config, block_size, dtype)
+    host_blocks, host_block_bytes = host_cache_blocks(cfg, model_config, block_size, kv_dtype)
     sizes = cfg.decode_graph_batch_sizes or tuple(b for b in DEFAULT_BATCH_SIZES if b < cfg.max_num_seqs)
     graph_sizes = tuple(sorted({min(b, cfg.max_num_seqs) for b in sizes} | {cfg.max_num_seqs})) \
         if graphs != "off" else ()
@@ -278,12 +286,13 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
         expanded_prefill=(cfg.prefill_attention or ("expanded" if on_cuda else "absorbed")) == "expanded",
         decode_graphs=graphs, decode_graph_batch_sizes=graph_sizes, triton_decode=triton_decode,
         state_snapshots=snapshots, spec_state_rows=spec_rows, speculative=speculative, host_blocks=host_blocks,
-        host_block_bytes=host_block_bytes,
+        host_block_bytes=host_block_bytes, kv_cache_dtype=kv_dtype,
     )
 
 
 def host_cache_blocks(cfg: EngineConfig, model_config, block_size: int, dtype: torch.dtype) -> tuple[int, int]:
     """(blocks, bytes per block) of the host cache tier for ``cfg.host_cache_memory``; (0, 0) when off.
+    ``dtype``: the device pool's storage dtype (an FP8 pool's host blocks hold its scales too).
     ValueError when the tier cannot be used: prefix caching off, a hybrid (KDA) model, less than one
     block, more than the host's available memory."""
     size = cfg.host_cache_bytes()
@@ -374,6 +383,10 @@ def add_engine_cli_args(parser) -> None:
                    help="host memory for a second tier of the prefix cache, e.g. 8GiB: cached blocks evicted from "
                         "the device pool are kept there and copied back on a later prefix hit instead of being "
                         "recomputed (pinned memory on GPU; not for hybrid Kimi Linear models; default 0: off)")
+    g.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default=None,
+                   help="latent KV cache storage: auto (the model dtype) or fp8 (float8_e4m3fn with per-token "
+                        "scales for the latent and k_pe: about half the bytes per token, twice the tokens in the "
+                        "same memory; default auto)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model and cache dtype (default: the checkpoint's)")
@@ -393,7 +406,7 @@ def engine_args_from_cli(args) -> dict:
         speculative_model="speculative_model",
         num_speculative_tokens="num_speculative_tokens", ngram_max="ngram_max", ngram_min="ngram_min",
         image_feature_cache_memory="image_feature_cache_memory", tensor_parallel_size="tensor_parallel_size",
-        quantization="quantization", host_cache_memory="host_cache_memory",
+        quantization="quantization", host_cache_memory="host_cache_memory", kv_cache_dtype="kv_cache_dtype",
     )
     out = {field: getattr(args, attr) for attr, field in names.items() if getattr(args, attr, None) is not None}
     for flag in ("enable_prefix_caching", "enable_chunked_prefill"):

@@ -443,6 +443,8 @@ class EngineCore:
             "blocks_free": self.cache.num_free_blocks,
             "block_size": self.config.block_size,
             "cache_usage": self.cache.usage,
+            "kv_cache_dtype": str(self.pool.dtype).removeprefix("torch."),  # the pool's storage (kv_cache_dtype)
+            "kv_cache_bytes": self.pool.nbytes,  # the pool's bytes, FP8 scales included
             "prefix_cache_queries": c.prefix_cache_queries,
             "prefix_cache_hits": c.prefix_cache_hits,
             "state_snapshots": len(snaps) if snaps is not None else 0,

@@ -73,16 +73,17 @@ def check_draft_model(target_config, draft_config, target_path=None, draft_path=
 
 
 def build_draft_runner(draft_model, rc) -> "ModelRunner":
-    """A ``ModelRunner`` over the draft model and its own latent pool: the engine's block count and
-    block size (one scratch block more with decode graphs, as the target's), the same attention
-    settings, and decode graphs when the engine uses them. Rank 0 only under tensor parallelism."""
+    """A ``ModelRunner`` over the draft model and its own latent pool: the engine's block count,
+    block size and cache dtype (FP8 too; one scratch block more with decode graphs, as the
+    target's), the same attention settings, and decode graphs when the engine uses them. Rank 0 only under tensor parallelism."""
     from .cache import LatentCachePool, latent_layer_ids
     from .runner import ModelRunner
 
     config = draft_model.config
     scratch = 1 if rc.decode_graphs != "off" else 0
     pool = LatentCachePool(config.num_hidden_layers, rc.num_blocks + scratch, rc.block_size, config.latent_dim,
-                           dtype=draft_model.dtype, device=draft_model.device, layer_ids=latent_layer_ids(config))
+                           dtype=rc.kv_cache_dtype or draft_model.dtype, device=draft_model.device,
+                           layer_ids=latent_layer_ids(config), kv_lora=config.kv_lora_rank)
     runner = ModelRunner(draft_model, pool, expanded_prefill=rc.expanded_prefill, triton_decode=rc.triton_decode)
     if rc.decode_graphs != "off":
         runner.enable_decode_graphs(scratch_block=rc.num_blocks, max_model_len=rc.max_model_len,

@@ -15,7 +15,8 @@ Two parts, as for the device cache:
   and the host blocks a step reads (pinned for the step, so no eviction in the same step overwrites
   them before the copy).
 - ``HostCachePool`` (storage, owned by the runner): ``data`` [host_blocks, layers, block_size,
-  latent_dim] in the model's dtype (block-major, so one block is one contiguous range), ``sums``
+  latent_dim] in the device pool's dtype (block-major, so one block is one contiguous range), ``scales``
+  [host_blocks, layers, block_size, 2] float32 when that pool is FP8 (its per-entry scales), ``sums``
   [host_blocks, MoBA layers, latent_dim] float32 when the model has MoBA layers; pinned memory when
   the device is CUDA. ``swap_out`` / ``swap_in`` execute a step's copy lists
   (``ScheduledBatch.swap_out`` / ``swap_in``).
@@ -37,6 +38,7 @@ from collections import OrderedDict
 import torch
 
 from .cache import LatentCachePool
+from .kv_quant import NUM_SCALES, entry_bytes, is_fp8
 
 
 class HostBlockIndex:
@@ -97,8 +99,10 @@ class HostBlockIndex:
 
 class HostCachePool:
     """Host copies of evicted device blocks: ``data`` [num_blocks, layers, block_size, latent_dim] in
-    the device pool's dtype, and ``sums`` [num_blocks, MoBA layers, latent_dim] float32 for the per-page
-    sums of MoBA models (None otherwise). ``pin_memory``: page-locked memory (CUDA), so the copies
+    the device pool's dtype, ``scales`` [num_blocks, layers, block_size, 2] float32 for an FP8 pool's
+    scales (None otherwise), and ``sums`` [num_blocks, MoBA layers, latent_dim] float32 for the per-page
+    sums of MoBA models (None otherwise). FP8 bytes are moved as uint8 (the CPU has no float8 copy
+    kernels for indexed writes). ``pin_memory``: page-locked memory (CUDA), so the copies
     are true asynchronous DMA transfers on the stream."""
 
     def __init__(self, device_pool: LatentCachePool, num_blocks: int, num_sum_layers: int = 0,
@@ -112,6 +116,8 @@ class HostCachePool:
         # a swap-out wrote it); pinned memory is locked when allocated
         self.data = torch.empty(num_blocks, p.num_layers, p.block_size, p.latent_dim, dtype=p.data.dtype,
                                 pin_memory=pin_memory)
+        self.scales = torch.empty(num_blocks, p.num_layers, p.block_size, NUM_SCALES, dtype=torch.float32,
+                                  pin_memory=pin_memory) if p.scales is not None else None
         self.sums = torch.empty(num_blocks, num_sum_layers, p.latent_dim, dtype=torch.float32,
                                 pin_memory=pin_memory) if num_sum_layers else None
         self._written: set[int] = set()  # host blocks written by copies that may still be in flight
@@ -120,12 +126,13 @@ class HostCachePool:
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, latent_dim: int, dtype: torch.dtype,
                         num_sum_layers: int = 0) -> int:
-        elem = torch.empty(0, dtype=dtype).element_size()
-        return num_layers * block_size * latent_dim * elem + num_sum_layers * latent_dim * 4
+        """``dtype``: the device pool's (an FP8 pool's scales included)."""
+        return num_layers * block_size * entry_bytes(latent_dim, dtype) + num_sum_layers * latent_dim * 4
 
     @property
     def nbytes(self) -> int:
         total = self.data.numel() * self.data.element_size()
+        total += self.scales.numel() * 4 if self.scales is not None else 0
         return total + (self.sums.numel() * 4 if self.sums is not None else 0)
 
     def swap_out(self, pairs: list[tuple[int, int]], pool: LatentCachePool, sums: torch.Tensor | None = None) -> None:
@@ -137,24 +144,26 @@ class HostCachePool:
             return
         host = list(last)
         dev = torch.tensor(list(last.values()), dtype=torch.long, device=pool.data.device)
-        rows = pool.data.index_select(1, dev).transpose(0, 1)  # [n, layers, bs, D]
-        sum_rows = sums.index_select(1, dev).transpose(0, 1) if self.sums is not None else None
+        # (host tensor, device tensor [layers or MoBA layers, blocks, ...]) pairs that move together
+        pairs = [(self._bytes(self.data), self._bytes(pool.data))]
+        if self.scales is not None:
+            pairs.append((self.scales, pool.scales))
+        if self.sums is not None:
+            pairs.append((self.sums, sums))
+        moved = [(dst, src.index_select(1, dev).transpose(0, 1)) for dst, src in pairs]  # [n, layers, ...]
         if pool.data.device.type == "cuda":
             # one asynchronous copy per block straight into its (contiguous, pinned) host block
-            rows = rows.contiguous()
-            sum_rows = sum_rows.contiguous() if sum_rows is not None else None
-            for i, h in enumerate(host):
-                self.data[h].copy_(rows[i], non_blocking=self.pinned)
-                if sum_rows is not None:
-                    self.sums[h].copy_(sum_rows[i], non_blocking=self.pinned)
+            for dst, rows in moved:
+                rows = rows.contiguous()
+                for i, h in enumerate(host):
+                    dst[h].copy_(rows[i], non_blocking=self.pinned)
             self._written.update(host)
             self._event = torch.cuda.Event()
             self._event.record()
         else:
             index = torch.tensor(host, dtype=torch.long)
-            self.data.index_copy_(0, index, rows.cpu())
-            if sum_rows is not None:
-                self.sums.index_copy_(0, index, sum_rows.cpu())
+            for dst, rows in moved:
+                dst.index_copy_(0, index, rows.cpu())
 
     def swap_in(self, pairs: list[tuple[int, int]], pool: LatentCachePool, sums: torch.Tensor | None = None) -> None:
         """Copy host blocks into device blocks: ``pairs`` of (host block, device block)."""
@@ -169,9 +178,16 @@ class HostCachePool:
         device = pool.data.device
         index = torch.tensor(host, dtype=torch.long)
         dev = torch.tensor([d for _, d in pairs], dtype=torch.long, device=device)
-        pool.data.index_copy_(1, dev, self._gather(self.data, index, device).transpose(0, 1))
+        self._bytes(pool.data).index_copy_(1, dev, self._gather(self._bytes(self.data), index, device).transpose(0, 1))
+        if self.scales is not None:
+            pool.scales.index_copy_(1, dev, self._gather(self.scales, index, device).transpose(0, 1))
         if self.sums is not None:
             sums.index_copy_(1, dev, self._gather(self.sums, index, device).transpose(0, 1))
+
+    @staticmethod
+    def _bytes(t: torch.Tensor) -> torch.Tensor:
+        """An FP8 tensor as uint8 (same bytes; indexed copies exist for it), others as they are."""
+        return t.view(torch.uint8) if is_fp8(t.dtype) else t
 
     def _gather(self, src: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:
         """``src[index]`` on ``device``: through a pinned staging buffer when pinned (PyTorch's caching

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .kv_quant import read_entries
+
 # Prefill scores are [rows, heads, ctx]; bound that to this many elements.
 _MAX_SCORE_ELEMENTS = 1 << 25
 
@@ -75,9 +77,11 @@ class PageSums:
     def layer(self, layer: int) -> torch.Tensor:
         return self.data[self.index[layer]]
 
-    def update(self, layer: int, pool: torch.Tensor, pages: torch.Tensor) -> None:
-        """Recompute the sums of ``pages`` (long, duplicates allowed) from the layer's pool."""
-        self.layer(layer).index_copy_(0, pages, pool[pages].float().sum(dim=1))
+    def update(self, layer: int, pool: torch.Tensor, pages: torch.Tensor, pool_scales: torch.Tensor | None = None,
+               kv_lora: int = 0) -> None:
+        """Recompute the sums of ``pages`` (long, duplicates allowed) from the layer's pool (of the
+        dequantized entries when the pool is FP8: ``pool_scales`` and the latent width ``kv_lora``)."""
+        self.layer(layer).index_copy_(0, pages, read_entries(pool, pool_scales, pages, kv_lora).sum(dim=1))
 
 
 def block_means(page_sums: torch.Tensor, tables: torch.Tensor, pages_per_block: int, block_size: int) -> torch.Tensor:
@@ -133,15 +137,16 @@ def token_mask(selected: torch.Tensor, q_pos: torch.Tensor, num_keys: int, block
 
 def moba_decode_attention(q: torch.Tensor, pool: torch.Tensor, page_sums: torch.Tensor, block_tables: torch.Tensor,
                           ctx_lens: torch.Tensor, scale: float, kv_lora: int, block_size: int,
-                          top_k: int) -> torch.Tensor:
+                          top_k: int, pool_scales: torch.Tensor | None = None) -> torch.Tensor:
     """``paged_decode_attention`` with MoBA selection: q [S, h, D] (absorbed), pool [P, page, D],
-    page_sums [P, D], block_tables [S, nb], ctx_lens [S] -> [S, h, kv_lora] float32."""
+    page_sums [P, D], block_tables [S, nb], ctx_lens [S] -> [S, h, kv_lora] float32. ``pool_scales``
+    [P, page, 2]: an FP8 pool's scales (as for every function here)."""
     S, nb = block_tables.shape
     page, D = pool.shape[1], pool.shape[2]
     pos = ctx_lens - 1
     means = block_means(page_sums, block_tables, block_size // page, block_size)
     selected = select_blocks(q, means, pos, block_size, top_k)
-    keys = pool[block_tables].view(S, nb * page, D).float()  # [S, K, D]
+    keys = read_entries(pool, pool_scales, block_tables, kv_lora).view(S, nb * page, D)  # [S, K, D]
     allowed = token_mask(selected, pos, nb * page, block_size)  # [S, h, K]; own-block causality bounds the context
     scores = torch.bmm(q.float(), keys.transpose(1, 2)) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))
@@ -149,12 +154,13 @@ def moba_decode_attention(q: torch.Tensor, pool: torch.Tensor, page_sums: torch.
 
 
 def moba_prefill_attention(q: torch.Tensor, pool: torch.Tensor, page_sums: torch.Tensor, block_ids: torch.Tensor,
-                           ctx_len: int, scale: float, kv_lora: int, block_size: int, top_k: int) -> torch.Tensor:
+                           ctx_len: int, scale: float, kv_lora: int, block_size: int, top_k: int,
+                           pool_scales: torch.Tensor | None = None) -> torch.Tensor:
     """``paged_prefill_attention`` with MoBA selection: q [T, h, D], the last T of the sequence's ctx_len
     tokens; block_ids [nb] its pages -> [T, h, kv_lora] float32."""
     T, h, D = q.shape
     page = pool.shape[1]
-    keys = pool[block_ids].reshape(-1, D)[:ctx_len].float()  # [ctx, D]
+    keys = read_entries(pool, pool_scales, block_ids, kv_lora).reshape(-1, D)[:ctx_len]  # [ctx, D]
     values = keys[:, :kv_lora]
     means = block_means(page_sums, block_ids[None], block_size // page, block_size)  # [1, nmb, D]
     q = q.float()
@@ -183,7 +189,8 @@ _MIN_CHUNK, _MAX_CHUNK = 16, 256
 
 def moba_sparse_decode_attention(q: torch.Tensor, pool: torch.Tensor, page_sums: torch.Tensor,
                                  block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float, kv_lora: int,
-                                 block_size: int, top_k: int, always_sparse: bool = False) -> torch.Tensor:
+                                 block_size: int, top_k: int, always_sparse: bool = False,
+                                 pool_scales: torch.Tensor | None = None) -> torch.Tensor:
     """``moba_decode_attention`` reading only the own block's pages and the selected blocks' pages.
 
     All heads share the cache entries, so the blocks the heads picked are gathered once, as their union,
@@ -204,7 +211,8 @@ def moba_sparse_decode_attention(q: torch.Tensor, pool: torch.Tensor, page_sums:
     nmb = nb // per_block  # complete MoBA blocks the table can hold
     width = min(h * max(0, min(top_k - 1, nmb)), nmb)  # union slots
     if not always_sparse and (width + 1) * per_block >= nb:
-        return moba_decode_attention(q, pool, page_sums, block_tables, ctx_lens, scale, kv_lora, block_size, top_k)
+        return moba_decode_attention(q, pool, page_sums, block_tables, ctx_lens, scale, kv_lora, block_size, top_k,
+                                     pool_scales=pool_scales)
     pos = ctx_lens - 1
     own = pos // block_size  # [S]
     means = block_means(page_sums, block_tables, per_block, block_size)  # [S, nmb, D]
@@ -223,7 +231,7 @@ def moba_sparse_decode_attention(q: torch.Tensor, pool: torch.Tensor, page_sums:
     # the own block may run past the table (its pages beyond the context are not allocated): clamp, then mask
     page_idx = blocks[..., None] * per_block + torch.arange(per_block, device=q.device)  # [S, w + 1, r]
     pages = block_tables.gather(1, page_idx.reshape(S, -1).clamp(max=nb - 1))  # [S, (w + 1) r]
-    keys = pool[pages].view(S, (width + 1) * block_size, D).float()
+    keys = read_entries(pool, pool_scales, pages, kv_lora).view(S, (width + 1) * block_size, D)
     own_pos = own[:, None] * block_size + torch.arange(block_size, device=q.device)  # [S, B]
     allowed = torch.cat([picked[..., None].expand(S, h, width, block_size).reshape(S, h, width * block_size),
                          (own_pos <= pos[:, None])[:, None].expand(S, h, block_size)], dim=-1)
@@ -253,7 +261,7 @@ def _chunk_size(num_rows: int, num_blocks: int) -> int:
 
 def moba_sparse_prefill_attention(q: torch.Tensor, pool: torch.Tensor, page_sums: torch.Tensor,
                                   block_ids: torch.Tensor, ctx_len: int, scale: float, kv_lora: int,
-                                  block_size: int, top_k: int) -> torch.Tensor:
+                                  block_size: int, top_k: int, pool_scales: torch.Tensor | None = None) -> torch.Tensor:
     """``moba_prefill_attention`` reading only the own blocks and the selected blocks.
 
     The chunk's queries are taken in tiles inside one MoBA block b, so a tile shares its own keys
@@ -270,15 +278,17 @@ def moba_sparse_prefill_attention(q: torch.Tensor, pool: torch.Tensor, page_sums
     q [T, h, D]: the last T of the sequence's ctx_len tokens; block_ids [nb] its pages -> [T, h, kv_lora] float32.
     """
     if top_k - 1 >= (ctx_len - 1) // block_size:
-        return moba_prefill_attention(q, pool, page_sums, block_ids, ctx_len, scale, kv_lora, block_size, top_k)
+        return moba_prefill_attention(q, pool, page_sums, block_ids, ctx_len, scale, kv_lora, block_size, top_k,
+                                      pool_scales=pool_scales)
     T, h, D = q.shape
     page = pool.shape[1]
     entries = pool.reshape(-1, D)
+    entry_scales = None if pool_scales is None else pool_scales.reshape(-1, pool_scales.shape[-1])
     start = ctx_len - T
     dev = q.device
 
     def gather(positions: torch.Tensor) -> torch.Tensor:  # token positions (any shape) -> fp32 entries
-        return entries[block_ids[positions // page] * page + positions % page].float()
+        return read_entries(entries, entry_scales, block_ids[positions // page] * page + positions % page, kv_lora)
 
     means = block_means(page_sums, block_ids[None], block_size // page, block_size)  # [1, nmb, D]
     out = torch.empty(T, h, kv_lora, device=dev, dtype=torch.float32)
@@ -373,7 +383,8 @@ def moba_head_tables(q: torch.Tensor, page_sums: torch.Tensor, block_tables: tor
 
 def moba_per_head_decode_attention(q: torch.Tensor, pool: torch.Tensor, page_sums: torch.Tensor,
                                    block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float, kv_lora: int,
-                                   block_size: int, top_k: int, decode_kernel=None) -> torch.Tensor:
+                                   block_size: int, top_k: int, decode_kernel=None,
+                                   pool_scales: torch.Tensor | None = None) -> torch.Tensor:
     """MoBA decode as ``decode_kernel`` (``paged_decode_attention``'s signature; default that reference, or the
     Triton ``paged_decode_attention_triton``) over ``moba_head_tables``: every head reads its own
     (top_k - 1) · B + own-block keys, so compute per head is bounded, but heads that picked the same block
@@ -383,4 +394,5 @@ def moba_per_head_decode_attention(q: torch.Tensor, pool: torch.Tensor, page_sum
         from .attention import paged_decode_attention as decode_kernel  # attention.py imports this module
     S, h, D = q.shape
     tables, lens = moba_head_tables(q, page_sums, block_tables, ctx_lens, pool.shape[1], block_size, top_k)
-    return decode_kernel(q.reshape(S * h, 1, D), pool, tables, lens, scale, kv_lora).view(S, h, kv_lora)
+    kw = {} if pool_scales is None else {"pool_scales": pool_scales}
+    return decode_kernel(q.reshape(S * h, 1, D), pool, tables, lens, scale, kv_lora, **kw).view(S, h, kv_lora)

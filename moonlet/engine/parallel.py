@@ -66,7 +66,8 @@ def build_runner(model, rc, workers=None):
     # with decode graphs, one block more than the cache manager hands out: the padding rows' scratch
     scratch = 1 if rc.decode_graphs != "off" else 0
     pool = LatentCachePool(config.num_hidden_layers, rc.num_blocks + scratch, rc.block_size, config.latent_dim,
-                           dtype=model.dtype, device=model.device, layer_ids=latent_layer_ids(config))
+                           dtype=rc.kv_cache_dtype or model.dtype, device=model.device,
+                           layer_ids=latent_layer_ids(config), kv_lora=config.kv_lora_rank)
     states = None
     if config.kda_layer_ids:
         heads = model.model.layers[config.kda_layer_ids[0]].self_attn.num_heads  # this rank's share

@@ -21,6 +21,14 @@ Why head groups: a program holding all 64 heads of Kimi K2 would need a [64, 512
 plus the [64, 576] queries in registers, more than one SM's register file. The groups of one
 (sequence, split) are adjacent in launch order, so the repeat reads of a tile come from L2, not HBM.
 
+FP8 pools (``kv_cache_dtype="fp8"``, ``moonlet.engine.kv_quant``): the kernel reads the fp8 bytes and each
+token's two float32 scales (latent, k_pe). An e4m3 byte becomes an fp16 value exactly by moving its bits
+(sign to bit 15, exponent and mantissa to bits 13..7): the fp16 then holds the e4m3 value / 256, normal and
+subnormal alike, so no conversion instruction of sm89+ is needed (the kernel runs on sm80). That tile,
+exact in the dot dtype (the query's: bf16, fp16 or fp32), goes into the dots as it is; the scales are
+applied outside them: per key column to the two score dots (latent and rope parts), and folded into the
+probabilities before the value dot (p · s_latent, then cast), so no dequantized tile is ever rounded.
+
 The module imports without Triton; the kernel functions raise a clear error when called without it.
 Under ``TRITON_INTERPRET=1`` (set before this module is imported) the kernels run on CPU tensors.
 """
@@ -49,11 +57,16 @@ BLOCK_N = 32
 # 100-160 per thread with no spills and pipeline the tile loads; 4 warps sit at the 255 ceiling.
 # fp32 tiles are twice the bytes: one stage (shared memory within A100's 164 KiB), no spills.
 NUM_WARPS = 8
-NUM_STAGES = {2: 3, 4: 1}  # by element size
+NUM_STAGES = {1: 3, 2: 3, 4: 1}  # by the pool's element size (1: FP8)
 # A split should read many more latent bytes than it writes partial-output bytes
 # (h x kv_lora fp32 per split, ~ as much as 28 tokens' latents at 16 heads): at least this many tokens.
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 64
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    """An FP8 latent pool (``moonlet.engine.kv_quant``: float8_e4m3fn entries with per-token scales)."""
+    return dtype == getattr(torch, "float8_e4m3fn", None)
 
 
 def _interpreting() -> bool:
@@ -125,19 +138,27 @@ def merge_split_outputs(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
+    def _fp8_tile(bits):
+        """uint8 e4m3 bits (any shape) -> float16 holding value / 256, exactly (see the module docstring)."""
+        b = bits.to(tl.uint16)
+        return (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True)
+
+    @triton.jit
     def _split_kernel(
-        q_ptr, pool_ptr, tables_ptr, ctx_ptr, out_ptr, lse_ptr,
+        q_ptr, pool_ptr, tables_ptr, ctx_ptr, out_ptr, lse_ptr, scales_ptr,
         num_heads, table_width, num_splits, qk_scale_log2,
         q_s0, q_s1, q_s2,
         p_s0, p_s1, p_s2,
         t_s0, t_s1,
         o_s0, o_s1, o_s2, o_s3,
         l_s0, l_s1, l_s2,
+        sc_s0, sc_s1, sc_s2,  # the FP8 pool's scales [num_blocks, block_size, 2] (unused otherwise)
         KV_LORA: tl.constexpr, ROPE: tl.constexpr,  # model constants: one compile per model, static masks
         BLOCK_SIZE: tl.constexpr,  # tokens per cache block (any positive int)
         BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         DOTS_IN_FP32: tl.constexpr,  # interpreter only: its tl.dot mistakes bf16 for uint16
+        FP8: tl.constexpr,  # pool_ptr holds e4m3 bytes (as uint8) and scales_ptr their scales
     ):
         pid_h = tl.program_id(0)
         pid_split = tl.program_id(1)
@@ -162,9 +183,14 @@ if triton is not None:
         q_c = tl.load(q_rows + cols_c[None, :] * q_s2, mask=head_ok[:, None] & c_ok[None, :], other=0.0)
         q_r = tl.load(q_rows + (KV_LORA + cols_r[None, :]) * q_s2, mask=head_ok[:, None] & r_ok[None, :],
                       other=0.0)
-        # Dot operands in the pool's dtype (values rounded as on the GPU; exact upcast when DOTS_IN_FP32).
-        q_c = q_c.to(pool_ptr.dtype.element_ty)
-        q_r = q_r.to(pool_ptr.dtype.element_ty)
+        # Dot operands in the pool's dtype (values rounded as on the GPU; exact upcast when DOTS_IN_FP32);
+        # with an FP8 pool in the query's dtype (the decoded tiles are exact in it).
+        if FP8:
+            dot_ty = q_ptr.dtype.element_ty
+        else:
+            dot_ty = pool_ptr.dtype.element_ty
+        q_c = q_c.to(dot_ty)
+        q_r = q_r.to(dot_ty)
         if DOTS_IN_FP32:
             q_c = q_c.to(tl.float32)
             q_r = q_r.to(tl.float32)
@@ -182,12 +208,23 @@ if triton is not None:
                           other=0.0)  # [BN, BC]: the latents, also the values
             k_r = tl.load(rows[:, None] + (KV_LORA + cols_r[None, :]) * p_s2,
                           mask=tok_ok[:, None] & r_ok[None, :], other=0.0)  # [BN, BR]
+            if FP8:
+                k_c = _fp8_tile(k_c).to(dot_ty)
+                k_r = _fp8_tile(k_r).to(dot_ty)
+                # the tiles hold value / 256: fold the 256 into the scales
+                sc_rows = scales_ptr + block_ids.to(tl.int64) * sc_s0 + (toks % BLOCK_SIZE) * sc_s1
+                scale_c = tl.load(sc_rows, mask=tok_ok, other=0.0) * 256.0  # [BN] latent scales
+                scale_r = tl.load(sc_rows + sc_s2, mask=tok_ok, other=0.0) * 256.0  # [BN] k_pe scales
             if DOTS_IN_FP32:
                 k_c = k_c.to(tl.float32)
                 k_r = k_r.to(tl.float32)
 
-            s = tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PRECISION)
-            s = tl.dot(q_r, tl.trans(k_r), acc=s, input_precision=DOT_PRECISION)  # [BH, BN]
+            if FP8:
+                s = tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PRECISION) * scale_c[None, :]
+                s += tl.dot(q_r, tl.trans(k_r), input_precision=DOT_PRECISION) * scale_r[None, :]
+            else:
+                s = tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PRECISION)
+                s = tl.dot(q_r, tl.trans(k_r), acc=s, input_precision=DOT_PRECISION)  # [BH, BN]
             s = tl.where(tok_ok[None, :], s * qk_scale_log2, float("-inf"))
 
             m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile has a valid token
@@ -195,7 +232,9 @@ if triton is not None:
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None]
-            p = p.to(pool_ptr.dtype.element_ty)
+            if FP8:
+                p = p * scale_c[None, :]  # the values' scales, applied before the cast
+            p = p.to(dot_ty)
             if DOTS_IN_FP32:
                 p = p.to(tl.float32)
             acc = tl.dot(p, k_c, acc=acc, input_precision=DOT_PRECISION)
@@ -235,20 +274,24 @@ if triton is not None:
         tl.store(out_ptr + seq * o_s0 + head * o_s1 + cols * o_s2, out, mask=c_ok)
 
 
-def _split_constants(pool_dtype: torch.dtype, kv_lora: int, rope: int, block_size: int, block_h: int) -> dict:
+def _split_constants(pool_dtype: torch.dtype, kv_lora: int, rope: int, block_size: int, block_h: int,
+                     q_dtype: torch.dtype | None = None) -> dict:
     """The compile-time arguments of ``_split_kernel``: fixed for a model and engine, so serving compiles a
     handful of variants (Triton also specializes integer arguments equal to 1 or divisible by 16)."""
+    fp8 = is_fp8(pool_dtype)
+    dot_dtype = q_dtype if fp8 else pool_dtype  # FP8 pools: dots in the query's dtype
     return dict(
         KV_LORA=kv_lora, ROPE=rope, BLOCK_SIZE=block_size, BLOCK_H=block_h,
         BLOCK_C=max(16, _next_pow2(kv_lora)), BLOCK_R=max(16, _next_pow2(rope)), BLOCK_N=BLOCK_N,
-        # fp32 pools: exact fp32 dots (the default would round operands to tf32); 16-bit: the default.
-        DOT_PRECISION="ieee" if pool_dtype == torch.float32 else "tf32",
-        DOTS_IN_FP32=_INTERPRET and pool_dtype == torch.bfloat16,
+        # fp32 dots: exact (the default would round operands to tf32); 16-bit: the default.
+        DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
+        DOTS_IN_FP32=_INTERPRET and dot_dtype == torch.bfloat16,
+        FP8=fp8,
     )
 
 
 def _check(q: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor, ctx_lens: torch.Tensor,
-           kv_lora: int) -> None:
+           kv_lora: int, pool_scales: torch.Tensor | None = None) -> None:
     if q.dim() != 3 or pool.dim() != 3:
         raise ValueError(f"paged_decode_attention_triton: q must be [S, h, D] and pool [num_blocks, block_size, D]; "
                          f"got q {tuple(q.shape)}, pool {tuple(pool.shape)}")
@@ -262,10 +305,21 @@ def _check(q: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor, ctx_
                          f"got {tuple(block_tables.shape)} and {tuple(ctx_lens.shape)}")
     if block_tables.dtype.is_floating_point or ctx_lens.dtype.is_floating_point:
         raise ValueError("paged_decode_attention_triton: block_tables and ctx_lens must be integer tensors")
-    for name, dt in (("q", q.dtype), ("pool", pool.dtype)):
-        if dt not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"paged_decode_attention_triton: {name} dtype {dt} is not float32/bfloat16/float16")
-    devices = {t.device for t in (q, pool, block_tables, ctx_lens)}
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"paged_decode_attention_triton: q dtype {q.dtype} is not float32/bfloat16/float16")
+    if is_fp8(pool.dtype):
+        if pool_scales is None or tuple(pool_scales.shape) != (*pool.shape[:2], 2) or \
+                pool_scales.dtype != torch.float32:
+            raise ValueError(f"paged_decode_attention_triton: an FP8 pool {tuple(pool.shape)} needs pool_scales "
+                             f"[{pool.shape[0]}, {pool.shape[1]}, 2] float32 (latent and k_pe scale per entry); got "
+                             f"{None if pool_scales is None else (tuple(pool_scales.shape), pool_scales.dtype)}")
+    elif pool.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"paged_decode_attention_triton: pool dtype {pool.dtype} is not float32/bfloat16/float16 "
+                         f"or float8_e4m3fn")
+    elif pool_scales is not None:
+        raise ValueError(f"paged_decode_attention_triton: pool_scales go with an FP8 pool; this pool is {pool.dtype}")
+    tensors = (q, pool, block_tables, ctx_lens) + ((pool_scales,) if pool_scales is not None else ())
+    devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise ValueError("paged_decode_attention_triton: all inputs must be on one device, "
                          f"got {sorted(map(str, devices))}")
@@ -278,7 +332,8 @@ def _check(q: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor, ctx_
 
 
 def paged_decode_attention_triton(q: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor,
-                                  ctx_lens: torch.Tensor, scale: float, kv_lora: int, *,
+                                  ctx_lens: torch.Tensor, scale: float, kv_lora: int,
+                                  pool_scales: torch.Tensor | None = None, *,
                                   num_splits: int | None = None, block_h: int | None = None) -> torch.Tensor:
     """Same contract as ``moonlet.engine.attention.paged_decode_attention``:
 
@@ -286,11 +341,12 @@ def paged_decode_attention_triton(q: torch.Tensor, pool: torch.Tensor, block_tab
     (padded with any valid block id), ctx_lens [S] integer (>= 1) -> [S, h, kv_lora] float32.
     Query s attends to its first ctx_lens[s] cached tokens; values are the keys' first kv_lora dims.
 
-    q is cast to the pool's dtype for the dots (fp32 accumulate). ``num_splits`` and ``block_h``
+    q is cast to the pool's dtype for the dots (fp32 accumulate). An FP8 pool (float8_e4m3fn) comes with
+    ``pool_scales`` [num_blocks, block_size, 2] float32; its dots run in q's dtype. ``num_splits`` and ``block_h``
     (heads per program: a power of two >= 16) override the heuristics (``choose_num_splits``,
     ``heads_per_program``); for benchmarks and tests. No device sync: safe to capture in a CUDA graph.
     """
-    _check(q, pool, block_tables, ctx_lens, kv_lora)
+    _check(q, pool, block_tables, ctx_lens, kv_lora, pool_scales)
     S, h, D = q.shape
     block_size = pool.shape[1]
     if S > 65535:  # the launch grid's last axis
@@ -306,7 +362,7 @@ def paged_decode_attention_triton(q: torch.Tensor, pool: torch.Tensor, block_tab
 
     part = torch.empty(S, h, splits, kv_lora, device=q.device, dtype=torch.float32)
     lse = torch.empty(S, h, splits, device=q.device, dtype=torch.float32)
-    grid, args, consts = _split_launch(q, pool, block_tables, ctx_lens, part, lse, scale, bh)
+    grid, args, consts = _split_launch(q, pool, block_tables, ctx_lens, part, lse, scale, bh, pool_scales)
     _split_kernel[grid](*args, **consts, num_warps=NUM_WARPS, num_stages=NUM_STAGES[pool.element_size()])
     if splits == 1:
         return part[:, :, 0]  # contiguous [S, h, kv_lora]
@@ -316,16 +372,21 @@ def paged_decode_attention_triton(q: torch.Tensor, pool: torch.Tensor, block_tab
     return out
 
 
-def _split_launch(q, pool, block_tables, ctx_lens, part, lse, scale: float, block_h: int):
+def _split_launch(q, pool, block_tables, ctx_lens, part, lse, scale: float, block_h: int, pool_scales=None):
     """(grid, positional args, compile-time args) of ``_split_kernel``; part [S, h, splits, kv_lora] and
-    lse [S, h, splits] are its outputs."""
+    lse [S, h, splits] are its outputs. An FP8 pool goes in as its uint8 bytes, with its scales."""
     S, h, splits, kv_lora = part.shape
     rope = q.shape[2] - kv_lora
     grid = (-(-h // block_h), splits, S)  # head groups vary fastest: a tile's re-reads stay in L2
-    args = (q, pool, block_tables, ctx_lens, part, lse,
+    consts = _split_constants(pool.dtype, kv_lora, rope, pool.shape[1], block_h, q.dtype)
+    if consts["FP8"]:
+        pool_arg, scales_arg, scale_strides = pool.view(torch.uint8), pool_scales, pool_scales.stride()
+    else:  # no scales: any pointer, never read
+        pool_arg, scales_arg, scale_strides = pool, lse, (0, 0, 0)
+    args = (q, pool_arg, block_tables, ctx_lens, part, lse, scales_arg,
             h, block_tables.shape[1], splits, float(scale) * math.log2(math.e),
-            *q.stride(), *pool.stride(), *block_tables.stride(), *part.stride(), *lse.stride())
-    return grid, args, _split_constants(pool.dtype, kv_lora, rope, pool.shape[1], block_h)
+            *q.stride(), *pool.stride(), *block_tables.stride(), *part.stride(), *lse.stride(), *scale_strides)
+    return grid, args, consts
 
 
 def _merge_launch(part, lse, out):

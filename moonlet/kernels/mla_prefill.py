@@ -100,23 +100,34 @@ def expand(latent: torch.Tensor, k_pe: torch.Tensor, w_uk: torch.Tensor, w_uv: t
 
 def expanded_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: torch.Tensor, kv_lora: int,
                                w_uk: torch.Tensor, w_uv: torch.Tensor, scale: float,
-                               prefix_chunk: int = PREFIX_CHUNK) -> torch.Tensor:
+                               prefix_chunk: int = PREFIX_CHUNK, ctx_scales: torch.Tensor | None = None) -> torch.Tensor:
     """The last T of a sequence's tokens attending causally over its whole context.
 
     q_nope [T, h, nope], q_pe [T, h, r] (rotated); ctx [L, kv_lora + r]: the sequence's cached
     [latent | k_pe] rows in order, the T new tokens last (L >= T); W_UK [h, nope, kv_lora],
-    W_UV [h, v, kv_lora] (``MLAttention.absorbed_weights``). Returns [T, h, v] float32."""
+    W_UV [h, v, kv_lora] (``MLAttention.absorbed_weights``). ``ctx_scales`` [L, 2]: the rows' scales
+    when ``ctx`` is FP8 (``moonlet.engine.kv_quant``), dequantized a piece at a time as it is expanded.
+    Returns [T, h, v] float32."""
     T, L = q_nope.shape[0], ctx.shape[0]
     if L < T:
         raise ValueError(f"the context ({L} tokens) must include the {T} new tokens")
     dtype = w_uk.dtype
     q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1).to(dtype)  # [h, T, nope + r]
-    latent, k_pe = ctx[:, :kv_lora].to(dtype), ctx[:, kv_lora:].to(dtype)
+
+    def rows(s0: int, s1: int) -> tuple[torch.Tensor, torch.Tensor]:  # latent, k_pe of ctx[s0:s1] in dtype
+        if ctx_scales is None:
+            piece = ctx[s0:s1].to(dtype)
+        else:
+            from ..engine.kv_quant import dequantize_entries
+
+            piece = dequantize_entries(ctx[s0:s1], ctx_scales[s0:s1], kv_lora, dtype)
+        return piece[:, :kv_lora], piece[:, kv_lora:]
+
     parts = []
     for s0 in range(0, L - T, prefix_chunk):  # the cached prefix: every key visible to every query
         s1 = min(L - T, s0 + prefix_chunk)
-        k, v = expand(latent[s0:s1], k_pe[s0:s1], w_uk, w_uv)
+        k, v = expand(*rows(s0, s1), w_uk, w_uv)
         parts.append(attention_with_lse(q, k, v, scale, causal=False))
-    k, v = expand(latent[L - T:], k_pe[L - T:], w_uk, w_uv)
+    k, v = expand(*rows(L - T, L), w_uk, w_uv)
     parts.append(attention_with_lse(q, k, v, scale, causal=True))
     return merge_by_lse(parts).transpose(0, 1)  # [T, h, v]

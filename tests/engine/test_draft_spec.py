@@ -225,3 +225,16 @@ def test_draft_pool_holds_the_latents_it_claims(model, prompts):
             checked += 1
     stats = engine.stats()
     assert checked >= 10 and stats["spec_draft_tokens"] > stats["spec_accepted_tokens"] > 0
+
+
+def test_fp8_cache_for_the_draft_too(model, prompts):
+    """With kv_cache_dtype='fp8' the draft's pool is FP8 as well (and sized so); the output equals the
+    FP8 engine's without speculation, and a self-draft still has every draft accepted."""
+    plain = LLM(model=model, num_blocks=96, kv_cache_dtype="fp8").generate(prompts, GREEDY)
+    llm = draft_llm(model, model, kv_cache_dtype="fp8")
+    assert llm.engine.proposer.runner.pool.data.dtype == llm.engine.pool.data.dtype
+    assert llm.engine.pool.dtype == torch.float8_e4m3fn
+    outs = llm.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    stats = llm.stats()
+    assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] > 0

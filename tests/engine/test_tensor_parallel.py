@@ -129,8 +129,9 @@ def _run(path, **engine_args):
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [{}, {"speculative": "ngram", "num_speculative_tokens": 3},
                                    {"speculative": "draft", "num_speculative_tokens": 3},
-                                   {"decode_graphs": "eager", "decode_graph_batch_sizes": (1, 2, 4)}],
-                         ids=["plain", "ngram", "draft", "graphs"])
+                                   {"decode_graphs": "eager", "decode_graph_batch_sizes": (1, 2, 4)},
+                                   {"kv_cache_dtype": "fp8"}],  # every rank quantizes its own pool alike
+                         ids=["plain", "ngram", "draft", "graphs", "fp8"])
 def test_engine_tokens_match_a_single_process(checkpoint, extra):
     if extra.get("speculative") == "draft":  # the whole checkpoint drafts for itself, on rank 0 only
         extra = {**extra, "speculative_model": str(checkpoint)}

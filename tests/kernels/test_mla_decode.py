@@ -58,6 +58,23 @@ def make_inputs(ctx_lens, heads, kv_lora, rope, block_size, dtype, device="cpu",
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
+def make_fp8_inputs(ctx_lens, heads, kv_lora, rope, block_size, dtype, device="cpu", seed=0, rope_gain=8.0,
+                    **kwargs):
+    """``make_inputs`` with the pool stored as an FP8 latent pool (``kv_quant.quantize_entries``): its k_pe
+    columns ``rope_gain`` times larger than the latents, as the two scales per entry are meant for; one block's
+    entries zeroed (scale 1, all-zero bytes). q in ``dtype``. -> (q, pool fp8, scales, tables, ctx)."""
+    from moonlet.engine.kv_quant import quantize_entries
+
+    q, pool, tables, ctx = make_inputs(ctx_lens, heads, kv_lora, rope, block_size, torch.float32, seed=seed,
+                                       **kwargs)
+    pool = pool.clone()
+    pool[..., kv_lora:] *= rope_gain
+    pool[tables[-1, 0]] = 0.0  # a block of all-zero entries (as never-written slots are)
+    pool8, scales = quantize_entries(pool, kv_lora)
+    to = lambda t: t.to(device)  # noqa: E731
+    return to(q.to(dtype)), to(pool8), to(scales), to(tables), to(ctx)
+
+
 def max_error(out, ref):
     return (out - ref).abs().max().item()
 
@@ -90,6 +107,19 @@ INTERPRET_CASES = [
 ]
 
 
+# FP8 pools under the interpreter: (name, kwargs for make_fp8_inputs (dtype: the query's), kernel overrides).
+FP8_INTERPRET_CASES = [
+    ("fp8_fp32q", dict(ctx_lens=[1, 19, 8], heads=4, kv_lora=32, rope=16, block_size=4, dtype=torch.float32),
+     dict(num_splits=2)),
+    ("fp8_bf16q", dict(ctx_lens=[3, 21], heads=4, kv_lora=32, rope=16, block_size=4, dtype=torch.bfloat16),
+     dict(num_splits=2)),
+    ("fp8_fp16q_odd", dict(ctx_lens=[7, 13, 1], heads=3, kv_lora=48, rope=8, block_size=5, dtype=torch.float16),
+     {}),
+    ("fp8_k2_heads_bf16q", dict(ctx_lens=[1, 70], heads=64, kv_lora=512, rope=64, block_size=64,
+                                dtype=torch.bfloat16), dict(num_splits=2)),
+]
+
+
 def _run_interpreter_cases() -> dict:
     """Runs in the TRITON_INTERPRET=1 subprocess: each case's max error against the reference."""
     from moonlet.kernels import mla_decode
@@ -104,6 +134,18 @@ def _run_interpreter_cases() -> dict:
         ref = paged_decode_attention(q, pool, tables, ctx, scale, kv_lora)
         results[name] = dict(shape=list(out.shape), ref_shape=list(ref.shape), dtype=str(out.dtype),
                              err=max_error(out, ref), finite=bool(torch.isfinite(out).all()))
+    for name, inputs, overrides in FP8_INTERPRET_CASES:
+        q, pool, scales, tables, ctx = make_fp8_inputs(**inputs)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        kv_lora = inputs["kv_lora"]
+        out = mla_decode.paged_decode_attention_triton(q, pool, tables, ctx, scale, kv_lora, pool_scales=scales,
+                                                       **overrides)
+        ref = paged_decode_attention(q, pool, tables, ctx, scale, kv_lora, pool_scales=scales)
+        # what reading the bytes without their scales would give: the kernel must be far from it
+        unscaled = paged_decode_attention(q, pool.float(), tables, ctx, scale, kv_lora)
+        results[name] = dict(shape=list(out.shape), ref_shape=list(ref.shape), dtype=str(out.dtype),
+                             err=max_error(out, ref), finite=bool(torch.isfinite(out).all()),
+                             err_unscaled=max_error(out, unscaled))
     return results
 
 
@@ -123,6 +165,28 @@ def test_interpreter_matches_reference(interpreter_results, name, inputs, overri
     assert r["shape"] == r["ref_shape"] and r["dtype"] == "torch.float32"
     assert r["finite"]
     assert r["err"] <= TOLERANCE[inputs["dtype"]], f"{name}: max error {r['err']}"
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="the Triton interpreter needs the `triton` package")
+@pytest.mark.parametrize("name,inputs,overrides", FP8_INTERPRET_CASES, ids=[c[0] for c in FP8_INTERPRET_CASES])
+def test_interpreter_fp8_pool_matches_reference(interpreter_results, name, inputs, overrides):
+    # the reference dequantizes the pool to float32 (kv_quant.read_entries); the kernel decodes the e4m3 bytes
+    # itself and applies both scales outside its dots
+    r = interpreter_results[name]
+    assert r["shape"] == r["ref_shape"] and r["dtype"] == "torch.float32" and r["finite"]
+    assert r["err"] <= TOLERANCE[inputs["dtype"]], f"{name}: max error {r['err']}"
+    assert r["err_unscaled"] > 50 * max(r["err"], 1e-4), r
+
+
+def test_fp8_tile_decoding_is_exact_for_every_byte():
+    # the kernel's bit move (e4m3 -> fp16 holding value / 256), written in torch: every one of the 256 bytes
+    # but the two NaNs must give torch's own float8_e4m3fn value exactly
+    bits = torch.arange(256, dtype=torch.int32)
+    half = (((bits & 0x80) << 8) | ((bits & 0x7F) << 7)).to(torch.int16).view(torch.float16)
+    value = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    finite = ~value.isnan()
+    assert finite.sum() == 254
+    assert torch.equal(half.float()[finite] * 256, value[finite])
 
 
 def test_merge_split_outputs_equals_softmax_over_concatenation():
@@ -272,6 +336,40 @@ def test_kernels_compile_for_gpu_offline(name, arch, dtype, heads, kv_lora, rope
     _compile_offline(mla_decode._merge_kernel, args, consts, arch, 4, 1)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs the `triton` package")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize("arch,heads,q_dtype", [(90, 64, torch.bfloat16), (90, 16, torch.bfloat16),
+                                                (80, 16, torch.bfloat16), (80, 3, torch.float32)])
+def test_fp8_kernel_compiles_for_gpu_offline(arch, heads, q_dtype):
+    from moonlet.kernels import mla_decode
+
+    if mla_decode._INTERPRET:
+        pytest.skip("this process runs the interpreter")
+    kv_lora, rope = (512, 64) if heads > 3 else (48, 8)
+    q, pool, scales, tables, ctx = make_fp8_inputs([5, 70, 130], heads, kv_lora, rope, 64, q_dtype)
+    S, splits = q.shape[0], 3
+    part = torch.empty(S, heads, splits, kv_lora)
+    lse = torch.empty(S, heads, splits)
+    _, args, consts = mla_decode._split_launch(q, pool, tables, ctx, part, lse, 0.1,
+                                               mla_decode.heads_per_program(heads), scales)
+    assert consts["FP8"]
+    kernel = _compile_offline(mla_decode._split_kernel, args, consts, arch, mla_decode.NUM_WARPS,
+                              mla_decode.NUM_STAGES[pool.element_size()])
+    assert kernel.metadata.shared <= SHARED_MEMORY_LIMIT[arch], kernel.metadata.shared
+
+
+def test_fp8_pool_arguments_are_checked():
+    from moonlet.kernels.mla_decode import paged_decode_attention_triton
+
+    q, pool, scales, tables, ctx = make_fp8_inputs([3], 2, 32, 16, 4, torch.float32)
+    with pytest.raises(ValueError, match="needs pool_scales"):
+        paged_decode_attention_triton(q, pool, tables, ctx, 0.1, 32)
+    with pytest.raises(ValueError, match="needs pool_scales"):
+        paged_decode_attention_triton(q, pool, tables, ctx, 0.1, 32, pool_scales=scales[..., :1])
+    with pytest.raises(ValueError, match="go with an FP8 pool"):
+        paged_decode_attention_triton(q, pool.float(), tables, ctx, 0.1, 32, pool_scales=scales)
+
+
 # ---- CUDA ----
 
 cuda_only = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
@@ -348,6 +446,32 @@ def test_cuda_graph_replay_with_new_lengths():
     graph.replay()
     torch.cuda.synchronize()
     ref = paged_decode_attention(q, pool, tables, ctx, 0.07, 512)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+
+
+@cuda_only
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("batch", [1, 64])
+def test_cuda_fp8_pool_matches_reference(shape, batch):
+    from moonlet.kernels.mla_decode import paged_decode_attention_triton
+
+    heads, kv_lora, rope = SHAPES[shape]
+    lens = _cuda_ctx_lens(batch, 64, seed=batch)
+    q, pool, scales, tables, ctx = make_fp8_inputs(lens, heads, kv_lora, rope, 64, torch.bfloat16, device="cuda")
+    scale = 1.0 / math.sqrt(128 + rope)
+    out = paged_decode_attention_triton(q, pool, tables, ctx, scale, kv_lora, pool_scales=scales)
+    ref = paged_decode_attention(q, pool, tables, ctx, scale, kv_lora, pool_scales=scales)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    # CUDA-graph replay with new lengths and queries (decode graphs capture this kernel)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_decode_attention_triton(q, pool, tables, ctx, scale, kv_lora, pool_scales=scales)
+    ctx.copy_(torch.clamp(ctx - 17, min=1))
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = paged_decode_attention(q, pool, tables, ctx, scale, kv_lora, pool_scales=scales)
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
 
 
