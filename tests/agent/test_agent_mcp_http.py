@@ -289,12 +289,13 @@ def test_agent_run_with_an_http_server_from_mcp_config(sdk_server, tmp_path):
 
 # -- failure modes --------------------------------------------------------------------------------
 class Misbehaving(BaseHTTPRequestHandler):
-    """/500: an error with a body; /401: wants credentials; /html: 200 with a web page; /silent:
+    """/500: an error with a body; /hop, /away: redirects to /500 on the same origin and on another; /401: wants credentials; /html: 200 with a web page; /silent:
     answers nothing for 3 s; /noanswer: an SSE stream that ends without the response; /elsewhere: an
     HTTP+SSE stream whose endpoint is on another origin."""
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.path = self.path.split("?")[0]
         if self.path == "/silent":
             time.sleep(3)
             return self._reply(504, "text/plain", b"late")
@@ -304,6 +305,13 @@ class Misbehaving(BaseHTTPRequestHandler):
             return self._reply(401, "application/json", b'{"error": "invalid_token"}')
         if self.path == "/html":
             return self._reply(200, "text/html", b"<html><body>Welcome to our homepage</body></html>")
+        if self.path in ("/hop", "/away"):  # a redirect on the same origin, and one to another host
+            port = self.server.server_address[1]
+            target = "/500" if self.path == "/hop" else f"http://localhost:{port}/500"
+            self.send_response(307)
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
         if self.path == "/elsewhere":  # an HTTP+SSE stream naming a message endpoint on another host
             return self._reply(200, "text/event-stream", b"event: endpoint\ndata: http://elsewhere.invalid/m\n\n")
         if self.path == "/noanswer":
@@ -349,11 +357,14 @@ def start_error(config: McpServerConfig) -> str:
     ("/html", r"content type 'text/html'.*Welcome to our homepage.*is http://\S+/html an MCP endpoint"),
     ("/noanswer", r"ended the SSE stream of initialize without answering it"),
     ("/nothing", r"HTTP 404 .*no such page.*serve at /mcp"),
+    ("/hop", r"HTTP 500 from http://127.0.0.1:\d+/500: database exploded"),
+    ("/away", r"redirected to another origin \(http://localhost:\d+/500\); not followed"),
+    ("/500?key=SECRET", r"HTTP 500 from http://127.0.0.1:\d+/500\?…: database"),
 ])
 def test_http_errors_name_the_server_and_what_went_wrong(misbehaving, path, expected):
     import re
     message = start_error(McpServerConfig("bad", type="http", url=misbehaving + path))
-    assert re.search(expected, message), message
+    assert re.search(expected, message) and "SECRET" not in message, message
 
 
 def test_a_server_that_never_answers_initialize_times_out(misbehaving):

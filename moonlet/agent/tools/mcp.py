@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ..images import image_content, sniff
 from .base import Tool, ToolContext, ToolError, ToolResult
 from .mcp_transport import (McpError, SessionExpired, SseTransport, StdioTransport, StreamableHttpTransport,
-                            Transport)
+                            Transport, shown_url)
 
 __all__ = ["McpClient", "McpError", "McpServerConfig", "McpTool", "load_mcp_config", "start_mcp_servers"]
 
@@ -62,7 +62,7 @@ class McpServerConfig:
 
     def where(self) -> str:
         """The server's address for messages: its URL or its command line."""
-        return self.url if self.type != "stdio" else shlex.join(self.command)
+        return shown_url(self.url) if self.type != "stdio" else shlex.join(self.command)
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")

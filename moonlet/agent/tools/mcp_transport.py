@@ -155,16 +155,35 @@ class StdioTransport(Transport):
                 task.cancel()
 
 
-def _http_client(connect_timeout: float) -> httpx.AsyncClient:
-    # no read timeout of its own: a tool may run for minutes with its SSE stream quiet; the client's
-    # per-request timeout (asyncio.wait_for around the whole exchange) bounds every wait instead
-    return httpx.AsyncClient(timeout=httpx.Timeout(None, connect=connect_timeout), follow_redirects=True)
+def _origin(url) -> tuple[str, str]:
+    parts = urlsplit(str(url))
+    return parts.scheme.lower(), parts.netloc.lower()
+
+
+def shown_url(url: str) -> str:
+    """A URL for messages (which reach the model and the session log): a query string may hold a key."""
+    parts = urlsplit(url)
+    return parts._replace(query="…" if parts.query else "", fragment="").geturl()
+
+
+def _http_client(name: str, url: str, connect_timeout: float) -> httpx.AsyncClient:
+    """Redirects are followed on the server's own origin only (a Streamable HTTP server mounted at
+    /mcp/ may redirect /mcp there): the configured headers carry credentials and must not travel to
+    another host. No read timeout of its own: a tool may run for minutes with its SSE stream quiet;
+    the client's per-request timeout (asyncio.wait_for around the whole exchange) bounds every wait."""
+    async def same_origin(request: httpx.Request) -> None:
+        if _origin(request.url) != _origin(url):
+            raise McpError(f"MCP server {name!r} redirected to another origin ({shown_url(str(request.url))}); "
+                           f"not followed, so its headers are not sent there — put that URL in the config "
+                           f"if it is right")
+    return httpx.AsyncClient(timeout=httpx.Timeout(None, connect=connect_timeout), follow_redirects=True,
+                             event_hooks={"request": [same_origin]})
 
 
 def _unreachable(name: str, url: str, e: Exception) -> McpError:
     what = type(e).__name__ + (f": {e}" if str(e) else "")
-    return McpError(f"MCP server {name!r}: cannot reach {url} ({what}); check that the server is running "
-                    f"and the URL is right")
+    return McpError(f"MCP server {name!r}: cannot reach {shown_url(url)} ({what}); check that the server is "
+                    f"running and the URL is right")
 
 
 def _status_error(name: str, url: str, status: int, body: bytes, method: str) -> McpError:
@@ -174,7 +193,7 @@ def _status_error(name: str, url: str, status: int, body: bytes, method: str) ->
             404: "; check the URL (Streamable HTTP servers usually serve at /mcp; an HTTP+SSE server "
                  "needs \"type\": \"sse\")",
             405: "; this URL does not take MCP POSTs: check the URL, or \"type\": \"sse\" for an HTTP+SSE server"}
-    return McpError(f"MCP server {name!r} answered {method} with HTTP {status} from {url}: {_excerpt(body)}"
+    return McpError(f"MCP server {name!r} answered {method} with HTTP {status} from {shown_url(url)}: {_excerpt(body)}"
                     f"{hint.get(status, '')}")
 
 
@@ -186,7 +205,7 @@ class StreamableHttpTransport(Transport):
         self.http: httpx.AsyncClient | None = None
 
     async def open(self, timeout: float) -> None:
-        self.http = _http_client(min(self.connect_timeout, timeout))
+        self.http = _http_client(self.name, self.url, min(self.connect_timeout, timeout))
 
     def _headers(self) -> dict:
         h = {**self.headers, "Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
@@ -209,7 +228,7 @@ class StreamableHttpTransport(Transport):
                     raise SessionExpired(f"MCP server {self.name!r} no longer knows session {sent_session}",
                                          sent_session)
                 if not 200 <= resp.status_code < 300:
-                    raise _status_error(self.name, self.url, resp.status_code, await resp.aread(), method)
+                    raise _status_error(self.name, str(resp.url), resp.status_code, await resp.aread(), method)
                 if not is_request:
                     await resp.aread()  # 202 Accepted for notifications and our answers to the server
                     return
@@ -236,7 +255,7 @@ class StreamableHttpTransport(Transport):
             body = await resp.aread()
             raise McpError(f"MCP server {self.name!r} answered {method} with HTTP {resp.status_code} and content "
                            f"type {ctype or 'none'!r}, not application/json or text/event-stream: {_excerpt(body)}; "
-                           f"is {self.url} an MCP endpoint?")
+                           f"is {shown_url(self.url)} an MCP endpoint?")
         async for event in iter_sse(resp.aiter_lines()):
             if event.event != "message" or not event.data.strip():
                 continue  # priming events (an id, no data) and unknown event types carry no message
@@ -270,17 +289,17 @@ class SseTransport(Transport):
         self._reader: asyncio.Task | None = None
 
     async def open(self, timeout: float) -> None:
-        self.http = _http_client(min(self.connect_timeout, timeout))
+        self.http = _http_client(self.name, self.url, min(self.connect_timeout, timeout))
         endpoint = asyncio.get_running_loop().create_future()
         self._reader = asyncio.ensure_future(self._read(endpoint))
         try:
             self.post_url = await asyncio.wait_for(asyncio.shield(endpoint), timeout)
         except asyncio.TimeoutError:
-            raise McpError(f"MCP server {self.name!r}: {self.url} sent no `endpoint` event within {timeout:g}s; "
+            raise McpError(f"MCP server {self.name!r}: {shown_url(self.url)} sent no `endpoint` event within {timeout:g}s; "
                            f"is it an HTTP+SSE server (a Streamable HTTP server needs \"type\": \"http\")?") from None
 
     async def _read(self, endpoint: asyncio.Future) -> None:
-        reason = f"MCP server {self.name!r} closed its SSE stream ({self.url})"
+        reason = f"MCP server {self.name!r} closed its SSE stream ({shown_url(self.url)})"
         try:
             headers = {**self.headers, "Accept": "text/event-stream"}
             async with self.http.stream("GET", self.url, headers=headers) as resp:
@@ -288,7 +307,7 @@ class SseTransport(Transport):
                     raise _status_error(self.name, self.url, resp.status_code, await resp.aread(), "GET")
                 ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
                 if ctype != "text/event-stream":
-                    raise McpError(f"MCP server {self.name!r}: {self.url} answered with content type "
+                    raise McpError(f"MCP server {self.name!r}: {shown_url(self.url)} answered with content type "
                                    f"{ctype or 'none'!r}, not text/event-stream: {_excerpt(await resp.aread())}; "
                                    f"a Streamable HTTP server needs \"type\": \"http\"")
                 async for event in iter_sse(resp.aiter_lines()):
@@ -311,9 +330,8 @@ class SseTransport(Transport):
         """The POST URL the `endpoint` event names, resolved against the stream's URL. It must stay on
         the stream's origin: the configured headers (credentials) go with every POST."""
         url = urljoin(self.url, data)
-        a, b = urlsplit(url), urlsplit(self.url)
-        if (a.scheme, a.netloc) != (b.scheme, b.netloc):
-            raise McpError(f"MCP server {self.name!r} named a message endpoint on another origin ({url}); "
+        if _origin(url) != _origin(self.url):
+            raise McpError(f"MCP server {self.name!r} named a message endpoint on another origin ({shown_url(url)}); "
                            f"refused, so its headers are not sent elsewhere")
         return url
 
