@@ -201,14 +201,23 @@ def test_a_killed_session_is_replaced_by_a_new_one(sdk_server, tmp_path):
             second = client.transport.session_id
             await asyncio.to_thread(server.restart)  # the server dies; all its sessions with it
             after_restart = await add.run({"a": 3, "b": 4}, ctx)
-            return first, second, client.transport.session_id, after_delete, after_restart, client.sessions
+            third = client.transport.session_id
+            async with httpx.AsyncClient() as http:
+                await http.delete(server.url, headers={"Mcp-Session-Id": third})
+            n_logged = len(server.received())
+            # parallel calls that all meet the dead session: one new session, every call answered
+            together = await asyncio.gather(*(add.run({"a": i, "b": 100}, ctx) for i in range(4)))
+            return first, second, third, after_delete, after_restart, together, client.sessions, n_logged
         finally:
             await client.close()
 
-    first, second, third, after_delete, after_restart, sessions = asyncio.run(go())
+    first, second, third, after_delete, after_restart, together, sessions, n_logged = asyncio.run(go())
     assert after_delete.content == "3" and after_restart.content == "7"
-    assert len({first, second, third}) == 3 and sessions == 3
-    posts = [r for r in server.received() if r["http"] == "POST"]
+    assert [r.content for r in together] == ["100", "101", "102", "103"]
+    assert len({first, second, third}) == 3 and sessions == 4
+    later = [r["body"].get("method") for r in server.received()[n_logged:] if r["http"] == "POST"]
+    assert later.count("initialize") == 1 and later.count("tools/call") >= 4
+    posts = [r for r in server.received()[:n_logged] if r["http"] == "POST"]
     calls = [(r["body"].get("method"), r["headers"].get("mcp-session-id")) for r in posts
              if r["body"].get("method") in ("initialize", "tools/call")]
     # each call went out once with the dead session, then again after a fresh initialize

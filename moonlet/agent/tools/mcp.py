@@ -245,6 +245,9 @@ class McpClient:
         self._pending.clear()
 
     async def _request_once(self, method: str, params: dict | None) -> dict:
+        if self._renewing.locked() and method != "initialize":
+            async with self._renewing:  # a new session is being set up: wait for its id
+                pass
         if self.transport.closed:
             raise McpError(self.transport.closed)
         rid = next(self._ids)
