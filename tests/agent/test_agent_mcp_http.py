@@ -298,9 +298,10 @@ def test_agent_run_with_an_http_server_from_mcp_config(sdk_server, tmp_path):
 
 # -- failure modes --------------------------------------------------------------------------------
 class Misbehaving(BaseHTTPRequestHandler):
-    """/500: an error with a body; /hop, /away: redirects to /500 on the same origin and on another; /401: wants credentials; /html: 200 with a web page; /silent:
-    answers nothing for 3 s; /noanswer: an SSE stream that ends without the response; /elsewhere: an
-    HTTP+SSE stream whose endpoint is on another origin."""
+    """/500: an error with a body; /hop, /away: redirects to /500 on the same origin and on another;
+    /401: wants credentials; /html: 200 with a web page; /silent: answers nothing for 3 s; /noanswer:
+    an SSE stream that ends without the response; /elsewhere: an HTTP+SSE stream whose endpoint is on
+    another origin."""
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("content-length") or 0))
@@ -418,7 +419,8 @@ def test_mcp_json_entries_and_the_command_line(tmp_path, monkeypatch):
     monkeypatch.delenv("MOONLET_TEST_UNSET", raising=False)
     path = tmp_path / "mcp.json"
     path.write_text(json.dumps({"mcpServers": {
-        "local": {"command": "python3", "args": ["-m", "srv", "${MOONLET_TEST_TOKEN}"], "env": {"K": "${MOONLET_TEST_TOKEN}"}},
+        "local": {"command": "python3", "args": ["-m", "srv", "${MOONLET_TEST_TOKEN}"],
+                  "env": {"K": "${MOONLET_TEST_TOKEN}"}},
         "remote": {"type": "http", "url": "https://mcp.example.com/${MOONLET_TEST_UNSET:-v1}/mcp",
                    "headers": {"Authorization": "Bearer ${MOONLET_TEST_TOKEN}"}, "timeout": 30, "startupTimeout": 5},
         "guess": {"url": "http://127.0.0.1:9/mcp"},

@@ -295,8 +295,9 @@ class SseTransport(Transport):
         try:
             self.post_url = await asyncio.wait_for(asyncio.shield(endpoint), timeout)
         except asyncio.TimeoutError:
-            raise McpError(f"MCP server {self.name!r}: {shown_url(self.url)} sent no `endpoint` event within {timeout:g}s; "
-                           f"is it an HTTP+SSE server (a Streamable HTTP server needs \"type\": \"http\")?") from None
+            raise McpError(f"MCP server {self.name!r}: {shown_url(self.url)} sent no `endpoint` event within "
+                           f"{timeout:g}s; is it an HTTP+SSE server (a Streamable HTTP server needs \"type\": "
+                           f"\"http\")?") from None
 
     async def _read(self, endpoint: asyncio.Future) -> None:
         reason = f"MCP server {self.name!r} closed its SSE stream ({shown_url(self.url)})"
