@@ -93,8 +93,10 @@ def _agent_args(p, resume: bool = False) -> None:
                    help="add the AGENTS.md files of the project (root down to the work directory) and "
                         "$MOONLET_HOME/agent/AGENTS.md to the system prompt (default: on, except with a "
                         "checkpoint's trained system prompt)")
-    g.add_argument("--mcp", action="append", default=[], metavar="NAME=COMMAND", help="an MCP server over stdio")
-    g.add_argument("--mcp-config", help="JSON file with {\"mcpServers\": {...}}")
+    g.add_argument("--mcp", action="append", default=[], metavar="NAME=COMMAND|URL",
+                   help="an MCP server: a command line (stdio) or an http(s):// URL (Streamable HTTP)")
+    g.add_argument("--mcp-config", help="JSON file with {\"mcpServers\": {...}} (stdio, \"type\": \"http\" or "
+                                        "\"sse\" servers)")
     g.add_argument("--hooks", metavar="FILE", help="hooks JSON file ({\"hooks\": {EVENT: [...]}}); replaces the "
                                                    "default files" + ("" if not resume else " and the session's saved hooks"))
     g.add_argument("--no-hooks", action="store_true", help="run no hooks")
@@ -138,6 +140,9 @@ class Session:
         from .tools.mcp import McpServerConfig, load_mcp_config, start_mcp_servers
 
         launch = self.launch()
+        configs = [McpServerConfig.parse(s) for s in launch["mcp"]]  # a bad MCP config fails before anything starts
+        if launch["mcp_config"]:
+            configs += load_mcp_config(launch["mcp_config"])
         window = self.args.context_window
         if launch["base_url"]:
             url = launch["base_url"]
@@ -179,9 +184,6 @@ class Session:
             if info is None:
                 info = await self.client.model_info(model) or {}
             self.vision = vision_from_model_info(info)
-        configs = [McpServerConfig.parse(s) for s in launch["mcp"]]
-        if launch["mcp_config"]:
-            configs += load_mcp_config(launch["mcp_config"])
         if configs:
             self.mcp_clients, self.mcp_tools = await start_mcp_servers(configs)
         launch["model_name"] = model

@@ -1,6 +1,8 @@
-"""MCP servers over stdio as tool providers. Speaks JSON-RPC 2.0, one JSON message per line, over the
-server process's stdin/stdout: `initialize` (then the `notifications/initialized` notification),
-`tools/list` (following `nextCursor`), `tools/call`. Each server tool becomes an agent tool named
+"""MCP servers as tool providers, over stdio or HTTP. Speaks JSON-RPC 2.0: `initialize` (then the
+`notifications/initialized` notification), `tools/list` (following `nextCursor`), `tools/call`; answers
+the server's `ping` and declines its other requests. How the messages travel — a child process's
+stdin/stdout, Streamable HTTP, or the legacy HTTP+SSE transport — is `mcp_transport`'s business;
+everything here is the same for all three. Each server tool becomes an agent tool named
 `mcp__SERVER__TOOL`; tools whose annotations say `readOnlyHint: true` count as reads."""
 
 from __future__ import annotations
@@ -17,157 +19,311 @@ from dataclasses import dataclass, field
 
 from ..images import image_content, sniff
 from .base import Tool, ToolContext, ToolError, ToolResult
+from .mcp_transport import (McpError, SessionExpired, SseTransport, StdioTransport, StreamableHttpTransport,
+                            Transport, shown_url)
+
+__all__ = ["McpClient", "McpError", "McpServerConfig", "McpTool", "load_mcp_config", "start_mcp_servers"]
 
 PROTOCOL_VERSION = "2025-06-18"
+DEFAULT_TIMEOUT = 120.0          # seconds one request may take (tool calls included)
+DEFAULT_STARTUP_TIMEOUT = 60.0   # seconds to start or connect, initialize and list the tools
 
-
-class McpError(Exception):
-    pass
+# the "type" values mcp.json files use, mapped to the transport each means
+_TYPES = {"stdio": "stdio", "http": "http", "streamable-http": "http", "streamable_http": "http",
+          "streamablehttp": "http", "sse": "sse"}
 
 
 @dataclass
 class McpServerConfig:
+    """One MCP server: `command` (+ `env`, `cwd`) for stdio; `url` + `headers` for "http" (Streamable
+    HTTP) and "sse" (HTTP+SSE). Timeouts in seconds; None: $MCP_TOOL_TIMEOUT / $MCP_TIMEOUT (in
+    milliseconds, as Claude Code reads them), else 120 s per request and 60 s to start."""
     name: str
-    command: list[str]
+    command: list[str] = field(default_factory=list)
     env: dict = field(default_factory=dict)
     cwd: str | None = None
+    type: str = "stdio"
+    url: str | None = None
+    headers: dict = field(default_factory=dict)
+    timeout: float | None = None
+    startup_timeout: float | None = None
 
     @classmethod
     def parse(cls, spec: str) -> "McpServerConfig":
-        """`NAME=COMMAND LINE` as given to --mcp."""
+        """`NAME=COMMAND LINE` (stdio) or `NAME=URL` (an http:// or https:// URL: Streamable HTTP) as
+        given to --mcp."""
         name, sep, command = spec.partition("=")
         if not sep or not name.strip() or not command.strip():
-            raise ValueError(f"--mcp {spec!r}: expected NAME=COMMAND, e.g. files=\"npx server-files .\"")
+            raise ValueError(f"--mcp {spec!r}: expected NAME=COMMAND or NAME=URL, e.g. files=\"npx server-files .\" "
+                             f"or docs=https://example.com/mcp")
+        if re.match(r"(?i)https?://\S+$", command.strip()):
+            return cls(name.strip(), type="http", url=command.strip())
         return cls(name.strip(), shlex.split(command))
+
+    def where(self) -> str:
+        """The server's address for messages: its URL or its command line."""
+        return shown_url(self.url) if self.type != "stdio" else shlex.join(self.command)
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
+
+
+def expand_env(value: str, where: str) -> str:
+    """`${VAR}` and `${VAR:-default}` in a config string, as Claude Code expands them in mcp.json; an
+    unset variable without a default is an error naming it."""
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1), m.group(3)
+        if os.environ.get(name):
+            return os.environ[name]
+        if default is not None:
+            return default
+        if name in os.environ:
+            return ""
+        raise ValueError(f"{where}: ${{{name}}} is not set; export {name} or write ${{{name}:-DEFAULT}}")
+    return _VAR.sub(sub, value)
+
+
+def _timeout(value, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{where}: expected a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _server_config(name: str, spec, where: str) -> McpServerConfig:
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: expected an object, got {type(spec).__name__}")
+    kind = spec.get("type")
+    if kind is None:
+        kind = "http" if spec.get("url") and not spec.get("command") else "stdio"
+    elif not isinstance(kind, str) or kind.lower() not in _TYPES:
+        raise ValueError(f"{where}.type: {kind!r} is not a transport moonlet speaks; use \"stdio\", \"http\" "
+                         f"(Streamable HTTP) or \"sse\" (HTTP+SSE)")
+    kind = _TYPES[kind.lower()]
+    timeouts = dict(timeout=_timeout(spec.get("timeout"), f"{where}.timeout"),
+                    startup_timeout=_timeout(spec.get("startupTimeout"), f"{where}.startupTimeout"))
+    if kind == "stdio":
+        if not spec.get("command") or not isinstance(spec["command"], str):
+            raise ValueError(f"{where}: a stdio server needs a \"command\" (or give a \"url\" and \"type\": "
+                             f"\"http\" for a remote server)")
+        args = spec.get("args") or []
+        env = spec.get("env") or {}
+        if not isinstance(args, list) or not isinstance(env, dict):
+            raise ValueError(f"{where}: \"args\" must be a list and \"env\" an object")
+        command = [expand_env(str(c), f"{where}.command") for c in [spec["command"], *args]]
+        env = {str(k): expand_env(str(v), f"{where}.env.{k}") for k, v in env.items()}
+        cwd = expand_env(str(spec["cwd"]), f"{where}.cwd") if spec.get("cwd") else None
+        return McpServerConfig(name, command, env, cwd, **timeouts)
+    url = spec.get("url")
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"{where}: a {kind!r} server needs a \"url\"")
+    url = expand_env(url, f"{where}.url")
+    if not re.match(r"(?i)https?://[^/\s]", url):
+        raise ValueError(f"{where}.url: {url!r} is not an http:// or https:// URL")
+    headers = spec.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise ValueError(f"{where}.headers: expected an object of header names to values")
+    headers = {str(k): expand_env(str(v), f"{where}.headers.{k}") for k, v in headers.items()}
+    return McpServerConfig(name, type=kind, url=url, headers=headers, **timeouts)
 
 
 def load_mcp_config(path: str) -> list[McpServerConfig]:
-    """The usual `{"mcpServers": {NAME: {"command", "args", "env", "cwd"}}}` file."""
+    """The usual `{"mcpServers": {NAME: {...}}}` file: stdio servers `{"command", "args", "env", "cwd"}`,
+    remote ones `{"type": "http" | "sse", "url", "headers"}`; `${VAR}` / `${VAR:-default}` in any of
+    these strings is replaced from the environment. `timeout` / `startupTimeout` (seconds) are
+    moonlet's own optional keys."""
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     servers = data.get("mcpServers") if isinstance(data, dict) else None
     if not isinstance(servers, dict):
         raise ValueError(f"{path}: expected an object with an \"mcpServers\" object")
-    out = []
-    for name, spec in servers.items():
-        if not isinstance(spec, dict) or not spec.get("command"):
-            raise ValueError(f"{path}: MCP server {name!r} needs a \"command\" (stdio servers only)")
-        out.append(McpServerConfig(name, [spec["command"], *spec.get("args", [])], spec.get("env") or {},
-                                   spec.get("cwd")))
-    return out
+    return [_server_config(name, spec, f"{path}: mcpServers.{name}") for name, spec in servers.items()]
+
+
+def _env_seconds(name: str) -> float | None:
+    """Claude Code's timeout variables hold milliseconds."""
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    try:
+        value = float(raw) / 1000
+    except ValueError:
+        raise ValueError(f"${name}={raw!r}: expected milliseconds, e.g. {name}=30000") from None
+    if value <= 0:
+        raise ValueError(f"${name}={raw!r}: expected a positive number of milliseconds")
+    return value
 
 
 class McpClient:
-    def __init__(self, config: McpServerConfig, timeout: float = 120.0):
+    """One server's session: the handshake, requests matched to responses by id, the server's own
+    requests answered, and — over Streamable HTTP — a new session when the server has dropped ours."""
+
+    def __init__(self, config: McpServerConfig, timeout: float | None = None, startup_timeout: float | None = None):
         self.config = config
-        self.timeout = timeout
-        self.proc: asyncio.subprocess.Process | None = None
+        self.timeout = timeout or config.timeout or _env_seconds("MCP_TOOL_TIMEOUT") or DEFAULT_TIMEOUT
+        self.startup_timeout = (startup_timeout or config.startup_timeout or _env_seconds("MCP_TIMEOUT")
+                                or DEFAULT_STARTUP_TIMEOUT)
         self.server_info: dict = {}
-        self.stderr_tail: list[str] = []
+        self.protocol_version: str | None = None
+        self.sessions = 0                   # handshakes done (more than one: the server dropped a session)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
-        self._reader: asyncio.Task | None = None
-        self._err_reader: asyncio.Task | None = None
+        self._renewing = asyncio.Lock()
+        self.transport: Transport = self._make_transport()
+
+    def _make_transport(self) -> Transport:
+        c = self.config
+        if c.type == "stdio":
+            return StdioTransport(c.name, c.command, c.env, c.cwd, self._on_message, self._on_closed)
+        if c.type == "http":
+            return StreamableHttpTransport(c.name, c.url, c.headers, self._on_message, self._on_closed)
+        if c.type == "sse":
+            return SseTransport(c.name, c.url, c.headers, self._on_message, self._on_closed)
+        raise ValueError(f"MCP server {c.name!r}: unknown transport {c.type!r} (stdio, http or sse)")
 
     @property
     def name(self) -> str:
         return self.config.name
 
+    @property
+    def stderr_tail(self) -> list[str]:
+        return getattr(self.transport, "stderr_tail", [])
+
     async def start(self) -> None:
+        """Start or connect, and initialize; bounded by the startup timeout, so a server that never
+        answers cannot hang the agent."""
         try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.config.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, env={**os.environ, **self.config.env}, cwd=self.config.cwd,
-                limit=64 * 1024 * 1024)
-        except OSError as e:
-            raise McpError(f"MCP server {self.name!r}: cannot start {self.config.command!r}: {e}") from e
-        self._reader = asyncio.ensure_future(self._read())
-        self._err_reader = asyncio.ensure_future(self._read_stderr())
-        result = await self.request("initialize", {
+            await asyncio.wait_for(self._start(), self.startup_timeout)
+        except asyncio.TimeoutError:
+            raise McpError(f"MCP server {self.name!r} ({self.config.where()}) did not start and answer initialize "
+                           f"within {self.startup_timeout:g}s; check that it is an MCP server of type "
+                           f"{self.config.type!r}, or allow more time with \"startupTimeout\" in mcp.json or "
+                           f"MCP_TIMEOUT (milliseconds)") from None
+
+    async def _start(self) -> None:
+        await self.transport.open(self.startup_timeout)
+        await self._handshake()
+
+    async def _handshake(self) -> None:
+        result = await self._request_once("initialize", {
             "protocolVersion": PROTOCOL_VERSION, "capabilities": {},
             "clientInfo": {"name": "moonlet-agent", "version": "0.1.0"}})
         self.server_info = result.get("serverInfo", {})
-        await self._send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        self.protocol_version = str(result.get("protocolVersion") or PROTOCOL_VERSION)
+        self.transport.protocol_version = self.protocol_version
+        self.sessions += 1
+        await self.transport.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
 
-    async def _send(self, message: dict) -> None:
-        if self.proc is None or self.proc.stdin.is_closing():
-            raise McpError(f"MCP server {self.name!r} is not running")
-        self.proc.stdin.write((json.dumps(message, ensure_ascii=False) + "\n").encode())
-        await self.proc.stdin.drain()
+    async def _on_message(self, msg: dict) -> None:
+        """Every message from the server, whichever transport brought it."""
+        if "method" in msg and "id" in msg:  # a request from the server
+            reply = {"jsonrpc": "2.0", "id": msg["id"]}
+            if msg["method"] == "ping":
+                reply["result"] = {}
+            else:
+                reply["error"] = {"code": -32601, "message": f"method {msg['method']} not supported"}
+            try:
+                await self.transport.send(reply)
+            except McpError:
+                pass  # the server is gone or dropped the session; the waiting call reports that
+        elif "id" in msg and "method" not in msg:
+            fut = self._pending.pop(msg["id"], None)
+            if fut is None or fut.done():
+                return
+            if "error" in msg:
+                err = msg["error"] or {}
+                fut.set_exception(McpError(f"MCP server {self.name!r}: {err.get('message')} (code {err.get('code')})"))
+            else:
+                fut.set_result(msg.get("result") or {})
+        # notifications (logging, progress, list changes) are not used
 
-    async def _read(self) -> None:
-        try:
-            while line := await self.proc.stdout.readline():
-                try:
-                    msg = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a server printing logs to stdout: not protocol, skip it
-                if not isinstance(msg, dict):
-                    continue
-                if "method" in msg and "id" in msg:  # a request from the server
-                    reply = {"jsonrpc": "2.0", "id": msg["id"]}
-                    if msg["method"] == "ping":
-                        reply["result"] = {}
-                    else:
-                        reply["error"] = {"code": -32601, "message": f"method {msg['method']} not supported"}
-                    await self._send(reply)
-                elif "id" in msg and (fut := self._pending.pop(msg["id"], None)) is not None and not fut.done():
-                    if "error" in msg:
-                        err = msg["error"] or {}
-                        fut.set_exception(McpError(f"MCP server {self.name!r}: {err.get('message')} "
-                                                   f"(code {err.get('code')})"))
-                    else:
-                        fut.set_result(msg.get("result") or {})
-        finally:
-            if self._err_reader is not None:  # let the dying server's last stderr lines arrive
-                await asyncio.wait([self._err_reader], timeout=1)
-            tail = "\n".join(self.stderr_tail[-5:])
-            for fut in self._pending.values():
-                if not fut.done():
-                    fut.set_exception(McpError(f"MCP server {self.name!r} exited" + (f"; its stderr:\n{tail}" if tail
-                                                                                     else "")))
-            self._pending.clear()
+    def _on_closed(self, reason: str) -> None:
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(McpError(reason))
+        self._pending.clear()
 
-    async def _read_stderr(self) -> None:
-        while line := await self.proc.stderr.readline():
-            self.stderr_tail = (self.stderr_tail + [line.decode("utf-8", "replace").rstrip()])[-50:]
-
-    async def request(self, method: str, params: dict | None = None) -> dict:
-        if self._reader is not None and self._reader.done():
-            raise McpError(f"MCP server {self.name!r} has exited")
+    async def _request_once(self, method: str, params: dict | None) -> dict:
+        if self._renewing.locked() and method != "initialize":
+            async with self._renewing:  # a new session is being set up: wait for its id
+                pass
+        if self.transport.closed:
+            raise McpError(self.transport.closed)
         rid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
-        await self._send({"jsonrpc": "2.0", "id": rid, "method": method, "params": params or {}})
+
+        async def exchange() -> dict:
+            await self.transport.send({"jsonrpc": "2.0", "id": rid, "method": method, "params": params or {}})
+            return await fut
+
         try:
-            return await asyncio.wait_for(fut, self.timeout)
+            return await asyncio.wait_for(exchange(), self.timeout)
         except asyncio.TimeoutError:
+            await self._cancelled(rid, method)
+            raise McpError(f"MCP server {self.name!r} did not answer {method} within {self.timeout:g}s; a slower "
+                           f"server needs a larger \"timeout\" in mcp.json or MCP_TOOL_TIMEOUT "
+                           f"(milliseconds)") from None
+        finally:
             self._pending.pop(rid, None)
-            raise McpError(f"MCP server {self.name!r} did not answer {method} within {self.timeout:g}s") from None
+            if not fut.done():
+                fut.cancel()
+
+    async def _cancelled(self, rid: int, method: str) -> None:
+        """Tell the server we gave up on a request (best effort, never waits long)."""
+        if method == "initialize" or self.transport.closed:
+            return
+        note = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": rid,
+                                                                                "reason": "timed out"}}
+        try:
+            await asyncio.wait_for(self.transport.send(note), 2)
+        except (McpError, asyncio.TimeoutError):
+            pass
+
+    async def request(self, method: str, params: dict | None = None) -> dict:
+        """One request. Over Streamable HTTP, if the server has dropped the session (404) the client
+        initializes a new one and sends the request once more."""
+        try:
+            return await self._request_once(method, params)
+        except SessionExpired as e:
+            await self._renew(e.session_id)
+        try:
+            return await self._request_once(method, params)
+        except SessionExpired:
+            raise McpError(f"MCP server {self.name!r} dropped the new session at once; is more than one server "
+                           f"behind {self.config.where()} without shared sessions?") from None
+
+    async def _renew(self, stale: str) -> None:
+        async with self._renewing:
+            if self.transport.session_id != stale:
+                return  # a call that failed at the same time renewed it already
+            self.transport.new_session()
+            try:
+                await asyncio.wait_for(self._handshake(), self.startup_timeout)
+            except asyncio.TimeoutError:
+                raise McpError(f"MCP server {self.name!r} dropped our session and did not answer a new initialize "
+                               f"within {self.startup_timeout:g}s") from None
 
     async def list_tools(self) -> list[dict]:
-        tools, cursor = [], None
+        tools, cursor, seen = [], None, set()
         while True:
             result = await self.request("tools/list", {"cursor": cursor} if cursor else {})
             tools.extend(result.get("tools") or [])
             cursor = result.get("nextCursor")
             if not cursor:
                 return tools
+            if cursor in seen:
+                raise McpError(f"MCP server {self.name!r} repeated the tools/list cursor {cursor!r}; its tool list "
+                               f"never ends")
+            seen.add(cursor)
 
     async def call_tool(self, name: str, arguments: dict) -> dict:
         return await self.request("tools/call", {"name": name, "arguments": arguments})
 
     async def close(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            try:
-                self.proc.stdin.close()
-                await asyncio.wait_for(self.proc.wait(), 2)
-            except (asyncio.TimeoutError, ProcessLookupError, BrokenPipeError, ConnectionResetError):
-                self.proc.kill()
-                await self.proc.wait()
-        for task in (self._reader, self._err_reader):
-            if task is not None:
-                task.cancel()
+        await self.transport.close()
+        self._on_closed(f"MCP server {self.name!r} is closed")
 
 
 def _tool_name(server: str, tool: str) -> str:
