@@ -45,8 +45,10 @@ from .muonclip import MuonClip, param_groups, set_max_logit_recording
 from .schedule import lr_multiplier
 
 STATE_NAME = "trainer_state.pt"
+# copied from tokenizer_dir into every checkpoint; agent_profile.json (the tools and system prompt a model
+# was trained with, read by `moonlet agent`) comes along when tokenizer_dir is a model such as init_from
 TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-                   "generation_config.json")
+                   "generation_config.json", "agent_profile.json")
 
 
 @dataclass

@@ -68,7 +68,8 @@ def test_finetune_moonlet_tiny_on_conversations(tmp_path):
     for name, value in model.state_dict().items():
         if name in trained:
             assert torch.equal(value, trained[name].cpu()), name
-    tok = Tokenizer.from_pretrained(path)  # copied from init_from
+    assert (path / "agent_profile.json").read_text() == (base_dir / "agent_profile.json").read_text()
+    tok = Tokenizer.from_pretrained(path)  # copied from init_from, as the agent profile
     assert tok.vocab_size == Tokenizer.from_pretrained(base_dir).vocab_size
 
     reply, prompt = _reply(model, tok, QUESTIONS[0])
