@@ -1,4 +1,4 @@
-"""`moonlet agent run|resume|show|export|list`: the agent from the command line.
+"""`moonlet agent run|resume|show|export|export-chat|list`: the agent from the command line.
 
 Exit codes: 0 the task finished (the model ended its turn), 3 a budget, the repeated-call guard or a
 hook's "continue": false stopped it (resume to continue), 1 an error or a prompt refused by a
@@ -47,6 +47,10 @@ def register(sub) -> None:
     exp.add_argument("-o", "--output", help="file to write (default: stdout)")
     exp.add_argument("--db")
     exp.set_defaults(func=cmd_export)
+
+    from .export import register as register_export_chat
+
+    register_export_chat(asub)  # export-chat: sessions as training conversations
 
     ls = asub.add_parser("list", help="list recent sessions")
     ls.add_argument("--db")

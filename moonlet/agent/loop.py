@@ -188,6 +188,7 @@ class Agent:
             self._checkpoint_seq = max((m["_seq"] for m in self.messages), default=0)
         self._checkpoint_len = len(self.messages)
         self._run_started: float | None = None
+        self._context: dict | None = None  # the system prompt and tools last recorded (see _record_context)
         self.last_tokens = 0
         self.last_message: dict | None = None
 
@@ -504,6 +505,7 @@ class Agent:
                                  {"attempt": notice.attempt, "delay": notice.delay, "status": notice.error.status,
                                   "error": str(notice.error)[:500]})
 
+            self._record_context(req)
             t0, m0 = time.time(), time.monotonic()
             try:
                 message = await self.client.stream_message(req, on_event, on_retry)
@@ -521,6 +523,15 @@ class Agent:
             self._append({"role": "assistant", "content": message["content"]}, "assistant")
             self.last_message = message
             return message
+
+    def _record_context(self, req: dict) -> None:
+        """Record the system prompt and tool declarations a step's model call is sent with (an event of
+        kind "context") when they differ from the last ones this process recorded, so that the session
+        can later be written out as a conversation with the tools it had (`moonlet agent export-chat`)."""
+        context = {"system": req.get("system"), "tools": req.get("tools") or []}
+        if context != self._context:
+            self.store.event(self.session_id, self.state.steps, "context", context)
+            self._context = context
 
     async def _run_tools(self, uses: list[dict]) -> tuple[list[dict], bool]:
         """Results in the order of the calls. Neighbouring calls whose tools are parallel-safe run

@@ -26,6 +26,9 @@ What is done with each part of a request:
   API's floor) and below max_tokens (checked by the endpoint; the ``interleaved-thinking-*`` beta
   lifts that); it is enforced by the engine (``SamplingParams.thinking_token_budget``): after that
   many thinking tokens the reply's thinking is closed with ``</think>`` and the answer follows.
+
+``history_to_messages`` converts a conversation that is all history (training data, a stored agent
+session) the same way, keeping a final assistant turn, thinking and tool calls included, as a message.
 """
 
 from __future__ import annotations
@@ -251,6 +254,51 @@ def convert_tools(tools) -> dict[str, dict]:
     return out
 
 
+def merge_turns(messages) -> list[tuple[str, list[dict], str]]:
+    """(role, content blocks, where) per turn, consecutive messages of the same role merged. A message is
+    an object with ``role`` and ``content`` (the request model) or a dict with those keys."""
+    turns: list[tuple[str, list[dict], str]] = []
+    for i, message in enumerate(messages):
+        where = f"messages.{i}"
+        if isinstance(message, dict):
+            role, content = message.get("role"), message.get("content")
+            if role not in ("user", "assistant"):
+                raise invalid(f"{where}.role must be 'user' or 'assistant'; got {role!r}", param=f"{where}.role")
+        else:
+            role, content = message.role, message.content
+        blocks = _blocks(content, where)
+        if turns and turns[-1][0] == role:
+            turns[-1] = (role, turns[-1][1] + blocks, turns[-1][2])
+        else:
+            turns.append((role, list(blocks), where))
+    if not turns:
+        raise invalid("messages must hold at least one message", param="messages")
+    return turns
+
+
+def turns_to_messages(system, turns: list[tuple[str, list[dict], str]], images: Images) -> tuple[list[dict], ToolIdMap]:
+    """K2 chat messages (OpenAI style) for ``system`` and merged ``turns``, every turn kept (a final
+    assistant turn too), and the tool-id map built on the way."""
+    ids = ToolIdMap()
+    messages: list[dict] = []
+    system = system_text(system)
+    if system is not None:
+        messages.append({"role": "system", "content": system})
+    for role, blocks, where in turns:
+        if role == "user":
+            messages += _user_turn(blocks, where, ids, images)
+        else:
+            messages.append(_assistant_turn(blocks, where, ids))
+    return messages, ids
+
+
+def history_to_messages(system, messages, vision: bool = False) -> list[dict]:
+    """A whole conversation that is history only (training data, a stored agent session) -> K2 chat
+    messages: as for a request, except that a final assistant turn stays a message (no prefill), with
+    its thinking and tool calls."""
+    return turns_to_messages(system, merge_turns(messages), Images(vision))[0]
+
+
 def to_conversation(req, vision: bool = False) -> Conversation:
     """Build the K2 chat input for a validated messages request (``req`` has the request's fields).
     ``vision``: the model takes images (else an image block is a 400)."""
@@ -282,17 +330,7 @@ def to_conversation(req, vision: bool = False) -> Conversation:
         else:
             raise invalid("thinking.type must be enabled, disabled or adaptive", param="thinking.type")
 
-    # merge consecutive same-role turns
-    turns: list[tuple[str, list[dict], str]] = []
-    for i, message in enumerate(req.messages):
-        where = f"messages.{i}"
-        blocks = _blocks(message.content, where)
-        if turns and turns[-1][0] == message.role:
-            turns[-1] = (message.role, turns[-1][1] + blocks, turns[-1][2])
-        else:
-            turns.append((message.role, list(blocks), where))
-    if not turns:
-        raise invalid("messages must hold at least one message", param="messages")
+    turns = merge_turns(req.messages)
 
     prefill = ""
     if turns[-1][0] == "assistant":
@@ -309,17 +347,8 @@ def to_conversation(req, vision: bool = False) -> Conversation:
         if not turns:
             raise invalid("messages holds only an assistant turn; start with a user turn", param="messages")
 
-    ids = ToolIdMap()
     images = Images(vision)
-    messages: list[dict] = []
-    system = system_text(req.system)
-    if system is not None:
-        messages.append({"role": "system", "content": system})
-    for role, blocks, where in turns:
-        if role == "user":
-            messages += _user_turn(blocks, where, ids, images)
-        else:
-            messages.append(_assistant_turn(blocks, where, ids))
+    messages, ids = turns_to_messages(req.system, turns, images)
 
     conv = Conversation(messages=messages, tools=list(tools.values()), template_kwargs=template_kwargs,
                         prefill=prefill, thinking_budget=budget, images=images.images)

@@ -1,5 +1,6 @@
-"""`moonlet train` (a recipe or a config file, resumable, torchrun-ready) and `moonlet eval-tools`
-(the held-out tool-use evaluation of a checkpoint)."""
+"""`moonlet train` (a recipe or a config file, resumable, torchrun-ready), `moonlet eval-tools`
+(the held-out tool-use evaluation of a checkpoint) and `moonlet data chat` (conversations -> token
+shards for fine-tuning)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,36 @@ def register(sub) -> None:
     e.add_argument("--wide-operands", type=float, default=0.0, metavar="P",
                    help="fraction of expressions with operands of up to four digits (default 0: one or two)")
     e.set_defaults(func=run_eval)
+
+    d = sub.add_parser("data", help="build training data (chat conversations -> token shards)",
+                       description="Build token datasets for `moonlet train`.")
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
+    c = dsub.add_parser("chat", help="JSONL conversations (OpenAI or Anthropic shape) -> token shards, loss on the "
+                                     "assistant's tokens",
+                        description="Convert JSONL conversations (one per line; OpenAI Chat Completions or Anthropic "
+                                    "Messages shape, detected per line) into token shards rendered with a "
+                                    "checkpoint's chat template, with the loss mask on the tokens the assistant "
+                                    "produced. Writes OUT/train (and OUT/eval with --eval-fraction) and OUT/report.json.")
+    c.add_argument("inputs", nargs="+", metavar="IN.jsonl", help="conversation files")
+    c.add_argument("--out", required=True, help="dataset directory to write")
+    c.add_argument("--tokenizer", help="checkpoint (or tokenizer) directory whose tokenizer and chat template to use "
+                                       "(default: the bundled moonlet-tiny)")
+    c.add_argument("--eval-fraction", type=float, default=0.0, metavar="F",
+                   help="share of the conversations held out as OUT/eval (default 0)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the eval split")
+    c.add_argument("--max-tokens", type=int, metavar="N",
+                   help="longest example kept (default: the tokenizer's model_max_length); for training, at most "
+                        "seq_len + 1 keeps every example in one row")
+    c.add_argument("--overlong", choices=("drop", "truncate"), default="drop",
+                   help="what to do with an example over --max-tokens (default drop)")
+    c.add_argument("--skip-bad", action="store_true", help="skip lines that cannot be converted (counted and "
+                                                           "reported) instead of stopping at the first")
+    c.add_argument("--format", choices=("auto", "openai", "anthropic"), default="auto",
+                   help="shape of the lines (default: detected per line)")
+    c.add_argument("--template-arg", action="append", default=[], metavar="KEY=JSON",
+                   help="a chat-template switch, e.g. --template-arg thinking=false")
+    c.set_defaults(func=run_data_chat)
+    d.set_defaults(func=lambda args: (d.print_help(), 2)[1])
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -165,4 +196,28 @@ def _print_eval(path: str, tasks: int, seed, json_out, device: str, show: int, q
     if json_out:
         with open(json_out, "w", encoding="utf-8") as fh:
             json.dump(report, fh, indent=2)
+    return 0
+
+
+def run_data_chat(args) -> int:
+    from ..commands.generate import resolve_model_path
+    from ..tokenizer import Tokenizer
+    from .chat_data import ChatDataError, build_chat_dataset
+
+    path = resolve_model_path(args.tokenizer)
+    tok = Tokenizer.from_pretrained(path)
+    max_tokens = args.max_tokens if args.max_tokens is not None else tok.model_max_length
+    try:
+        report = build_chat_dataset(args.inputs, tok, args.out, eval_fraction=args.eval_fraction, seed=args.seed,
+                                    max_tokens=max_tokens, overlong=args.overlong, skip_bad=args.skip_bad,
+                                    fmt=args.format, template_kwargs=_overrides(args.template_arg))
+    except ChatDataError as e:
+        hint = "" if args.skip_bad else " (--skip-bad skips bad lines)"
+        raise ChatDataError(f"{e}{hint}") from None
+    print(f"tokenizer: {path} (max tokens per example: {max_tokens or 'unlimited'})")
+    print(report.summary())
+    for err in report.errors[:5]:
+        print(f"  skipped {err}")
+    if report.skipped > 5:
+        print(f"  ... {report.skipped - 5} more (all in {args.out}/report.json, up to {len(report.errors)})")
     return 0

@@ -45,8 +45,10 @@ from .muonclip import MuonClip, param_groups, set_max_logit_recording
 from .schedule import lr_multiplier
 
 STATE_NAME = "trainer_state.pt"
+# copied from tokenizer_dir into every checkpoint; agent_profile.json (the tools and system prompt a model
+# was trained with, read by `moonlet agent`) comes along when tokenizer_dir is a model such as init_from
 TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-                   "generation_config.json")
+                   "generation_config.json", "agent_profile.json")
 
 
 @dataclass
@@ -57,7 +59,9 @@ class TrainConfig:
     eval_data: str | None = None
     out_dir: str = "runs/moonlet"
     tokenizer_dir: str | None = None  # copied into every checkpoint
-    init_from: str | None = None  # start from this checkpoint's weights (fresh optimizer, loader, step)
+    # start from these weights (fresh optimizer, loader, step): a checkpoint, a run's out_dir, a model
+    # directory (an export), or "moonlet-tiny" for the bundled model; see resolve_init
+    init_from: str | None = None
     seq_len: int = 256
     batch_size: int = 8  # global rows per micro-batch
     grad_accum: int = 1
@@ -112,6 +116,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def model_config(self) -> ModelConfig:
+        """``model`` as a ModelConfig; an empty ``model`` with ``init_from`` set means that checkpoint's
+        config.json (fine-tuning)."""
+        if not self.model and self.init_from:
+            return ModelConfig.from_pretrained(resolve_init(self.init_from))
         if "preset" in self.model:
             return ModelConfig.from_pretrained(self.model["preset"]).replace(
                 **{k: v for k, v in self.model.items() if k != "preset"})
@@ -150,7 +158,10 @@ class Trainer:
         self.model_config = config.model_config().replace(torch_dtype="float32")
         self.model = Transformer(self.model_config).init_weights(seed=config.seed).to(self.device).train()
         if config.init_from:
-            self._load_weights(resolve_checkpoint(config.init_from))
+            init = resolve_init(config.init_from)
+            self._load_weights(init)
+            if config.tokenizer_dir is None and (init / "tiktoken.model").is_file():
+                config.tokenizer_dir = str(init)  # checkpoints carry the tokenizer they were trained with
         self.attn = set_max_logit_recording(self.model, config.optimizer == "muonclip")
         self.balancer = LoadBalancer(self.model, config.bias_update_speed, config.aux_loss_alpha)
         groups = param_groups(self.model, config.weight_decay, muon=config.optimizer in ("muonclip", "muon"))
@@ -380,6 +391,26 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if latest.is_file():
         return path / "checkpoints" / latest.read_text().strip()
     raise FileNotFoundError(f"no checkpoint at {path}: expected {STATE_NAME} there or checkpoints/latest under it")
+
+
+def resolve_init(path: str | os.PathLike) -> Path:
+    """What ``init_from`` names: a checkpoint (``trainer_state.pt``), a run's out_dir (its latest
+    checkpoint), a model directory with config.json and safetensors (an export such as
+    ``moonlet/assets/moonlet-tiny``), or the name ``moonlet-tiny`` for the bundled checkpoint."""
+    try:
+        return resolve_checkpoint(path)
+    except FileNotFoundError:
+        pass
+    p = Path(path)
+    if (p / "config.json").is_file() and any(p.glob("*.safetensors")):
+        return p
+    from ..assets import DEFAULT_MODEL, default_model_path
+
+    if str(path) == DEFAULT_MODEL and not p.exists():
+        return default_model_path()
+    raise FileNotFoundError(f"init_from {str(path)!r} is neither a checkpoint ({STATE_NAME}, or checkpoints/latest "
+                            f"under a run directory) nor a model directory (config.json + *.safetensors), nor "
+                            f"{DEFAULT_MODEL!r} (the bundled model)")
 
 
 def copy_tokenizer(tokenizer_dir: str | os.PathLike | None, dest: Path) -> None:

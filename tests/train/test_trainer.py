@@ -171,3 +171,16 @@ def test_cli_shard_optimizer_flag_reaches_the_config(data_dir, tmp_path):
     # one process: nothing to shard, the checkpoint holds the whole optimizer state inline
     state = torch.load(tmp_path / "run" / "checkpoints" / "step-000000" / STATE_NAME, weights_only=False)
     assert state["optimizer_shards"] == 0 and state["optimizer"] is not None
+
+
+def test_init_from_names_a_checkpoint_an_export_or_the_bundled_model(tmp_path, data_dir):
+    from moonlet.assets import default_model_path
+    from moonlet.train.trainer import resolve_init
+
+    assert resolve_init("moonlet-tiny") == default_model_path()
+    assert resolve_init(default_model_path()) == default_model_path()  # an export: config.json + safetensors
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
+        resolve_init(tmp_path / "nothing")
+    # an empty model config means init_from's own config
+    cfg = TrainConfig.from_dict({"init_from": "moonlet-tiny", "train_data": str(data_dir / "train")})
+    assert cfg.model_config().hidden_size == 256 and cfg.model_config().vocab_size == 4352
