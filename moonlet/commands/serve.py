@@ -36,6 +36,11 @@ def register(sub) -> None:
                    help="the model id /v1/models lists (default: the checkpoint directory's name)")
     p.add_argument("--max-concurrent-requests", type=int, default=None,
                    help="generation requests in flight before answering 429 (default: no limit)")
+    p.add_argument("--batch-dir", default=None,
+                   help="where Message Batches (/v1/messages/batches) are kept, so that they survive a restart "
+                        "(default: $MOONLET_HOME/batches, ~/.moonlet/batches; 'none': in memory only)")
+    p.add_argument("--batch-concurrency", type=int, default=8,
+                   help="batch requests running at once, over all batches (default 8)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_cli_args(p)
     p.set_defaults(func=run)
@@ -52,8 +57,17 @@ def run(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path = resolve_model(args.model)
     engine = AsyncLLM(path, start=False, **engine_args_from_cli(args))
+    if args.batch_concurrency < 1:
+        raise SystemExit(f"moonlet serve: --batch-concurrency {args.batch_concurrency} must be at least 1")
+    batch_dir = args.batch_dir
+    if batch_dir is None:
+        home = os.environ.get("MOONLET_HOME") or os.path.join(os.path.expanduser("~"), ".moonlet")
+        batch_dir = os.path.join(home, "batches")
+    elif batch_dir.lower() == "none":
+        batch_dir = None
     app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
-                     max_concurrent_requests=args.max_concurrent_requests, shutdown_engine_on_exit=True)
+                     max_concurrent_requests=args.max_concurrent_requests, shutdown_engine_on_exit=True,
+                     batch_dir=batch_dir, batch_concurrency=args.batch_concurrency)
     name = app.state.moonlet.served_model_name
     print(f"moonlet serve: {name} (context {engine.max_model_len} tokens) on http://{args.host}:{args.port} "
           f"— Anthropic: /v1/messages, OpenAI: /v1/chat/completions; auth {'on' if args.api_key else 'off'}",

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import anthropic as anthropic_api
+from . import batches as batches_api
 from . import openai as openai_api
 from . import openai_completions
 from . import responses as responses_api
@@ -127,12 +128,14 @@ def _model_card(state: ServerState, api: str) -> dict:
 
 def create_app(engine, served_model_name: str | None = None, api_key: str | None = None, *,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_concurrent_requests: int | None = None,
-               shutdown_engine_on_exit: bool = False) -> FastAPI:
+               shutdown_engine_on_exit: bool = False, batch_dir: str | None = None,
+               batch_concurrency: int = 8) -> FastAPI:
     """The server app for ``engine`` (an AsyncLLM). ``served_model_name`` is what /v1/models lists
     (default: the engine's model name); generation requests naming any model are served by this one.
     ``api_key``: when set, every /v1 request must carry it. ``max_concurrent_requests``: generation
     requests beyond it get 429. The engine is started with the app and, if
-    ``shutdown_engine_on_exit``, shut down with it."""
+    ``shutdown_engine_on_exit``, shut down with it. Message batches (``batches.py``) are kept in
+    ``batch_dir`` (None: in memory only) and run ``batch_concurrency`` requests at a time."""
     if getattr(engine, "tokenizer", None) is None:
         raise ValueError("the engine has no tokenizer; the server renders chat messages and needs one "
                          "(use a checkpoint directory that ships tiktoken.model)")
@@ -143,11 +146,15 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         start = getattr(engine, "start", None)
         if start is not None:
             start()
+        await app.state.batches.start()  # unfinished batches of an earlier run go on
         try:
             yield
         finally:
-            if shutdown_engine_on_exit and getattr(engine, "shutdown", None) is not None:
-                engine.shutdown()
+            try:
+                await app.state.batches.stop()
+            finally:
+                if shutdown_engine_on_exit and getattr(engine, "shutdown", None) is not None:
+                    engine.shutdown()
 
     app = FastAPI(title="moonlet", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.moonlet = ServerState(engine=engine, served_model_name=name, metrics=ServerMetrics(engine),
@@ -222,10 +229,12 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
                            param="model")
         return _model_card(st, api_of(request))
 
+    app.include_router(batches_api.router)
     app.include_router(anthropic_api.router)
     app.include_router(openai_api.router)
     app.include_router(openai_completions.router)
     app.include_router(responses_api.router)
     app.add_middleware(RequestContext, api_key=api_key, max_body_bytes=max_body_bytes,
                        max_concurrent=max_concurrent_requests)
+    app.state.batches = batches_api.BatchManager(app, batch_dir, batch_concurrency, api_key)
     return app

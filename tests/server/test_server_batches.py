@@ -1,0 +1,158 @@
+"""The Message Batches API (/v1/messages/batches) through the official anthropic SDK: results equal
+the same requests sent directly to /v1/messages, errors come back as errored results, creation
+is validated, listing pages newest first, cancel and delete follow the batch's state, busy answers
+are retried, and a batch survives a server restart without repeating finished requests."""
+
+import json
+import time
+
+import anthropic
+import httpx
+import pytest
+from server_support import LiveServer, Script, ScriptedEngine
+
+from moonlet.server import create_app
+from moonlet.server.batches import MAX_REQUESTS
+
+
+def _client(server):
+    return anthropic.Anthropic(base_url=server.url, api_key="k", max_retries=0)
+
+
+def _server(tokenizer, tmp_path=None, **kw):
+    engine = ScriptedEngine(tokenizer)
+    app = create_app(engine, api_key="k", batch_dir=str(tmp_path) if tmp_path else None, **kw)
+    app.state.batches.retry_delay = 0.02
+    return engine, app
+
+
+def _wait(client, batch_id, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = client.messages.batches.retrieve(batch_id)
+        if batch.processing_status == "ended":
+            return batch
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.05)
+
+
+def _req(cid, text="hi", **params):
+    return {"custom_id": cid, "params": {"model": "m", "max_tokens": 32,
+                                         "messages": [{"role": "user", "content": text}], **params}}
+
+
+def test_results_equal_direct_requests_and_errors_are_results(tokenizer, tmp_path):
+    engine, app = _server(tokenizer, tmp_path)
+    with LiveServer(app) as server:
+        client = _client(server)
+        engine.default = Script("Paris is the capital.")
+        requests = [_req("q-1", "capital of France?"), _req("q_2", "capital of Spain?", stop_sequences=["zzz"]),
+                    _req("too-long", "word " * 5000)]
+        batch = client.messages.batches.create(requests=requests)
+        assert batch.id.startswith("msgbatch_") and batch.processing_status == "in_progress"
+        assert batch.request_counts.processing + batch.request_counts.succeeded + \
+            batch.request_counts.errored == 3 and batch.results_url is None
+        ended = _wait(client, batch.id)
+        assert ended.request_counts.succeeded == 2 and ended.request_counts.errored == 1
+        assert ended.results_url.endswith(f"/v1/messages/batches/{batch.id}/results") and ended.ended_at is not None
+        results = list(client.messages.batches.results(batch.id))
+        assert [r.custom_id for r in results] == ["q-1", "q_2", "too-long"]
+        direct = [client.messages.create(**r["params"]) for r in requests[:2]]
+        for got, want in zip(results[:2], direct):
+            assert got.result.type == "succeeded"
+            assert [b.model_dump() for b in got.result.message.content] == [b.model_dump() for b in want.content]
+            assert got.result.message.stop_reason == want.stop_reason
+            assert got.result.message.usage.input_tokens == want.usage.input_tokens
+        err = results[2].result
+        assert err.type == "errored" and err.error.error.type == "invalid_request_error"
+        assert "prompt" in err.error.error.message
+        # the batch's requests reached the engine as the direct ones did (the batch ran in any order)
+        # (the over-long one was refused before reaching it, as a direct request is)
+        assert len(engine.calls) == 4
+        assert sorted(c.prompt_ids for c in engine.calls[:2]) == sorted(c.prompt_ids for c in engine.calls[2:])
+
+
+def test_creation_is_validated(tokenizer):
+    _, app = _server(tokenizer)
+    with LiveServer(app) as server:
+        client = _client(server)
+        cases = [
+            ([_req("a"), _req("a")], "used twice"),
+            ([_req("bad id!")], "custom_id"),
+            ([_req("s", stream=True)], "cannot stream"),
+            ([{"custom_id": "x", "params": {"model": "m", "messages": []}}], "max_tokens"),
+            ([], f"1 to {MAX_REQUESTS}"),
+        ]
+        for requests, message in cases:
+            with pytest.raises(anthropic.BadRequestError, match=message):
+                client.messages.batches.create(requests=requests)
+        with pytest.raises(anthropic.NotFoundError):
+            client.messages.batches.retrieve("msgbatch_nope")
+
+
+def test_list_cancel_delete(tokenizer):
+    engine, app = _server(tokenizer, batch_concurrency=1)
+    engine.default = Script("slow " * 20, delay=0.02)
+    with LiveServer(app) as server:
+        client = _client(server)
+        ids = [client.messages.batches.create(requests=[_req(f"r{j}") for j in range(3)]).id for _ in range(3)]
+        page = client.messages.batches.list(limit=2)
+        assert [b.id for b in page.data] == ids[::-1][:2] and page.has_more
+        assert [b.id for b in client.messages.batches.list(limit=2)] == ids[::-1]  # the SDK pages on
+        with pytest.raises(anthropic.BadRequestError, match="only an ended batch can be deleted"):
+            client.messages.batches.delete(ids[0])
+        early = httpx.get(f"{server.url}/v1/messages/batches/{ids[2]}/results", headers={"x-api-key": "k"})
+        assert early.status_code == 400 and "available once it has ended" in early.json()["error"]["message"]
+        for batch_id in ids:
+            canceled = client.messages.batches.cancel(batch_id)
+            assert canceled.processing_status in ("canceling", "ended") and canceled.cancel_initiated_at
+        for batch_id in ids:
+            ended = _wait(client, batch_id)
+            counts = ended.request_counts
+            assert counts.canceled + counts.succeeded == 3 and counts.processing == 0
+        assert sum(_wait(client, i).request_counts.canceled for i in ids) >= 6  # one request at a time
+        kinds = [r.result.type for r in client.messages.batches.results(ids[1])]
+        assert set(kinds) <= {"succeeded", "canceled"} and len(kinds) == 3
+        deleted = client.messages.batches.delete(ids[1])
+        assert deleted.id == ids[1] and deleted.type == "message_batch_deleted"
+        with pytest.raises(anthropic.NotFoundError):
+            client.messages.batches.retrieve(ids[1])
+
+
+def test_busy_answers_are_retried(tokenizer):
+    """With one generation allowed at a time and two batch requests running, the second gets 429s
+    from the server itself until the first is done; it must end up succeeded, not errored."""
+    engine, app = _server(tokenizer, max_concurrent_requests=1, batch_concurrency=2)
+    engine.default = Script("a few words here", delay=0.02)
+    with LiveServer(app) as server:
+        client = _client(server)
+        batch = client.messages.batches.create(requests=[_req(f"r{j}") for j in range(4)])
+        ended = _wait(client, batch.id)
+        assert ended.request_counts.succeeded == 4
+
+
+def test_a_batch_survives_a_restart(tokenizer, tmp_path):
+    engine, app = _server(tokenizer, tmp_path, batch_concurrency=1)
+    engine.default = Script("one two three four five six", delay=0.05)
+    with LiveServer(app) as server:
+        client = _client(server)
+        batch = client.messages.batches.create(requests=[_req(f"r{j}", f"question {j}") for j in range(6)])
+        deadline = time.monotonic() + 30
+        while client.messages.batches.retrieve(batch.id).request_counts.succeeded < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    with open(tmp_path / batch.id / "results.jsonl") as fh:  # what the stopped server had recorded
+        done_before = {json.loads(line)["custom_id"] for line in fh}
+    assert len(done_before) >= 2
+    engine2, app2 = _server(tokenizer, tmp_path, batch_concurrency=2)
+    with LiveServer(app2) as server:
+        client = _client(server)
+        ended = _wait(client, batch.id)
+        assert ended.request_counts.succeeded == 6
+        results = list(client.messages.batches.results(batch.id))
+        assert [r.custom_id for r in results] == [f"r{j}" for j in range(6)]
+        assert all(r.result.type == "succeeded" for r in results)
+    rerun = [c.prompt_text for c in engine2.calls]
+    assert len(rerun) == 6 - len(done_before)  # recorded requests are not run again, the others are
+    for cid in done_before:
+        assert not any(f"question {cid[1:]}<" in text for text in rerun)
