@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "moonlet.train.cli",
     "moonlet.agent.cli",
     "moonlet.commands.serve",
+    "moonlet.commands.batch",
     "moonlet.commands.chat",
     "moonlet.commands.bench",
 ]
