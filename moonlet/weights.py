@@ -298,17 +298,23 @@ class _Entry:
     parts: dict[str, str] = field(default_factory=dict)
 
 
-def _canonical_name(raw: str, config: ModelConfig) -> str | None:
-    """The model name of checkpoint tensor ``raw``, or None when the loader skips it."""
+def _canonical_name(raw: str, config: ModelConfig, mtp: bool = False) -> str | None:
+    """The model name of checkpoint tensor ``raw``, or None when the loader skips it. ``mtp``: name
+    the multi-token-prediction layers' tensors only (``moonlet.model.mtp.MTPHead``, with their copy
+    of the embedding)."""
     name = raw[len(TEXT_PREFIX):] if raw.startswith(TEXT_PREFIX) else raw
     if name.startswith(_NON_TEXT_PREFIXES) or name.endswith("rotary_emb.inv_freq"):
         return None
     m = _LAYER_RE.match(name)
+    is_mtp = False
     if m:
         layer = int(m.group(1))
         mtp_layers = max(config.num_nextn_predict_layers or 0, 1)
-        if config.num_hidden_layers <= layer < config.num_hidden_layers + mtp_layers:
-            return None  # DeepSeek's multi-token-prediction module: not part of the decoder
+        is_mtp = config.num_hidden_layers <= layer < config.num_hidden_layers + mtp_layers
+    if mtp:
+        return name if is_mtp else None
+    if is_mtp:
+        return None  # DeepSeek's multi-token-prediction module: not part of the decoder
     if config.model_type == "kimi_linear":
         return model_name_of_kimi_linear(name)
     return name
@@ -332,17 +338,18 @@ def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig) -> torch
     return _DTYPE_ALIASES[key]
 
 
-def _plan_entries(model: Transformer, ckpt: Checkpoint, config: ModelConfig, quant) -> list[_Entry]:
+def _plan_entries(model: Transformer, ckpt: Checkpoint, config: ModelConfig, quant, mtp: bool = False) -> list[_Entry]:
     """Match every model tensor with its checkpoint tensors and check names and shapes before reading
-    any data; raise naming every missing or unexpected tensor, or the first mis-shaped one."""
+    any data; raise naming every missing or unexpected tensor, or the first mis-shaped one. ``mtp``:
+    the model is an ``MTPHead`` and only the MTP layers' tensors count."""
     by_model_name: dict[str, str] = {}
     for raw in ckpt.files:
-        name = _canonical_name(raw, config)
+        name = _canonical_name(raw, config, mtp)
         if name is not None:
             by_model_name[name] = raw
     model_name_of = {raw: name for name, raw in by_model_name.items()}
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tied = config.tie_word_embeddings
+    tied = config.tie_word_embeddings and not mtp
     entries, used, missing = [], set(), []
     for name, shape in expected.items():
         if tied and name == "lm_head.weight":
@@ -527,6 +534,64 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     if left:
         raise RuntimeError(f"internal error: tensors left unloaded: {', '.join(left[:8])}")
     return model.eval()
+
+
+MTP_FILE = "model-mtp.safetensors"
+
+
+def load_mtp(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None):
+    """The checkpoint's multi-token-prediction layers (DeepSeek-V3's ``model.layers.{N}.*`` for
+    ``num_nextn_predict_layers`` > 0) as a ``moonlet.model.mtp.MTPHead`` in eval mode; block-FP8 /
+    INT4 tensors are dequantized. ValueError when the config has none or tensors are missing."""
+    from .model.mtp import MTPHead
+    from .quant import scheme_for
+
+    path = Path(path)
+    directory = path.parent if path.is_file() else path
+    config = ModelConfig.from_pretrained(directory)
+    if not config.num_nextn_predict_layers:
+        raise ValueError(f"{directory}: config.json has no multi-token-prediction layers "
+                         "(num_nextn_predict_layers is 0 or missing); speculative='mtp' needs a checkpoint that "
+                         "ships them (DeepSeek-V3 does; Kimi K2 does not)")
+    device = torch.device(device)
+    run_dtype = resolve_dtype(dtype, config)
+    with torch.device("meta"):
+        head = MTPHead(config)
+    with Checkpoint(path) as ckpt:
+        quant = scheme_for(config, ckpt, head)
+        entries = _plan_entries(head, ckpt, config, quant, mtp=True)
+        with torch.no_grad():
+            for entry in entries:
+                _assign(head, entry.name, _materialize(entry, ckpt, device, run_dtype, quant))
+    left = [n for n, t in list(head.named_parameters()) + list(head.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"internal error: MTP tensors left unloaded: {', '.join(left[:8])}")
+    return head.eval()
+
+
+def save_mtp(head, model: Transformer, directory: str | os.PathLike) -> Path:
+    """Add MTP layers (an ``MTPHead`` for ``model``) to the checkpoint ``save_model`` wrote in
+    ``directory``: their tensors, with the embedding copy DeepSeek-V3 stores under each layer (set to
+    ``model``'s), go to
+    ``model-mtp.safetensors``, listed in the index; config.json gets ``num_nextn_predict_layers``."""
+    directory = Path(directory)
+    index_path = directory / INDEX_NAME
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    with torch.no_grad():
+        for layer in head.layers:  # the copy of the embedding DeepSeek-V3 stores with each MTP layer
+            layer.embed_tokens.weight.copy_(model.model.embed_tokens.weight)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in head.state_dict().items()}
+    save_file(tensors, str(directory / MTP_FILE), metadata={"format": "pt"})
+    for name, t in tensors.items():
+        index["weight_map"][name] = MTP_FILE
+        index.setdefault("metadata", {})["total_size"] = index.get("metadata", {}).get("total_size", 0) + \
+            t.numel() * t.element_size()
+    index_path.write_text(json.dumps(index, indent=2), encoding="utf-8")
+    config_path = directory / "config.json"
+    cfg = json.loads(config_path.read_text(encoding="utf-8"))
+    cfg["num_nextn_predict_layers"] = len(head.layer_ids)
+    config_path.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    return directory
 
 
 def load_vision_language_model(path: str | os.PathLike, device: str | torch.device = "cpu",

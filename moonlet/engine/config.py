@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import available_memory, bytes_per_block, latent_layer_ids, parse_bytes
-from .kv_quant import KV_CACHE_DTYPES, resolve_kv_cache_dtype
+from .kv_quant import KV_CACHE_DTYPES, entry_bytes, resolve_kv_cache_dtype
 from .spec import SPECULATIVE_METHODS, SpeculativeConfig
 
 # CPU default: a small share of free RAM, never more than this.
@@ -204,7 +204,7 @@ SPEC_STATE_SEQS = 8  # hybrid models: sequences that may verify drafts in one st
 
 
 def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.dtype,
-            draft_config=None) -> ResolvedConfig:
+            draft_config=None, extra_latent_layers: int = 0) -> ResolvedConfig:
     """Fill in defaults for ``device``; size the pool (call after the model, and the draft model
     whose config is ``draft_config`` if any, are on the device: a block then holds both latents)."""
     cfg.validate()
@@ -214,6 +214,8 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
     per_block = bytes_per_block(model_config, block_size, kv_dtype)
     if draft_config is not None:  # the draft's latents, in the same cache dtype
         per_block += bytes_per_block(draft_config, block_size, kv_dtype)
+    if extra_latent_layers:  # the MTP layers' latents
+        per_block += extra_latent_layers * block_size * entry_bytes(model_config.latent_dim, kv_dtype)
     # hybrid models (KDA layers): each running sequence also holds a recurrent-state slot, and prefix
     # caching keeps snapshots of that state (state_snapshots rows of the same size)
     per_state = model_config.kda_state_bytes(torch.empty(0, dtype=dtype).element_size())
@@ -223,6 +225,10 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
     # speculative decoding on a hybrid model: the state after each draft of a verification span is kept
     # until the step's outcome is known (SPEC_STATE_SEQS sequences may verify drafts per step)
     speculative = cfg.speculative_config()
+    if speculative is not None and speculative.method == "mtp":
+        if cfg.host_cache_bytes():
+            raise ValueError("engine argument speculative='mtp' cannot be combined with host_cache_memory: blocks "
+                             "copied back from host memory would lack the MTP layer's latents; turn one of them off")
     spec_rows = 0
     if per_state and speculative is not None:
         spec_rows = speculative.num_speculative_tokens * min(cfg.max_num_seqs, SPEC_STATE_SEQS)
@@ -270,6 +276,8 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
         raise ValueError("engine argument decode_kernel='triton' needs a CUDA GPU (compute capability >= 8.0) and "
                          "the triton package; use 'reference'")
     graphs = cfg.decode_graphs or ("cuda" if on_cuda else "off")
+    if speculative is not None and speculative.method == "mtp":
+        graphs = "off"  # every step keeps its hidden states for the MTP layer: no graph replays
     if graphs == "cuda" and not on_cuda:
         raise ValueError("engine argument decode_graphs='cuda' needs a CUDA device; use 'eager' or 'off'")
     from .cuda_graph import DEFAULT_BATCH_SIZES

@@ -19,6 +19,7 @@ from .sampler import Sampler
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence
 from .draft import DraftModelProposer, build_draft_runner, check_draft_model
+from .mtp import MTPProposer, build_mtp_runner
 from .spec import NgramProposer
 from .structured import GrammarCache, StructuredOutputError
 from .thinking import ThinkingBudget, thinking_markers
@@ -154,10 +155,14 @@ class EngineCore:
         self.tokenizer = tokenizer
         self.model_config = model.config
         self.draft_model = None
+        self.mtp = None
         if config.speculative == "draft":  # before sizing the pool: its weights and latents take memory too
             self.draft_model = self._load_draft(config, model_path)
+        elif config.speculative == "mtp":
+            self.mtp = self._load_mtp(config, model_path)
         self.config = resolve(config, model.config, model.device, model.dtype,
-                              draft_config=self.draft_model.config if self.draft_model is not None else None)
+                              draft_config=self.draft_model.config if self.draft_model is not None else None,
+                              extra_latent_layers=1 if self.mtp is not None else 0)
         rc = self.config
         self.model_name = config.model_name or model_name or "moonlet"
         hybrid = bool(model.config.kda_layer_ids)
@@ -169,6 +174,13 @@ class EngineCore:
         if self.draft_model is not None:
             self.proposer = DraftModelProposer(rc.speculative, rc.max_model_len, build_draft_runner(self.draft_model, rc),
                                                self.cache, rc.max_num_batched_tokens)
+        elif self.mtp is not None:
+            from ..model.mtp import MTPDrafter
+
+            self.proposer = MTPProposer(rc.speculative, rc.max_model_len,
+                                        build_mtp_runner(MTPDrafter(self.mtp), rc),
+                                        self.cache)
+            self.runner.keep_hidden = True  # the MTP layer reads every step's hidden states
         elif rc.speculative is not None:
             self.proposer = NgramProposer(rc.speculative, rc.max_model_len)
         self.scheduler = Scheduler(self.cache, rc.max_num_seqs, rc.max_num_batched_tokens, rc.enable_chunked_prefill,
@@ -207,6 +219,31 @@ class EngineCore:
         draft_model = draft_model.eval()
         fuse_moe_experts(draft_model)
         return draft_model
+
+    def _load_mtp(self, config: EngineConfig, model_path):
+        """The MTP layers for ``speculative='mtp'``: ``config.speculative_model`` (an ``MTPHead``, or the
+        directory to load them from), else the target checkpoint's own; on its device, in its dtype."""
+        from ..model.mtp import MTPHead
+        from ..weights import load_mtp
+
+        config.speculative_config()
+        if self.model.config.kda_layer_ids:
+            raise ValueError("engine argument speculative='mtp': hybrid (KDA) models have no MTP layers")
+        head = config.speculative_model
+        if not isinstance(head, MTPHead):
+            source = head if head is not None else model_path
+            if source is None:
+                raise ValueError("speculative='mtp' loads the MTP layer from the checkpoint directory: build the engine "
+                                 "from a path (or pass the layers as speculative_model=MTPHead)")
+            head = load_mtp(resolve_model_path(source), device=self.model.device, dtype=self.model.dtype)
+        if len(head.layers) != 1:
+            raise ValueError(f"speculative='mtp' supports checkpoints with one MTP layer (DeepSeek-V3's); this one has "
+                             f"{len(head.layers)}")
+        if head.config.hidden_size != self.model.config.hidden_size or \
+                head.config.vocab_size != self.model.config.vocab_size:
+            raise ValueError("speculative_model: these MTP layers belong to a model of another hidden size or "
+                             "vocabulary")
+        return head.to(device=self.model.device, dtype=self.model.dtype).eval()
 
     @property
     def max_model_len(self) -> int:
@@ -372,8 +409,11 @@ class EngineCore:
                     seq.images.release(seq.num_computed_tokens)
         outputs: list[RequestOutput] = []
         if not to_sample:
+            if isinstance(self.proposer, MTPProposer):  # prompt chunks only: the MTP layer catches up over them
+                self.proposer.observe(batch.seqs, self.runner)
             return outputs
         results = self.sampler.verify(logits, to_sample, [drafts.get(seq, ()) for seq in to_sample])
+        finished: list[Sequence] = []
         for seq, result in zip(to_sample, results):
             kept = 0
             for token, lp in zip(result.tokens, result.logprobs):
@@ -396,10 +436,14 @@ class EngineCore:
                 self.spec_accepted_tokens += min(result.num_accepted, kept)
                 self.spec_verifications += 1
             if seq.finish_reason is not None:
-                self.scheduler.remove(seq)
-                self.requests.pop(seq.request_id, None)
-                self.requests_finished += 1
+                finished.append(seq)
             outputs.append(seq.make_output())
+        if isinstance(self.proposer, MTPProposer):  # the MTP layer over what this step computed (finished
+            self.proposer.observe(batch.seqs, self.runner)  # sequences too: their blocks stay cached), then drafts
+        for seq in finished:
+            self.scheduler.remove(seq)
+            self.requests.pop(seq.request_id, None)
+            self.requests_finished += 1
         return outputs
 
     def _settle_state(self, seq: Sequence, start: int, rows: list[int]) -> None:
@@ -426,10 +470,12 @@ class EngineCore:
     # ---- metrics --------------------------------------------------------------------------------
     def _draft_stats(self) -> dict:
         proposer = self.proposer
-        if not isinstance(proposer, DraftModelProposer):
+        if not isinstance(proposer, (DraftModelProposer, MTPProposer)):
             return {}
-        return {"draft_forwards": proposer.steps, "draft_catch_up_tokens": proposer.catch_up_tokens,
-                "draft_reused_tokens": proposer.reused_tokens}
+        stats = {"draft_forwards": proposer.steps, "draft_catch_up_tokens": proposer.catch_up_tokens}
+        if isinstance(proposer, DraftModelProposer):
+            stats["draft_reused_tokens"] = proposer.reused_tokens
+        return stats
 
     def stats(self) -> dict:
         """Counters and gauges (see docs/serving-engine.md for each key)."""

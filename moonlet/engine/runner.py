@@ -38,6 +38,8 @@ class StepInput:
     # models with KDA layers and speculative decoding: (source row, destination row) state copies that
     # run first (ScheduledBatch.state_copies)
     state_copies: list = field(default_factory=list)
+    # the MTP drafter's steps: per token, the hidden state it is combined with ([N, hidden], flat order)
+    inputs_embeds: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -61,6 +63,11 @@ class ModelRunner:
         self.graph_steps = 0  # decode steps served from the graphs (or their eager stand-in)
         self.workers = None  # tensor parallelism: moonlet.engine.parallel.Workers, sent every step
         self.host = None  # HostCachePool: the host tier of the prefix cache (host_cache_memory), or None
+        # MTP speculative decoding: keep each step's hidden states of all its tokens (last_hidden [N, H],
+        # with last_step, the StepInput they belong to); such steps never replay decode graphs
+        self.keep_hidden = False
+        self.last_hidden: torch.Tensor | None = None
+        self.last_step: StepInput | None = None
 
     def enable_decode_graphs(self, scratch_block: int, max_model_len: int, batch_sizes, capture: bool) -> None:
         """Serve decode-only steps from ``DecodeGraphs`` (``capture=False``: its static buffers, run eagerly)."""
@@ -176,12 +183,13 @@ class ModelRunner:
             if step.state_copies and self.states is not None:
                 self.states.copy_rows(step.state_copies)
             return [], None
-        if self.graphs is not None and step.tokens and all(len(t) == 1 for t in step.tokens) and \
+        if self.graphs is not None and not self.keep_hidden and step.inputs_embeds is None and \
+                all(len(t) == 1 for t in step.tokens) and \
                 step.image_rows is None and self.graphs.can_run(len(step.tokens),
                                                                 max(len(t) for t in step.block_tables)):
             return self._run_graph(step)
         input_ids, layout, sample_at = self.build_layout(step)
-        inputs_embeds = None
+        inputs_embeds = None if step.inputs_embeds is None else step.inputs_embeds.to(self.device)[None]
         if step.image_rows is not None:  # image features over the placeholder tokens' embeddings
             index, features = step.image_rows
             inputs_embeds = self.model.model.embed_tokens(input_ids)
@@ -197,6 +205,8 @@ class ModelRunner:
             self.kv.set_batch(None)
             if self.states is not None:
                 self.states.end_step()
+        if self.keep_hidden:
+            self.last_hidden, self.last_step = hidden[0], step
         rows = [i for i, (_, count) in enumerate(sample_at) if count]
         if not rows:
             return [], None

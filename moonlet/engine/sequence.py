@@ -96,6 +96,7 @@ class Sequence:
         self.structured: StructuredState | None = None  # set by the engine when params.structured is set
         self.ngram_index: NgramIndex | None = None  # speculative decoding: made by the proposer on first use
         self.draft_progress: DraftProgress | None = None  # draft-model speculation: what the draft pool holds
+        self.mtp_drafts: tuple[int, list[int]] | None = None  # MTP speculation: (num_tokens then, drafts)
         # image requests: each image's prompt positions, digest and patches, and its features while a
         # step needs them (``VisionInputs.provide``)
         self.images: RequestImages | None = None

@@ -32,14 +32,16 @@ from typing import TYPE_CHECKING, Sequence as Seq
 if TYPE_CHECKING:
     from .sequence import Sequence
 
-SPECULATIVE_METHODS = ("ngram", "draft")
+SPECULATIVE_METHODS = ("ngram", "draft", "mtp")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """How drafts are proposed, at most ``num_speculative_tokens`` per sequence and step: ``method``
-    'ngram' from the longest matching suffix of ``ngram_max`` .. ``ngram_min`` tokens, or 'draft'
-    by the greedy continuation of the draft checkpoint at ``model`` (a directory)."""
+    'ngram' from the longest matching suffix of ``ngram_max`` .. ``ngram_min`` tokens, 'draft' by the
+    greedy continuation of the draft checkpoint at ``model`` (a directory), or 'mtp' by the
+    checkpoint's multi-token-prediction layer (``mtp.py``; ``model``: where to load it from, default
+    the target's directory)."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
@@ -54,9 +56,9 @@ class SpeculativeConfig:
         if self.method == "draft" and not self.model:
             raise ValueError("engine argument speculative='draft' needs speculative_model: the checkpoint directory "
                              "of a smaller model with the same tokenizer (CLI --speculative-model PATH)")
-        if self.method != "draft" and self.model:
+        if self.method == "ngram" and self.model:
             raise ValueError(f"engine argument speculative_model={self.model!r} is only used with "
-                             f"speculative='draft' (got speculative={self.method!r})")
+                             f"speculative='draft' or 'mtp' (got speculative={self.method!r})")
         k = self.num_speculative_tokens
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"engine argument num_speculative_tokens={k!r} must be an integer >= 1")

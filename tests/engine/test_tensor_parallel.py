@@ -298,3 +298,19 @@ def test_image_requests_under_tensor_parallelism(tmp_path):
                  num_blocks=64, max_num_batched_tokens=8, tensor_parallel_size=world) as llm:
             runs.append([o.token_ids for o in llm.generate(requests, params)])
     assert runs[0] == runs[1]
+
+
+@pytest.mark.slow
+def test_mtp_drafts_under_tensor_parallelism(tmp_path):
+    """DeepSeek-V3's MTP layer runs whole on rank 0 over rank 0's (replicated) hidden states; the
+    tokens equal a single process's."""
+    from moonlet.model.mtp import MTPHead
+    from moonlet.weights import save_mtp
+
+    model = random_model(tiny_k2_config(num_nextn_predict_layers=1), seed=3)
+    save_model(model, tmp_path)
+    save_mtp(MTPHead(model.config).init_weights(seed=5), model, tmp_path)
+    expect, _ = _run(tmp_path, speculative="mtp", num_speculative_tokens=2)
+    got, stats = _run(tmp_path, tensor_parallel_size=2, speculative="mtp", num_speculative_tokens=2)
+    assert stats["spec_draft_tokens"] > 0
+    assert [o.token_ids for o in got] == [o.token_ids for o in expect]
