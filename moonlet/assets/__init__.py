@@ -24,7 +24,7 @@ def default_model_path() -> Path:
 
 
 def default_draft_path() -> Path:
-    """Directory of the bundled moonlet-tiny-draft checkpoint: a one-layer model with moonlet-tiny's
+    """Directory of the bundled moonlet-tiny-draft checkpoint: a one-layer dense model with moonlet-tiny's
     tokenizer, trained by ``moonlet train --recipe tiny-draft`` to agree with moonlet-tiny, for
     ``speculative="draft"``. Raises FileNotFoundError if the package was installed without it."""
     path = Path(__file__).resolve().parent / DEFAULT_DRAFT
