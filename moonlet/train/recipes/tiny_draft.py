@@ -19,7 +19,8 @@ Data (``prepare``):
   functions, so the draft also sees the text its teacher learned from;
 - "eval": moonlet-tiny's greedy outputs on held-out tasks (the eval loss measures agreement).
 
-One MuonClip phase "draft" (WSD). ``finish`` exports bf16 weights with the tokenizer and measures
+The draft starts from moonlet-tiny's token embedding, layer 0, final norm and LM head
+(``build_init``), then one MuonClip phase "draft" (WSD, 250 steps). ``finish`` exports bf16 weights with the tokenizer and measures
 the acceptance rate of the export as a draft for the teacher in the serving engine
 (``draft_acceptance``), which it writes into the run's summary.
 """
