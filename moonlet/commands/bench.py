@@ -20,8 +20,8 @@ import random
 import time
 from datetime import date
 
-from ..engine.config import add_engine_cli_args, engine_args_from_cli
-from .serve import resolve_model
+from ..engine.config import add_engine_cli_args
+from .serve import engine_args as cli_engine_args, resolve_model
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex bold jumpy zebras near "
          "old stone bridges under bright autumn skies").split()
@@ -113,7 +113,7 @@ def run_offline(model_path=None, random_config=None, num_prompts=32, input_len=1
 def run_offline_cmd(args) -> int:
     from ..engine.benchmark import format_table
 
-    kwargs = engine_args_from_cli(args)
+    kwargs = cli_engine_args(args, None if args.random else resolve_model(args.model))
     rows = run_offline(args.model, args.random, args.num_prompts, args.input_len, args.output_len, args.baseline,
                        args.seed, **kwargs)
     print(device_line(kwargs.get("device")))

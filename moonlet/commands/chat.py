@@ -15,8 +15,8 @@ import json
 import os
 import sys
 
-from ..engine.config import add_engine_cli_args, engine_args_from_cli
-from .serve import resolve_model
+from ..engine.config import add_engine_cli_args
+from .serve import engine_args, resolve_model
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -155,7 +155,8 @@ class LocalChat:
         from ..engine import AsyncLLM
 
         self.args = args
-        self.engine = AsyncLLM(resolve_model(args.model), **engine_args_from_cli(args))
+        path = resolve_model(args.model)
+        self.engine = AsyncLLM(path, **engine_args(args, path))
         if self.engine.tokenizer is None:
             raise ValueError("this checkpoint ships no tokenizer (tiktoken.model); chat needs one")
         self.history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []

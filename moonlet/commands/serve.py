@@ -22,6 +22,19 @@ def resolve_model(path: str | None) -> str:
         raise FileNotFoundError(f"no --model given: {e}. Pass --model PATH (a checkpoint directory)") from None
 
 
+def engine_args(args, model_path: str | None) -> dict:
+    """The engine keyword arguments from the CLI flags (``engine_args_from_cli``), where
+    ``--speculative draft`` without ``--speculative-model`` means the bundled moonlet-tiny-draft when
+    ``model_path`` is the bundled moonlet-tiny (``moonlet.assets.bundled_draft_for``; any other model
+    is an error that asks for --speculative-model)."""
+    kwargs = engine_args_from_cli(args)
+    if kwargs.get("speculative") == "draft" and "speculative_model" not in kwargs:
+        from ..assets import bundled_draft_for
+
+        kwargs["speculative_model"] = bundled_draft_for(model_path)
+    return kwargs
+
+
 def register(sub) -> None:
     p = sub.add_parser("serve", help="serve a checkpoint over the Anthropic and OpenAI APIs",
                        description="Serve a checkpoint (default: the bundled moonlet-tiny) at /v1/messages "
@@ -56,7 +69,7 @@ def run(args) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path = resolve_model(args.model)
-    engine = AsyncLLM(path, start=False, **engine_args_from_cli(args))
+    engine = AsyncLLM(path, start=False, **engine_args(args, path))
     if args.batch_concurrency < 1:
         raise SystemExit(f"moonlet serve: --batch-concurrency {args.batch_concurrency} must be at least 1")
     batch_dir = args.batch_dir

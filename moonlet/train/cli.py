@@ -15,7 +15,7 @@ def register(sub) -> None:
                                    "exports moonlet-tiny. For data parallelism launch with "
                                    "`torchrun --nproc-per-node N -m moonlet train ...`.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--recipe", help="recipe name (tiny)")
+    src.add_argument("--recipe", help="recipe name (tiny, tiny-draft)")
     src.add_argument("--config", help="training config file (JSON or TOML with TrainConfig fields)")
     p.add_argument("--out", help="output directory (checkpoints, metrics.jsonl, loss.png); default from the "
                                  "recipe/config")

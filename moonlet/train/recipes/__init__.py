@@ -10,6 +10,7 @@ import importlib
 
 RECIPES = {
     "tiny": "moonlet.train.recipes.tiny",
+    "tiny-draft": "moonlet.train.recipes.tiny_draft",
 }
 
 
