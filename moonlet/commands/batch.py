@@ -27,8 +27,8 @@ import sys
 import time
 import uuid
 
-from ..engine.config import add_engine_cli_args, engine_args_from_cli
-from .serve import resolve_model
+from ..engine.config import add_engine_cli_args
+from .serve import engine_args, resolve_model
 
 OPENAI_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
 
@@ -171,7 +171,8 @@ def run(args) -> int:
         return 0
     if args.concurrency is not None and args.concurrency < 1:
         raise ValueError(f"--concurrency {args.concurrency} must be at least 1")
-    engine = AsyncLLM(resolve_model(args.model), start=False, **engine_args_from_cli(args))
+    path = resolve_model(args.model)
+    engine = AsyncLLM(path, start=False, **engine_args(args, path))
     app = create_app(engine)
     concurrency = args.concurrency or engine.engine.config.max_num_seqs
     started = time.monotonic()
