@@ -194,3 +194,35 @@ def test_n_and_derived_seeds_are_validated():
     assert SamplingParams(n=3, seed=7).sample_params(2).seed == 9
     p = SamplingParams(n=3)
     assert p.sample_params(2) is p
+
+
+def test_structured_samples_each_follow_the_grammar(tmp_path):
+    """Each sample has its own grammar state: every output is valid, and sample i equals the single
+    request with seed + i."""
+    pytest.importorskip("xgrammar")
+    import json
+
+    from moonlet.engine import StructuredOutput
+    from moonlet.testing import tiny_tokenizer_dir
+    from moonlet.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(tiny_tokenizer_dir(tmp_path))
+    model = random_model(tiny_k2_config(vocab_size=tok.vocab_size), seed=4)
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}, "n": {"type": "integer"}},
+              "required": ["colour", "n"]}
+
+    def params(**kw):
+        return SamplingParams(temperature=1.0, max_tokens=40, logprobs=0, **kw,
+                              structured=StructuredOutput(json_schema=schema, any_whitespace=False))
+
+    with LLM(model=model, tokenizer=tok, num_blocks=64, block_size=BS) as llm:
+        prompt = tok.encode("Give me a colour and a number as JSON:")
+        group = llm.generate(prompt, params(n=4, seed=5))
+        singles = llm.generate([prompt] * 4, [params(seed=5 + i) for i in range(4)])
+        assert [o.token_ids for o in group] == [o.token_ids for o in singles]
+        for o in group:
+            if o.finish_reason == "stop":
+                value = json.loads(o.text)
+                assert value["colour"] in ("red", "green", "blue") and isinstance(value["n"], int)
+        assert sum(o.finish_reason == "stop" for o in group) >= 2
+        assert all_free(llm)
