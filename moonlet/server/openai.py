@@ -18,6 +18,11 @@ constrained. A reply cut by max_tokens ends with finish_reason "length" and hold
 Tools with ``function.strict: true``: every tool call the reply makes names a declared function and
 its arguments are valid JSON under that function's ``parameters`` (the other tools' arguments: any
 JSON object); text and reasoning stay free (see ``generation.tool_constraint``).
+
+``n`` (1..``MAX_N``, also on ``/v1/completions``): one engine request with n samples
+(``SamplingParams.n``; the prompt is computed once, choice i uses seed + i); each choice has its own
+message, tool calls, reasoning, logprobs and finish_reason; a stream interleaves the choices' chunks,
+each carrying its index, and ends each choice with its own finish chunk.
 """
 
 from __future__ import annotations
