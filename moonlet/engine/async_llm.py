@@ -48,6 +48,9 @@ class AsyncLLM:
     the last one has ``finished=True``). Errors about the request itself (PromptTooLongError,
     ValueError, EngineOverloadedError) are raised at the first iteration, before any output. Leaving
     the iteration early (break, cancellation, aclose) aborts the request and frees its blocks.
+    A request with ``params.n > 1`` yields the outputs of its n samples interleaved as the engine
+    makes them, each with its ``index``; the iteration ends after every sample's last output, and
+    leaving it early (or ``abort``) aborts all of them.
     """
 
     def __init__(self, model_path=None, *, model=None, tokenizer=None, start: bool = True, **engine_args):
@@ -164,13 +167,16 @@ class AsyncLLM:
             self._queued_adds += 1
         self._wakeup.set()
         finished = False
+        running = set(range(params.n))  # samples not finished yet
         try:
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
-                finished = item.finished
+                if item.finished:
+                    running.discard(item.index)
+                finished = not running
                 yield item
                 if finished:
                     return
@@ -183,7 +189,7 @@ class AsyncLLM:
 
     async def abort(self, request_id: str) -> None:
         """Abort a request (no-op if it is unknown or finished). Its stream gets a final output with
-        finish_reason 'abort'."""
+        finish_reason 'abort' for each of its samples still going."""
         self._submit_abort(request_id)
 
     def _submit_abort(self, request_id: str) -> None:
@@ -215,8 +221,7 @@ class AsyncLLM:
                 except Exception as e:  # noqa: BLE001 - reported to the caller, the engine goes on
                     self._deliver(rid, e)
             else:
-                out = self.engine.abort_request(cmd[1])
-                if out is not None:
+                for out in self.engine.abort_samples(cmd[1]):
                     self._deliver(cmd[1], out)
 
     def _loop(self) -> None:

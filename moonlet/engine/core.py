@@ -186,7 +186,8 @@ class EngineCore:
         self.scheduler = Scheduler(self.cache, rc.max_num_seqs, rc.max_num_batched_tokens, rc.enable_chunked_prefill,
                                    proposer=self.proposer, spec_state_rows=(rc.state_snapshots, rc.spec_state_rows))
         self.sampler = Sampler(model.device, rc.seed)
-        self.requests: dict[str, Sequence] = {}
+        self.requests: dict[str, Sequence] = {}  # unfinished requests (sample 0's sequence when n > 1)
+        self.samples: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples (SamplingParams.n)
         self._grammars: GrammarCache | None = None  # made on the first structured-output request
         self._grammars_lock = threading.Lock()  # requests are checked on worker threads too
         eos = set(model.config.eos_token_ids)
@@ -333,7 +334,12 @@ class EngineCore:
         """Queue a request. ``prompt_token_ids``: token ids, or a ``MultimodalPrompt`` (``prepare_prompt``);
         ``images`` (vision models): images for the prompt's placeholder runs, in order, prepared here.
         The vision tower does not run here: the steps that compute an image's positions get its features
-        (``VisionInputs.provide``), so images inside a prefix-cache hit are never encoded."""
+        (``VisionInputs.provide``), so images inside a prefix-cache hit are never encoded.
+
+        ``params.n > 1`` queues n sequences (samples) under this one request id, each with its own
+        decoding state (``params.sample_params(i)``: seed + i), sharing the prompt's computation
+        (``Scheduler.add_group``); their outputs carry ``index`` i. Returns sample 0's sequence (all of
+        them: ``self.samples[request_id]``, while unfinished)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if images:
@@ -341,17 +347,24 @@ class EngineCore:
                 raise ValueError("give images either prepared in a MultimodalPrompt or as images=, not both")
             prompt_token_ids = self.prepare_prompt(prompt_token_ids, images)
         ids = self.check_request(prompt_token_ids, params)
-        images = None
-        if isinstance(prompt_token_ids, MultimodalPrompt):
-            images = RequestImages.from_prompt(prompt_token_ids)
+        seqs = [self._new_sequence(request_id, ids, prompt_token_ids, params.sample_params(i), i)
+                for i in range(params.n)]
+        self.requests[request_id] = seqs[0]
+        self.samples[request_id] = seqs
+        self.scheduler.add_group(seqs)
+        return seqs[0]
+
+    def _new_sequence(self, request_id: str, ids: list[int], prompt, params: SamplingParams, index: int) -> Sequence:
+        """One sample's Sequence: its own detokenizer, thinking budget, grammar state and image rows."""
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         detok = None
         if self.tokenizer is not None:
             from ..tokenizer import IncrementalDetokenizer
 
             detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
-        seq = Sequence(request_id, ids, params, stop_ids, detok)
-        seq.images = images
+        seq = Sequence(request_id, ids, params, stop_ids, detok, index=index)
+        if isinstance(prompt, MultimodalPrompt):
+            seq.images = RequestImages.from_prompt(prompt)
         seq.thinking = ThinkingBudget.for_request(params, ids, self.tokenizer)
         if params.structured is not None:
             try:  # reasoning-aware: a thinking section the prompt leaves open stays unconstrained
@@ -359,26 +372,36 @@ class EngineCore:
             except ValueError:
                 markers = None
             seq.structured = self.grammars.new_state(params.structured, stop_ids, ids, markers)
-        self.requests[request_id] = seq
-        self.scheduler.add(seq)
         return seq
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Stop a request and free its blocks; returns its final output (None if unknown/finished)."""
-        seq = self.requests.pop(request_id, None)
-        if seq is None:
-            return None
-        self.scheduler.remove(seq)
-        seq.abort()
+        """Stop a request and free its blocks; returns its final output (None if unknown/finished). For
+        ``n > 1`` every sample still going is stopped and this is the first of their outputs
+        (``abort_samples`` returns them all)."""
+        outputs = self.abort_samples(request_id)
+        return outputs[0] if outputs else None
+
+    def abort_samples(self, request_id: str) -> list[RequestOutput]:
+        """``abort_request``, returning the final output of every sample it stopped, in index order
+        (empty if the request is unknown or finished)."""
+        self.requests.pop(request_id, None)
+        seqs = self.samples.pop(request_id, None)
+        if seqs is None:
+            return []
+        outputs = []
+        for seq in seqs:
+            self.scheduler.remove(seq)
+            seq.abort()
+            outputs.append(seq.make_output())
         self.requests_aborted += 1
-        return seq.make_output()
+        return outputs
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        return len(self.scheduler.waiting) + self.scheduler.num_parked
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -442,9 +465,19 @@ class EngineCore:
             self.proposer.observe(batch.seqs, self.runner)  # sequences too: their blocks stay cached), then drafts
         for seq in finished:
             self.scheduler.remove(seq)
+            self._finish(seq)
+        return outputs
+
+    def _finish(self, seq: Sequence) -> None:
+        """A finished sample leaves its request; the request is finished with its last sample."""
+        seqs = self.samples.get(seq.request_id)
+        if seqs is None or seq not in seqs:
+            return
+        seqs.remove(seq)
+        if not seqs:
+            del self.samples[seq.request_id]
             self.requests.pop(seq.request_id, None)
             self.requests_finished += 1
-        return outputs
 
     def _settle_state(self, seq: Sequence, start: int, rows: list[int]) -> None:
         """A hybrid model's sequence after verifying drafts from position ``start``: its slot holds the
@@ -484,7 +517,7 @@ class EngineCore:
         vision = self.vision
         return {
             "running": len(self.scheduler.running),
-            "waiting": len(self.scheduler.waiting),
+            "waiting": len(self.scheduler.waiting) + self.scheduler.num_parked,
             "blocks_total": self.cache.num_blocks,
             "blocks_free": self.cache.num_free_blocks,
             "block_size": self.config.block_size,

@@ -71,6 +71,11 @@ class LLM:
 
         ``params`` is one SamplingParams for all prompts or one per prompt (default: SamplingParams()).
         Every prompt is checked before any work starts.
+
+        Parallel sampling: a prompt whose params have ``n > 1`` gives n outputs, its samples in index
+        order (``RequestOutput.index`` 0..n-1), where a prompt with n = 1 gives one: the list is the
+        prompts' outputs one after another, ``sum(p.n for p in params)`` long. The n samples compute
+        the prompt once (see ``SamplingParams``).
         """
         if isinstance(prompts, (str, dict, MultimodalPrompt)) or \
                 (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
@@ -88,19 +93,19 @@ class LLM:
         for ids, p in zip(encoded, params):
             self.engine.check_request(ids, p)
         rids = [f"llm-{next(self._ids)}" for _ in prompts]
-        results: dict[str, RequestOutput] = {}
+        keys = [(rid, i) for rid, p in zip(rids, params) for i in range(p.n)]
+        results: dict[tuple[str, int], RequestOutput] = {}
         try:
             for rid, ids, p in zip(rids, encoded, params):
                 self.engine.add_request(rid, ids, p)
-            while len(results) < len(rids):
+            while len(results) < len(keys):
                 for out in self.engine.step():
                     if out.finished:
-                        results[out.request_id] = out
+                        results[(out.request_id, out.index)] = out
         finally:
             for rid in rids:
-                if rid not in results:
-                    self.engine.abort_request(rid)
-        return [results[rid] for rid in rids]
+                self.engine.abort_request(rid)  # a no-op for finished requests
+        return [results[key] for key in keys]
 
     def chat(self, conversations, params: SamplingParams | Seq[SamplingParams] | None = None, tools=None,
              **template_kwargs) -> list[RequestOutput]:

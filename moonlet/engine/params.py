@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 TOOL_STARTS = ("text", "section", "arguments")
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
 
 
 @dataclass
@@ -171,6 +172,7 @@ class SamplingParams:
     thinking_start_token_ids: list[int] | None = None
     thinking_end_token_ids: list[int] | None = None
     structured: StructuredOutput | None = None
+    n: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.structured, dict):
@@ -212,8 +214,12 @@ class SamplingParams:
             bad("stop_token_ids", self.stop_token_ids, "token ids must be >= 0")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             bad("logprobs", self.logprobs, "must be None or an integer >= 0")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad("seed", self.seed, "must be None or an integer")
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
+            bad("n", self.n, "must be an integer >= 1 (the number of samples)")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not SEED_MIN <= self.seed <= SEED_MAX - (self.n - 1)):
+            bad("seed", self.seed, f"must be None or an integer in [{SEED_MIN}, {SEED_MAX}]"
+                + (f" minus n - 1 = {self.n - 1} (sample i uses seed + i)" if self.n > 1 else ""))
         budget = self.thinking_token_budget
         if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 0):
             bad("thinking_token_budget", budget, "must be None (no cap) or an integer >= 0")
@@ -224,6 +230,13 @@ class SamplingParams:
                 bad(name, ids, "must be None (the tokenizer's marker) or a non-empty list of token ids >= 0")
         if self.structured is not None and not isinstance(self.structured, StructuredOutput):
             bad("structured", self.structured, "must be None or a StructuredOutput")
+
+    def sample_params(self, index: int) -> "SamplingParams":
+        """The parameters of sample ``index`` of an ``n > 1`` request: these, with seed + index when a
+        seed is set (the same object when it is not, or for sample 0)."""
+        if self.seed is None or index == 0:
+            return self
+        return replace(self, seed=self.seed + index)
 
     @property
     def greedy(self) -> bool:

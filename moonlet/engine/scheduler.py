@@ -22,6 +22,13 @@ Models with KDA layers: the batch also says what each scheduled sequence's recur
 must hold before the forward (zeros for a sequence starting at token 0, a snapshot for a prefix hit)
 and which states the forward should snapshot (``KVCacheManager.plan_snapshot``).
 
+Parallel sampling (``SamplingParams.n``, ``add_group``): the n sequences of one request share its
+prompt through the prefix cache. Sample 0 is queued as any request; samples 1..n-1 are parked beside
+the queue (they never hold up the requests behind them) until sample 0's prompt is computed, its full
+blocks registered, and then go to the front of the queue, where admission finds those blocks as a
+prefix hit and computes only the rest (at most one block; hybrid models resume from the prompt's
+snapshot). They are released as well when sample 0 finishes, is aborted or is preempted first.
+
 Host cache tier (``KVCacheManager.host``): evicting a cached block while scheduling (any allocation)
 may copy it to host memory, and admitting a request whose prefix continues in the host tier copies
 those blocks back into fresh device blocks. Both are lists on the batch (``swap_out``, ``swap_in``)
@@ -88,24 +95,70 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.prompt_tokens_total = 0
+        # parallel sampling: sample 0 of a request -> its other samples, waiting for its prompt
+        self.parked: dict[Sequence, list[Sequence]] = {}
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
+    def add_group(self, seqs: list[Sequence]) -> None:
+        """Queue the samples of one request (``SamplingParams.n``), sample 0 first. With prefix caching
+        the others are parked until sample 0's prompt is cached (see the module docstring); without
+        it there is nothing to share and all are queued at once."""
+        self.add(seqs[0])
+        if len(seqs) > 1 and self.cache.allocator.enable_prefix_caching:
+            for seq in seqs[1:]:
+                seq.status = SequenceStatus.WAITING
+            self.parked[seqs[0]] = list(seqs[1:])
+        else:
+            for seq in seqs[1:]:
+                self.add(seq)
+
+    @property
+    def num_parked(self) -> int:
+        return sum(len(rest) for rest in self.parked.values())
+
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.parked)
+
+    def _release(self, leaders: list[Sequence]) -> None:
+        """Move the parked samples of these sample-0 sequences to the front of the queue, in order."""
+        for leader in reversed(leaders):
+            for seq in reversed(self.parked.pop(leader, ())):
+                self.waiting.appendleft(seq)
+
+    def _release_ready(self) -> None:
+        """Release the samples whose sample 0 has computed its prompt (the step after which its full
+        blocks are registered)."""
+        if self.parked:
+            self._release([leader for leader in self.parked if leader.status is SequenceStatus.RUNNING
+                           and leader.num_computed_tokens >= leader.num_prompt_tokens])
 
     def remove(self, seq: Sequence) -> None:
-        """Take a sequence out of the scheduler (finished or aborted) and free its blocks."""
+        """Take a sequence out of the scheduler (finished or aborted) and free its blocks. A removed
+        sample 0 releases its parked samples; a parked sample leaves its group."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
-            self.waiting.remove(seq)
+            if not self._unpark(seq):
+                self.waiting.remove(seq)
+        self._release([seq])
         self.cache.free(seq)
         seq.status = SequenceStatus.FINISHED
 
+    def _unpark(self, seq: Sequence) -> bool:
+        """Take ``seq`` out of the parked samples; False when it is not parked."""
+        for leader, rest in self.parked.items():
+            if seq in rest:
+                rest.remove(seq)
+                if not rest:
+                    del self.parked[leader]
+                return True
+        return False
+
     def _preempt(self, seq: Sequence) -> None:
+        self._release([seq])  # its blocks leave; the full ones stay cached for the parked samples
         self.running.remove(seq)
         self.cache.free(seq)
         seq.num_computed_tokens = 0
@@ -197,6 +250,7 @@ class Scheduler:
         preempted: list[Sequence] = []
 
         drafts: dict[Sequence, list[int]] = {}
+        self._release_ready()
 
         def run(seq: Sequence) -> None:  # schedule a running sequence's known tokens, preempting if needed
             nonlocal budget
@@ -255,6 +309,8 @@ class Scheduler:
             self.running.append(seq)
             chosen[seq] = n
             budget -= n
+            if seq in self.parked and hit == (seq.num_tokens - 1) // self.cache.block_size * self.cache.block_size:
+                self._release([seq])  # its prompt was cached already: the others hit as much right now
 
         batch = ScheduledBatch(preempted=preempted, draft_tokens=drafts)
         batch.swap_out, batch.swap_in = self.cache.take_swaps()

@@ -32,6 +32,8 @@ class RequestOutput:
     token id when one of ``SamplingParams.stop_token_ids`` ended it (None for EOS and other reasons).
     ``logprobs`` (when requested) has one dict per generated token, {token id: log-probability}, the
     top-n in descending order plus the sampled token; ``new_logprobs`` is the part for new_token_ids.
+    ``index``: which sample of the request this is (0..n-1 for ``SamplingParams.n``; 0 when n is 1);
+    every other field is that sample's own (``num_cached_tokens``: what its own admission hit).
     """
 
     request_id: str
@@ -46,6 +48,7 @@ class RequestOutput:
     stop_reason: str | int | None = None
     logprobs: list[dict[int, float]] | None = None
     new_logprobs: list[dict[int, float]] | None = None
+    index: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -63,12 +66,14 @@ class Sequence:
 
     ``token_ids`` is prompt + generated tokens; ``num_computed_tokens`` of them have their latent in
     the cache (the rest are computed by coming steps). ``block_table`` lists the cache blocks holding
-    them in order.
+    them in order. ``index``: the sample of its request (``SamplingParams.n``); the n sequences of
+    one request share ``request_id``.
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 stop_ids: frozenset[int], detokenizer=None):
+                 stop_ids: frozenset[int], detokenizer=None, index: int = 0):
         self.request_id = request_id
+        self.index = index
         self.prompt_token_ids = list(prompt_token_ids)
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -176,6 +181,7 @@ class Sequence:
             text=text, new_text=new_text, finished=self.finish_reason is not None,
             finish_reason=self.finish_reason, stop_reason=self.stop_reason,
             logprobs=list(self.logprobs) if self.logprobs is not None else None, new_logprobs=new_lp,
+            index=self.index,
         )
 
 

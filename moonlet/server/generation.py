@@ -341,6 +341,10 @@ def fit_error(prompt_len: int, max_model_len: int, api: str) -> APIError:
 
 @dataclass
 class RunStats:
+    """A run's usage and how it ended. With ``n > 1`` samples: ``output_tokens`` is their sum,
+    ``cached_tokens``, ``finish_reason`` and ``stop_reason`` are sample 0's, ``finish_reasons`` has
+    each finished sample's (by index)."""
+
     arrival: float = field(default_factory=time.monotonic)
     first_token: float | None = None
     last_token: float | None = None
@@ -349,19 +353,25 @@ class RunStats:
     output_tokens: int = 0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    finish_reasons: dict[int, str] = field(default_factory=dict)
+    output_tokens_by_index: dict[int, int] = field(default_factory=dict)
 
 
 class EngineRun:
     """One engine request. ``start()`` returns the first output (raising APIError for a prompt that
     cannot fit, a full queue, ...); then ``next(timeout)`` returns outputs, None when ``timeout``
     passes without one, and raises StopAsyncIteration after the last. ``close()`` aborts the request
-    if it is still going and records metrics; call it in a ``finally``."""
+    if it is still going and records metrics; call it in a ``finally``. With ``params.n > 1`` the
+    outputs of the n samples come interleaved (``RequestOutput.index``) and the run is finished when
+    all of them are; ``close()`` aborts every sample."""
 
     def __init__(self, engine, prompt_ids, params, request_id: str, api: str, metrics=None):
         # prompt_ids: token ids, or a MultimodalPrompt (``Prompt.engine_input``) for an image request
         self.engine, self.prompt_ids, self.params, self.request_id = engine, prompt_ids, params, request_id
         self.api, self.metrics = api, metrics
         self.stats = RunStats(prompt_tokens=len(getattr(prompt_ids, "token_ids", prompt_ids)))
+        self.n = getattr(params, "n", 1)
+        self._running = set(range(self.n))  # samples not finished yet
         self._queue: asyncio.Queue = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self.finished = False
@@ -450,11 +460,17 @@ class EngineRun:
         if n:
             s.first_token = s.first_token or now
             s.last_token = now
-        s.cached_tokens = item.num_cached_tokens or 0
-        s.output_tokens = len(item.token_ids)
+        index = getattr(item, "index", 0)
+        if index == 0:
+            s.cached_tokens = item.num_cached_tokens or 0
+        s.output_tokens_by_index[index] = len(item.token_ids)
+        s.output_tokens = sum(s.output_tokens_by_index.values())
         if item.finished:
-            self.finished = True
-            s.finish_reason, s.stop_reason = item.finish_reason, item.stop_reason
+            s.finish_reasons[index] = item.finish_reason
+            if index == 0:
+                s.finish_reason, s.stop_reason = item.finish_reason, item.stop_reason
+            self._running.discard(index)
+            self.finished = not self._running
         return item
 
     async def close(self) -> None:

@@ -18,6 +18,11 @@ constrained. A reply cut by max_tokens ends with finish_reason "length" and hold
 Tools with ``function.strict: true``: every tool call the reply makes names a declared function and
 its arguments are valid JSON under that function's ``parameters`` (the other tools' arguments: any
 JSON object); text and reasoning stay free (see ``generation.tool_constraint``).
+
+``n`` (1..``MAX_N``, also on ``/v1/completions``): one engine request with n samples
+(``SamplingParams.n``; the prompt is computed once, choice i uses seed + i); each choice has its own
+message, tool calls, reasoning, logprobs and finish_reason; a stream interleaves the choices' chunks,
+each carrying its index, and ends each choice with its own finish chunk.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 
 
+MAX_N = 128  # the most choices (``n``) one request may ask for
+
+
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str
@@ -59,7 +67,7 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0.0)
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int = 1
+    n: int | None = None  # choices per request (parallel sampling), 1..MAX_N
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     ignore_eos: bool = False
@@ -102,8 +110,10 @@ def sampling_params(body: SamplingFields, max_tokens: int, stop_ids: list[int], 
     naming the field). ``tools``: the strict-tool constraint (``Conversation.tool_constraint``),
     used when the request asks for no response format — a format constrains the content and then
     the tool calls are not constrained. ``engine`` is unused (kept for callers)."""
-    if body.n != 1:
-        raise invalid(f"n={body.n} is not supported; this server returns one choice per request (n=1)", param="n")
+    n = 1 if body.n is None else body.n
+    if not 1 <= n <= MAX_N:
+        raise invalid(f"n={n} is out of range: it is the number of choices to generate, an integer from 1 to "
+                      f"{MAX_N}", param="n")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     structured, param = structured_of(body)
     if structured is None and tools is not None:
@@ -115,7 +125,7 @@ def sampling_params(body: SamplingFields, max_tokens: int, stop_ids: list[int], 
         min_p=body.min_p or 0.0, presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0, repetition_penalty=body.repetition_penalty or 1.0,
         stop=stop, stop_token_ids=stop_ids, ignore_eos=body.ignore_eos, seed=body.seed, logprobs=logprobs,
-        skip_special_tokens=False, thinking_token_budget=body.thinking_token_budget, structured=structured)
+        skip_special_tokens=False, thinking_token_budget=body.thinking_token_budget, structured=structured, n=n)
 
 
 def _text_content(content, where: str, images: Images | None = None) -> str | None:
@@ -254,11 +264,11 @@ def openai_usage(run: EngineRun) -> dict:
             "prompt_tokens_details": {"cached_tokens": s.cached_tokens}}
 
 
-def finish_reason(run: EngineRun, tool_calls: int = 0) -> str:
-    """OpenAI's finish_reason for a finished run that made ``tool_calls`` calls."""
+def finish_reason(run: EngineRun, tool_calls: int = 0, index: int = 0) -> str:
+    """OpenAI's finish_reason for choice ``index`` of a finished run that made ``tool_calls`` calls."""
     if tool_calls:
         return "tool_calls"
-    return "length" if run.stats.finish_reason == "length" else "stop"
+    return "length" if run.stats.finish_reasons.get(index) == "length" else "stop"
 
 
 class _Logprobs:
@@ -331,6 +341,15 @@ class _ChatReply(ReplyBuilder):
         return msg
 
 
+class _ChatChoice:
+    """One choice of a chat completion: its output parser, reply, logprob entries, whether it has ended."""
+
+    def __init__(self, index: int, prompt, single_call: bool):
+        self.index, self.parser, self.reply = index, prompt.parser(), _ChatReply(single_call)
+        self.entries: list[dict] = []
+        self.ended = False
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request):
     st = state_of(request)
@@ -348,57 +367,76 @@ async def chat_completions(body: ChatRequest, request: Request):
     first = await start_run(run, request)
     if first is None:
         return Response(status_code=499)
-    parser, reply = prompt.parser(), _ChatReply(conv.single_call)
+    choices = [_ChatChoice(i, prompt, conv.single_call) for i in range(params.n)]
     lp = _Logprobs(st.tokenizer, top_n or 0) if top_n is not None else None
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         usage = bool((body.stream_options or {}).get("include_usage"))
-        return SSEResponse(_chat_stream(run, first, prompt, parser, reply, lp, body.model, cid, created, usage))
+        return SSEResponse(_chat_stream(run, first, prompt, choices, lp, body.model, cid, created, usage))
     try:
-        entries: list[dict] = []
-
         def take(out) -> None:
+            c = choices[out.index]
+            if c.reply.done:  # a single call already ended this choice; the rest is not part of it
+                return
             if lp is not None:
-                entries.extend(lp.chat(out.new_token_ids, out.new_logprobs))
-            reply.feed(parser.feed(out.new_text))
+                c.entries.extend(lp.chat(out.new_token_ids, out.new_logprobs))
+            c.reply.feed(c.parser.feed(out.new_text))
 
-        reply.feed(parser.feed(prompt.output_prefix))
+        for c in choices:
+            c.reply.feed(c.parser.feed(prompt.output_prefix))
         take(first)
-        if not await run.collect(request, take, lambda: reply.done):
+        if not await run.collect(request, take, lambda: all(c.reply.done for c in choices)):
             return Response(status_code=499)
-        reply.feed_end(parser)
-        choice = {"index": 0, "message": reply.message(), "logprobs": {"content": entries} if lp else None,
-                  "finish_reason": finish_reason(run, len(reply.tool_calls))}
+        out_choices = []
+        for c in choices:
+            c.reply.feed_end(c.parser)
+            out_choices.append({"index": c.index, "message": c.reply.message(),
+                                "logprobs": {"content": c.entries} if lp else None,
+                                "finish_reason": finish_reason(run, len(c.reply.tool_calls), c.index)})
         return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": body.model,
-                             "choices": [choice], "usage": openai_usage(run)})
+                             "choices": out_choices, "usage": openai_usage(run)})
     finally:
         await run.close()
 
 
-async def _chat_stream(run: EngineRun, first, prompt, parser, reply: _ChatReply, lp, model: str, cid: str,
+async def _chat_stream(run: EngineRun, first, prompt, choices: list[_ChatChoice], lp, model: str, cid: str,
                        created: int, include_usage: bool):
-    def chunk(delta: dict | None, finish=None, logprobs=None, usage=False) -> str:
+    """The chunks of all choices, interleaved as their outputs arrive, each carrying its choice's index;
+    each choice ends with its own finish_reason chunk, then comes the usage chunk (include_usage)."""
+    def chunk(index: int | None, delta: dict | None = None, finish=None, logprobs=None, usage=False) -> str:
         data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": logprobs,
+                "choices": [] if index is None else [{"index": index, "delta": delta, "logprobs": logprobs,
                                                       "finish_reason": finish}]}
         if include_usage:
             data["usage"] = openai_usage(run) if usage else None
         return sse_frame(None, data)
 
+    def end(c: _ChatChoice) -> str:
+        c.ended = True
+        tail = "".join(chunk(c.index, d) for d in c.reply.feed_end(c.parser))
+        return tail + chunk(c.index, {}, finish=finish_reason(run, len(c.reply.tool_calls), c.index))
+
     def emit(out) -> str:
+        c = choices[out.index]
+        if c.ended:
+            return ""
         entries = lp.chat(out.new_token_ids, out.new_logprobs) if lp is not None else None
-        deltas = reply.feed(parser.feed(out.new_text))
+        deltas = c.reply.feed(c.parser.feed(out.new_text))
         if entries and not deltas:
             deltas = [{"content": ""}]
-        return "".join(chunk(d, logprobs={"content": entries} if entries and i == 0 else None)
+        text = "".join(chunk(c.index, d, logprobs={"content": entries} if entries and i == 0 else None)
                        for i, d in enumerate(deltas))
+        if out.finished or c.reply.done:
+            text += end(c)
+        return text
 
     try:
-        yield chunk({"role": "assistant", "content": ""})
-        text = "".join(chunk(d) for d in reply.feed(parser.feed(prompt.output_prefix))) + emit(first)
-        if text:
-            yield text
-        async for out in run.outputs(lambda: reply.done):
+        text = ""
+        for c in choices:
+            text += chunk(c.index, {"role": "assistant", "content": ""})
+            text += "".join(chunk(c.index, d) for d in c.reply.feed(c.parser.feed(prompt.output_prefix)))
+        yield text + emit(first)
+        async for out in run.outputs(lambda: all(c.ended for c in choices)):
             if isinstance(out, APIError):
                 yield sse_frame(None, openai_stream_error(out.kind, out.message))
                 yield sse_frame(None, "[DONE]")
@@ -409,8 +447,7 @@ async def _chat_stream(run: EngineRun, first, prompt, parser, reply: _ChatReply,
             text = emit(out)
             if text:
                 yield text
-        tail = "".join(chunk(d) for d in reply.feed_end(parser))
-        tail += chunk({}, finish=finish_reason(run, len(reply.tool_calls)))
+        tail = "".join(end(c) for c in choices if not c.ended)
         if include_usage:
             tail += chunk(None, usage=True)
         yield tail + sse_frame(None, "[DONE]")

@@ -1,6 +1,7 @@
 """The OpenAI text completions API: ``POST /v1/completions`` (one prompt: a string or token ids;
 ``echo``, legacy ``logprobs``, streaming with ``stream_options.include_usage``, structured output with
-``response_format`` / ``structured_outputs`` as on chat completions)."""
+``response_format`` / ``structured_outputs`` as on chat completions, ``n`` choices sampled in
+parallel: their chunks interleave, each with its choice's ``index``)."""
 
 from __future__ import annotations
 
@@ -70,12 +71,13 @@ async def completions(body: CompletionRequest, request: Request):
         return Response(status_code=499)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     echo = st.tokenizer.decode(ids) if body.echo else ""
+    n = params.n
 
-    def choice(text: str, out, offset: int, finish=None) -> dict:
+    def choice(index: int, text: str, out, offset: int, finish=None) -> dict:
         lps = None
         if body.logprobs is not None:
             lps = _completion_logprobs(st.tokenizer, out.new_token_ids, out.new_logprobs, body.logprobs, offset)
-        return {"index": 0, "text": text, "logprobs": lps, "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": lps, "finish_reason": finish}
 
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -88,14 +90,16 @@ async def completions(body: CompletionRequest, request: Request):
             return sse_frame(None, data)
 
         async def stream():
-            offset, prefix = len(echo), echo  # the echoed prompt goes out with the first output
+            # per choice: characters sent so far, and the echoed prompt, which goes out with its first output
+            offsets, prefixes = [len(echo)] * n, [echo] * n
 
             def emit(out) -> str:
-                nonlocal offset, prefix
-                text, finish = prefix + out.new_text, finish_reason(run) if run.finished else None
-                offset, prefix = offset + len(text), ""
+                i = out.index
+                text = prefixes[i] + out.new_text
+                finish = finish_reason(run, index=i) if out.finished else None
+                offsets[i], prefixes[i] = offsets[i] + len(text), ""
                 if text or finish or (body.logprobs is not None and out.new_token_ids):
-                    return frame([choice(text, out, offset - len(text), finish)])
+                    return frame([choice(i, text, out, offsets[i] - len(text), finish)])
                 return ""
 
             try:
@@ -125,24 +129,27 @@ async def completions(body: CompletionRequest, request: Request):
 
         return SSEResponse(stream())
     try:
-        text, entries = echo, []
+        texts: list[str] = [echo] * n
+        entries: list[list[dict]] = [[] for _ in range(n)]
 
         def take(out) -> None:
-            nonlocal text
+            i = out.index
             if body.logprobs is not None:
-                entries.append(choice("", out, len(text))["logprobs"])
-            text += out.new_text
+                entries[i].append(choice(i, "", out, len(texts[i]))["logprobs"])
+            texts[i] += out.new_text
 
         take(first)
         if not await run.collect(request, take):
             return Response(status_code=499)
-        lps = None
-        if entries:
-            lps = {k: sum((e[k] for e in entries), []) for k in ("tokens", "token_logprobs", "top_logprobs",
-                                                                   "text_offset")}
+        choices = []
+        for i in range(n):
+            lps = None
+            if body.logprobs is not None:
+                lps = {k: sum((e[k] for e in entries[i]), []) for k in ("tokens", "token_logprobs", "top_logprobs",
+                                                                        "text_offset")}
+            choices.append({"index": i, "text": texts[i], "logprobs": lps,
+                            "finish_reason": finish_reason(run, index=i)})
         return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": body.model,
-                             "choices": [{"index": 0, "text": text, "logprobs": lps,
-                                          "finish_reason": finish_reason(run)}],
-                             "usage": openai_usage(run)})
+                             "choices": choices, "usage": openai_usage(run)})
     finally:
         await run.close()

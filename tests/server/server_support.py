@@ -2,7 +2,8 @@
 
 ``ScriptedEngine`` implements the AsyncLLM contract (generate / abort / stats / tokenizer /
 max_model_len) and replays scripted texts token by token through the real tokenizer, honouring
-max_tokens, stop strings and stop token ids as the engine's contract says. It lets protocol tests
+max_tokens, stop strings, stop token ids, ``n`` (one script per sample, interleaved) and logprobs
+(``_logprob``: a made-up value per sample and position) as the engine's contract says. It lets protocol tests
 drive exact model outputs (tool calls, thinking, stops) that a random tiny model never produces;
 the end-to-end tests use the real engine.
 """
@@ -41,6 +42,12 @@ class Script:
     raise_error: BaseException | None = None
 
 
+def _logprob(index: int, position: int) -> float:
+    """The scripted log-probability of sample ``index``'s token at ``position``: distinct per sample,
+    so a test can tell whose logprobs a choice carries."""
+    return -0.5 * index - 0.01 * position
+
+
 @dataclass
 class Call:
     request_id: str
@@ -76,57 +83,75 @@ class ScriptedEngine:
         self.aborted.append(request_id)
 
     async def generate(self, prompt_token_ids, params, request_id):
-        script = self.scripts.pop(0) if self.scripts else self.default
+        """One script per sample: ``params.n`` (parallel sampling) takes the next n scripts (the default
+        for any missing) and interleaves their outputs round-robin, each with its ``index``."""
+        n = getattr(params, "n", 1)
+        scripts = [self.scripts.pop(0) if self.scripts else self.default for _ in range(n)]
         self.calls.append(Call(request_id, list(prompt_token_ids), params,
                                self.tokenizer.decode(prompt_token_ids)))
-        if script.raise_error is not None:
-            raise script.raise_error
+        for script in scripts:
+            if script.raise_error is not None:
+                raise script.raise_error
         if len(prompt_token_ids) > self.max_model_len:
             raise PromptTooLongError(len(prompt_token_ids), self.max_model_len)
+        streams = [self._replay(script, prompt_token_ids, params, request_id, i) for i, script in enumerate(scripts)]
+        self.running += 1
+        try:
+            while streams:
+                for stream in list(streams):
+                    try:
+                        yield await stream.__anext__()
+                    except StopAsyncIteration:
+                        streams.remove(stream)
+            self.finished.append(request_id)
+        finally:
+            self.running -= 1
+            for stream in streams:
+                await stream.aclose()
+
+    async def _replay(self, script, prompt_token_ids, params, request_id, index):
         ids = self.tokenizer.encode(script.text, allow_special=True)
         detok = IncrementalDetokenizer(self.tokenizer)
         stop_ids = set(params.stop_token_ids)
         text, emitted, out_ids = "", 0, []
-        self.running += 1
-        try:
-            for i, tid in enumerate(ids):
-                if script.delay:
-                    await asyncio.sleep(script.delay)
-                else:
-                    await asyncio.sleep(0)
-                out_ids.append(tid)
-                finish = reason = None
-                if tid in stop_ids:
-                    finish, reason = "stop", tid
-                else:
-                    text += detok.push(tid)
-                    for s in params.stop:
-                        if s in text:
-                            text, finish, reason = text[:text.index(s)], "stop", s
-                            break
-                if finish is None and len(out_ids) >= params.max_tokens:
-                    finish = "length"
-                if finish is None and i == len(ids) - 1:
-                    text += detok.flush()
-                    finish = script.finish
-                # hold back a possible stop-string beginning, as the engine does
-                hold = 0
-                if finish is None:
-                    for s in params.stop:
-                        for k in range(min(len(s) - 1, len(text)), 0, -1):
-                            if text.endswith(s[:k]):
-                                hold = max(hold, k)
-                visible = text[:len(text) - hold]
-                new_text, emitted = visible[emitted:], len(visible)
-                yield RequestOutput(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
-                                    num_cached_tokens=script.cached, token_ids=list(out_ids), new_token_ids=[tid],
-                                    text=visible, new_text=new_text, finished=finish is not None,
-                                    finish_reason=finish, stop_reason=reason)
-                if finish is not None:
-                    self.finished.append(request_id)
-                    return
-        finally:
-            self.running -= 1
+        for i, tid in enumerate(ids):
+            if script.delay:
+                await asyncio.sleep(script.delay)
+            else:
+                await asyncio.sleep(0)
+            out_ids.append(tid)
+            finish = reason = None
+            if tid in stop_ids:
+                finish, reason = "stop", tid
+            else:
+                text += detok.push(tid)
+                for s in params.stop:
+                    if s in text:
+                        text, finish, reason = text[:text.index(s)], "stop", s
+                        break
+            if finish is None and len(out_ids) >= params.max_tokens:
+                finish = "length"
+            if finish is None and i == len(ids) - 1:
+                text += detok.flush()
+                finish = script.finish
+            # hold back a possible stop-string beginning, as the engine does
+            hold = 0
+            if finish is None:
+                for s in params.stop:
+                    for k in range(min(len(s) - 1, len(text)), 0, -1):
+                        if text.endswith(s[:k]):
+                            hold = max(hold, k)
+            visible = text[:len(text) - hold]
+            new_text, emitted = visible[emitted:], len(visible)
+            yield RequestOutput(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
+                                num_cached_tokens=script.cached, token_ids=list(out_ids), new_token_ids=[tid],
+                                text=visible, new_text=new_text, finished=finish is not None,
+                                finish_reason=finish, stop_reason=reason, index=index,
+                                logprobs=None if params.logprobs is None else
+                                [{t: _logprob(index, j)} for j, t in enumerate(out_ids)],
+                                new_logprobs=None if params.logprobs is None else [{tid: _logprob(index, i)}])
+            if finish is not None:
+                return
 
 
 @pytest.fixture(scope="session")

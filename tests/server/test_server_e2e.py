@@ -3,6 +3,7 @@ driven by the official SDKs. Greedy outputs are checked against the model run di
 forward passes, no cache), so the whole path prompt -> engine -> detokenize -> HTTP is covered."""
 
 import asyncio
+import json
 import time
 
 import anthropic
@@ -145,3 +146,62 @@ def test_logprobs_match_the_model(stack):
     lp = c.choices[0].logprobs
     assert lp.tokens == [first.token] and lp.token_logprobs[0] == pytest.approx(first.logprob, abs=1e-4)
     assert list(lp.top_logprobs[0].values()) == pytest.approx(top.values[:2].tolist(), abs=1e-4)
+
+
+def test_n_choices_match_single_requests(stack):
+    """n over the real engine: at temperature 0 every choice is the model's greedy output; seeded, choice i
+    is the single request with seed + i; streamed or not, the same."""
+    server, llm, model, tok = stack
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    prompt = "A fox and a crow met in the forest one morning"
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0, n=3)
+    expected = tok.decode(reference_greedy(model, tok.encode(prompt), 8, set(tok.stop_token_ids) | {1}))
+    assert [c.text for c in r.choices] == [expected] * 3 and [c.index for c in r.choices] == [0, 1, 2]
+
+    seeded = dict(model="tiny", prompt=prompt, max_tokens=8, temperature=1.0, logprobs=1)
+    group = client.completions.create(n=3, seed=1234, **seeded)
+    singles = [client.completions.create(seed=1234 + i, **seeded).choices[0] for i in range(3)]
+    assert [c.text for c in group.choices] == [c.text for c in singles]
+    for g, s in zip(group.choices, singles):
+        assert g.logprobs.token_logprobs == pytest.approx(s.logprobs.token_logprobs, abs=1e-5)
+    assert group.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in singles)
+
+    messages = [{"role": "user", "content": "Tell me about the fox."}]
+    kwargs = dict(model="tiny", messages=messages, max_tokens=6, temperature=1.0, seed=77, n=2,
+                  extra_body={"chat_template_kwargs": {"thinking": False}})
+    whole = client.chat.completions.create(**kwargs)
+    texts = {}
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for ch in chunk.choices:
+            texts[ch.index] = texts.get(ch.index, "") + (ch.delta.content or "")
+    assert texts == {c.index: c.message.content for c in whole.choices}
+    single = client.chat.completions.create(**{**kwargs, "n": 1, "seed": 78})
+    assert whole.choices[1].message.content == single.choices[0].message.content
+
+
+def test_client_disconnect_frees_every_choice(stack, monkeypatch):
+    server, llm, model, tok = stack
+    execute = llm.engine.runner.execute
+
+    def slow_execute(*args, **kwargs):  # 300 steps take 3 s at least: the client leaves long before the end
+        time.sleep(0.01)
+        return execute(*args, **kwargs)
+
+    monkeypatch.setattr(llm.engine.runner, "execute", slow_execute)
+    body = {"model": "tiny", "max_tokens": 300, "stream": True, "temperature": 0.9, "n": 4, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Go on forever, in four ways."}]}
+    assert all_blocks_free(llm)  # the stats snapshot is taken after the engine's step: wait for the last one
+    before = llm.stats()
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        seen = set()  # choices that have sent text (reasoning or content)
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    if choice["delta"].get("reasoning_content") or choice["delta"].get("content"):
+                        seen.add(choice["index"])
+            if len(seen) >= 2:
+                break
+    assert all_blocks_free(llm)
+    after = llm.stats()  # the request was aborted (all its samples), not run to its end
+    assert after["requests_aborted"] == before["requests_aborted"] + 1
+    assert after["requests_finished"] == before["requests_finished"]

@@ -145,8 +145,13 @@ def test_errors_in_openai_shape(scripted, client, engine):
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]}])
     assert "text only" in e.value.body["message"]
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="m", messages=USER, n=2)
+    for n in (0, 200, -1):  # n: 1..128 choices
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="m", messages=USER, n=n)
+        assert e.value.param == "n" and f"n={n}" in e.value.message and "1 to 128" in e.value.message
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="m", prompt="hi", n=n)
+        assert e.value.param == "n"
     for body in (b"{", json.dumps({"messages": USER}).encode(), json.dumps({"model": "m", "messages": "hi"}).encode()):
         r = httpx.post(scripted.url + "/v1/chat/completions", content=body,
                        headers={"authorization": "Bearer test-key", "content-type": "application/json"})
@@ -164,3 +169,101 @@ def test_errors_in_openai_shape(scripted, client, engine):
     with pytest.raises(openai.InternalServerError) as e:
         client.chat.completions.create(model="m", messages=USER)
     assert e.value.status_code == 503
+
+
+def test_n_choices(client, engine):
+    """n choices: each its own message, tool calls, reasoning, logprobs and finish_reason, in index order;
+    usage counts the prompt once and the completion tokens of all choices."""
+    texts = ["Think one.</think>Plain answer.", "Think two.</think>Checking." + CALL, "Think three.</think>Cut off"]
+    engine.push(*(Script(t) for t in texts))
+    r = client.chat.completions.create(model="m", messages=USER, tools=TOOLS, n=3, max_tokens=300, logprobs=True,
+                                       top_logprobs=1)
+    assert engine.calls[-1].params.n == 3 and len(engine.calls) == 1
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.message.model_extra["reasoning_content"] for c in r.choices] == ["Think one.", "Think two.",
+                                                                              "Think three."]
+    assert r.choices[0].message.content == "Plain answer." and r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.tool_calls is None
+    (call,) = r.choices[1].message.tool_calls
+    assert r.choices[1].finish_reason == "tool_calls" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert r.choices[2].message.content == "Cut off"
+    tok = engine.tokenizer
+    for i, c in enumerate(r.choices):
+        ids = tok.encode(texts[i], allow_special=True)
+        assert [e.logprob for e in c.logprobs.content] == pytest.approx([-0.5 * i - 0.01 * j for j in range(len(ids))])
+        assert [bytes(e.bytes) for e in c.logprobs.content] == [tok.decode_bytes([t]) for t in ids]
+    assert r.usage.prompt_tokens == len(engine.calls[-1].prompt_ids)
+    assert r.usage.completion_tokens == sum(len(tok.encode(t, allow_special=True)) for t in texts)
+
+    engine.push(Script("Sunny.", finish="length"), Script("Rainy."))
+    r = client.chat.completions.create(model="m", messages=USER, n=2, extra_body=NO_THINK)
+    assert [(c.message.content, c.finish_reason) for c in r.choices] == [("Sunny.", "length"), ("Rainy.", "stop")]
+
+
+def test_n_choices_streamed(client, engine):
+    """The chunks of all choices interleave, each with its index; each choice ends with its own
+    finish_reason; the usage chunk comes last."""
+    texts = ["First reply here.", "Checking." + CALL, "Third."]
+    engine.push(*(Script(t) for t in texts))
+    chunks = list(client.chat.completions.create(model="m", messages=USER, tools=TOOLS, n=3, stream=True,
+                                                 stream_options={"include_usage": True}, extra_body=NO_THINK))
+    order = [c.choices[0].index for c in chunks if c.choices]
+    assert order[:3] == [0, 1, 2] and order != sorted(order)  # interleaved
+    content, calls, finishes = {}, {}, {}
+    for c in chunks[:-1]:
+        (ch,) = c.choices
+        assert ch.index not in finishes  # nothing after a choice's finish chunk
+        content[ch.index] = content.get(ch.index, "") + (ch.delta.content or "")
+        for tc in ch.delta.tool_calls or []:
+            entry = calls.setdefault((ch.index, tc.index), {"name": "", "args": ""})
+            entry["name"] += tc.function.name or ""
+            entry["args"] += tc.function.arguments or ""
+        if ch.finish_reason:
+            finishes[ch.index] = ch.finish_reason
+    assert content == {0: "First reply here.", 1: "Checking.", 2: "Third."}
+    assert calls == {(1, 0): {"name": "get_weather", "args": '{"city": "Paris"}'}}
+    assert finishes == {0: "stop", 1: "tool_calls", 2: "stop"}
+    assert chunks[-1].choices == [] and all(c.usage is None for c in chunks[:-1])
+    tok = engine.tokenizer
+    assert chunks[-1].usage.completion_tokens == sum(len(tok.encode(t, allow_special=True)) for t in texts)
+
+
+def test_n_choices_with_a_forced_tool_call(client, engine):
+    """tool_choice 'required': every choice continues the opened tool section on its own."""
+    engine.push(Script('<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{"city": "Oslo"}'
+                       '<|tool_call_end|><|tool_calls_section_end|>'),
+                Script('<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{"city": "Rome"}'
+                       '<|tool_call_end|><|tool_calls_section_end|>'))
+    r = client.chat.completions.create(model="m", messages=USER, tools=TOOLS, tool_choice="required", n=2)
+    assert engine.calls[-1].prompt_text.endswith("<|tool_calls_section_begin|>")
+    cities = [json.loads(c.message.tool_calls[0].function.arguments)["city"] for c in r.choices]
+    assert cities == ["Oslo", "Rome"] and {c.finish_reason for c in r.choices} == {"tool_calls"}
+
+
+def test_completions_n(client, engine):
+    texts = [" one two three four five six seven", " four"]
+    engine.push(*(Script(t) for t in texts))
+    r = client.completions.create(model="m", prompt="hello", n=2, max_tokens=5, echo=True, logprobs=1)
+    tok = engine.tokenizer
+    ids = [tok.encode(t)[:5] for t in texts]
+    assert len(ids[0]) == 5 > len(tok.encode(texts[1]))
+    assert [c.index for c in r.choices] == [0, 1]
+    assert [c.text for c in r.choices] == ["hello" + tok.decode(i) for i in ids]
+    assert [c.finish_reason for c in r.choices] == ["length", "stop"]
+    for i, c in enumerate(r.choices):
+        assert c.logprobs.token_logprobs == pytest.approx([-0.5 * i - 0.01 * j for j in range(len(ids[i]))])
+    assert r.usage.prompt_tokens == len(tok.encode("hello"))
+    assert r.usage.completion_tokens == len(ids[0]) + len(ids[1])
+
+    engine.push(Script(" alpha beta"), Script(" gamma"), Script(" delta epsilon zeta"))
+    chunks = list(client.completions.create(model="m", prompt="hi", n=3, max_tokens=20, stream=True,
+                                            stream_options={"include_usage": True}))
+    texts, finishes = {}, {}
+    for c in chunks[:-1]:
+        (ch,) = c.choices
+        texts[ch.index] = texts.get(ch.index, "") + ch.text
+        if ch.finish_reason:
+            finishes[ch.index] = ch.finish_reason
+    assert texts == {0: " alpha beta", 1: " gamma", 2: " delta epsilon zeta"}
+    assert finishes == {0: "stop", 1: "stop", 2: "stop"}
+    assert chunks[-1].usage.prompt_tokens == len(tok.encode("hi"))
