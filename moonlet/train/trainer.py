@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from ..config import ModelConfig
 from ..model import Transformer
@@ -87,6 +88,10 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     shard_optimizer: bool = True  # with > 1 rank: partition optimizer state over ranks (ZeRO-1)
+    # DeepSeek-V3's multi-token prediction: > 0 trains the config's MTP layer (num_nextn_predict_layers
+    # 1) on the token after next, its loss weighted by this (DeepSeek-V3: 0.3, later 0.1); the layer
+    # shares the embedding and output head and is saved with the model (moonlet.weights.save_mtp)
+    mtp_loss_weight: float = 0.0
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -162,9 +167,15 @@ class Trainer:
             self._load_weights(init)
             if config.tokenizer_dir is None and (init / "tiktoken.model").is_file():
                 config.tokenizer_dir = str(init)  # checkpoints carry the tokenizer they were trained with
-        self.attn = set_max_logit_recording(self.model, config.optimizer == "muonclip")
-        self.balancer = LoadBalancer(self.model, config.bias_update_speed, config.aux_loss_alpha)
-        groups = param_groups(self.model, config.weight_decay, muon=config.optimizer in ("muonclip", "muon"))
+        self.mtp = None
+        trained: nn.Module = self.model
+        if config.mtp_loss_weight:
+            self.mtp = self._build_mtp(init if config.init_from else None)
+            trained = nn.ModuleDict({"model": self.model, "mtp": self.mtp})  # shared tensors counted once
+        self.trained = trained
+        self.attn = set_max_logit_recording(trained, config.optimizer == "muonclip")
+        self.balancer = LoadBalancer(trained, config.bias_update_speed, config.aux_loss_alpha)
+        groups = param_groups(trained, config.weight_decay, muon=config.optimizer in ("muonclip", "muon"))
         if config.optimizer not in ("muonclip", "muon", "adamw"):
             raise ValueError(f"unknown optimizer {config.optimizer!r}; use 'muonclip', 'muon' or 'adamw'")
         self.sharded = self.world > 1 and config.shard_optimizer
@@ -185,6 +196,37 @@ class Trainer:
         if resume:
             self.load_checkpoint(resume)
 
+    def _build_mtp(self, init: Path | None):
+        """The MTP layer to train: random (seeded), or the one ``init`` carries; its embedding and
+        output head are the model's own tensors (DeepSeek-V3 shares them)."""
+        from ..model.mtp import MTPHead
+
+        cfg = self.model_config
+        if cfg.num_nextn_predict_layers != 1:
+            raise ValueError(f"mtp_loss_weight={self.cfg.mtp_loss_weight} trains one MTP layer: set the model "
+                             f"config's num_nextn_predict_layers to 1 (it is {cfg.num_nextn_predict_layers})")
+        if self.cfg.mtp_loss_weight < 0:
+            raise ValueError(f"mtp_loss_weight={self.cfg.mtp_loss_weight} must be >= 0")
+        head = MTPHead(cfg).init_weights(seed=self.cfg.seed + 1).to(self.device)
+        if init is not None and any(self._mtp_keys(init)):
+            from ..weights import load_mtp
+
+            head.load_state_dict(load_mtp(init, dtype=torch.float32).state_dict())
+        layer = head.layers[0]
+        layer.embed_tokens.weight = self.model.model.embed_tokens.weight
+        layer.shared_head.head.weight = self.model.lm_head.weight
+        return head.train()
+
+    def _mtp_keys(self, path: Path):
+        """Names of the MTP layers' tensors in the checkpoint at ``path`` (from its index, if any)."""
+        from ..weights import INDEX_NAME
+
+        index = path / INDEX_NAME
+        if not index.is_file():
+            return []
+        first = self.model_config.num_hidden_layers
+        return [k for k in json.loads(index.read_text())["weight_map"] if k.startswith(f"model.layers.{first}.")]
+
     # ---- one step -------------------------------------------------------------------------------
     def _ctx(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
@@ -195,10 +237,19 @@ class Trainer:
         targets = batch["targets"].to(self.device)
         mask = batch["mask"].to(self.device)
         with self._ctx():
-            logits = self.model(inputs)
+            hidden = self.model.hidden_states(inputs)
+            logits = self.model.lm_head(hidden)
         losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
         total = (losses * mask.reshape(-1)).sum()
         loss = total / max(global_targets, 1)
+        if self.mtp is not None:  # row i predicts the token after next: targets shifted by one more
+            with self._ctx():
+                mlogits = self.mtp.forward_train(self.model.model.rotary_emb, hidden, inputs)
+            mlosses = F.cross_entropy(mlogits.float().reshape(-1, mlogits.shape[-1]), targets[:, 1:].reshape(-1),
+                                      reduction="none")
+            mtotal = (mlosses * mask[:, 1:].reshape(-1)).sum()
+            loss = loss + self.cfg.mtp_loss_weight * mtotal / max(global_targets, 1)
+            self._mtp_sum = getattr(self, "_mtp_sum", 0.0) + float(mtotal.detach())
         if self.cfg.aux_loss_alpha > 0:
             # the aux loss is a per-rank mean; divide by world so the summed gradient is its mean
             loss = loss + self.balancer.aux_loss(inputs.shape[0]) / (self.cfg.grad_accum * self.world)
@@ -223,7 +274,7 @@ class Trainer:
             if self.sharded:
                 self.optimizer.reduce_gradients()  # each owner gets the sums of its parameters' gradients
             else:
-                all_reduce_grads([p for p in self.model.parameters() if p.requires_grad])
+                all_reduce_grads([p for p in self.trained.parameters() if p.requires_grad])
             dist.all_reduce(loss_sum)
         grad_norm = self.optimizer.clip_grad_norm_(cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         self.optimizer.step()
@@ -241,6 +292,9 @@ class Trainer:
         if clip:
             rec["max_logit"] = max(max(c["max_logit"]) for c in clip)
             rec["clipped_heads"] = n_clipped
+        if self.mtp is not None:  # this rank's MTP loss per target (the main loss is global)
+            rec["mtp_loss"] = self._mtp_sum / max(global_targets / self.world, 1)
+            self._mtp_sum = 0.0
         if not math.isfinite(rec["loss"]):
             raise FloatingPointError(f"loss became {rec['loss']} at step {self.step}; lower lr or check the data")
         return rec
@@ -331,6 +385,10 @@ class Trainer:
             from ..weights import save_model
 
             save_model(self.model, path)
+            if self.mtp is not None:
+                from ..weights import save_mtp
+
+                save_mtp(self.mtp, self.model, path)
             current = {shard_file_name(r, self.world) for r in range(self.world)} if self.sharded else set()
             for old in path.glob("optimizer-*-of-*.pt"):  # shards of an earlier save into this directory
                 if old.name not in current:
@@ -359,6 +417,13 @@ class Trainer:
         state_dict = {}
         for f in sorted(path.glob("*.safetensors")):
             state_dict.update(load_file(str(f)))
+        mtp_prefix = f"model.layers.{self.model_config.num_hidden_layers}."
+        mtp_state = {k: v for k, v in state_dict.items() if k.startswith(mtp_prefix)}
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(mtp_prefix)}
+        if getattr(self, "mtp", None) is not None and mtp_state:  # tied tensors come from the model's
+            mtp_state = {k: v for k, v in mtp_state.items() if not k.endswith((".embed_tokens.weight",
+                                                                               ".shared_head.head.weight"))}
+            self.mtp.load_state_dict(mtp_state, strict=False)
         missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
         missing = [k for k in missing if not k.endswith("inv_freq")]
         if missing or unexpected:
