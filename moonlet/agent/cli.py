@@ -451,6 +451,8 @@ async def _run_async(args, resume: bool) -> int:
                   f"{workspace.root} · approval {approval.mode}", file=sys.stderr)
             if agent.instructions:
                 print(f"instructions: {', '.join(path for path, _ in agent.instructions.files)}", file=sys.stderr)
+            if agent.agent_types:
+                print(f"sub-agent types: {', '.join(agent.agent_types)}", file=sys.stderr)
             if agent.hooks:
                 n = sum(len(g.hooks) for groups in agent.hooks.config.events.values() for g in groups)
                 print(f"hooks: {n} from {', '.join(agent.hooks.config.sources)}", file=sys.stderr)

@@ -251,7 +251,7 @@ class Compressor:
         old_heads = [m for m in agent.messages if m["_kind"] == "head"]
         prompts = agent.prompts()
         target = int(self.window * self.cfg.target_fraction)
-        system_tools = {"system": agent._system(), "tools": agent.tools.specs()}
+        system_tools = {"system": agent._system(), "tools": agent.tool_specs()}
         placeholder = "x" * (self.summary_budget() * 3)
 
         result_dropped: list[str] = []

@@ -18,6 +18,7 @@ from .compress import CompactionConfig, Compressor
 from .events import AgentEvents
 from .hooks import HookOutcome, HookRunner
 from .images import strip_image_data
+from .agent_types import load_agent_types
 from .instructions import Instructions, load_instructions
 from .prompts import SUBAGENT_PROMPT, SYSTEM_PROMPT
 from .store import SessionStore
@@ -170,6 +171,9 @@ class Agent:
         self.session_context: list[str] = []     # from SessionStart hooks, added to the system prompt
         # AGENTS.md files for the work directory, read once per process (a resume reads them again)
         self.instructions = load_instructions(workspace.root) if config.project_instructions else Instructions([])
+        # sub-agent types (.moonlet/agents/*.md); sub-agents share their parent's
+        self.agent_types = parent.agent_types if parent is not None else \
+            load_agent_types(workspace.root, known_tools=tools.names())
         self._started = False                    # SessionStart hooks ran in this process
         self._resumed = _restored is not None
         self._halt: str | None = None            # a hook's "continue": false, pending
@@ -220,6 +224,25 @@ class Agent:
         template = SUBAGENT_PROMPT if self.config.depth > 0 else SYSTEM_PROMPT
         return template.format(workdir=self.workspace.root)
 
+    def tool_specs(self) -> list[dict]:
+        """The tool declarations sent to the model: with sub-agent types defined, ``task`` and ``swarm``
+        list them in their description and accept exactly their names as ``agent``."""
+        specs = self.tools.specs()
+        if not self.agent_types:
+            return specs
+        listing = "\n\nSub-agent types (pass `agent`):\n" + "\n".join(
+            f"- {t.name}: {t.description}" for t in self.agent_types.values())
+        out = []
+        for spec in specs:
+            if spec["name"] in ("task", "swarm") and "agent" in spec["input_schema"].get("properties", {}):
+                schema = dict(spec["input_schema"])
+                props = dict(schema["properties"])
+                props["agent"] = dict(props["agent"], enum=list(self.agent_types))
+                schema["properties"] = props
+                spec = dict(spec, description=spec["description"] + listing, input_schema=schema)
+            out.append(spec)
+        return out
+
     def _system(self) -> str:
         """The system prompt as sent: with the project instructions and the SessionStart hooks'
         context, if any."""
@@ -245,7 +268,7 @@ class Agent:
         req = {"model": self.config.model, "max_tokens": max_tokens or self.config.max_tokens,
                "system": self._system(), "messages": [wire_message(m) for m in (messages or self.messages)]}
         if self.tools.tools:
-            req["tools"] = self.tools.specs()
+            req["tools"] = self.tool_specs()
         if self.config.temperature is not None:
             req["temperature"] = self.config.temperature
         thinking = fit_thinking(self.config.thinking, req["max_tokens"])
@@ -661,11 +684,19 @@ class Agent:
         d["budgets"] = dict(d["budgets"], max_steps=max_steps or self.config.subagent_max_steps)
         return AgentConfig.from_dict(d)
 
-    def spawn(self, prompt: str, label: str, max_steps: int | None = None, events: AgentEvents | None = None) -> "Agent":
+    def spawn(self, prompt: str, label: str, max_steps: int | None = None, events: AgentEvents | None = None,
+              agent_type=None) -> "Agent":
+        """A sub-agent for ``prompt``; with ``agent_type`` (an ``agent_types.AgentType``) its system
+        prompt is the type's and its tools are the type's (of those a sub-agent at its depth has)."""
         if self.tool_factory is None:
             raise ToolError("this agent cannot start sub-agents (no tool factory configured)")
-        config = self.child_config(max_steps)
-        return Agent(self.client, config, self.tool_factory(config.depth), self.workspace, self.store,
+        config = self.child_config(max_steps or (agent_type.max_steps if agent_type is not None else None))
+        tools = self.tool_factory(config.depth)
+        if agent_type is not None:
+            config.system_prompt = agent_type.prompt
+            if agent_type.tools is not None:
+                tools.tools = {name: tool for name, tool in tools.tools.items() if name in agent_type.tools}
+        return Agent(self.client, config, tools, self.workspace, self.store,
                      task=prompt, events=events or self.events.child(label), approval=self.approval,
                      tool_factory=self.tool_factory, parent=self, label=label, hooks=self.hooks)
 

@@ -82,9 +82,11 @@ class SubResult:
 
 
 async def run_subagent(parent: "Agent", prompt: str, *, label: str, tool_use_id: str = "", index: int = 0,
-                       item: str = "", timeout: float | None = None, max_steps: int | None = None) -> SubResult:
-    """Run one sub-agent to the end of its turn; never raises for the sub-agent's own failures."""
-    child = parent.spawn(prompt, label, max_steps)
+                       item: str = "", timeout: float | None = None, max_steps: int | None = None,
+                       agent_type=None) -> SubResult:
+    """Run one sub-agent (of ``agent_type``, an ``agent_types.AgentType``, if given) to the end of its
+    turn; never raises for the sub-agent's own failures."""
+    child = parent.spawn(prompt, label, max_steps, agent_type=agent_type)
     parent.store.start_subagent(parent.session_id, child.session_id, tool_use_id, index, item)
     timeout = timeout or parent.config.subagent_timeout
     started = time.monotonic()
@@ -105,6 +107,22 @@ async def run_subagent(parent: "Agent", prompt: str, *, label: str, tool_use_id:
     parent.store.finish_subagent(child.session_id, status, text, error)
     parent.events.subagent(parent, label, status + (f": {error}" if error else ""))
     return SubResult(index, label, status, text, error, child.session_id, time.monotonic() - started)
+
+
+AGENT_PARAM = {"type": "string", "description": "run it as this sub-agent type (listed in the tool description); "
+                                               "default: a general sub-agent with the same tools"}
+
+
+def agent_type_of(agent, args: dict):
+    """The sub-agent type ``args`` names (``agent``), or None; ToolError for an unknown name."""
+    name = args.get("agent")
+    if not name:
+        return None
+    types = getattr(agent, "agent_types", {}) or {}
+    if name not in types:
+        known = ", ".join(sorted(types)) or "none are defined (.moonlet/agents/*.md)"
+        raise ToolError(f"unknown sub-agent type {name!r}; the types here: {known}")
+    return types[name]
 
 
 def render_item(template: str, item, index: int) -> str:
@@ -148,6 +166,7 @@ class SwarmTool(Tool):
             "max_concurrency": {"type": "integer", "minimum": 1, "maximum": MAX_CONCURRENCY},
             "timeout": {"type": "number", "minimum": 1, "description": "seconds per sub-agent"},
             "max_steps": {"type": "integer", "minimum": 1, "description": "step budget per sub-agent"},
+            "agent": AGENT_PARAM,
         },
     }
     # starting sub-agents changes nothing by itself; each of their tool calls goes through approval
@@ -173,6 +192,9 @@ class SwarmTool(Tool):
             raise ToolError("give either `tasks` (a non-empty list) or both `template` and `items`")
         if len(prompts) > MAX_ITEMS:
             raise ToolError(f"{len(prompts)} sub-tasks is more than the {MAX_ITEMS} a swarm runs; split the work")
+        kind = agent_type_of(agent, args)
+        if kind is not None:
+            labels = [f"{kind.name}: {label}" for label in labels]
         limiter = AdaptiveLimiter(min(args.get("max_concurrency") or agent.config.swarm_concurrency, MAX_CONCURRENCY))
         self.last_limiter = limiter
 
@@ -184,7 +206,8 @@ class SwarmTool(Tool):
             async with limiter:
                 return await run_subagent(agent, prompts[i], label=labels[i], tool_use_id=ctx.tool_use_id, index=i,
                                           item=items[i] if isinstance(items[i], str) else json.dumps(items[i]),
-                                          timeout=args.get("timeout"), max_steps=args.get("max_steps"))
+                                          timeout=args.get("timeout"), max_steps=args.get("max_steps"),
+                                          agent_type=kind)
 
         agent.client.add_retry_listener(on_retry)
         try:
@@ -208,6 +231,7 @@ class TaskTool(Tool):
             "description": {"type": "string", "description": "a few words naming it"},
             "timeout": {"type": "number", "minimum": 1},
             "max_steps": {"type": "integer", "minimum": 1},
+            "agent": AGENT_PARAM,
         },
         "required": ["prompt"],
     }
@@ -218,9 +242,13 @@ class TaskTool(Tool):
         agent = ctx.agent
         if agent is None or agent.config.depth >= agent.config.max_depth:
             raise ToolError("this agent is at the sub-agent depth limit and cannot start sub-agents")
+        kind = agent_type_of(agent, args)
         label = args.get("description") or args["prompt"].splitlines()[0][:60]
+        if kind is not None:
+            label = f"{kind.name}: {label}"
         r = await run_subagent(agent, args["prompt"], label=label, tool_use_id=ctx.tool_use_id,
-                               item=args["prompt"][:200], timeout=args.get("timeout"), max_steps=args.get("max_steps"))
+                               item=args["prompt"][:200], timeout=args.get("timeout"), max_steps=args.get("max_steps"),
+                               agent_type=kind)
         if r.status == "done":
             return ToolResult(r.text or "[the sub-agent finished without a reply]")
         return ToolResult(f"sub-agent {r.status}" + (f": {r.error}" if r.error else "") +
