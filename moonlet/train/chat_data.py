@@ -49,6 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .synth import encode_spans
+
 FORMATS = ("auto", "openai", "anthropic")
 OVERLONG = ("drop", "truncate")
 MAX_ERRORS_KEPT = 20  # per-line error messages kept in a report (all are counted)
@@ -189,25 +191,10 @@ def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None
         text = prompt + completion
         covered = [k for k in remaining if text.startswith(turns[k][0] + turns[k][1])]
         spans = [(len(turns[k][0]), len(turns[k][0]) + len(turns[k][1])) for k in covered]
-        examples.append(_encode_spans(tokenizer, text, spans))
+        examples.append(encode_spans(tokenizer, text, spans))
         remaining = [k for k in remaining if k not in covered]
     examples.reverse()
     return EncodedChat(examples, len(turns), dropped)
-
-
-def _encode_spans(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-    """Ids of ``text`` encoded piecewise at the span boundaries, mask 1 inside the spans."""
-    ids: list[int] = []
-    mask: list[int] = []
-    pos = 0
-    for a, b in spans + [(len(text), len(text))]:
-        for piece, target in ((text[pos:a], 0), (text[a:b], 1)):
-            if piece:
-                part = tokenizer.encode(piece, allow_special=True)
-                ids += part
-                mask += [target] * len(part)
-        pos = b
-    return ids, mask
 
 
 # ---- files --------------------------------------------------------------------------------------------

@@ -369,18 +369,20 @@ def encode_conversation(tokenizer, messages: list[dict], tools: list | None) -> 
             raise ValueError("the chat template renders earlier turns differently as the conversation grows; "
                              "cannot locate assistant turns for the loss mask")
         spans.append((len(before), len(through)))
+    return encode_spans(tokenizer, full, spans)
+
+
+def encode_spans(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Ids of ``text`` encoded piecewise at the (start, end) character spans, in order and disjoint,
+    and a mask of 1 inside them. Spans bounded by special tokens leave the ids those of the whole text."""
     ids: list[int] = []
     mask: list[int] = []
     pos = 0
-    for a, b in spans:
-        for text, target in ((full[pos:a], 0), (full[a:b], 1)):
-            if text:
-                piece = tokenizer.encode(text, allow_special=True)
-                ids += piece
-                mask += [target] * len(piece)
+    for a, b in spans + [(len(text), len(text))]:
+        for piece, target in ((text[pos:a], 0), (text[a:b], 1)):
+            if piece:
+                part = tokenizer.encode(piece, allow_special=True)
+                ids += part
+                mask += [target] * len(part)
         pos = b
-    if pos < len(full):
-        piece = tokenizer.encode(full[pos:], allow_special=True)
-        ids += piece
-        mask += [0] * len(piece)
     return ids, mask
