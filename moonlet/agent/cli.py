@@ -319,7 +319,8 @@ async def _turn(agent, prompt):
             pass
 
 
-async def _interactive(agent, args) -> int:
+async def _interactive(agent, args, commands: dict) -> int:
+    from .commands import expand_prompt
     from .tools.notes import render_todos
     print(f"interactive session {agent.session_id} — /help for commands, /exit or Ctrl-D to leave", file=sys.stderr)
     while True:
@@ -331,7 +332,10 @@ async def _interactive(agent, args) -> int:
         line = line.strip()
         if not line:
             continue
-        if line.startswith("/"):
+        custom = expand_prompt(line, commands)
+        if custom is not None:
+            line = custom
+        elif line.startswith("/"):
             cmd, _, rest = line.partition(" ")
             if cmd in ("/exit", "/quit"):
                 return 0
@@ -339,6 +343,8 @@ async def _interactive(agent, args) -> int:
                 print("/compact [instructions]  summarize the older context now\n/todo  show the to-do list\n"
                       "/pin NOTE  pin a note that survives compaction\n/usage  tokens and steps so far\n"
                       "/exit  leave (the session can be resumed)", file=sys.stderr)
+                for c in commands.values():
+                    print(f"/{c.name} ARGS  {c.description or '(custom command)'}", file=sys.stderr)
             elif cmd == "/compact":
                 from .loop import CompactBlocked
                 try:
@@ -402,6 +408,12 @@ async def _run_async(args, resume: bool) -> int:
         saved = session["config"]
     workdir = args.workdir or (saved or {}).get("workdir") or os.getcwd()
     hooks = _hooks(args, workdir, saved)  # a bad hooks file fails here, before anything starts
+    from .commands import expand_prompt, load_commands
+
+    commands = load_commands(workdir)  # custom /commands (a bad file fails here too)
+    task = args.task and (expand_prompt(args.task, commands) or args.task)
+    message = getattr(args, "message", None)
+    message = message and (expand_prompt(message, commands) or message)
     sess = Session(args, saved)
     try:
         launch, model, window = await sess.open()
@@ -438,7 +450,7 @@ async def _run_async(args, resume: bool) -> int:
         if resume:
             agent = Agent.restore(store, session["id"], sess.client, factory(0), workspace, config=config, **kwargs)
         else:
-            agent = Agent(sess.client, config, factory(0), workspace, store, task=args.task or "(interactive)",
+            agent = Agent(sess.client, config, factory(0), workspace, store, task=task or "(interactive)",
                           session_id=args.session_id, **kwargs)
         full = dict(agent._session_config(), launch={k: v for k, v in launch.items()})
         store.update_config(agent.session_id, full)
@@ -461,9 +473,9 @@ async def _run_async(args, resume: bool) -> int:
             code = 0
             if resume:
                 pending = agent.messages and agent.messages[-1]["role"] == "user"
-                if args.message or pending:
+                if message or pending:
                     started = time.time()
-                    result = await _turn(agent, args.message if args.message else None)
+                    result = await _turn(agent, message if message else None)
                     code = _finish(agent, result, args)
                     if _json_output(args):
                         _print_result(agent, result, code, started)
@@ -472,12 +484,12 @@ async def _run_async(args, resume: bool) -> int:
                           file=sys.stderr)
             elif args.task:
                 started = time.time()
-                result = await _turn(agent, args.task)
+                result = await _turn(agent, task)
                 code = _finish(agent, result, args)
                 if _json_output(args):
                     _print_result(agent, result, code, started)
             if (args.interactive or not (args.task if not resume else True)) and code in (0, 3):
-                code = await _interactive(agent, args)
+                code = await _interactive(agent, args, commands)
                 end_reason = "prompt_input_exit"
             if code == 130:
                 end_reason = "interrupted"
