@@ -16,7 +16,8 @@ class StructuredOutput:
     Exactly one of: ``json_schema`` (a JSON Schema, as a dict or its JSON text: the output is one
     JSON value valid under it), ``json_object=True`` (any JSON object, OpenAI's JSON mode), ``regex``
     (the output matches the regular expression in full), ``choice`` (the output is one of these
-    strings) or ``tools`` (strict tool calls, below). ``strict`` (json_schema and tools): objects may
+    strings), ``grammar`` (an EBNF / GBNF context-free grammar whose ``root`` rule the output
+    matches in full, as llama.cpp and vLLM take it) or ``tools`` (strict tool calls, below). ``strict`` (json_schema and tools): objects may
     hold only the properties the schema names and arrays only the items it describes (the default,
     as OpenAI's ``strict: true``); False follows the schema's own ``additionalProperties`` /
     ``items``. ``any_whitespace=False`` (json_schema and json_object; tool arguments are always
@@ -44,6 +45,7 @@ class StructuredOutput:
     json_object: bool = False
     regex: str | None = None
     choice: list[str] | None = None
+    grammar: str | None = None
     tools: list[dict] | None = None
     strict: bool = True
     any_whitespace: bool = True
@@ -62,10 +64,11 @@ class StructuredOutput:
         """Raise ValueError naming what is wrong (the schema's contents are checked when it compiles)."""
         given = [name for name, on in (("json_schema", self.json_schema is not None), ("json_object", self.json_object),
                                        ("regex", self.regex is not None), ("choice", self.choice is not None),
-                                       ("tools", self.tools is not None)) if on]
+                                       ("grammar", self.grammar is not None), ("tools", self.tools is not None))
+                 if on]
         if len(given) != 1:
-            raise ValueError(f"StructuredOutput needs exactly one of json_schema, json_object, regex, choice, tools; "
-                             f"got {', '.join(given) or 'none'}")
+            raise ValueError(f"StructuredOutput needs exactly one of json_schema, json_object, regex, choice, grammar, "
+                             f"tools; got {', '.join(given) or 'none'}")
         if self.json_schema is not None:
             schema = self.json_schema
             if isinstance(schema, str):
@@ -78,6 +81,8 @@ class StructuredOutput:
                                  f"{type(schema).__name__}")
         if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
             raise ValueError(f"StructuredOutput.regex={self.regex!r} must be a non-empty string")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            raise ValueError(f"StructuredOutput.grammar={self.grammar!r} must be a non-empty EBNF text with a root rule")
         if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
                                         or any(not isinstance(c, str) or not c for c in self.choice)):
             raise ValueError(f"StructuredOutput.choice={self.choice!r} must be a non-empty list of non-empty strings")
@@ -109,13 +114,15 @@ class StructuredOutput:
 
     @property
     def kind(self) -> str:
-        """'json_schema', 'json_object', 'regex', 'choice' or 'tools'."""
+        """'json_schema', 'json_object', 'regex', 'choice', 'grammar' or 'tools'."""
         if self.json_schema is not None:
             return "json_schema"
         if self.json_object:
             return "json_object"
         if self.tools is not None:
             return "tools"
+        if self.grammar is not None:
+            return "grammar"
         return "regex" if self.regex is not None else "choice"
 
     @property
@@ -131,6 +138,8 @@ class StructuredOutput:
         if kind == "tools":
             return (kind, json.dumps(self.tools, ensure_ascii=False, sort_keys=True), self.tool_start,
                     self.parallel_tool_calls, self.strict)
+        if kind == "grammar":
+            return (kind, self.grammar)
         return (kind, self.regex) if kind == "regex" else (kind, tuple(self.choice))
 
 

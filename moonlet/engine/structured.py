@@ -1,4 +1,5 @@
-"""Structured outputs: decoding constrained to a JSON schema, any JSON object, a regex or a choice.
+"""Structured outputs: decoding constrained to a JSON schema, any JSON object, a regex, a choice or an
+EBNF grammar.
 
 A request's ``SamplingParams.structured`` (a ``StructuredOutput``) is compiled by the grammar library
 ``xgrammar`` (an optional dependency: ``pip install 'moonlet[structured]'``) into a grammar over
@@ -192,6 +193,8 @@ class GrammarCache:
                                                          any_whitespace=spec.any_whitespace)
             if kind == "regex":
                 return self.compiler.compile_regex(spec.regex)
+            if kind == "grammar":
+                return self.compiler.compile_grammar(self.xgr.Grammar.from_ebnf(spec.grammar))
             # json.dumps writes each choice as a double-quoted literal with escapes EBNF reads
             rule = " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choice)
             return self.compiler.compile_grammar(self.xgr.Grammar.from_ebnf(f"root ::= {rule}"))

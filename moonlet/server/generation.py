@@ -276,14 +276,15 @@ def openai_response_format(value, param: str = "response_format") -> StructuredO
 
 def vllm_structured_outputs(value, param: str = "structured_outputs") -> StructuredOutput | None:
     """vLLM's ``structured_outputs`` extra: exactly one of ``json`` (a schema), ``json_object``,
-    ``regex``, ``choice``; ``disable_any_whitespace`` as in vLLM."""
+    ``regex``, ``choice``, ``grammar`` (EBNF / GBNF with a ``root`` rule); ``disable_any_whitespace``
+    as in vLLM."""
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise invalid(f"{param} must be an object with one of json, json_object, regex, choice", param=param)
-    unknown = sorted(set(value) - {"json", "json_object", "regex", "choice", "disable_any_whitespace"})
+        raise invalid(f"{param} must be an object with one of json, json_object, regex, choice, grammar", param=param)
+    unknown = sorted(set(value) - {"json", "json_object", "regex", "choice", "grammar", "disable_any_whitespace"})
     if unknown:
-        raise invalid(f"{param}.{unknown[0]} is not supported; use json, json_object, regex or choice",
+        raise invalid(f"{param}.{unknown[0]} is not supported; use json, json_object, regex, choice or grammar",
                       param=f"{param}.{unknown[0]}")
     schema = value.get("json")
     if isinstance(schema, str):
@@ -293,7 +294,7 @@ def vllm_structured_outputs(value, param: str = "structured_outputs") -> Structu
             raise invalid(f"{param}.json is not valid JSON: {e}", param=f"{param}.json") from None
     try:
         return StructuredOutput(json_schema=schema, json_object=bool(value.get("json_object")),
-                                regex=value.get("regex"), choice=value.get("choice"),
+                                regex=value.get("regex"), choice=value.get("choice"), grammar=value.get("grammar"),
                                 any_whitespace=not value.get("disable_any_whitespace", False))
     except (ValueError, TypeError) as e:
         raise invalid(f"{param}: {e}".replace("StructuredOutput.", ""), param=param) from None

@@ -512,3 +512,61 @@ def test_a_slow_compile_does_not_block_other_streams(model, tok, monkeypatch):
     during = events[events.index("compile started"):events.index("compile released")]
     assert "free output" in during  # the other stream went on while the grammar compiled
     check_calls(last.text, finished=last.finish_reason == "stop")
+
+
+ARITH = r'''
+root ::= expr
+expr ::= term (("+" | "-") term)*
+term ::= num | "(" expr ")"
+num ::= [1-9] [0-9]*
+'''
+
+
+def _parses_as_arith(text: str) -> bool:
+    """A recursive-descent reading of ARITH, independent of the grammar library."""
+    pos = 0
+
+    def num():
+        nonlocal pos
+        if pos < len(text) and text[pos] in "123456789":
+            pos += 1
+            while pos < len(text) and text[pos].isdigit():
+                pos += 1
+            return True
+        return False
+
+    def term():
+        nonlocal pos
+        if pos < len(text) and text[pos] == "(":
+            pos += 1
+            if not expr() or pos >= len(text) or text[pos] != ")":
+                return False
+            pos += 1
+            return True
+        return num()
+
+    def expr():
+        nonlocal pos
+        if not term():
+            return False
+        while pos < len(text) and text[pos] in "+-":
+            pos += 1
+            if not term():
+                return False
+        return True
+
+    return expr() and pos == len(text)
+
+
+def test_ebnf_grammar(llm):
+    assert _parses_as_arith("(12+3)-4") and not _parses_as_arith("(12+3") and not _parses_as_arith("012")
+    outs = llm.generate(["a", "b", "c", "d"], [SamplingParams(temperature=1.0, seed=s, max_tokens=60,
+                                                              structured=StructuredOutput(grammar=ARITH))
+                                               for s in range(4)])
+    done = [o for o in outs if o.finish_reason == "stop"]
+    assert done and all(_parses_as_arith(o.text) for o in done), [o.text for o in outs]
+    with pytest.raises(ValueError, match="cannot compile the structured-output grammar"):
+        llm.generate("a", SamplingParams(structured=StructuredOutput(grammar="root ::= undefined_rule")))
+    with pytest.raises(ValueError, match="non-empty EBNF"):
+        StructuredOutput(grammar="  ")
+    assert not llm.engine.has_unfinished()

@@ -119,6 +119,16 @@ def test_vllm_structured_outputs_regex_and_choice(stack):
     import re
 
     assert re.fullmatch("[A-Z]{2}-[0-9]{3}", r.json()["choices"][0]["text"])
+    # an EBNF grammar: a comma-separated list of one to four lowercase words in brackets
+    grammar = 'root ::= "[" word ("," word)? ("," word)? ("," word)? "]"\nword ::= [a-z]+'
+    r = post(server.url, "/v1/completions", {"model": "tiny", "prompt": "List:", "max_tokens": 40, "temperature": 1,
+                                             "seed": 3, "structured_outputs": {"grammar": grammar}})
+    assert r.status_code == 200, r.text
+    text = r.json()["choices"][0]["text"]
+    assert r.json()["choices"][0]["finish_reason"] == "stop" and re.fullmatch(r"\[[a-z]+(,[a-z]+){0,3}\]", text), text
+    bad = post(server.url, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 5,
+                                               "structured_outputs": {"grammar": "root ::= missing"}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "structured_outputs"
 
 
 def test_completions_response_format_and_max_tokens_cut(stack):
