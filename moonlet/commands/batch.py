@@ -49,7 +49,7 @@ def register(sub) -> None:
 
 
 def parse_requests(lines, source: str, on_error=None) -> list[dict]:
-    """The input lines as ``{"custom_id", "url", "body", "format"}``; ValueError naming FILE:LINE for
+    """The input lines as ``{"custom_id", "url", "body", "format", "line"}``; ValueError naming FILE:LINE for
     a bad one (not JSON, unknown shape, an unsupported url or method, streaming, a repeated custom_id).
     ``on_error(line_number, message)``: called for each bad line instead of raising (the server's
     OpenAI Batch API reports every bad line of an input file); the bad lines are left out."""
@@ -65,6 +65,7 @@ def parse_requests(lines, source: str, on_error=None) -> list[dict]:
             on_error(n, str(e))
             continue
         seen.add(request["custom_id"])
+        request["line"] = n
         out.append(request)
     return out
 
