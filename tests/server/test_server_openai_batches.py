@@ -181,3 +181,36 @@ def test_a_batch_and_its_files_survive_a_restart(tokenizer, tmp_path):
     assert len(rerun) == 5 - len(done_before)  # recorded requests are not run again, the others are
     for cid in done_before:
         assert not any(f"question {cid[1:]}<" in text for text in rerun)
+
+
+def test_responses_and_completions_endpoints(tokenizer):
+    """The other two endpoints: answers equal direct requests, and a failure's body has OpenAI's error
+    shape (the in-process client also sends anthropic-version, which must not make it Anthropic's)."""
+    engine, app = _server(tokenizer)
+    engine.default = Script("Four.")
+    with LiveServer(app) as server:
+        client = _client(server)
+        for endpoint, body, too_long in [
+            ("/v1/responses", {"model": "m", "input": "2+2?", "max_output_tokens": 16},
+             {"model": "m", "input": "word " * 5000}),
+            ("/v1/completions", {"model": "m", "prompt": "2+2=", "max_tokens": 16},
+             {"model": "m", "prompt": "word " * 5000, "max_tokens": 4}),
+        ]:
+            lines = [{"custom_id": "ok", "method": "POST", "url": endpoint, "body": body},
+                     {"custom_id": "long", "method": "POST", "url": endpoint, "body": too_long}]
+            batch = client.batches.create(input_file_id=_upload(client, lines).id, endpoint=endpoint,
+                                          completion_window="24h")
+            done = _wait(client, batch.id)
+            assert (done.status, done.request_counts.completed, done.request_counts.failed) == ("completed", 1, 1)
+            got = _jsonl(client, done.output_file_id)[0]["response"]["body"]
+            error = _jsonl(client, done.error_file_id)[0]["response"]
+            if endpoint == "/v1/responses":
+                want = client.responses.create(**body).model_dump()
+                strip = [{k: v for k, v in item.items() if k != "id"} for item in want["output"]]
+                assert [{k: v for k, v in item.items() if k != "id"} for item in got["output"]] == strip
+                assert got["usage"]["input_tokens"] == want["usage"]["input_tokens"]
+            else:
+                want = client.completions.create(**body)
+                assert got["choices"][0]["text"] == want.choices[0].text
+            assert error["status_code"] == 400 and set(error["body"]) == {"error"}
+            assert error["body"]["error"]["type"] == "invalid_request_error"
