@@ -48,44 +48,57 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def parse_requests(lines, source: str) -> list[dict]:
-    """The input lines as ``{"custom_id", "url", "body", "format"}``; ValueError naming FILE:LINE for
-    a bad one (not JSON, unknown shape, an unsupported url or method, streaming, a repeated custom_id)."""
+def parse_requests(lines, source: str, on_error=None) -> list[dict]:
+    """The input lines as ``{"custom_id", "url", "body", "format", "line"}``; ValueError naming FILE:LINE for
+    a bad one (not JSON, unknown shape, an unsupported url or method, streaming, a repeated custom_id).
+    ``on_error(line_number, message)``: called for each bad line instead of raising (the server's
+    OpenAI Batch API reports every bad line of an input file); the bad lines are left out."""
     out, seen = [], set()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        where = f"{source}:{n}"
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: a request line must be a JSON object")
-        cid = row.get("custom_id")
-        if not isinstance(cid, str) or not cid:
-            raise ValueError(f"{where}: 'custom_id' must be a non-empty string")
-        if cid in seen:
-            raise ValueError(f"{where}: custom_id {cid!r} is used twice; each request needs its own")
-        seen.add(cid)
-        if "params" in row:
-            fmt, url, body = "anthropic", "/v1/messages", row["params"]
-        elif "body" in row:
-            fmt, url, body = "openai", row.get("url"), row["body"]
-            if row.get("method", "POST") != "POST":
-                raise ValueError(f"{where}: method {row.get('method')!r}: only POST requests can be batched")
-            if url not in OPENAI_URLS:
-                raise ValueError(f"{where}: url {url!r} is not one this server answers in a batch; use one of "
-                                 f"{', '.join(OPENAI_URLS)}")
-        else:
-            raise ValueError(f"{where}: expected an OpenAI batch line {{custom_id, method, url, body}} or an "
-                             "Anthropic one {custom_id, params}")
-        if not isinstance(body, dict):
-            raise ValueError(f"{where}: the request body must be a JSON object")
-        if body.get("stream"):
-            raise ValueError(f"{where}: 'stream' must be false or absent in a batch")
-        out.append({"custom_id": cid, "url": url, "body": body, "format": fmt})
+            request = _parse_line(line, f"{source}:{n}", seen)
+        except ValueError as e:
+            if on_error is None:
+                raise
+            on_error(n, str(e))
+            continue
+        seen.add(request["custom_id"])
+        request["line"] = n
+        out.append(request)
     return out
+
+
+def _parse_line(line: str, where: str, seen: set[str]) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: a request line must be a JSON object")
+    cid = row.get("custom_id")
+    if not isinstance(cid, str) or not cid:
+        raise ValueError(f"{where}: 'custom_id' must be a non-empty string")
+    if cid in seen:
+        raise ValueError(f"{where}: custom_id {cid!r} is used twice; each request needs its own")
+    if "params" in row:
+        fmt, url, body = "anthropic", "/v1/messages", row["params"]
+    elif "body" in row:
+        fmt, url, body = "openai", row.get("url"), row["body"]
+        if row.get("method", "POST") != "POST":
+            raise ValueError(f"{where}: method {row.get('method')!r}: only POST requests can be batched")
+        if url not in OPENAI_URLS:
+            raise ValueError(f"{where}: url {url!r} is not one this server answers in a batch; use one of "
+                             f"{', '.join(OPENAI_URLS)}")
+    else:
+        raise ValueError(f"{where}: expected an OpenAI batch line {{custom_id, method, url, body}} or an "
+                         "Anthropic one {custom_id, params}")
+    if not isinstance(body, dict):
+        raise ValueError(f"{where}: the request body must be a JSON object")
+    if body.get("stream"):
+        raise ValueError(f"{where}: 'stream' must be false or absent in a batch")
+    return {"custom_id": cid, "url": url, "body": body, "format": fmt}
 
 
 def done_ids(path: str) -> set[str]:

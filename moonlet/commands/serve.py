@@ -50,7 +50,8 @@ def register(sub) -> None:
     p.add_argument("--max-concurrent-requests", type=int, default=None,
                    help="generation requests in flight before answering 429 (default: no limit)")
     p.add_argument("--batch-dir", default=None,
-                   help="where Message Batches (/v1/messages/batches) are kept, so that they survive a restart "
+                   help="where batches (/v1/messages/batches, /v1/batches) and uploaded files (/v1/files, in "
+                        "DIR/files) are kept, so that they survive a restart "
                         "(default: $MOONLET_HOME/batches, ~/.moonlet/batches; 'none': in memory only)")
     p.add_argument("--batch-concurrency", type=int, default=8,
                    help="batch requests running at once, over all batches (default 8)")

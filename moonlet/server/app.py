@@ -7,6 +7,7 @@ interface) and returns an ASGI app; ``moonlet serve`` runs it under uvicorn.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import uuid
 from contextlib import asynccontextmanager
@@ -21,9 +22,10 @@ from starlette.responses import JSONResponse, Response
 from . import anthropic as anthropic_api
 from . import batches as batches_api
 from . import openai as openai_api
-from . import openai_completions
+from . import openai_batches, openai_completions
 from . import responses as responses_api
 from .errors import APIError, api_of, error_body, error_response, format_validation_error
+from .files import FileStore
 from .generation import supports_images
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .state import ServerState, state_of
@@ -134,8 +136,9 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     (default: the engine's model name); generation requests naming any model are served by this one.
     ``api_key``: when set, every /v1 request must carry it. ``max_concurrent_requests``: generation
     requests beyond it get 429. The engine is started with the app and, if
-    ``shutdown_engine_on_exit``, shut down with it. Message batches (``batches.py``) are kept in
-    ``batch_dir`` (None: in memory only) and run ``batch_concurrency`` requests at a time."""
+    ``shutdown_engine_on_exit``, shut down with it. Message batches (``batches.py``) and OpenAI
+    batches (``openai_batches.py``) are kept in ``batch_dir`` (None: in memory only), the OpenAI
+    Files API's files in ``batch_dir/files``; together they run ``batch_concurrency`` requests at a time."""
     if getattr(engine, "tokenizer", None) is None:
         raise ValueError("the engine has no tokenizer; the server renders chat messages and needs one "
                          "(use a checkpoint directory that ships tiktoken.model)")
@@ -230,11 +233,13 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         return _model_card(st, api_of(request))
 
     app.include_router(batches_api.router)
+    app.include_router(openai_batches.router)
     app.include_router(anthropic_api.router)
     app.include_router(openai_api.router)
     app.include_router(openai_completions.router)
     app.include_router(responses_api.router)
     app.add_middleware(RequestContext, api_key=api_key, max_body_bytes=max_body_bytes,
                        max_concurrent=max_concurrent_requests)
-    app.state.batches = batches_api.BatchManager(app, batch_dir, batch_concurrency, api_key)
+    app.state.files = FileStore(None if batch_dir is None else os.path.join(batch_dir, "files"))
+    app.state.batches = batches_api.BatchManager(app, batch_dir, batch_concurrency, api_key, files=app.state.files)
     return app

@@ -20,6 +20,11 @@ With a directory (``moonlet serve`` uses ``$MOONLET_HOME/batches``), each batch 
 each request finishes). A server restarted after a crash or a stop picks up every unfinished batch
 where it was: requests without a result line run again, the others are not repeated. Without a
 directory, batches live in memory only.
+
+The same manager runs the OpenAI Batch API's batches (``openai_batches.py``): a batch's ``api`` says
+which API it belongs to (each API's routes see only their own), its requests carry the ``url`` they
+are sent to, and its results are OpenAI batch output lines; the runner, the concurrency limit, the
+retries and the persistence are shared.
 """
 
 from __future__ import annotations
@@ -64,11 +69,13 @@ class Batch:
     id: str
     created_at: float
     expires_at: float
-    requests: list[dict]  # {"custom_id", "params"}, in the order given
-    results: dict[str, dict] = field(default_factory=dict)  # custom_id -> result
+    requests: list[dict]  # {"custom_id", "params"} (+ "url" when not /v1/messages), in the order given
+    results: dict[str, dict] = field(default_factory=dict)  # custom_id -> result (an OpenAI output line)
     ended_at: float | None = None
     cancel_initiated_at: float | None = None
     running: int = 0  # requests in flight now
+    api: str = "anthropic"  # or "openai": whose routes see the batch and what its results look like
+    info: dict = field(default_factory=dict)  # the OpenAI batch's own fields (endpoint, file ids, times)
 
     @property
     def status(self) -> str:
@@ -85,7 +92,8 @@ class Batch:
 
     def state(self) -> dict:
         return {"id": self.id, "created_at": self.created_at, "expires_at": self.expires_at,
-                "ended_at": self.ended_at, "cancel_initiated_at": self.cancel_initiated_at}
+                "ended_at": self.ended_at, "cancel_initiated_at": self.cancel_initiated_at, "api": self.api,
+                "info": self.info}
 
     def to_api(self, base_url: str) -> dict:
         return {"id": self.id, "type": "message_batch", "processing_status": self.status,
@@ -97,10 +105,11 @@ class Batch:
 
 class BatchManager:
     """Owns the batches of one server: storage, the background workers, the shared concurrency limit.
-    ``app``: the ASGI app the requests are sent through; ``api_key``: the server's key, if any."""
+    ``app``: the ASGI app the requests are sent through; ``api_key``: the server's key, if any;
+    ``files``: the server's FileStore (OpenAI batches write their output and error files there)."""
 
     def __init__(self, app, directory: str | os.PathLike | None = None, concurrency: int = 8,
-                 api_key: str | None = None, retry_delay: float = 1.0):
+                 api_key: str | None = None, retry_delay: float = 1.0, files=None):
         if concurrency < 1:
             raise ValueError(f"batch concurrency must be >= 1; got {concurrency}")
         self.app = app
@@ -108,6 +117,7 @@ class BatchManager:
         self.concurrency = concurrency
         self.api_key = api_key
         self.retry_delay = retry_delay
+        self.files = files
         self.batches: dict[str, Batch] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._limit: asyncio.Semaphore | None = None
@@ -139,6 +149,8 @@ class BatchManager:
         if self.directory is None or not self.directory.is_dir():
             return
         for d in sorted(self.directory.iterdir()):
+            if not (d / "batch.json").is_file() and d.name == "files":
+                continue  # the server's uploaded and output files (files.py), not a batch
             try:
                 state = json.loads((d / "batch.json").read_text())
                 with open(d / "requests.jsonl", encoding="utf-8") as fh:
@@ -156,7 +168,8 @@ class BatchManager:
                 logger.warning("skipping batch directory %s: %s", d, e)
                 continue
             self.batches[state["id"]] = Batch(state["id"], state["created_at"], state["expires_at"], requests,
-                                              results, state.get("ended_at"), state.get("cancel_initiated_at"))
+                                              results, state.get("ended_at"), state.get("cancel_initiated_at"),
+                                              api=state.get("api", "anthropic"), info=state.get("info", {}))
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -189,9 +202,16 @@ class BatchManager:
         task.add_done_callback(lambda _: self._tasks.pop(batch.id, None))
 
     # ---- the API's operations ----------------------------------------------------------------------
-    def create(self, requests: list[dict]) -> Batch:
+    def create(self, requests: list[dict], api: str = "anthropic", info: dict | None = None,
+               failed: bool = False) -> Batch:
+        """A new batch of ``requests``, stored and started. ``failed``: an OpenAI batch whose input did
+        not validate; it is stored as ended and never runs."""
         now = time.time()
-        batch = Batch(f"msgbatch_{uuid.uuid4().hex[:24]}", now, now + EXPIRY_SECONDS, requests)
+        prefix = "msgbatch_" if api == "anthropic" else "batch_"
+        batch = Batch(f"{prefix}{uuid.uuid4().hex[:24]}", now, now + EXPIRY_SECONDS, requests, api=api,
+                      info=dict(info or {}))
+        if failed:
+            batch.ended_at = batch.info["failed_at"] = now
         d = self._dir(batch.id)
         if d is not None:
             d.mkdir(parents=True)
@@ -200,14 +220,20 @@ class BatchManager:
                     fh.write(json.dumps(r, ensure_ascii=False) + "\n")
             self._save_state(batch)
         self.batches[batch.id] = batch
-        self._launch(batch)
+        if not failed:
+            self._launch(batch)
         return batch
 
-    def get(self, batch_id: str) -> Batch:
+    def get(self, batch_id: str, api: str = "anthropic") -> Batch:
         batch = self.batches.get(batch_id)
-        if batch is None:
-            raise APIError("not_found", f"no message batch {batch_id!r} on this server")
+        if batch is None or batch.api != api:
+            what = "message batch" if api == "anthropic" else "batch"
+            raise APIError("not_found", f"no {what} {batch_id!r} on this server")
         return batch
+
+    def of_api(self, api: str) -> list[Batch]:
+        """The batches of one API, newest first."""
+        return sorted((b for b in self.batches.values() if b.api == api), key=lambda b: b.created_at, reverse=True)
 
     def cancel(self, batch: Batch) -> None:
         if batch.ended_at is None and batch.cancel_initiated_at is None:
@@ -215,6 +241,7 @@ class BatchManager:
             self._save_state(batch)
             if batch.id not in self._tasks:  # nothing running it (cannot happen while started): end it here
                 self._finish_rest(batch, "canceled")
+                self._end(batch, "canceled")
 
     def delete(self, batch: Batch) -> None:
         if batch.ended_at is None:
@@ -227,14 +254,36 @@ class BatchManager:
 
     # ---- processing --------------------------------------------------------------------------------
     def _finish_rest(self, batch: Batch, kind: str) -> None:
+        """Give every request without a result the result ``kind`` ('canceled' or 'expired')."""
         for r in batch.requests:
             if r["custom_id"] not in batch.results:
-                self._append_result(batch, r["custom_id"], {"type": kind})
+                if batch.api == "anthropic":
+                    result = {"type": kind}
+                else:  # OpenAI writes these to the error file with a code and no response
+                    code = "batch_cancelled" if kind == "canceled" else "batch_expired"
+                    message = ("the batch was cancelled before this request ran" if kind == "canceled" else
+                               "this request could not be run before the batch's completion window expired")
+                    result = {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": r["custom_id"],
+                              "response": None, "error": {"code": code, "message": message}}
+                self._append_result(batch, r["custom_id"], result)
+
+    def _end(self, batch: Batch, how: str) -> None:
+        """End the batch ('completed', 'canceled' or 'expired'); an OpenAI batch first writes its
+        output and error files (``finalizing``)."""
+        if batch.api == "openai":
+            from .openai_batches import finalize
+
+            batch.info["finalizing_at"] = time.time()
+            self._save_state(batch)
+            finalize(self, batch, how)
         batch.ended_at = time.time()
         self._save_state(batch)
 
     async def _process(self, batch: Batch) -> None:
         running: set[asyncio.Task] = set()
+        if batch.api == "openai" and batch.info.get("in_progress_at") is None:
+            batch.info["in_progress_at"] = time.time()
+            self._save_state(batch)
         try:
             for r in batch.requests:
                 if r["custom_id"] in batch.results:
@@ -251,11 +300,12 @@ class BatchManager:
                 await asyncio.gather(*running)
             if batch.cancel_initiated_at is not None:
                 self._finish_rest(batch, "canceled")
+                self._end(batch, "canceled")
             elif len(batch.results) < len(batch.requests):
                 self._finish_rest(batch, "expired")
+                self._end(batch, "expired")
             else:
-                batch.ended_at = time.time()
-                self._save_state(batch)
+                self._end(batch, "completed")
         except asyncio.CancelledError:
             for task in running:
                 task.cancel()
@@ -264,24 +314,28 @@ class BatchManager:
 
     async def _run_one(self, batch: Batch, request: dict) -> None:
         try:
-            result = await self._call(request["params"])
-            self._append_result(batch, request["custom_id"], result)
+            status, body, request_id = await self._call(request.get("url", "/v1/messages"), request["params"])
         except asyncio.CancelledError:
+            batch.running -= 1
+            self._limit.release()
             raise
         except Exception as e:  # noqa: BLE001 - one request's failure must not stop the batch
             logger.exception("batch %s request %s failed", batch.id, request["custom_id"])
-            self._append_result(batch, request["custom_id"], {"type": "errored", "error": {
-                "type": "error", "error": {"type": "api_error", "message": f"internal error: {type(e).__name__}"}}})
+            message = f"internal error: {type(e).__name__}"
+            status, request_id = 500, ""
+            body = ({"type": "error", "error": {"type": "api_error", "message": message}} if batch.api == "anthropic"
+                    else {"error": {"message": message, "type": "server_error", "param": None, "code": None}})
+        try:
+            self._append_result(batch, request["custom_id"], _result(batch, request, status, body, request_id))
         finally:
             batch.running -= 1
             self._limit.release()
 
-    async def _call(self, params: dict) -> dict:
+    async def _call(self, url: str, params: dict) -> tuple[int, object, str]:
+        """(status, JSON body, request id) of ``params`` sent to this server's ``url``, busy answers retried."""
         delay = self.retry_delay
         for attempt in range(MAX_RETRIES + 1):
-            response = await self._client.post("/v1/messages", json=params)
-            if response.status_code == 200:
-                return {"type": "succeeded", "message": response.json()}
+            response = await self._client.post(url, json=params)
             if response.status_code in RETRY_STATUSES and attempt < MAX_RETRIES:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
@@ -290,8 +344,19 @@ class BatchManager:
                 body = response.json()
             except ValueError:
                 body = {"type": "error", "error": {"type": "api_error", "message": response.text[:500]}}
-            return {"type": "errored", "error": body}
+            return response.status_code, body, response.headers.get("request-id", "")
         raise AssertionError("unreachable")
+
+
+def _result(batch: Batch, request: dict, status: int, body, request_id: str) -> dict:
+    """A finished request's result: a Message Batches result, or an OpenAI batch output line."""
+    if batch.api == "anthropic":
+        if status == 200:
+            return {"type": "succeeded", "message": body}
+        return {"type": "errored", "error": body}
+    from ..commands.batch import answer_line
+
+    return answer_line({"custom_id": request["custom_id"], "format": "openai"}, status, body, request_id)
 
 
 def manager_of(request: Request) -> BatchManager:
@@ -353,7 +418,7 @@ async def create_batch(request: Request):
 async def list_batches(request: Request, limit: int = Query(20, ge=1, le=1000), before_id: str | None = None,
                        after_id: str | None = None):
     manager = manager_of(request)
-    ordered = sorted(manager.batches.values(), key=lambda b: b.created_at, reverse=True)  # newest first
+    ordered = manager.of_api("anthropic")  # newest first
     ids = [b.id for b in ordered]
     lo, hi = 0, len(ordered)
     for cursor, name in ((after_id, "after_id"), (before_id, "before_id")):

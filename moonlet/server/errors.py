@@ -43,12 +43,12 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
 
 
 def api_of(request: Request) -> str:
-    """Which API a request speaks: by path for the generation routes, else by the Anthropic header
+    """Which API a request speaks: by path for each API's own routes, else by the Anthropic header
     (``/v1/models`` and unknown paths are shared)."""
     path = request.url.path
     if path.startswith("/v1/messages"):
         return "anthropic"
-    if path.startswith(("/v1/chat/", "/v1/completions")):
+    if path.startswith(("/v1/chat/", "/v1/completions", "/v1/responses", "/v1/files", "/v1/batches")):
         return "openai"
     return "anthropic" if "anthropic-version" in request.headers else "openai"
 
