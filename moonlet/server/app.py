@@ -24,6 +24,7 @@ from . import batches as batches_api
 from . import openai as openai_api
 from . import openai_batches, openai_completions
 from . import responses as responses_api
+from . import tokenize as tokenize_api
 from .errors import APIError, api_of, error_body, error_response, format_validation_error
 from .files import FileStore
 from .generation import supports_images
@@ -238,6 +239,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     app.include_router(openai_api.router)
     app.include_router(openai_completions.router)
     app.include_router(responses_api.router)
+    app.include_router(tokenize_api.router)
     app.add_middleware(RequestContext, api_key=api_key, max_body_bytes=max_body_bytes,
                        max_concurrent=max_concurrent_requests)
     app.state.files = FileStore(None if batch_dir is None else os.path.join(batch_dir, "files"))

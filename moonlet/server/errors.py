@@ -48,7 +48,8 @@ def api_of(request: Request) -> str:
     path = request.url.path
     if path.startswith("/v1/messages"):
         return "anthropic"
-    if path.startswith(("/v1/chat/", "/v1/completions", "/v1/responses", "/v1/files", "/v1/batches")):
+    if path.startswith(("/v1/chat/", "/v1/completions", "/v1/responses", "/v1/files", "/v1/batches", "/tokenize",
+                        "/detokenize")):
         return "openai"
     return "anthropic" if "anthropic-version" in request.headers else "openai"
 
