@@ -411,7 +411,8 @@ async def _run_async(args, resume: bool) -> int:
     from .commands import expand_prompt, load_commands
 
     commands = load_commands(workdir)  # custom /commands (a bad file fails here too)
-    task = args.task and (expand_prompt(args.task, commands) or args.task)
+    task = getattr(args, "task", None)  # (resume has a MESSAGE instead)
+    task = task and (expand_prompt(task, commands) or task)
     message = getattr(args, "message", None)
     message = message and (expand_prompt(message, commands) or message)
     sess = Session(args, saved)
