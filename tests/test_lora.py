@@ -251,6 +251,11 @@ def test_lora_finetune_trains_only_the_adapter_and_resumes(ckpt, data_dir, tmp_p
     assert resumed.step == 4
     assert [m["loss"] for m in resumed.train()] == losses
 
+    # an adapter checkpoint is not a model to start a full run from
+    with pytest.raises(ValueError, match="is a LoRA adapter checkpoint, not a model"):
+        Trainer(_lora_config(data_dir, ckpt, tmp_path / "full", init_from=str(saved), lora=None,
+                             model=tiny_k2_config(**CFG).to_dict()), quiet=True)
+
     # exports: the adapter, and a merged checkpoint that loads as any model and equals adapter-merging
     trainer.export_lora(tmp_path / "adapter")
     trainer.export_lora(tmp_path / "merged", merged=True)

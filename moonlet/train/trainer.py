@@ -450,7 +450,7 @@ class Trainer:
         from ..model.lora import ADAPTER_CONFIG_NAME
 
         if (path / ADAPTER_CONFIG_NAME).is_file():
-            if self.lora is not None:  # resuming a LoRA run: the factors; the base came from init_from
+            if getattr(self, "lora", None) is not None:  # resuming a LoRA run: the factors; the base came from init_from
                 self._load_lora_factors(path)
                 return
             raise ValueError(f"{path} is a LoRA adapter checkpoint, not a model: start from its base model with "
