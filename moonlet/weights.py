@@ -451,7 +451,7 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: torch.dtype | str | None = None, quantized: str = "dequantize",
-               tensor_parallel=None) -> Transformer:
+               tensor_parallel=None, lora: str | os.PathLike | None = None) -> Transformer:
     """Load a checkpoint directory (config.json + safetensors) as a moonlet Transformer in eval mode.
 
     Reads model_type kimi_k2, kimi_k25 (the text model; ``language_model.`` prefixes and vision
@@ -477,11 +477,25 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     config.json as always, but only this rank's tensors are read: its experts (kept quantized with
     "keep"), its slices of the split matrices (a quantized one is dequantized, then sliced), and the
     replicated rest.
+
+    ``lora``: a PEFT LoRA adapter directory (``moonlet.model.lora``) merged into the loaded weights
+    (W += alpha/r · B A, in float32). Its modules must be dense linears of this model with matching
+    shapes (ValueError otherwise, before any weight changes); weights kept quantized are refused
+    (load with quantized="dequantize"), and so is tensor parallelism (merge into a full checkpoint
+    first and serve that).
     """
     from .quant import scheme_for  # quant imports this module's Checkpoint helpers lazily
 
     if quantized not in QUANTIZED_MODES:
         raise ValueError(f"load_model(quantized={quantized!r}): use one of {', '.join(QUANTIZED_MODES)}")
+    if lora is not None:
+        from .model.lora import read_adapter
+
+        if tensor_parallel is not None and tensor_parallel.world_size > 1:
+            raise ValueError(f"load_model(lora={str(lora)!r}) with tensor parallelism: each rank loads only its "
+                             "slices, so the adapter cannot be merged before sharding; merge it into a full "
+                             "checkpoint first (moonlet.model.lora.merge_adapter + save_model) and serve that")
+        read_adapter(lora)  # a bad adapter directory fails before the (long) load
     path = Path(path)
     directory = path.parent if path.is_file() else path
     config = ModelConfig.from_pretrained(directory)
@@ -533,6 +547,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"internal error: tensors left unloaded: {', '.join(left[:8])}")
+    if lora is not None:
+        from .model.lora import merge_adapter
+
+        merge_adapter(model, lora)
     return model.eval()
 
 
@@ -596,7 +614,7 @@ def save_mtp(head, model: Transformer, directory: str | os.PathLike) -> Path:
 
 def load_vision_language_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                                dtype: torch.dtype | str | None = None, quantized: str = "dequantize",
-                               tensor_parallel=None):
+                               tensor_parallel=None, lora: str | os.PathLike | None = None):
     """Load a kimi_k25 (K2.5 / K2.6) checkpoint with its vision encoder: a ``VisionLanguageModel`` whose
     ``language_model`` is what ``load_model`` returns and whose ``vision_tower`` and ``mm_projector`` hold
     the checkpoint's ``vision_tower.*`` / ``mm_projector.*`` tensors, in the same dtype on ``device``.
@@ -604,7 +622,8 @@ def load_vision_language_model(path: str | os.PathLike, device: str | torch.devi
     The vision tensors must match config.json's ``vision_config`` exactly: every missing, unexpected or
     mis-shaped one is an error naming it. They are read as stored (bf16/fp32/fp16), not dequantized.
     ``quantized`` is ``load_model``'s, for the text model. ``tensor_parallel``: the text model is this
-    rank's share (``load_model``); the vision encoder is whole.
+    rank's share (``load_model``); the vision encoder is whole. ``lora``: an adapter of the text model,
+    merged as ``load_model`` does.
     """
     from .model.vision import VisionLanguageModel
 
@@ -615,7 +634,7 @@ def load_vision_language_model(path: str | os.PathLike, device: str | torch.devi
         raise ValueError(f"{directory / 'config.json'} has no vision_config: it is not a kimi_k25 (K2.5 / K2.6) "
                          "image-text checkpoint; use load_model for the text model")
     language_model = load_model(path, device=device, dtype=dtype, quantized=quantized,
-                                tensor_parallel=tensor_parallel)
+                                tensor_parallel=tensor_parallel, lora=lora)
     run_dtype = language_model.dtype
     device = torch.device(device)
     with torch.device("meta"):

@@ -88,6 +88,9 @@ class EngineConfig:
     # float32 scale per token entry for the latent and one for k_pe; about half the bytes per token, so
     # about twice the tokens in the same memory; moonlet.engine.kv_quant)
     kv_cache_dtype: str | None = None
+    # a PEFT LoRA adapter directory merged into the weights at load time (moonlet.model.lora); with it
+    # quantized checkpoints default to "dequantize" (the merge needs dense weights); not with tensor_parallel_size > 1
+    lora: str | os.PathLike | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -131,6 +134,14 @@ class EngineConfig:
         self.image_cache_bytes()  # raises on a bad image feature cache size
         self.host_cache_bytes()  # raises on a bad host cache size
         resolve_kv_cache_dtype(self.kv_cache_dtype, torch.float32)  # raises on a bad or unsupported cache dtype
+        if self.lora is not None and self.tensor_parallel_size > 1:
+            raise ValueError(f"engine argument lora={str(self.lora)!r} with tensor_parallel_size="
+                             f"{self.tensor_parallel_size}: each rank loads only its slices, so the adapter cannot be "
+                             "merged before sharding; merge it into a full checkpoint first "
+                             "(moonlet.train.trainer.merge_lora_checkpoint) and serve that")
+        if self.lora is not None and self.quantization == "keep":
+            raise ValueError(f"engine argument lora={str(self.lora)!r} with quantization='keep': merging an adapter "
+                             "needs dense weights; use quantization='dequantize' (the default with lora)")
 
     def image_cache_bytes(self) -> int:
         """The image feature cache's size in bytes (vision models), checked."""
@@ -395,6 +406,10 @@ def add_engine_cli_args(parser) -> None:
                    help="latent KV cache storage: auto (the model dtype) or fp8 (float8_e4m3fn with per-token "
                         "scales for the latent and k_pe: about half the bytes per token, twice the tokens in the "
                         "same memory; default auto)")
+    g.add_argument("--lora", default=None, metavar="PATH",
+                   help="a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) merged into "
+                        "the weights at load time (quantized checkpoints are then dequantized; not with "
+                        "--tensor-parallel-size > 1)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model and cache dtype (default: the checkpoint's)")
@@ -415,6 +430,7 @@ def engine_args_from_cli(args) -> dict:
         num_speculative_tokens="num_speculative_tokens", ngram_max="ngram_max", ngram_min="ngram_min",
         image_feature_cache_memory="image_feature_cache_memory", tensor_parallel_size="tensor_parallel_size",
         quantization="quantization", host_cache_memory="host_cache_memory", kv_cache_dtype="kv_cache_dtype",
+        lora="lora",
     )
     out = {field: getattr(args, attr) for attr, field in names.items() if getattr(args, attr, None) is not None}
     for flag in ("enable_prefix_caching", "enable_chunked_prefill"):

@@ -52,24 +52,25 @@ def resolve_model_path(model_path: str | os.PathLike | None) -> Path:
 
 
 def load_model_and_tokenizer(model_path, device: str | None, dtype, quantization: str | None = None,
-                             tensor_parallel=None) -> tuple[torch.nn.Module, object, str]:
+                             tensor_parallel=None, lora=None) -> tuple[torch.nn.Module, object, str]:
     """Load a checkpoint directory (and its tokenizer, when it ships one). Returns (model, tokenizer, name).
     A config with a ``vision_config`` (K2.5 / K2.6) gives a ``VisionLanguageModel`` (vision tower,
     projector and text model); any other the text ``Transformer``. ``quantization`` ("keep" or
     "dequantize", EngineConfig's): what happens to quantized weights (default: keep on CUDA).
-    ``tensor_parallel``: load rank 0's share of the text model (``moonlet.parallel``)."""
+    ``tensor_parallel``: load rank 0's share of the text model (``moonlet.parallel``). ``lora``: a PEFT
+    LoRA adapter directory merged into the loaded weights (quantized ones are then dequantized)."""
     path = resolve_model_path(model_path)
     from ..config import ModelConfig
     from ..weights import load_model, load_vision_language_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    quantized = quantization or ("keep" if torch.device(device).type == "cuda" else "dequantize")
+    quantized = quantization or ("keep" if torch.device(device).type == "cuda" and lora is None else "dequantize")
     if ModelConfig.from_pretrained(path).vision_config is not None:
         model = load_vision_language_model(str(path), device=device, dtype=_as_dtype(dtype), quantized=quantized,
-                                           tensor_parallel=tensor_parallel)
+                                           tensor_parallel=tensor_parallel, lora=lora)
     else:
         model = load_model(str(path), device=device, dtype=_as_dtype(dtype), quantized=quantized,
-                           tensor_parallel=tensor_parallel)
+                           tensor_parallel=tensor_parallel, lora=lora)
     tokenizer = None
     if (path / "tiktoken.model").is_file():
         from ..tokenizer import Tokenizer
@@ -89,6 +90,9 @@ def build_engine(model_path=None, model=None, tokenizer=None, image_processor=No
     if config.tensor_parallel_size > 1 and model is not None:
         raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} loads each rank's share of the "
                          "checkpoint in its own process: pass model_path (a checkpoint directory), not a model object")
+    if config.lora is not None and model is not None:
+        raise ValueError(f"engine argument lora={str(config.lora)!r} is merged while loading a checkpoint: pass "
+                         "model_path, or merge it into the model object yourself (moonlet.model.lora.merge_adapter)")
     if model is None:
         config.validate()
         device = config.device
@@ -101,7 +105,8 @@ def build_engine(model_path=None, model=None, tokenizer=None, image_processor=No
         try:
             model, loaded_tokenizer, name = load_model_and_tokenizer(model_path, device, config.dtype,
                                                                      config.quantization,
-                                                                     workers.tp if workers is not None else None)
+                                                                     workers.tp if workers is not None else None,
+                                                                     lora=config.lora)
             if workers is not None:
                 workers.wait_for("loaded")
         except BaseException:

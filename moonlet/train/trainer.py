@@ -13,6 +13,9 @@ ends the step with the same parameters, QK-Clip (maxima all-reduced with MAX) an
 update (loads all-reduced with SUM), and the result equals one process running the whole global
 batch.
 
+With ``lora`` set, a checkpoint holds a PEFT adapter (``moonlet.model.lora.save_adapter``) instead of
+the model, plus the same trainer state; the base weights come from ``init_from`` (or the seed).
+
 A checkpoint is a hub-layout model directory (``moonlet.weights.save_model``, float32) plus
 ``trainer_state.pt`` (optimizer, loader, step) and, when the config names one, the tokenizer files.
 With a sharded optimizer each rank writes its shard as ``optimizer-RRRRR-of-WWWWW.pt`` beside it
@@ -92,6 +95,11 @@ class TrainConfig:
     # 1) on the token after next, its loss weighted by this (DeepSeek-V3: 0.3, later 0.1); the layer
     # shares the embedding and output head and is saved with the model (moonlet.weights.save_mtp)
     mtp_loss_weight: float = 0.0
+    # LoRA fine-tuning (moonlet.model.lora): {"r", "alpha", "dropout", "targets", "experts"} (LoraSettings'
+    # fields; {} takes its defaults). The base model is frozen (bit for bit: no QK-Clip, no router-bias
+    # update), only the low-rank factors train, with AdamW whatever ``optimizer`` says, and checkpoints
+    # hold the adapter in PEFT's format (adapter_config.json + adapter_model.safetensors) instead of the model
+    lora: dict | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -168,20 +176,26 @@ class Trainer:
             if config.tokenizer_dir is None and (init / "tiktoken.model").is_file():
                 config.tokenizer_dir = str(init)  # checkpoints carry the tokenizer they were trained with
         self.mtp = None
+        self.lora = None
+        if config.lora is not None:
+            self.lora = self._add_lora()
         trained: nn.Module = self.model
         if config.mtp_loss_weight:
             self.mtp = self._build_mtp(init if config.init_from else None)
             trained = nn.ModuleDict({"model": self.model, "mtp": self.mtp})  # shared tensors counted once
         self.trained = trained
-        self.attn = set_max_logit_recording(trained, config.optimizer == "muonclip")
-        self.balancer = LoadBalancer(trained, config.bias_update_speed, config.aux_loss_alpha)
-        groups = param_groups(trained, config.weight_decay, muon=config.optimizer in ("muonclip", "muon"))
         if config.optimizer not in ("muonclip", "muon", "adamw"):
             raise ValueError(f"unknown optimizer {config.optimizer!r}; use 'muonclip', 'muon' or 'adamw'")
+        # LoRA: AdamW on the factors only; QK-Clip and the router-bias update would change the frozen base
+        optimizer = "adamw" if self.lora is not None else config.optimizer
+        self.attn = set_max_logit_recording(trained, optimizer == "muonclip")
+        self.balancer = LoadBalancer(trained, 0.0 if self.lora is not None else config.bias_update_speed,
+                                     config.aux_loss_alpha)
+        groups = param_groups(trained, config.weight_decay, muon=optimizer in ("muonclip", "muon"))
         self.sharded = self.world > 1 and config.shard_optimizer
         self.optimizer = (ShardedMuonClip if self.sharded else MuonClip)(
             groups, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, attention_modules=self.attn,
-            qk_clip_tau=config.qk_clip_tau if config.optimizer == "muonclip" else None)
+            qk_clip_tau=config.qk_clip_tau if optimizer == "muonclip" else None)
 
         dataset = TokenDataset(config.train_data)
         if dataset.vocab_size > self.model_config.vocab_size:
@@ -195,6 +209,19 @@ class Trainer:
         self.metrics: list[dict] = []
         if resume:
             self.load_checkpoint(resume)
+
+    def _add_lora(self):
+        """Wrap the configured linears with LoRA factors (seeded) and freeze everything else."""
+        from ..model.lora import LoraSettings, add_lora, freeze_base
+
+        if self.cfg.mtp_loss_weight:
+            raise ValueError("lora and mtp_loss_weight together are not supported: the MTP layer would train in "
+                             "full; set mtp_loss_weight to 0 for a LoRA run")
+        settings = LoraSettings.from_dict(self.cfg.lora)
+        settings.base_model_name_or_path = self.cfg.init_from
+        add_lora(self.model, settings, seed=self.cfg.seed)
+        freeze_base(self.model)
+        return settings
 
     def _build_mtp(self, init: Path | None):
         """The MTP layer to train: random (seeded), or the one ``init`` carries; its embedding and
@@ -384,7 +411,13 @@ class Trainer:
         if self.rank == 0:
             from ..weights import save_model
 
-            save_model(self.model, path)
+            if self.lora is not None:
+                from ..model.lora import save_adapter
+
+                path.mkdir(parents=True, exist_ok=True)
+                save_adapter(self.model, path)
+            else:
+                save_model(self.model, path)
             if self.mtp is not None:
                 from ..weights import save_mtp
 
@@ -414,6 +447,14 @@ class Trainer:
     def _load_weights(self, path: Path) -> None:
         from safetensors.torch import load_file
 
+        from ..model.lora import ADAPTER_CONFIG_NAME
+
+        if (path / ADAPTER_CONFIG_NAME).is_file():
+            if getattr(self, "lora", None) is not None:  # resuming a LoRA run: the factors; the base came from init_from
+                self._load_lora_factors(path)
+                return
+            raise ValueError(f"{path} is a LoRA adapter checkpoint, not a model: start from its base model with "
+                             f"the same lora settings, or merge it first (moonlet.train.trainer.merge_lora_checkpoint)")
         state_dict = {}
         for f in sorted(path.glob("*.safetensors")):
             state_dict.update(load_file(str(f)))
@@ -429,6 +470,42 @@ class Trainer:
         if missing or unexpected:
             raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
+
+    @torch.no_grad()
+    def _load_lora_factors(self, path: Path) -> None:
+        from ..model.lora import lora_modules, read_adapter
+
+        adapter = read_adapter(path, self.model_config.model_type)
+        modules = lora_modules(self.model)
+        if set(adapter.factors) != set(modules):
+            raise ValueError(f"LoRA checkpoint {path} adapts {len(adapter.factors)} modules but this run's lora "
+                             f"settings select {len(modules)}; resume with the run's own lora settings "
+                             f"({sorted(set(adapter.factors) ^ set(modules))[:3]} differ)")
+        for name, (a, b) in adapter.factors.items():
+            m = modules[name]
+            if a.shape != m.lora_A.weight.shape or b.shape != m.lora_B.weight.shape:
+                raise ValueError(f"LoRA checkpoint {path}: {name} has rank {a.shape[0]}, this run's r is {m.r}")
+            m.lora_A.weight.copy_(a)
+            m.lora_B.weight.copy_(b)
+
+    def export_lora(self, path: str | os.PathLike, merged: bool = False) -> Path:
+        """Write the trained adapter (PEFT format, + tokenizer files) to ``path``; with ``merged`` a
+        full hub-layout checkpoint (float32) of the base with the adapter folded in instead, which
+        anything that loads a moonlet checkpoint can serve. The trainer's model is left as it is."""
+        import copy
+
+        from ..model.lora import merge_lora, save_adapter
+        from ..weights import save_model
+
+        if self.lora is None:
+            raise ValueError("export_lora: this run has no lora settings (TrainConfig.lora)")
+        path = Path(path)
+        if merged:
+            save_model(merge_lora(copy.deepcopy(self.model)), path)
+        else:
+            save_adapter(self.model, path)
+        copy_tokenizer(self.cfg.tokenizer_dir, path)
+        return path
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore model, optimizer, loader and step from a checkpoint directory (or a run's out_dir,
@@ -476,6 +553,21 @@ def resolve_init(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"init_from {str(path)!r} is neither a checkpoint ({STATE_NAME}, or checkpoints/latest "
                             f"under a run directory) nor a model directory (config.json + *.safetensors), nor "
                             f"{DEFAULT_MODEL!r} (the bundled model)")
+
+
+def merge_lora_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike,
+                          dtype: torch.dtype | str | None = None) -> Path:
+    """A full checkpoint at ``out``: the model at ``base`` (a model directory, a checkpoint or
+    "moonlet-tiny") with the LoRA ``adapter`` directory merged in (``load_model(lora=...)``), saved
+    with ``save_model`` in ``dtype`` (default float32), plus the base's tokenizer files."""
+    from ..weights import load_model, save_model
+
+    base = resolve_init(base)
+    model = load_model(base, dtype=torch.float32, lora=adapter)
+    out = Path(out)
+    save_model(model, out, dtype=dtype)
+    copy_tokenizer(base, out)
+    return out
 
 
 def copy_tokenizer(tokenizer_dir: str | os.PathLike | None, dest: Path) -> None:
