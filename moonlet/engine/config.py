@@ -376,11 +376,11 @@ def add_engine_cli_args(parser) -> None:
     g.add_argument("--speculative", choices=list(SPECULATIVE_METHODS), default=None,
                    help="speculative decoding: 'ngram' drafts continuations of earlier occurrences of each "
                         "sequence's last tokens (prompt lookup), 'draft' the greedy continuation of a smaller model "
-                        "(--speculative-model); the drafts are verified in the same forward and the output does "
-                        "not change (default: off)")
+                        "(--speculative-model), 'mtp' the checkpoint's multi-token-prediction layer (DeepSeek-V3); "
+                        "the drafts are verified in the same forward and the output does not change (default: off)")
     g.add_argument("--speculative-model", default=None, metavar="PATH",
                    help="with --speculative draft: the draft model's checkpoint directory (a smaller model with the "
-                        "same tokenizer)")
+                        "same tokenizer); with mtp: where the MTP layer is (default: the model's own directory)")
     g.add_argument("--num-speculative-tokens", type=int, default=None,
                    help="with --speculative: most draft tokens per sequence and step (default 4)")
     g.add_argument("--ngram-max", type=int, default=None,
