@@ -293,3 +293,19 @@ def test_cli_flag_reaches_the_engine_config():
     add_engine_cli_args(parser)
     assert engine_args_from_cli(parser.parse_args(["--lora", "my-adapter"]))["lora"] == "my-adapter"
     assert "lora" not in engine_args_from_cli(parser.parse_args([]))
+
+
+def test_lora_merge_command_writes_the_merged_checkpoint(ckpt, tmp_path):
+    """`moonlet lora merge`: the written checkpoint loads to the weights load_model(lora=) merges."""
+    from moonlet.cli import main
+
+    model = load_model(ckpt, dtype=torch.float32)
+    add_lora(model, LoraSettings(r=2, alpha=4.0))
+    _randomize_lora(model, seed=5)
+    save_adapter(model, tmp_path / "adapter")
+    out = tmp_path / "merged"
+    assert main(["lora", "merge", "--base", str(ckpt), "--adapter", str(tmp_path / "adapter"), "--out", str(out)]) == 0
+    want = load_model(ckpt, dtype=torch.float32, lora=tmp_path / "adapter").state_dict()
+    got = load_model(out, dtype=torch.float32).state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert main(["lora", "merge", "--base", str(ckpt), "--adapter", str(tmp_path / "adapter"), "--out", str(out)]) == 1

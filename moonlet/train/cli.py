@@ -49,6 +49,23 @@ def register(sub) -> None:
                    help="fraction of expressions with operands of up to four digits (default 0: one or two)")
     e.set_defaults(func=run_eval)
 
+    lo = sub.add_parser("lora", help="LoRA adapters: merge one into a full checkpoint",
+                        description="LoRA adapters in PEFT's format (what `moonlet train` writes with a `lora` "
+                                    "config, or PEFT's save_pretrained).")
+    losub = lo.add_subparsers(dest="lora_command", metavar="ACTION")
+    m = losub.add_parser("merge", help="merge an adapter into its base model and write a full checkpoint",
+                         description="Load BASE (a checkpoint directory, or 'moonlet-tiny'), merge ADAPTER into its "
+                                     "weights (W + alpha/r * B A), and write the result with its tokenizer to OUT, "
+                                     "ready for `moonlet serve --model OUT`.")
+    m.add_argument("--base", required=True, help="the base model's directory (or 'moonlet-tiny')")
+    m.add_argument("--adapter", required=True, help="the adapter directory (adapter_config.json + "
+                                                    "adapter_model.safetensors)")
+    m.add_argument("--out", required=True, help="where to write the merged checkpoint (must not exist)")
+    m.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written weights (default float32)")
+    m.set_defaults(func=run_lora_merge)
+    lo.set_defaults(func=lambda args: (lo.print_help(), 2)[1])
+
     d = sub.add_parser("data", help="build training data (chat conversations -> token shards)",
                        description="Build token datasets for `moonlet train`.")
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
@@ -220,4 +237,17 @@ def run_data_chat(args) -> int:
         print(f"  skipped {err}")
     if report.skipped > 5:
         print(f"  ... {report.skipped - 5} more (all in {args.out}/report.json, up to {len(report.errors)})")
+    return 0
+
+
+def run_lora_merge(args) -> int:
+    from pathlib import Path
+
+    from .trainer import merge_lora_checkpoint
+
+    out = Path(args.out)
+    if out.exists():
+        raise ValueError(f"--out {args.out!r} already exists; give a new directory (nothing is overwritten)")
+    merge_lora_checkpoint(args.base, args.adapter, out, dtype=args.dtype)
+    print(f"merged {args.adapter} into {args.base}: {out}")
     return 0
