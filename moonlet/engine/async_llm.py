@@ -157,14 +157,15 @@ class AsyncLLM:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         stream = _Stream(asyncio.get_running_loop())
         with self._lock:
-            waiting = len(self.engine.scheduler.waiting) + self._queued_adds
+            # waiting sequences: queued, parked samples (n > 1) and requests not yet handed to the engine
+            waiting = len(self.engine.scheduler.waiting) + self.engine.scheduler.num_parked + self._queued_adds
             if waiting >= self.engine.config.max_waiting:
                 raise EngineOverloadedError(waiting, self.engine.config.max_waiting)
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = stream
             self._commands.append(("add", request_id, ids, params))
-            self._queued_adds += 1
+            self._queued_adds += params.n  # sequences: each sample waits as one
         self._wakeup.set()
         finished = False
         running = set(range(params.n))  # samples not finished yet
@@ -213,7 +214,7 @@ class AsyncLLM:
                     return
                 cmd = self._commands.popleft()
                 if cmd[0] == "add":
-                    self._queued_adds -= 1
+                    self._queued_adds -= cmd[3].n
             if cmd[0] == "add":
                 _, rid, ids, params = cmd
                 try:

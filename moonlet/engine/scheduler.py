@@ -95,8 +95,10 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.prompt_tokens_total = 0
-        # parallel sampling: sample 0 of a request -> its other samples, waiting for its prompt
+        # parallel sampling: sample 0 of a request -> its other samples, waiting for its prompt; their
+        # count is kept as a plain int (read from other threads: AsyncLLM's admission check)
         self.parked: dict[Sequence, list[Sequence]] = {}
+        self.num_parked = 0
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -111,13 +113,10 @@ class Scheduler:
             for seq in seqs[1:]:
                 seq.status = SequenceStatus.WAITING
             self.parked[seqs[0]] = list(seqs[1:])
+            self.num_parked += len(seqs) - 1
         else:
             for seq in seqs[1:]:
                 self.add(seq)
-
-    @property
-    def num_parked(self) -> int:
-        return sum(len(rest) for rest in self.parked.values())
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.parked)
@@ -127,6 +126,7 @@ class Scheduler:
         for leader in reversed(leaders):
             for seq in reversed(self.parked.pop(leader, ())):
                 self.waiting.appendleft(seq)
+                self.num_parked -= 1
 
     def _release_ready(self) -> None:
         """Release the samples whose sample 0 has computed its prompt (the step after which its full
@@ -152,6 +152,7 @@ class Scheduler:
         for leader, rest in self.parked.items():
             if seq in rest:
                 rest.remove(seq)
+                self.num_parked -= 1
                 if not rest:
                     del self.parked[leader]
                 return True

@@ -157,3 +157,46 @@ def test_duplicate_request_id_is_refused(model):
             await first.aclose()
         asyncio.run(run())
         assert wait_until(lambda: llm.stats()["blocks_free"] == 32)
+
+
+def test_samples_count_toward_the_waiting_limit(model):
+    """max_waiting counts sequences: a request with n = 3 fills three of the places, queued or parked."""
+    llm = AsyncLLM(model=model, num_blocks=32, max_waiting=4, start=False)
+
+    async def run():
+        big = llm.generate([1, 2, 3], SamplingParams(max_tokens=2, n=3))
+        first = asyncio.ensure_future(big.__anext__())
+        await asyncio.sleep(0.02)
+        small = [llm.generate([4 + i, 5], SamplingParams(max_tokens=2)) for i in range(2)]
+        firsts = [asyncio.ensure_future(g.__anext__()) for g in small]
+        await asyncio.sleep(0.05)
+        assert not firsts[0].done()  # 3 + 1 = 4 places
+        assert firsts[1].done() and isinstance(firsts[1].exception(), EngineOverloadedError)
+        llm.start()
+        await asyncio.gather(first, firsts[0])
+        for g in [big] + small:
+            await g.aclose()
+
+    try:
+        asyncio.run(run())
+        assert wait_until(lambda: llm.stats()["running"] == 0 and llm.stats()["waiting"] == 0)
+    finally:
+        llm.shutdown()
+    assert llm.engine.scheduler.num_parked == 0 and llm.stats()["blocks_free"] == 32
+
+
+def test_parked_count_follows_the_groups(model):
+    from moonlet.engine import LLM
+
+    llm = LLM(model=model, num_blocks=64)
+    core = llm.engine
+    core.add_request("a", [1, 2, 3, 4, 5], SamplingParams(max_tokens=3, n=4))
+    core.add_request("b", [6, 7, 8], SamplingParams(max_tokens=3, n=2))
+    sched = core.scheduler
+    assert sched.num_parked == 4 == sum(len(rest) for rest in sched.parked.values())
+    core.abort_request("b")
+    assert sched.num_parked == 3
+    while core.has_unfinished():
+        core.step()
+        assert sched.num_parked == sum(len(rest) for rest in sched.parked.values())
+    assert sched.num_parked == 0
