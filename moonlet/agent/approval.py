@@ -1,6 +1,8 @@
 """Approval policy for tool calls: `ask` (every call), `reads` (read-only tools run without asking,
-the rest ask) or `yolo` (nothing asks). Asking needs a prompt function; without one (no terminal)
-a call that needs approval is rejected with a message saying how to allow it."""
+the rest ask), `yolo` (nothing asks) or `plan` (read-only tools run, every other call is refused
+without asking: the agent investigates and answers with a plan; resume with another mode to carry
+it out). Asking needs a prompt function; without one (no terminal) a call that needs approval is
+rejected with a message saying how to allow it."""
 
 from __future__ import annotations
 
@@ -9,7 +11,12 @@ import sys
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-MODES = ("ask", "reads", "yolo")
+MODES = ("ask", "reads", "yolo", "plan")
+PLAN_REFUSAL = ("plan mode: this session may only read and investigate, not change anything or run commands. "
+                "Put this step in your plan instead, and finish with the complete plan.")
+PLAN_PROMPT = ("# Plan mode\nYou are in plan mode: use only the read-only tools to investigate, make no changes, and "
+               "reply with a concrete step-by-step plan (files, changes, commands, how to verify). The user will "
+               "review it and run the session again to carry it out.")
 
 
 @dataclass
@@ -34,12 +41,14 @@ class ApprovalPolicy:
     def needs_asking(self, tool) -> bool:
         if self.mode == "yolo" or tool.name in self.always:
             return False
-        return not (self.mode == "reads" and tool.read_only)
+        return not (self.mode in ("reads", "plan") and tool.read_only)
 
     async def check(self, tool, args: dict, agent=None, force: bool = False) -> Decision:
         """`force` asks even where the policy would not (a PreToolUse hook answered "ask")."""
         if not force and not self.needs_asking(tool):
             return Decision(True)
+        if self.mode == "plan":
+            return Decision(False, PLAN_REFUSAL)
         if self.prompt is None:
             if force:
                 return Decision(False, "a PreToolUse hook asked for the user's confirmation and there is no "

@@ -81,8 +81,9 @@ def _agent_args(p, resume: bool = False) -> None:
     g = p.add_argument_group("agent")
     g.add_argument("--workdir", help="directory the file tools are confined to (default: current directory)")
     g.add_argument("--yolo", action="store_true", help="approve every tool call without asking")
-    g.add_argument("--approval", choices=("ask", "reads", "yolo"),
-                   help="ask for every call, auto-approve reads (default), or approve everything")
+    g.add_argument("--approval", choices=("ask", "reads", "yolo", "plan"),
+                   help="ask for every call, auto-approve reads (default), approve everything, or plan: read-only "
+                        "tools only, the agent answers with a plan (resume with another mode to carry it out)")
     g.add_argument("--max-steps", type=int, help="step budget for the session (default 1000)")
     g.add_argument("--max-hours", type=float, help="wall-clock budget for the session in hours")
     g.add_argument("--max-tokens", type=int, help="token budget (input + output of all model calls)")

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from .approval import ApprovalPolicy
+from .approval import PLAN_PROMPT, ApprovalPolicy
 from .client import AnthropicClient, APIError, RetryNotice
 from .compress import CompactionConfig, Compressor
 from .events import AgentEvents
@@ -247,6 +247,8 @@ class Agent:
         """The system prompt as sent: with the project instructions and the SessionStart hooks'
         context, if any."""
         text = self.system
+        if self.approval.mode == "plan":
+            text += "\n\n" + PLAN_PROMPT
         if self.instructions:
             text += "\n\n" + self.instructions.render()
         if self.session_context:
@@ -627,7 +629,9 @@ class Agent:
                 decision = await self.approval.check(tool, pre.updated_input if pre.updated_input is not None
                                                      else args, self, force=pre.permission == "ask")
                 approved = decision.approved
-                if not approved:
+                if not approved and self.approval.mode == "plan":
+                    result = error(decision.feedback)  # refused by the mode, not by the user
+                elif not approved:
                     result = error("The user did not approve this call." +
                                    (f" Their feedback: {decision.feedback}" if decision.feedback else ""))
             notes = ["[context from PreToolUse hooks]\n" + "\n\n".join(pre.context)] if pre.context else []
