@@ -42,6 +42,18 @@ def register(sub) -> None:
     show.add_argument("--db", help="session database (default: $MOONLET_HOME/agent/sessions.db)")
     show.set_defaults(func=cmd_show)
 
+    rw = asub.add_parser("rewind", help="undo the file changes a session's file tools made since a step",
+                         description="Restore every file that write_file / str_replace changed (in the session and "
+                                     "its sub-agents) since the start of step STEP to what it held before; files "
+                                     "they created are deleted. Changes made by shell commands are not tracked. The "
+                                     "conversation is kept: tell the agent what was undone when you resume.")
+    rw.add_argument("session")
+    rw.add_argument("--step", type=int, default=None,
+                    help="undo the changes of this step and later ones (default: the last step that changed files)")
+    rw.add_argument("--dry-run", action="store_true", help="only list what would be restored")
+    rw.add_argument("--db")
+    rw.set_defaults(func=cmd_rewind)
+
     exp = asub.add_parser("export", help="write a session's full trace (sub-agents included) as JSONL")
     exp.add_argument("session")
     exp.add_argument("-o", "--output", help="file to write (default: stdout)")
@@ -631,6 +643,63 @@ def cmd_show(args) -> int:
     finally:
         store.close()
     return 0
+
+
+def rewind_plan(store, sid: str, step: int | None) -> tuple[int | None, dict[str, bytes | None]]:
+    """(the step undone from, {path: content to restore, None to delete}) for rewinding ``sid``: the
+    earliest snapshot of each path taken since that step began, in the session or any sub-agent of
+    it (sub-agents are matched by time: their changes after the step's first record count)."""
+    sessions = [sid]
+    for child in sessions:
+        sessions.extend(c["id"] for c in store.children(child))
+    own = store.file_snapshots(sid)
+    if step is None:
+        if own:
+            step = own[-1]["step"]
+        else:  # only sub-agents changed files: undo the step that started the last of them
+            child = [r for s in sessions[1:] for r in store.file_snapshots(s)]
+            if not child:
+                return None, {}
+            step = max((m["step"] for m in store.messages(sid) if m["created_at"] <= max(r["created_at"] for r in child)),
+                       default=0)
+    started = min((m["created_at"] for m in store.messages(sid) if m["step"] >= step), default=None)
+    rows = [r for r in own if r["step"] >= step]
+    if started is not None:
+        rows += [r for s in sessions[1:] for r in store.file_snapshots(s) if r["created_at"] >= started]
+    rows.sort(key=lambda r: r["created_at"])
+    plan: dict[str, bytes | None] = {}
+    for r in rows:
+        plan.setdefault(r["path"], r["content"] if r["existed"] else None)
+    return step, plan
+
+
+def cmd_rewind(args) -> int:
+    store = _store(args)
+    try:
+        sid = store.find_session(args.session)["id"]
+        step, plan = rewind_plan(store, sid, args.step)
+        if not plan:
+            print(f"session {sid}: its file tools changed nothing" + (f" since step {step}" if step is not None
+                                                                       else ""), file=sys.stderr)
+            return 0
+        for path, content in sorted(plan.items()):
+            what = "delete (created by the agent)" if content is None else f"restore {len(content)} bytes"
+            print(f"{'would ' if args.dry_run else ''}{what}: {path}")
+            if args.dry_run:
+                continue
+            if content is None:
+                if os.path.exists(path):
+                    os.remove(path)
+            else:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as fh:
+                    fh.write(content)
+        if not args.dry_run:
+            store.event(sid, step, "rewind", {"step": step, "files": sorted(plan)})
+            print(f"session {sid}: file changes since step {step} undone ({len(plan)} files)", file=sys.stderr)
+        return 0
+    finally:
+        store.close()
 
 
 def cmd_export(args) -> int:

@@ -46,7 +46,10 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS subagents (
   parent_id TEXT, child_id TEXT, tool_use_id TEXT, idx INTEGER, item TEXT, status TEXT,
   result TEXT, error TEXT, started_at REAL, finished_at REAL);
+CREATE TABLE IF NOT EXISTS file_snapshots (
+  session_id TEXT, step INTEGER, tool_use_id TEXT, path TEXT, existed INTEGER, content BLOB, created_at REAL);
 CREATE INDEX IF NOT EXISTS messages_by_session ON messages (session_id, seq);
+CREATE INDEX IF NOT EXISTS file_snapshots_by_session ON file_snapshots (session_id, step);
 CREATE INDEX IF NOT EXISTS checkpoints_by_session ON checkpoints (session_id, step);
 CREATE INDEX IF NOT EXISTS tool_calls_by_session ON tool_calls (session_id, tool_use_id);
 CREATE INDEX IF NOT EXISTS sessions_by_parent ON sessions (parent_id);
@@ -225,6 +228,16 @@ class SessionStore:
 
     def usage(self, sid: str) -> list[dict]:
         return self._all("SELECT * FROM usage WHERE session_id=? ORDER BY started_at", (sid,))
+
+    def record_file_snapshot(self, sid: str, step: int, tool_use_id: str, path: str, content: bytes | None) -> None:
+        """The content ``path`` (absolute) had before a file tool changed it at ``step`` (None: it did not
+        exist), for ``moonlet agent rewind``."""
+        self._exec("INSERT INTO file_snapshots VALUES (?,?,?,?,?,?,?)",
+                   (sid, step, tool_use_id, path, int(content is not None), content, time.time()))
+
+    def file_snapshots(self, sid: str, from_step: int = 0) -> list[dict]:
+        """Snapshots taken at ``from_step`` or later, oldest first."""
+        return self._all("SELECT * FROM file_snapshots WHERE session_id=? AND step>=? ORDER BY rowid", (sid, from_step))
 
     def event(self, sid: str, step: int, kind: str, data: dict | None = None) -> None:
         self._exec("INSERT INTO events VALUES (?,?,?,?,?)", (sid, step, kind, _dump(data or {}), time.time()))

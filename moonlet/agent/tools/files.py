@@ -60,6 +60,15 @@ class ReadFileTool(Tool):
         return ToolResult(text or "[empty file]")
 
 
+def snapshot(path, ctx: ToolContext) -> None:
+    """Record what ``path`` holds before a file tool changes it (the session store, for rewind)."""
+    agent = ctx.agent
+    if agent is None or getattr(agent, "store", None) is None:
+        return
+    content = path.read_bytes() if path.is_file() else None
+    agent.store.record_file_snapshot(agent.session_id, agent.state.steps, ctx.tool_use_id, str(path), content)
+
+
 class WriteFileTool(Tool):
     name = "write_file"
     description = "Write a text file in the work directory (creating parent folders), replacing it or appending."
@@ -77,6 +86,7 @@ class WriteFileTool(Tool):
         path = ctx.workspace.resolve(args["path"])
         if path.is_dir():
             raise ToolError(f"{args['path']!r} is a directory")
+        snapshot(path, ctx)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a" if args.get("append") else "w", encoding="utf-8") as f:
             f.write(args["content"])
@@ -114,6 +124,7 @@ class StrReplaceTool(Tool):
                 start = i + 1
             raise ToolError(f"`old` occurs {count} times in {args['path']} (at lines {', '.join(lines)}); include "
                             "more surrounding text so it matches exactly once")
+        snapshot(path, ctx)
         path.write_text(text.replace(old, new, 1), encoding="utf-8")
         line = text.count("\n", 0, text.index(old)) + 1
         return ToolResult(f"replaced 1 occurrence in {ctx.workspace.relative(path)} at line {line}")
