@@ -193,6 +193,13 @@ class AsyncLLM:
         finish_reason 'abort' for each of its samples still going."""
         self._submit_abort(request_id)
 
+    async def abort_sample(self, request_id: str, index: int) -> None:
+        """Stop sample ``index`` of a request with ``n > 1`` (no-op if unknown or finished); its stream
+        gets that sample's final output with finish_reason 'abort', the other samples go on."""
+        with self._lock:
+            self._commands.append(("abort_sample", request_id, index))
+        self._wakeup.set()
+
     def _submit_abort(self, request_id: str) -> None:
         with self._lock:
             self._commands.append(("abort", request_id))
@@ -221,6 +228,10 @@ class AsyncLLM:
                     self.engine.add_request(rid, ids, params)
                 except Exception as e:  # noqa: BLE001 - reported to the caller, the engine goes on
                     self._deliver(rid, e)
+            elif cmd[0] == "abort_sample":
+                out = self.engine.abort_sample(cmd[1], cmd[2])
+                if out is not None:
+                    self._deliver(cmd[1], out)
             else:
                 for out in self.engine.abort_samples(cmd[1]):
                     self._deliver(cmd[1], out)

@@ -386,6 +386,19 @@ class EngineCore:
         outputs = self.abort_samples(request_id)
         return outputs[0] if outputs else None
 
+    def abort_sample(self, request_id: str, index: int) -> RequestOutput | None:
+        """Stop one sample of a request with ``n > 1`` (its reply is complete; the others go on); its
+        final output has finish_reason 'abort'. None when that sample is unknown or finished."""
+        seqs = self.samples.get(request_id)
+        seq = next((s for s in seqs or () if s.index == index), None)
+        if seq is None:
+            return None
+        self.scheduler.remove(seq)
+        seq.abort()
+        out = seq.make_output()
+        self._finish(seq)  # the request finishes with its last sample
+        return out
+
     def abort_samples(self, request_id: str) -> list[RequestOutput]:
         """``abort_request``, returning the final output of every sample it stopped, in index order
         (empty if the request is unknown or finished)."""

@@ -430,8 +430,9 @@ class EngineRun:
 
     async def collect(self, request, on_output, done=None) -> bool:
         """For a non-streamed reply: hand the outputs after the first to ``on_output`` (see
-        ``outputs``), checking for a disconnect between them. False when the client has gone (the
-        handler answers 499; its ``finally`` closes the run); an engine failure is raised."""
+        ``outputs``; it may be a coroutine function), checking for a disconnect between them. False
+        when the client has gone (the handler answers 499; its ``finally`` closes the run); an engine
+        failure is raised."""
         gone = disconnect_checker(request)
         async for out in self.outputs(done, timeout=1.0):
             if isinstance(out, APIError):
@@ -439,7 +440,9 @@ class EngineRun:
             if await gone():
                 return False
             if out is not None:
-                on_output(out)
+                result = on_output(out)
+                if inspect.isawaitable(result):
+                    await result
         return True
 
     def _take(self, item):
@@ -473,6 +476,13 @@ class EngineRun:
             self._running.discard(index)
             self.finished = not self._running
         return item
+
+    async def stop_sample(self, index: int) -> None:
+        """Stop sample ``index`` of an ``n > 1`` run whose reply needs no more of it (a single tool call
+        made), so the engine stops computing it; the others go on. No-op when it is finished or the
+        engine cannot stop one sample."""
+        if self.n > 1 and index in self._running and hasattr(self.engine, "abort_sample"):
+            await self.engine.abort_sample(self.request_id, index)
 
     async def close(self) -> None:
         if self._closed:

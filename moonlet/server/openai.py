@@ -374,6 +374,8 @@ async def chat_completions(body: ChatRequest, request: Request):
         usage = bool((body.stream_options or {}).get("include_usage"))
         return SSEResponse(_chat_stream(run, first, prompt, choices, lp, body.model, cid, created, usage))
     try:
+        stopping: list[int] = []
+
         def take(out) -> None:
             c = choices[out.index]
             if c.reply.done:  # a single call already ended this choice; the rest is not part of it
@@ -381,11 +383,18 @@ async def chat_completions(body: ChatRequest, request: Request):
             if lp is not None:
                 c.entries.extend(lp.chat(out.new_token_ids, out.new_logprobs))
             c.reply.feed(c.parser.feed(out.new_text))
+            if c.reply.done and not out.finished:
+                stopping.append(c.index)  # its sample need not run on (stopped below, off this callback)
+
+        async def take_and_stop(out) -> None:
+            take(out)
+            while stopping:
+                await run.stop_sample(stopping.pop())
 
         for c in choices:
             c.reply.feed(c.parser.feed(prompt.output_prefix))
         take(first)
-        if not await run.collect(request, take, lambda: all(c.reply.done for c in choices)):
+        if not await run.collect(request, take_and_stop, lambda: all(c.reply.done for c in choices)):
             return Response(status_code=499)
         out_choices = []
         for c in choices:
@@ -447,6 +456,8 @@ async def _chat_stream(run: EngineRun, first, prompt, choices: list[_ChatChoice]
             text = emit(out)
             if text:
                 yield text
+            if choices[out.index].ended and not out.finished:  # a single call ended it: stop its sample
+                await run.stop_sample(out.index)
         tail = "".join(end(c) for c in choices if not c.ended)
         if include_usage:
             tail += chunk(None, usage=True)

@@ -226,3 +226,26 @@ def test_structured_samples_each_follow_the_grammar(tmp_path):
                 assert value["colour"] in ("red", "green", "blue") and isinstance(value["n"], int)
         assert sum(o.finish_reason == "stop" for o in group) >= 2
         assert all_free(llm)
+
+
+def test_stopping_one_sample_leaves_the_others(model):
+    """abort_sample: that sample ends with 'abort' and frees its blocks; the others run to the end with
+    the model's greedy output; the request finishes with its last sample."""
+    llm = LLM(model=model, num_blocks=64)
+    engine = llm.engine
+    prompt = prompt_of(9, seed=3)
+    engine.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=3))
+    for _ in range(4):
+        engine.step()
+    stopped = engine.abort_sample("r", 1)
+    assert stopped.index == 1 and stopped.finish_reason == "abort" and stopped.finished
+    assert engine.abort_sample("r", 1) is None  # already stopped
+    finals = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finals[out.index] = out
+    expected = greedy_reference(model, prompt, 12)
+    assert sorted(finals) == [0, 2] and all(finals[i].token_ids == expected for i in (0, 2))
+    stats = engine.stats()
+    assert stats["requests_finished"] == 1 and stats["blocks_free"] == stats["blocks_total"]

@@ -63,6 +63,7 @@ class ScriptedEngine:
         self.default = Script()
         self.calls: list[Call] = []
         self.aborted: list[str] = []
+        self.stopped_samples: list[tuple[str, int]] = []  # (request id, sample index) stopped by the server
         self.finished: list[str] = []
         self.running = 0
 
@@ -82,6 +83,10 @@ class ScriptedEngine:
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
+    async def abort_sample(self, request_id: str, index: int) -> None:
+        """Stop one sample of an n > 1 request: its script is not played further."""
+        self.stopped_samples.append((request_id, index))
+
     async def generate(self, prompt_token_ids, params, request_id):
         """One script per sample: ``params.n`` (parallel sampling) takes the next n scripts (the default
         for any missing) and interleaves their outputs round-robin, each with its ``index``."""
@@ -97,12 +102,18 @@ class ScriptedEngine:
         streams = [self._replay(script, prompt_token_ids, params, request_id, i) for i, script in enumerate(scripts)]
         self.running += 1
         try:
-            while streams:
-                for stream in list(streams):
+            alive = [True] * len(streams)
+            while any(alive):
+                for i, stream in enumerate(streams):
+                    if not alive[i]:
+                        continue
+                    if (request_id, i) in self.stopped_samples:
+                        alive[i] = False
+                        continue
                     try:
                         yield await stream.__anext__()
                     except StopAsyncIteration:
-                        streams.remove(stream)
+                        alive[i] = False
             self.finished.append(request_id)
         finally:
             self.running -= 1

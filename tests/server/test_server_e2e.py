@@ -205,3 +205,4 @@ def test_client_disconnect_frees_every_choice(stack, monkeypatch):
     after = llm.stats()  # the request was aborted (all its samples), not run to its end
     assert after["requests_aborted"] == before["requests_aborted"] + 1
     assert after["requests_finished"] == before["requests_finished"]
+

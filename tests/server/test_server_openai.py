@@ -267,3 +267,32 @@ def test_completions_n(client, engine):
     assert texts == {0: " alpha beta", 1: " gamma", 2: " delta epsilon zeta"}
     assert finishes == {0: "stop", 1: "stop", 2: "stop"}
     assert chunks[-1].usage.prompt_tokens == len(tok.encode("hi"))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_choice_ended_by_its_single_call_stops_its_sample(client, engine, stream):
+    """parallel_tool_calls false with n choices: when a choice's one call is complete, the server stops
+    that sample in the engine (it would otherwise generate on: here, a second call and more text)."""
+    def script(city):
+        return Script('<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{"city": "' + city +
+                      '"}<|tool_call_end|><|tool_call_begin|>functions.get_weather:1<|tool_call_argument_begin|>'
+                      '{"city": "X"}<|tool_call_end|><|tool_calls_section_end|>' + " and more" * 20, delay=0.002)
+
+    engine.stopped_samples.clear()
+    engine.push(script("Oslo"), script("Rome"))
+    kwargs = dict(model="m", messages=USER, tools=TOOLS, tool_choice="required", n=2, parallel_tool_calls=False)
+    if stream:
+        calls = {}
+        for chunk in client.chat.completions.create(stream=True, **kwargs):
+            for ch in chunk.choices:
+                for tc in ch.delta.tool_calls or []:
+                    if tc.function and tc.function.arguments:
+                        calls[ch.index] = calls.get(ch.index, "") + tc.function.arguments
+        cities = [json.loads(calls[i])["city"] for i in (0, 1)]
+    else:
+        r = client.chat.completions.create(**kwargs)
+        assert [len(c.message.tool_calls) for c in r.choices] == [1, 1]
+        cities = [json.loads(c.message.tool_calls[0].function.arguments)["city"] for c in r.choices]
+    assert cities == ["Oslo", "Rome"]
+    rid = engine.calls[-1].request_id
+    assert sorted(engine.stopped_samples) == [(rid, 0), (rid, 1)]
