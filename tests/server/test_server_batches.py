@@ -156,3 +156,19 @@ def test_a_batch_survives_a_restart(tokenizer, tmp_path):
     assert len(rerun) == 6 - len(done_before)  # recorded requests are not run again, the others are
     for cid in done_before:
         assert not any(f"question {cid[1:]}<" in text for text in rerun)
+
+
+def test_a_batch_past_its_expiry_marks_the_rest_expired(tokenizer, tmp_path):
+    engine, app = _server(tokenizer, tmp_path, batch_concurrency=1)
+    engine.default = Script("slow " * 10, delay=0.02)
+    with LiveServer(app) as server:
+        client = _client(server)
+        batch = client.messages.batches.create(requests=[_req(f"r{j}") for j in range(5)])
+        app.state.batches.get(batch.id).expires_at = time.time()  # as if 24 hours had passed
+        ended = _wait(client, batch.id)
+        counts = ended.request_counts
+        assert counts.expired >= 3 and counts.succeeded + counts.expired == 5
+        kinds = [r.result.type for r in client.messages.batches.results(batch.id)]
+        assert kinds == sorted(kinds, key=lambda k: k != "succeeded")  # finished ones first, then expired
+    with open(tmp_path / batch.id / "results.jsonl") as fh:  # the expired results are stored too
+        assert sum(json.loads(line)["result"]["type"] == "expired" for line in fh) == counts.expired
