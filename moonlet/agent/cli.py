@@ -42,6 +42,16 @@ def register(sub) -> None:
     show.add_argument("--db", help="session database (default: $MOONLET_HOME/agent/sessions.db)")
     show.set_defaults(func=cmd_show)
 
+    fk = asub.add_parser("fork", help="copy a session as it was at a checkpoint, to continue it another way",
+                         description="Create a new session holding SESSION's task, settings and transcript up to "
+                                     "its checkpoint of STEP (default: the latest); continue it with `moonlet agent "
+                                     "resume NEW MESSAGE`. The original is not changed. Files are shared, not copied.")
+    fk.add_argument("session")
+    fk.add_argument("--step", type=int, default=None, help="fork from the checkpoint of this step (or the one before)")
+    fk.add_argument("--session-id", help="id for the new session (default: random)")
+    fk.add_argument("--db")
+    fk.set_defaults(func=cmd_fork)
+
     rw = asub.add_parser("rewind", help="undo the file changes a session's file tools made since a step",
                          description="Restore every file that write_file / str_replace changed (in the session and "
                                      "its sub-agents) since the start of step STEP to what it held before; files "
@@ -671,6 +681,18 @@ def rewind_plan(store, sid: str, step: int | None) -> tuple[int | None, dict[str
     for r in rows:
         plan.setdefault(r["path"], r["content"] if r["existed"] else None)
     return step, plan
+
+
+def cmd_fork(args) -> int:
+    store = _store(args)
+    try:
+        new = store.fork(args.session, args.step, args.session_id)
+        print(new)
+        print(f"forked {args.session} into {new}; continue it with: moonlet agent resume {new} \"MESSAGE\"",
+              file=sys.stderr)
+        return 0
+    finally:
+        store.close()
 
 
 def cmd_rewind(args) -> int:

@@ -289,6 +289,38 @@ class SessionStore:
                      "_kind": by_seq[s]["kind"]} for s in seqs if s in by_seq]
         return Restored(session, messages, state, cp["step"] if cp else 0, dropped)
 
+    def fork(self, sid: str, step: int | None = None, new_id: str | None = None) -> str:
+        """A new session that starts where ``sid`` was at its checkpoint of ``step`` (default: its
+        latest): the same task and configuration, its transcript up to that checkpoint (compactions
+        included), and the checkpoint itself, so ``resume`` continues the copy while the original stays
+        as it is. Returns the new id. ValueError for an unknown step or a sub-agent session."""
+        session = self.find_session(sid)
+        sid = session["id"]
+        if session["parent_id"]:
+            raise ValueError(f"session {sid} is a sub-agent of {session['parent_id']}; fork the top session")
+        cps = self.checkpoints(sid)
+        if step is not None:
+            cps = [c for c in cps if c["step"] <= step]
+        if not cps:
+            raise ValueError(f"session {sid} has no checkpoint" + (f" at or before step {step}" if step is not None
+                                                                   else "") + "; nothing to fork from")
+        cp = cps[-1]
+        new = self.create_session(session["task"], session["config"], label=session["label"], session_id=new_id)
+        last_seq = cp["last_seq"]
+        with self._lock:
+            self._db.execute("INSERT INTO messages SELECT ?, seq, step, role, kind, content, created_at, 0 "
+                             "FROM messages WHERE session_id=? AND seq<=? AND discarded=0", (new, sid, last_seq))
+            self._db.execute("INSERT INTO compactions SELECT ?, step, marker_seq, reason, tokens_before, tokens_after, "
+                             "kept, summarized, summary, context, created_at, 0 FROM compactions "
+                             "WHERE session_id=? AND marker_seq<=? AND discarded=0", (new, sid, last_seq))
+            self._db.execute("INSERT INTO checkpoints VALUES (?,?,?,?,?)",
+                             (new, cp["step"], last_seq, _dump(cp["state"]), time.time()))
+            self._db.execute("UPDATE sessions SET status='stopped' WHERE id=?", (new,))
+        row = self._one("SELECT MAX(seq) AS m FROM messages WHERE session_id=?", (new,))
+        self._seq[new] = (row["m"] or 0) if row else 0
+        self.event(new, cp["step"], "forked", {"from": sid, "step": cp["step"]})
+        return new
+
     # export -----------------------------------------------------------------------------------
     def trace(self, sid: str, recursive: bool = True):
         """Every record of a session (and its sub-agents), as dicts with a `type`, in time order."""
