@@ -28,7 +28,7 @@ from . import tokenize as tokenize_api
 from .errors import APIError, api_of, error_body, error_response, format_validation_error
 from .files import FileStore
 from .generation import supports_images
-from .metrics import CONTENT_TYPE, ServerMetrics
+from .metrics import CONTENT_TYPE, BatchCollector, ServerMetrics
 from .state import ServerState, state_of
 
 logger = logging.getLogger(__name__)
@@ -244,4 +244,5 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
                        max_concurrent=max_concurrent_requests)
     app.state.files = FileStore(None if batch_dir is None else os.path.join(batch_dir, "files"))
     app.state.batches = batches_api.BatchManager(app, batch_dir, batch_concurrency, api_key, files=app.state.files)
+    app.state.moonlet.metrics.registry.register(BatchCollector(app.state.batches))
     return app

@@ -39,6 +39,7 @@ class _EngineCollector:
             ("moonlet_kv_cache_usage_ratio", "Fraction of KV cache blocks held by requests", "cache_usage"),
             ("moonlet_kv_cache_blocks_total", "KV cache blocks in the pool", "blocks_total"),
             ("moonlet_kv_cache_blocks_free", "KV cache blocks not held by any request", "blocks_free"),
+            ("moonlet_kv_cache_bytes", "Bytes of the latent KV cache pool (FP8 scales included)", "kv_cache_bytes"),
             ("moonlet_image_cache_bytes", "Bytes of image features held by the feature cache (vision models)",
              "image_cache_bytes"),
             ("moonlet_host_cache_blocks_total", "Blocks of the prefix cache's host tier (0: off)",
@@ -58,6 +59,12 @@ class _EngineCollector:
             ("moonlet_spec_draft_tokens", "Speculative draft tokens verified", "spec_draft_tokens"),
             ("moonlet_spec_accepted_tokens", "Speculative draft tokens accepted (kept as output)",
              "spec_accepted_tokens"),
+            ("moonlet_spec_verifications", "Sequence-steps that verified at least one draft", "spec_verifications"),
+            ("moonlet_draft_forwards", "Forwards of the draft model or MTP layer", "draft_forwards"),
+            ("moonlet_draft_catch_up_tokens", "Tokens the draft model or MTP layer computed to catch up",
+             "draft_catch_up_tokens"),
+            ("moonlet_draft_reused_tokens", "Tokens whose draft latents a prefix-cache hit provided",
+             "draft_reused_tokens"),
             # vision models
             ("moonlet_images_encoded", "Images run through the vision tower", "images_encoded"),
             ("moonlet_image_encoder_calls", "Vision tower forwards (one per step that needed images)",
@@ -89,6 +96,47 @@ class _EngineCollector:
             yield GaugeMetricFamily("moonlet_prefix_cache_hit_rate",
                                     "Prefix-cache hits / queries (prompt tokens) since start",
                                     value=float(hits) / queries if queries else 0.0)
+
+
+def _result_kind(result: dict) -> str:
+    """succeeded / errored / canceled / expired for an Anthropic result; completed / failed / cancelled /
+    expired for an OpenAI output line."""
+    if "type" in result:
+        return str(result["type"])
+    error = result.get("error") or {}
+    code = error.get("code") if isinstance(error, dict) else None
+    if code in ("batch_cancelled", "batch_expired"):
+        return code.removeprefix("batch_")
+    response = result.get("response") or {}
+    return "completed" if not error and 200 <= int(response.get("status_code", 0)) < 300 else "failed"
+
+
+class BatchCollector:
+    """The batches of a ``moonlet.server.batches.BatchManager`` on each scrape: batches by API and
+    processing status, and their requests by result type."""
+
+    def __init__(self, manager):
+        self.manager = manager
+
+    def collect(self):
+        batches = GaugeMetricFamily("moonlet_batches", "Batches by API and processing status",
+                                    labels=["api", "status"])
+        results = CounterMetricFamily("moonlet_batch_requests", "Batch requests finished, by API and result",
+                                      labels=["api", "result"])
+        by_status: dict[tuple[str, str], int] = {}
+        by_result: dict[tuple[str, str], int] = {}
+        for batch in list(self.manager.batches.values()):
+            api = getattr(batch, "api", "anthropic")
+            by_status[(api, batch.status)] = by_status.get((api, batch.status), 0) + 1
+            for result in list(batch.results.values()):
+                key = (api, _result_kind(result))
+                by_result[key] = by_result.get(key, 0) + 1
+        for (api, status), n in sorted(by_status.items()):
+            batches.add_metric([api, status], n)
+        for (api, result), n in sorted(by_result.items()):
+            results.add_metric([api, result], n)
+        yield batches
+        yield results
 
 
 class ServerMetrics:

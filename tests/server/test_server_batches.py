@@ -172,3 +172,33 @@ def test_a_batch_past_its_expiry_marks_the_rest_expired(tokenizer, tmp_path):
         assert kinds == sorted(kinds, key=lambda k: k != "succeeded")  # finished ones first, then expired
     with open(tmp_path / batch.id / "results.jsonl") as fh:  # the expired results are stored too
         assert sum(json.loads(line)["result"]["type"] == "expired" for line in fh) == counts.expired
+
+
+def test_batches_in_metrics(tokenizer):
+    import io
+
+    import openai
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, app = _server(tokenizer)
+    with LiveServer(app) as server:
+        client = _client(server)
+        batch = client.messages.batches.create(requests=[_req("ok"), _req("long", "word " * 5000)])
+        _wait(client, batch.id)
+        oa = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
+        line = {"custom_id": "c", "method": "POST", "url": "/v1/completions",
+                "body": {"model": "m", "prompt": "hi", "max_tokens": 4}}
+        f = oa.files.create(file=("in.jsonl", io.BytesIO((json.dumps(line) + "\n").encode())), purpose="batch")
+        ob = oa.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+        deadline = time.monotonic() + 30
+        while oa.batches.retrieve(ob.id).status != "completed":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        text = httpx.get(server.url + "/metrics").text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert samples[("moonlet_batches", (("api", "anthropic"), ("status", "ended")))] == 1
+    assert samples[("moonlet_batches", (("api", "openai"), ("status", "ended")))] == 1
+    assert samples[("moonlet_batch_requests_total", (("api", "anthropic"), ("result", "succeeded")))] == 1
+    assert samples[("moonlet_batch_requests_total", (("api", "anthropic"), ("result", "errored")))] == 1
+    assert samples[("moonlet_batch_requests_total", (("api", "openai"), ("result", "completed")))] == 1
