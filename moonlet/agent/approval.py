@@ -47,7 +47,7 @@ class ApprovalPolicy:
         """`force` asks even where the policy would not (a PreToolUse hook answered "ask")."""
         if not force and not self.needs_asking(tool):
             return Decision(True)
-        if self.mode == "plan":
+        if self.mode == "plan" and not tool.read_only:  # (a hook's "ask" on a read still asks)
             return Decision(False, PLAN_REFUSAL)
         if self.prompt is None:
             if force:
