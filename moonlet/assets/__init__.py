@@ -9,31 +9,28 @@ DEFAULT_MODEL = "moonlet-tiny"
 DEFAULT_DRAFT = "moonlet-tiny-draft"
 
 
+def _bundled(name: str, remedy: str) -> Path:
+    path = Path(__file__).resolve().parent / name
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"the bundled {name} checkpoint is missing at {path}; reinstall moonlet, {remedy}")
+    return path
+
+
 def default_model_path() -> Path:
     """Directory of the bundled moonlet-tiny checkpoint (hub layout, with tokenizer and chat template).
 
     moonlet-tiny is a demonstration model of the K2 architecture trained by ``moonlet train --recipe
     tiny``, not a general assistant. Raises FileNotFoundError if the package was installed without it."""
-    path = Path(__file__).resolve().parent / DEFAULT_MODEL
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"the bundled {DEFAULT_MODEL} checkpoint is missing at {path}; reinstall moonlet, pass a checkpoint "
-            f"directory explicitly, or rebuild it with `moonlet train --recipe tiny --export {path}`"
-        )
-    return path
+    return _bundled(DEFAULT_MODEL, "pass a checkpoint directory explicitly, or rebuild it with `moonlet train "
+                                   f"--recipe tiny --export {Path(__file__).resolve().parent / DEFAULT_MODEL}`")
 
 
 def default_draft_path() -> Path:
     """Directory of the bundled moonlet-tiny-draft checkpoint: a one-layer dense model with moonlet-tiny's
     tokenizer, trained by ``moonlet train --recipe tiny-draft`` to agree with moonlet-tiny, for
     ``speculative="draft"``. Raises FileNotFoundError if the package was installed without it."""
-    path = Path(__file__).resolve().parent / DEFAULT_DRAFT
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"the bundled {DEFAULT_DRAFT} checkpoint is missing at {path}; reinstall moonlet, pass "
-            f"--speculative-model explicitly, or rebuild it with `moonlet train --recipe tiny-draft --export {path}`"
-        )
-    return path
+    return _bundled(DEFAULT_DRAFT, "pass --speculative-model explicitly, or rebuild it with `moonlet train --recipe "
+                                   f"tiny-draft --export {Path(__file__).resolve().parent / DEFAULT_DRAFT}`")
 
 
 def bundled_draft_for(model_path) -> str:
