@@ -288,7 +288,12 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
                          "the triton package; use 'reference'")
     graphs = cfg.decode_graphs or ("cuda" if on_cuda else "off")
     if speculative is not None and speculative.method == "mtp":
-        graphs = "off"  # every step keeps its hidden states for the MTP layer: no graph replays
+        # every step keeps its hidden states for the MTP layer: no graph replays
+        if cfg.decode_graphs not in (None, "off"):
+            raise ValueError(f"engine argument decode_graphs={cfg.decode_graphs!r} cannot be used with "
+                             "speculative='mtp' (the MTP layer reads every step's hidden states, which graph "
+                             "replays do not keep); leave decode_graphs unset or 'off'")
+        graphs = "off"
     if graphs == "cuda" and not on_cuda:
         raise ValueError("engine argument decode_graphs='cuda' needs a CUDA device; use 'eager' or 'off'")
     from .cuda_graph import DEFAULT_BATCH_SIZES

@@ -151,3 +151,5 @@ def test_checkpoint_round_trip_and_refusals(model, head, tmp_path):
         LLM(model=hybrid, num_blocks=16, speculative="mtp", speculative_model=head)
     with pytest.raises(ValueError, match="loads the MTP layer from the checkpoint"):
         LLM(model=model, num_blocks=16, speculative="mtp")
+    with pytest.raises(ValueError, match="decode_graphs='eager' cannot be used with speculative='mtp'"):
+        LLM(model=model, num_blocks=16, speculative="mtp", speculative_model=head, decode_graphs="eager")
