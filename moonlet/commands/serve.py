@@ -55,6 +55,9 @@ def register(sub) -> None:
                         "(default: $MOONLET_HOME/batches, ~/.moonlet/batches; 'none': in memory only)")
     p.add_argument("--batch-concurrency", type=int, default=8,
                    help="batch requests running at once, over all batches (default 8)")
+    p.add_argument("--batch-retention-days", type=float, default=29.0,
+                   help="days after its creation an ended batch keeps its requests and results; then they are "
+                        "deleted and the batch is archived (default 29, as the Message Batches API)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_cli_args(p)
     p.set_defaults(func=run)
@@ -73,6 +76,8 @@ def run(args) -> int:
     engine = AsyncLLM(path, start=False, **engine_args(args, path))
     if args.batch_concurrency < 1:
         raise SystemExit(f"moonlet serve: --batch-concurrency {args.batch_concurrency} must be at least 1")
+    if not args.batch_retention_days > 0:
+        raise SystemExit(f"moonlet serve: --batch-retention-days {args.batch_retention_days} must be more than 0")
     batch_dir = args.batch_dir
     if batch_dir is None:
         home = os.environ.get("MOONLET_HOME") or os.path.join(os.path.expanduser("~"), ".moonlet")
@@ -81,7 +86,8 @@ def run(args) -> int:
         batch_dir = None
     app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
                      max_concurrent_requests=args.max_concurrent_requests, shutdown_engine_on_exit=True,
-                     batch_dir=batch_dir, batch_concurrency=args.batch_concurrency)
+                     batch_dir=batch_dir, batch_concurrency=args.batch_concurrency,
+                     batch_retention_days=args.batch_retention_days)
     name = app.state.moonlet.served_model_name
     print(f"moonlet serve: {name} (context {engine.max_model_len} tokens) on http://{args.host}:{args.port} "
           f"— Anthropic: /v1/messages, OpenAI: /v1/chat/completions; auth {'on' if args.api_key else 'off'}",

@@ -132,14 +132,15 @@ def _model_card(state: ServerState, api: str) -> dict:
 def create_app(engine, served_model_name: str | None = None, api_key: str | None = None, *,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_concurrent_requests: int | None = None,
                shutdown_engine_on_exit: bool = False, batch_dir: str | None = None,
-               batch_concurrency: int = 8) -> FastAPI:
+               batch_concurrency: int = 8, batch_retention_days: float = 29.0) -> FastAPI:
     """The server app for ``engine`` (an AsyncLLM). ``served_model_name`` is what /v1/models lists
     (default: the engine's model name); generation requests naming any model are served by this one.
     ``api_key``: when set, every /v1 request must carry it. ``max_concurrent_requests``: generation
     requests beyond it get 429. The engine is started with the app and, if
     ``shutdown_engine_on_exit``, shut down with it. Message batches (``batches.py``) and OpenAI
     batches (``openai_batches.py``) are kept in ``batch_dir`` (None: in memory only), the OpenAI
-    Files API's files in ``batch_dir/files``; together they run ``batch_concurrency`` requests at a time."""
+    Files API's files in ``batch_dir/files``; together they run ``batch_concurrency`` requests at a time.
+    An ended batch's requests and results are deleted ``batch_retention_days`` after its creation."""
     if getattr(engine, "tokenizer", None) is None:
         raise ValueError("the engine has no tokenizer; the server renders chat messages and needs one "
                          "(use a checkpoint directory that ships tiktoken.model)")
@@ -243,6 +244,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     app.add_middleware(RequestContext, api_key=api_key, max_body_bytes=max_body_bytes,
                        max_concurrent=max_concurrent_requests)
     app.state.files = FileStore(None if batch_dir is None else os.path.join(batch_dir, "files"))
-    app.state.batches = batches_api.BatchManager(app, batch_dir, batch_concurrency, api_key, files=app.state.files)
+    app.state.batches = batches_api.BatchManager(app, batch_dir, batch_concurrency, api_key, files=app.state.files,
+                                                 retention_s=batch_retention_days * 86400)
     app.state.moonlet.metrics.registry.register(BatchCollector(app.state.batches))
     return app

@@ -44,7 +44,7 @@ from pathlib import Path
 from fastapi import APIRouter, Query
 from pydantic import ValidationError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, StreamingResponse
 
 from .errors import APIError, invalid
 
@@ -53,6 +53,8 @@ router = APIRouter()
 
 MAX_REQUESTS = 100_000
 EXPIRY_SECONDS = 24 * 3600
+RETENTION_SECONDS = 29 * 24 * 3600  # as the Message Batches API keeps results
+SWEEP_SECONDS = 600  # how often ended batches and expired files are checked for deletion
 CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 RETRY_STATUSES = (429, 503, 529)
 MAX_RETRIES = 8
@@ -64,15 +66,47 @@ def _rfc3339(t: float | None) -> str | None:
     return datetime.fromtimestamp(t, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+def result_kind(result: dict) -> str:
+    """What a result counts as: succeeded / errored / canceled / expired for a Message Batches result;
+    completed (a 2xx answer) / failed / cancelled / expired for an OpenAI batch output line."""
+    if "type" in result:
+        return str(result["type"])
+    error = result.get("error") or {}
+    code = error.get("code") if isinstance(error, dict) else None
+    if code in ("batch_cancelled", "batch_expired"):
+        return code.removeprefix("batch_")
+    response = result.get("response") or {}
+    return "completed" if not error and 200 <= int(response.get("status_code", 0)) < 300 else "failed"
+
+
+_LEADING_ID = re.compile(rb'^\{"custom_id": "([a-zA-Z0-9_-]{1,64})"')
+
+
+def _custom_id_of(line: bytes) -> str:
+    """The custom_id of a stored JSONL line (requests.jsonl / results.jsonl): read from the line's start
+    where this module wrote it first, so a 100,000-line file is indexed without parsing every body."""
+    m = _LEADING_ID.match(line)
+    return m.group(1).decode() if m else json.loads(line)["custom_id"]
+
+
 @dataclass
 class Batch:
+    """One batch. In memory it keeps its state, its result counts and which requests are done; the
+    requests' bodies and the results are in ``requests`` / ``results`` only for a manager without a
+    directory. With one they stay on disk (``requests.jsonl``, ``results.jsonl``), read as a stream
+    when the batch runs and when its results are downloaded, so a server holding many large batches
+    does not hold their bodies in memory."""
     id: str
     created_at: float
     expires_at: float
-    requests: list[dict]  # {"custom_id", "params"} (+ "url" when not /v1/messages), in the order given
-    results: dict[str, dict] = field(default_factory=dict)  # custom_id -> result (an OpenAI output line)
+    total: int  # requests in the batch
+    requests: list[dict] | None = None  # in memory only: {"custom_id", "params"} (+ "url"), in order
+    results: dict[str, dict] | None = None  # in memory only: custom_id -> result (an OpenAI output line)
+    done: set[str] = field(default_factory=set)  # custom_ids with a result (kept while the batch runs)
+    kinds: dict[str, int] = field(default_factory=dict)  # result_kind -> results of that kind
     ended_at: float | None = None
     cancel_initiated_at: float | None = None
+    archived_at: float | None = None  # when its requests and results were deleted (the retention passed)
     running: int = 0  # requests in flight now
     api: str = "anthropic"  # or "openai": whose routes see the batch and what its results look like
     info: dict = field(default_factory=dict)  # the OpenAI batch's own fields (endpoint, file ids, times)
@@ -83,45 +117,59 @@ class Batch:
             return "ended"
         return "canceling" if self.cancel_initiated_at is not None else "in_progress"
 
+    @property
+    def finished(self) -> int:
+        """Requests with a result."""
+        return sum(self.kinds.values())
+
     def counts(self) -> dict:
         counts = {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
-        for r in self.results.values():
-            counts[r["type"]] += 1
-        counts["processing"] = len(self.requests) - len(self.results)
+        for kind, n in self.kinds.items():
+            counts[kind] = n
+        counts["processing"] = self.total - self.finished
         return counts
 
     def state(self) -> dict:
         return {"id": self.id, "created_at": self.created_at, "expires_at": self.expires_at,
-                "ended_at": self.ended_at, "cancel_initiated_at": self.cancel_initiated_at, "api": self.api,
-                "info": self.info}
+                "ended_at": self.ended_at, "cancel_initiated_at": self.cancel_initiated_at,
+                "archived_at": self.archived_at, "api": self.api, "info": self.info, "total": self.total,
+                "kinds": self.kinds}
 
     def to_api(self, base_url: str) -> dict:
+        available = self.ended_at is not None and self.archived_at is None
         return {"id": self.id, "type": "message_batch", "processing_status": self.status,
                 "request_counts": self.counts(), "ended_at": _rfc3339(self.ended_at),
                 "created_at": _rfc3339(self.created_at), "expires_at": _rfc3339(self.expires_at),
-                "archived_at": None, "cancel_initiated_at": _rfc3339(self.cancel_initiated_at),
-                "results_url": f"{base_url}/v1/messages/batches/{self.id}/results" if self.ended_at else None}
+                "archived_at": _rfc3339(self.archived_at), "cancel_initiated_at": _rfc3339(self.cancel_initiated_at),
+                "results_url": f"{base_url}/v1/messages/batches/{self.id}/results" if available else None}
 
 
 class BatchManager:
     """Owns the batches of one server: storage, the background workers, the shared concurrency limit.
     ``app``: the ASGI app the requests are sent through; ``api_key``: the server's key, if any;
-    ``files``: the server's FileStore (OpenAI batches write their output and error files there)."""
+    ``files``: the server's FileStore (OpenAI batches write their output and error files there);
+    ``retention_s``: how long after its creation an ended batch keeps its requests and results (then
+    they are deleted and the batch is ``archived``; its record stays until deleted)."""
 
     def __init__(self, app, directory: str | os.PathLike | None = None, concurrency: int = 8,
-                 api_key: str | None = None, retry_delay: float = 1.0, files=None):
+                 api_key: str | None = None, retry_delay: float = 1.0, files=None,
+                 retention_s: float = RETENTION_SECONDS):
         if concurrency < 1:
             raise ValueError(f"batch concurrency must be >= 1; got {concurrency}")
+        if not retention_s > 0:
+            raise ValueError(f"batch retention must be > 0 seconds; got {retention_s}")
         self.app = app
         self.directory = Path(directory) if directory is not None else None
         self.concurrency = concurrency
         self.api_key = api_key
         self.retry_delay = retry_delay
         self.files = files
+        self.retention_s = retention_s
         self.batches: dict[str, Batch] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._limit: asyncio.Semaphore | None = None
         self._client = None
+        self._sweeper: asyncio.Task | None = None
 
     # ---- storage -----------------------------------------------------------------------------------
     def _dir(self, batch_id: str) -> Path | None:
@@ -136,16 +184,79 @@ class BatchManager:
         os.replace(tmp, d / "batch.json")
 
     def _append_result(self, batch: Batch, custom_id: str, result: dict) -> None:
-        batch.results[custom_id] = result
+        kind = result_kind(result)
+        batch.kinds[kind] = batch.kinds.get(kind, 0) + 1
+        batch.done.add(custom_id)
         d = self._dir(batch.id)
-        if d is not None:
-            with open(d / "results.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"custom_id": custom_id, "result": result}, ensure_ascii=False) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
+        if d is None:
+            batch.results[custom_id] = result
+            return
+        with open(d / "results.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"custom_id": custom_id, "result": result}, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def iter_requests(self, batch: Batch):
+        """The batch's requests in order, read from disk one line at a time when it has a directory."""
+        if batch.requests is not None:
+            yield from batch.requests
+            return
+        with open(self._dir(batch.id) / "requests.jsonl", encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    yield json.loads(line)
+
+    def _custom_ids(self, batch: Batch) -> list[str]:
+        if batch.requests is not None:
+            return [r["custom_id"] for r in batch.requests]
+        with open(self._dir(batch.id) / "requests.jsonl", "rb") as fh:
+            return [_custom_id_of(line) for line in fh if line.strip()]
+
+    def iter_results(self, batch: Batch):
+        """(custom_id, result) for every request, in the batch's order (an ended batch: every request
+        has one). From disk, the results file is indexed by offset and each line read when its turn
+        comes, so only the index is held in memory."""
+        if batch.results is not None:
+            for cid in self._custom_ids(batch):
+                yield cid, batch.results[cid]
+            return
+        path = self._dir(batch.id) / "results.jsonl"
+        offsets: dict[str, int] = {}
+        with open(path, "rb") as fh:
+            pos = 0
+            for line in fh:
+                if line.strip():
+                    offsets[_custom_id_of(line)] = pos
+                pos += len(line)
+            for cid in self._custom_ids(batch):
+                fh.seek(offsets[cid])
+                yield cid, json.loads(fh.readline())["result"]
+
+    def _scan_results(self, batch: Batch, path: Path) -> None:
+        """Rebuild ``done`` and ``kinds`` of a batch that had not ended from its results file. A line cut
+        by a crash (no newline, or not JSON) is cut off the file: its request runs again, and the next
+        result starts on a line of its own."""
+        good = 0
+        with open(path, "rb") as fh:
+            for line in fh:
+                try:
+                    if not line.endswith(b"\n"):
+                        raise ValueError("a line without its end")
+                    row = json.loads(line)
+                except ValueError:
+                    break
+                batch.done.add(row["custom_id"])
+                kind = result_kind(row["result"])
+                batch.kinds[kind] = batch.kinds.get(kind, 0) + 1
+                good += len(line)
+        if good < path.stat().st_size:
+            logger.warning("batch %s: dropping a results line cut by a crash (its request runs again)", batch.id)
+            with open(path, "rb+") as fh:
+                fh.truncate(good)
 
     def load(self) -> None:
-        """Read the batches kept in the directory (a restart)."""
+        """Read the batches kept in the directory (a restart). An ended batch costs its state only; one
+        still running also has its done set rebuilt from its results file."""
         if self.directory is None or not self.directory.is_dir():
             return
         for d in sorted(self.directory.iterdir()):
@@ -153,23 +264,23 @@ class BatchManager:
                 continue  # the server's uploaded and output files (files.py), not a batch
             try:
                 state = json.loads((d / "batch.json").read_text())
-                with open(d / "requests.jsonl", encoding="utf-8") as fh:
-                    requests = [json.loads(line) for line in fh if line.strip()]
-                results: dict[str, dict] = {}
-                if (d / "results.jsonl").is_file():
-                    with open(d / "results.jsonl", encoding="utf-8") as fh:
-                        for line in fh:
-                            try:
-                                row = json.loads(line)
-                            except json.JSONDecodeError:
-                                break  # a line cut by a crash: that request runs again
-                            results[row["custom_id"]] = row["result"]
+                batch = Batch(state["id"], state["created_at"], state["expires_at"], state.get("total", 0),
+                              ended_at=state.get("ended_at"), cancel_initiated_at=state.get("cancel_initiated_at"),
+                              archived_at=state.get("archived_at"), api=state.get("api", "anthropic"),
+                              info=state.get("info", {}), kinds=dict(state.get("kinds") or {}))
+                if batch.archived_at is None and ("total" not in state or batch.ended_at is None
+                                                  or "kinds" not in state):
+                    # a running batch (or one written before counts were saved): count what is done
+                    batch.total = len(self._custom_ids(batch))
+                    batch.kinds = {}
+                    if (d / "results.jsonl").is_file():
+                        self._scan_results(batch, d / "results.jsonl")
+                    if batch.ended_at is not None:
+                        batch.done = set()  # an ended batch needs no done set
             except (OSError, ValueError, KeyError) as e:
                 logger.warning("skipping batch directory %s: %s", d, e)
                 continue
-            self.batches[state["id"]] = Batch(state["id"], state["created_at"], state["expires_at"], requests,
-                                              results, state.get("ended_at"), state.get("cancel_initiated_at"),
-                                              api=state.get("api", "anthropic"), info=state.get("info", {}))
+            self.batches[batch.id] = batch
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -185,13 +296,15 @@ class BatchManager:
         for batch in self.batches.values():
             if batch.ended_at is None:
                 self._launch(batch)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
 
     async def stop(self) -> None:
-        tasks = list(self._tasks.values())
+        tasks = list(self._tasks.values()) + ([self._sweeper] if self._sweeper is not None else [])
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        self._sweeper = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -201,6 +314,37 @@ class BatchManager:
         self._tasks[batch.id] = task
         task.add_done_callback(lambda _: self._tasks.pop(batch.id, None))
 
+    # ---- retention ---------------------------------------------------------------------------------
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Archive every ended batch created more than ``retention_s`` ago (delete its requests and
+        results; its record and counts stay), and delete the files whose ``expires_at`` has passed.
+        Returns the ids of the batches archived now."""
+        now = time.time() if now is None else now
+        archived = []
+        for batch in list(self.batches.values()):
+            if batch.ended_at is None or batch.archived_at is not None or now < batch.created_at + self.retention_s:
+                continue
+            batch.archived_at = now
+            batch.requests = [] if batch.requests is not None else None
+            batch.results = {} if batch.results is not None else None
+            d = self._dir(batch.id)
+            if d is not None:
+                self._save_state(batch)
+                for name in ("requests.jsonl", "results.jsonl"):
+                    (d / name).unlink(missing_ok=True)
+            archived.append(batch.id)
+        if self.files is not None:
+            self.files.sweep(now)
+        return archived
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                self.sweep()
+            except Exception:  # noqa: BLE001 - a failed sweep is retried; it must not stop the server
+                logger.exception("batch retention sweep failed")
+            await asyncio.sleep(SWEEP_SECONDS)
+
     # ---- the API's operations ----------------------------------------------------------------------
     def create(self, requests: list[dict], api: str = "anthropic", info: dict | None = None,
                failed: bool = False) -> Batch:
@@ -208,7 +352,7 @@ class BatchManager:
         not validate; it is stored as ended and never runs."""
         now = time.time()
         prefix = "msgbatch_" if api == "anthropic" else "batch_"
-        batch = Batch(f"{prefix}{uuid.uuid4().hex[:24]}", now, now + EXPIRY_SECONDS, requests, api=api,
+        batch = Batch(f"{prefix}{uuid.uuid4().hex[:24]}", now, now + EXPIRY_SECONDS, len(requests), api=api,
                       info=dict(info or {}))
         if failed:
             batch.ended_at = batch.info["failed_at"] = now
@@ -219,6 +363,8 @@ class BatchManager:
                 for r in requests:
                     fh.write(json.dumps(r, ensure_ascii=False) + "\n")
             self._save_state(batch)
+        else:
+            batch.requests, batch.results = list(requests), {}
         self.batches[batch.id] = batch
         if not failed:
             self._launch(batch)
@@ -255,8 +401,8 @@ class BatchManager:
     # ---- processing --------------------------------------------------------------------------------
     def _finish_rest(self, batch: Batch, kind: str) -> None:
         """Give every request without a result the result ``kind`` ('canceled' or 'expired')."""
-        for r in batch.requests:
-            if r["custom_id"] not in batch.results:
+        for r in self.iter_requests(batch):
+            if r["custom_id"] not in batch.done:
                 if batch.api == "anthropic":
                     result = {"type": kind}
                 else:  # OpenAI writes these to the error file with a code and no response
@@ -277,6 +423,7 @@ class BatchManager:
             self._save_state(batch)
             finalize(self, batch, how)
         batch.ended_at = time.time()
+        batch.done = set()  # the counts say the rest
         self._save_state(batch)
 
     async def _process(self, batch: Batch) -> None:
@@ -285,8 +432,8 @@ class BatchManager:
             batch.info["in_progress_at"] = time.time()
             self._save_state(batch)
         try:
-            for r in batch.requests:
-                if r["custom_id"] in batch.results:
+            for r in self.iter_requests(batch):
+                if r["custom_id"] in batch.done:
                     continue
                 await self._limit.acquire()
                 if batch.cancel_initiated_at is not None or time.time() >= batch.expires_at:
@@ -301,7 +448,7 @@ class BatchManager:
             if batch.cancel_initiated_at is not None:
                 self._finish_rest(batch, "canceled")
                 self._end(batch, "canceled")
-            elif len(batch.results) < len(batch.requests):
+            elif batch.finished < batch.total:
                 self._finish_rest(batch, "expired")
                 self._end(batch, "expired")
             else:
@@ -462,6 +609,17 @@ async def batch_results(batch_id: str, request: Request):
     if batch.ended_at is None:
         raise invalid(f"message batch {batch_id} is {batch.status}; its results are available once it has ended "
                       "(poll GET /v1/messages/batches/{id} until processing_status is 'ended')")
-    lines = [json.dumps({"custom_id": r["custom_id"], "result": batch.results[r["custom_id"]]}, ensure_ascii=False)
-             for r in batch.requests]
-    return Response("\n".join(lines) + "\n", media_type="application/x-jsonl")
+    manager = manager_of(request)
+    if batch.archived_at is not None:
+        raise APIError("not_found", f"message batch {batch_id} was archived at {_rfc3339(batch.archived_at)}: its "
+                       f"results are kept {_days(manager.retention_s)} after creation")
+
+    def lines():
+        for cid, result in manager.iter_results(batch):
+            yield json.dumps({"custom_id": cid, "result": result}, ensure_ascii=False) + "\n"
+
+    return StreamingResponse(lines(), media_type="application/x-jsonl")
+
+
+def _days(seconds: float) -> str:
+    return f"{seconds / 86400:g} days" if seconds >= 86400 else f"{seconds:g} s"

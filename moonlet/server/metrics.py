@@ -98,19 +98,6 @@ class _EngineCollector:
                                     value=float(hits) / queries if queries else 0.0)
 
 
-def _result_kind(result: dict) -> str:
-    """succeeded / errored / canceled / expired for an Anthropic result; completed / failed / cancelled /
-    expired for an OpenAI output line."""
-    if "type" in result:
-        return str(result["type"])
-    error = result.get("error") or {}
-    code = error.get("code") if isinstance(error, dict) else None
-    if code in ("batch_cancelled", "batch_expired"):
-        return code.removeprefix("batch_")
-    response = result.get("response") or {}
-    return "completed" if not error and 200 <= int(response.get("status_code", 0)) < 300 else "failed"
-
-
 class BatchCollector:
     """The batches of a ``moonlet.server.batches.BatchManager`` on each scrape: batches by API and
     processing status, and their requests by result type."""
@@ -128,9 +115,8 @@ class BatchCollector:
         for batch in list(self.manager.batches.values()):
             api = getattr(batch, "api", "anthropic")
             by_status[(api, batch.status)] = by_status.get((api, batch.status), 0) + 1
-            for result in list(batch.results.values()):
-                key = (api, _result_kind(result))
-                by_result[key] = by_result.get(key, 0) + 1
+            for kind, n in list(batch.kinds.items()):
+                by_result[(api, kind)] = by_result.get((api, kind), 0) + n
         for (api, status), n in sorted(by_status.items()):
             batches.add_metric([api, status], n)
         for (api, result), n in sorted(by_result.items()):

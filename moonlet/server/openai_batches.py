@@ -21,10 +21,11 @@ error-file lines with code ``batch_expired``).
 from __future__ import annotations
 
 import json
+import time
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import FileResponse, Response
 
 from .batches import Batch, BatchManager, manager_of
 from .errors import invalid
@@ -36,6 +37,8 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 MAX_REQUESTS = 50_000  # OpenAI's limit per batch
 MAX_METADATA = 16
 MAX_REPORTED_ERRORS = 1000
+MIN_LIFETIME, MAX_LIFETIME = 3600, 30 * 24 * 3600  # an expiration policy's range of seconds
+DEFAULT_BATCH_INPUT_LIFETIME = 30 * 24 * 3600
 _ENDED = {"completed": "completed", "canceled": "cancelled", "expired": "expired"}
 
 
@@ -69,7 +72,6 @@ def _answered(line: dict) -> int | None:
 
 def to_openai(batch: Batch) -> dict:
     info = batch.info
-    statuses = [_answered(line) for line in batch.results.values()]
     end = info.get("end")
     return {
         "id": batch.id, "object": "batch", "endpoint": info["endpoint"], "errors": info.get("errors"),
@@ -83,25 +85,32 @@ def to_openai(batch: Batch) -> dict:
         "expired_at": _ts(batch.ended_at) if end == "expired" else None,
         "cancelling_at": _ts(batch.cancel_initiated_at),
         "cancelled_at": _ts(batch.ended_at) if end == "canceled" else None,
-        "request_counts": {"total": len(batch.requests),
-                           "completed": sum(1 for s in statuses if s is not None and s < 300),
-                           "failed": sum(1 for s in statuses if s is not None and s >= 300)},
+        "request_counts": {"total": batch.total, "completed": batch.kinds.get("completed", 0),
+                           "failed": batch.kinds.get("failed", 0)},
         "metadata": info.get("metadata"),
     }
 
 
 def finalize(manager: BatchManager, batch: Batch, how: str) -> None:
     """Write an ending batch's output file (2xx answers) and error file (the rest), in the input's
-    order; called by the manager once every request has a result line."""
-    ok, failed = [], []
-    for r in batch.requests:
-        line = batch.results[r["custom_id"]]
-        status = _answered(line)
-        (ok if status is not None and status < 300 else failed).append(json.dumps(line, ensure_ascii=False))
-    for lines, key, name in ((ok, "output_file_id", "output"), (failed, "error_file_id", "error")):
-        if lines and batch.info.get(key) is None:
-            content = ("\n".join(lines) + "\n").encode()
-            batch.info[key] = manager.files.add(content, f"{batch.id}_{name}.jsonl", "batch_output")["id"]
+    order, streamed from its results; called by the manager once every request has a result line."""
+    expires = batch.info.get("output_expires_after")
+    expires_at = None if expires is None else int(time.time()) + int(expires["seconds"])  # from the files' creation
+    writers = {"output_file_id": manager.files.writer(), "error_file_id": manager.files.writer()}
+    try:
+        for _, line in manager.iter_results(batch):
+            status = _answered(line)
+            key = "output_file_id" if status is not None and status < 300 else "error_file_id"
+            writers[key].write((json.dumps(line, ensure_ascii=False) + "\n").encode())
+        for key, name in (("output_file_id", "output"), ("error_file_id", "error")):
+            if writers[key].bytes and batch.info.get(key) is None:
+                batch.info[key] = writers[key].commit(f"{batch.id}_{name}.jsonl", "batch_output", expires_at)["id"]
+            else:
+                writers[key].discard()
+    except BaseException:
+        for w in writers.values():
+            w.discard()
+        raise
     batch.info["end"] = how
 
 
@@ -111,10 +120,35 @@ async def upload_file(request: Request, file: UploadFile = File(...), purpose: s
     if purpose not in PURPOSES or purpose == "batch_output":
         allowed = ", ".join(p for p in PURPOSES if p != "batch_output")
         raise invalid(f"purpose {purpose!r} is not one of {allowed}", param="purpose")
+    form = await request.form()
+    anchor, seconds = form.get("expires_after[anchor]"), form.get("expires_after[seconds]")
+    if anchor is None and seconds is None:
+        # OpenAI's default: batch inputs expire after 30 days, other files are kept until deleted
+        lifetime = DEFAULT_BATCH_INPUT_LIFETIME if purpose == "batch" else None
+    else:
+        lifetime = _lifetime({"anchor": anchor, "seconds": seconds}, "expires_after")
     content = await file.read()
     if not content:
         raise invalid(f"the uploaded file {file.filename!r} is empty", param="file")
-    return files_of(request).add(content, file.filename or "upload", purpose)
+    expires_at = None if lifetime is None else int(time.time()) + lifetime
+    return files_of(request).add(content, file.filename or "upload", purpose, expires_at)
+
+
+def _lifetime(policy, param: str) -> int:
+    """The seconds of an expiration policy ``{"anchor": "created_at", "seconds": N}`` (N in 1 hour .. 30 days)."""
+    if not isinstance(policy, dict) or policy.get("anchor") != "created_at":
+        raise invalid(f"{param}.anchor must be 'created_at' (the only anchor); got "
+                      f"{policy.get('anchor') if isinstance(policy, dict) else policy!r}", param=f"{param}.anchor")
+    seconds = policy.get("seconds")
+    try:
+        seconds = int(seconds)
+    except (TypeError, ValueError):
+        raise invalid(f"{param}.seconds must be an integer number of seconds; got {seconds!r}",
+                      param=f"{param}.seconds") from None
+    if not MIN_LIFETIME <= seconds <= MAX_LIFETIME:
+        raise invalid(f"{param}.seconds {seconds} must be between {MIN_LIFETIME} (1 hour) and {MAX_LIFETIME} "
+                      "(30 days)", param=f"{param}.seconds")
+    return seconds
 
 
 @router.get("/v1/files")
@@ -138,6 +172,9 @@ async def file_content(file_id: str, request: Request):
     store = files_of(request)
     meta = store.get(file_id)
     media = "application/jsonl" if meta["filename"].endswith(".jsonl") else "application/octet-stream"
+    path = store.path(file_id)
+    if path is not None:  # streamed from disk, not read whole into memory
+        return FileResponse(path, media_type=media)
     return Response(store.content(file_id), media_type=media)
 
 
@@ -184,6 +221,8 @@ def _check_create(body) -> dict:
             if len(k) > 64 or len(v) > 512:
                 raise invalid(f"metadata key {k[:64]!r}: keys are at most 64 characters, values at most 512",
                               param="metadata")
+    if body.get("output_expires_after") is not None:
+        _lifetime(body["output_expires_after"], "output_expires_after")
     return body
 
 
@@ -230,6 +269,8 @@ async def create_batch(request: Request):
     requests, errors = _read_requests(store.content(meta["id"]), meta["filename"], body["endpoint"])
     info = {"endpoint": body["endpoint"], "input_file_id": meta["id"], "completion_window": "24h",
             "metadata": body.get("metadata")}
+    if body.get("output_expires_after") is not None:
+        info["output_expires_after"] = {"anchor": "created_at", "seconds": int(body["output_expires_after"]["seconds"])}
     if errors:
         info["errors"] = {"object": "list", "data": errors[:MAX_REPORTED_ERRORS]}
         batch = manager_of(request).create([], api="openai", info=info, failed=True)

@@ -202,3 +202,88 @@ def test_batches_in_metrics(tokenizer):
     assert samples[("moonlet_batch_requests_total", (("api", "anthropic"), ("result", "succeeded")))] == 1
     assert samples[("moonlet_batch_requests_total", (("api", "anthropic"), ("result", "errored")))] == 1
     assert samples[("moonlet_batch_requests_total", (("api", "openai"), ("result", "completed")))] == 1
+
+
+def test_a_restart_keeps_only_state_in_memory_and_cuts_a_torn_results_line(tokenizer, tmp_path):
+    """An ended batch is read back as its state and counts (its requests and results stay on disk and
+    are streamed when downloaded); a running batch whose results file ends in a line cut by a crash
+    gets that line cut off, runs that request again, and ends with every line valid."""
+    engine, app = _server(tokenizer, tmp_path, batch_concurrency=1)
+    engine.default = Script("fine answer")
+    with LiveServer(app) as server:
+        client = _client(server)
+        ended = client.messages.batches.create(requests=[_req(f"e{j}", f"q {j}") for j in range(4)])
+        _wait(client, ended.id)
+        expected = [r.model_dump() for r in client.messages.batches.results(ended.id)]
+    # a second batch, as a crashed server left it: two results, the second torn mid-line
+    d = tmp_path / "msgbatch_torn"
+    d.mkdir()
+    reqs = [_req(f"t{j}", f"torn {j}") for j in range(3)]
+    (d / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reqs))
+    now = time.time()
+    (d / "batch.json").write_text(json.dumps({"id": "msgbatch_torn", "created_at": now, "expires_at": now + 3600,
+                                              "ended_at": None, "cancel_initiated_at": None, "total": 3}))
+    good = json.dumps({"custom_id": "t0", "result": {"type": "succeeded", "message": {"id": "x"}}}) + "\n"
+    (d / "results.jsonl").write_text(good + '{"custom_id": "t1", "result": {"type": "succ')
+
+    engine2, app2 = _server(tokenizer, tmp_path, batch_concurrency=1)
+    engine2.default = Script("fine answer")
+    with LiveServer(app2) as server:
+        client = _client(server)
+        kept = app2.state.batches.get(ended.id)
+        assert kept.requests is None and kept.results is None and not kept.done  # nothing but the state
+        assert client.messages.batches.retrieve(ended.id).request_counts.succeeded == 4
+        assert [r.model_dump() for r in client.messages.batches.results(ended.id)] == expected
+        torn = _wait(client, "msgbatch_torn")
+        assert torn.request_counts.succeeded == 3
+        results = list(client.messages.batches.results("msgbatch_torn"))
+        assert [r.custom_id for r in results] == ["t0", "t1", "t2"]
+        assert results[0].result.message.id == "x"  # kept, not run again
+    assert len(engine2.calls) == 2 and not any("torn 0<" in c.prompt_text for c in engine2.calls)
+    lines = (d / "results.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["custom_id"] for line in lines) == ["t0", "t1", "t2"]
+
+
+@pytest.mark.parametrize("persist", [True, False])
+def test_retention_archives_an_ended_batch(tokenizer, tmp_path, persist):
+    engine, app = _server(tokenizer, tmp_path if persist else None, batch_retention_days=2)
+    engine.default = Script("fine answer")
+    with LiveServer(app) as server:
+        client = _client(server)
+        batch = client.messages.batches.create(requests=[_req("a"), _req("b")])
+        running = client.messages.batches.create(requests=[_req("c")])
+        _wait(client, batch.id)
+        manager = app.state.batches
+        manager.get(running.id).ended_at = None  # as if still running: a running batch is never archived
+        assert manager.sweep(now=time.time() + 1.9 * 86400) == []
+        assert manager.sweep(now=time.time() + 2.1 * 86400) == [batch.id]
+        archived = client.messages.batches.retrieve(batch.id)
+        assert archived.archived_at is not None and archived.results_url is None
+        assert archived.request_counts.succeeded == 2 and archived.processing_status == "ended"
+        gone = httpx.get(f"{server.url}/v1/messages/batches/{batch.id}/results", headers={"x-api-key": "k"})
+        assert gone.status_code == 404 and "archived" in gone.json()["error"]["message"]
+        if persist:
+            assert not (tmp_path / batch.id / "results.jsonl").exists()
+            assert not (tmp_path / batch.id / "requests.jsonl").exists()
+        client.messages.batches.delete(batch.id)
+    if persist:
+        assert not (tmp_path / batch.id).exists()
+
+
+def test_an_archived_batch_stays_archived_after_a_restart(tokenizer, tmp_path):
+    engine, app = _server(tokenizer, tmp_path, batch_retention_days=1)
+    engine.default = Script("fine answer")
+    with LiveServer(app) as server:
+        client = _client(server)
+        batch = client.messages.batches.create(requests=[_req("a")])
+        _wait(client, batch.id)
+        app.state.batches.sweep(now=time.time() + 2 * 86400)
+    _, app2 = _server(tokenizer, tmp_path)
+    with LiveServer(app2) as server:
+        again = _client(server).messages.batches.retrieve(batch.id)
+        assert again.archived_at is not None and again.request_counts.succeeded == 1
+
+
+def test_retention_must_be_positive(tokenizer):
+    with pytest.raises(ValueError, match="retention"):
+        _server(tokenizer, batch_retention_days=0)

@@ -214,3 +214,51 @@ def test_responses_and_completions_endpoints(tokenizer):
                 assert got["choices"][0]["text"] == want.choices[0].text
             assert error["status_code"] == 400 and set(error["body"]) == {"error"}
             assert error["body"]["error"]["type"] == "invalid_request_error"
+
+
+def test_file_expiry_policies(tokenizer, tmp_path):
+    """Uploads take OpenAI's expires_after (batch inputs default to 30 days, others never expire), a
+    batch's output_expires_after applies to its output and error files, an expired file is gone for
+    every route and its bytes are deleted by the sweep; bad policies are 400s naming the field."""
+    engine, app = _server(tokenizer, tmp_path)
+    engine.default = Script("ok")
+    with LiveServer(app) as server:
+        client = _client(server)
+        before = int(time.time())
+        default = _upload(client, [_line("a")])
+        assert before + 30 * 86400 <= default.expires_at <= int(time.time()) + 30 * 86400
+        other = client.files.create(file=("notes.txt", io.BytesIO(b"keep me")), purpose="user_data")
+        assert other.expires_at is None
+        short = client.files.create(file=("in.jsonl", io.BytesIO((json.dumps(_line("b")) + "\n").encode())),
+                                    purpose="batch", expires_after={"anchor": "created_at", "seconds": 3600})
+        assert before + 3600 <= short.expires_at <= int(time.time()) + 3600
+        for bad, match in (({"anchor": "created_at", "seconds": 60}, "between 3600"),
+                           ({"anchor": "last_active_at", "seconds": 3600}, "anchor")):
+            with pytest.raises(openai.BadRequestError, match=match):
+                client.files.create(file=("x.jsonl", io.BytesIO(b"{}\n")), purpose="batch", expires_after=bad)
+        with pytest.raises(openai.BadRequestError, match="output_expires_after.seconds"):
+            client.batches.create(input_file_id=default.id, endpoint="/v1/chat/completions", completion_window="24h",
+                                  output_expires_after={"anchor": "created_at", "seconds": 31 * 86400})
+        batch = client.batches.create(input_file_id=default.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h",
+                                      output_expires_after={"anchor": "created_at", "seconds": 7200})
+        ended = _wait(client, batch.id)
+        out = client.files.retrieve(ended.output_file_id)
+        assert out.expires_at is not None and before + 7200 <= out.expires_at <= int(time.time()) + 7200
+
+        store = app.state.files
+        gone = store.sweep(now=time.time() + 3 * 3600)  # the short upload and the output file
+        assert set(gone) == {short.id, ended.output_file_id}
+        assert not (tmp_path / "files" / short.id).exists()
+        for fid in gone:
+            with pytest.raises(openai.NotFoundError):
+                client.files.retrieve(fid)
+            with pytest.raises(openai.NotFoundError):
+                client.files.content(fid)
+        listed = {f.id for f in client.files.list()}
+        assert default.id in listed and other.id in listed and not listed & set(gone)
+        # expiry is checked on access too, before any sweep
+        store.meta[other.id]["expires_at"] = int(time.time()) - 1
+        with pytest.raises(openai.NotFoundError, match="expired"):
+            client.files.retrieve(other.id)
+        assert not (tmp_path / "files" / other.id).exists()
