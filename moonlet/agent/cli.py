@@ -74,6 +74,22 @@ def register(sub) -> None:
 
     register_export_chat(asub)  # export-chat: sessions as training conversations
 
+    rm = asub.add_parser("rm", help="delete sessions (with their sub-agents) from the session database")
+    rm.add_argument("sessions", nargs="+", metavar="SESSION", help="session ids (or unique prefixes)")
+    rm.add_argument("--force", action="store_true", help="also delete a session whose status is still 'running' "
+                                                         "(one that crashed; never one that is in fact running)")
+    rm.add_argument("--db")
+    rm.set_defaults(func=cmd_rm)
+
+    pr = asub.add_parser("prune", help="delete sessions inactive for longer than a number of days",
+                         description="Delete every top-level session (with its sub-agents, transcripts, traces and "
+                                     "file snapshots) whose last activity is older than --older-than days, then "
+                                     "compact the database file.")
+    pr.add_argument("--older-than", type=float, required=True, metavar="DAYS", help="inactivity in days (> 0)")
+    pr.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    pr.add_argument("--db")
+    pr.set_defaults(func=cmd_prune)
+
     ls = asub.add_parser("list", help="list recent sessions")
     ls.add_argument("--db")
     ls.add_argument("-n", type=int, default=20)
@@ -655,13 +671,12 @@ def cmd_show(args) -> int:
     return 0
 
 
-def rewind_plan(store, sid: str, step: int | None) -> tuple[int | None, dict[str, bytes | None]]:
-    """(the step undone from, {path: content to restore, None to delete}) for rewinding ``sid``: the
-    earliest snapshot of each path taken since that step began, in the session or any sub-agent of
-    it (sub-agents are matched by time: their changes after the step's first record count)."""
-    sessions = [sid]
-    for child in sessions:
-        sessions.extend(c["id"] for c in store.children(child))
+def rewind_plan(store, sid: str, step: int | None) -> tuple[int | None, dict[str, bytes | None], dict[str, str]]:
+    """(the step undone from, {path: content to restore, None to delete}, {path: why it cannot be
+    restored}) for rewinding ``sid``: the earliest snapshot of each path taken since that step began,
+    in the session or any sub-agent of it (sub-agents are matched by time: their changes after the
+    step's first record count)."""
+    sessions = store.session_tree(sid)
     own = store.file_snapshots(sid)
     if step is None:
         if own:
@@ -669,7 +684,7 @@ def rewind_plan(store, sid: str, step: int | None) -> tuple[int | None, dict[str
         else:  # only sub-agents changed files: undo the step that started the last of them
             child = [r for s in sessions[1:] for r in store.file_snapshots(s)]
             if not child:
-                return None, {}
+                return None, {}, {}
             step = max((m["step"] for m in store.messages(sid) if m["created_at"] <= max(r["created_at"] for r in child)),
                        default=0)
     started = min((m["created_at"] for m in store.messages(sid) if m["step"] >= step), default=None)
@@ -678,9 +693,15 @@ def rewind_plan(store, sid: str, step: int | None) -> tuple[int | None, dict[str
         rows += [r for s in sessions[1:] for r in store.file_snapshots(s) if r["created_at"] >= started]
     rows.sort(key=lambda r: r["created_at"])
     plan: dict[str, bytes | None] = {}
+    lost: dict[str, str] = {}
     for r in rows:
-        plan.setdefault(r["path"], r["content"] if r["existed"] else None)
-    return step, plan
+        if r["path"] in plan or r["path"] in lost:
+            continue
+        try:
+            plan[r["path"]] = store.snapshot_content(r)
+        except ValueError as e:
+            lost[r["path"]] = str(e)
+    return step, plan, lost
 
 
 def cmd_fork(args) -> int:
@@ -699,11 +720,14 @@ def cmd_rewind(args) -> int:
     store = _store(args)
     try:
         sid = store.find_session(args.session)["id"]
-        step, plan = rewind_plan(store, sid, args.step)
+        step, plan, lost = rewind_plan(store, sid, args.step)
+        for path, why in sorted(lost.items()):
+            print(f"cannot restore {path}: {why}", file=sys.stderr)
         if not plan:
-            print(f"session {sid}: its file tools changed nothing" + (f" since step {step}" if step is not None
-                                                                       else ""), file=sys.stderr)
-            return 0
+            if not lost:
+                print(f"session {sid}: its file tools changed nothing" + (f" since step {step}" if step is not None
+                                                                           else ""), file=sys.stderr)
+            return 1 if lost else 0
         for path, content in sorted(plan.items()):
             what = "delete (created by the agent)" if content is None else f"restore {len(content)} bytes"
             print(f"{'would ' if args.dry_run else ''}{what}: {path}")
@@ -719,7 +743,7 @@ def cmd_rewind(args) -> int:
         if not args.dry_run:
             store.event(sid, step, "rewind", {"step": step, "files": sorted(plan)})
             print(f"session {sid}: file changes since step {step} undone ({len(plan)} files)", file=sys.stderr)
-        return 0
+        return 1 if lost else 0
     finally:
         store.close()
 
@@ -742,6 +766,51 @@ def cmd_export(args) -> int:
     finally:
         store.close()
     return 0
+
+
+def cmd_rm(args) -> int:
+    store = _store(args)
+    try:
+        found = []
+        for prefix in args.sessions:
+            session = store.find_session(prefix)
+            if session["parent_id"]:
+                raise SystemExit(f"moonlet agent rm: {session['id']} is a sub-agent of {session['parent_id']}; "
+                                 "delete the top session")
+            if session["status"] == "running" and not args.force:
+                raise SystemExit(f"moonlet agent rm: session {session['id']} is 'running' (in flight, or crashed "
+                                 "without a stop); pass --force if no process is running it")
+            found.append(session["id"])
+        for sid in found:
+            ids = store.delete_session(sid)
+            extra = f" and {len(ids) - 1} sub-agent sessions" if len(ids) > 1 else ""
+            print(f"deleted {sid}{extra}", file=sys.stderr)
+        store.vacuum()
+        return 0
+    except ValueError as e:
+        raise SystemExit(f"moonlet agent rm: {e}") from None
+    finally:
+        store.close()
+
+
+def cmd_prune(args) -> int:
+    if not args.older_than > 0:
+        raise SystemExit(f"moonlet agent prune: --older-than {args.older_than} must be more than 0 days")
+    store = _store(args)
+    try:
+        stale = store.stale_sessions(args.older_than * 86400)
+        for s in stale:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(s["last_active"]))
+            print(f"{'would delete' if args.dry_run else 'delete'} {s['id']}  last active {when}  "
+                  f"{(s['task'] or '')[:60]!r}")
+            if not args.dry_run:
+                store.delete_session(s["id"])
+        if stale and not args.dry_run:
+            store.vacuum()
+        print(f"{len(stale)} sessions {'would be ' if args.dry_run else ''}deleted", file=sys.stderr)
+        return 0
+    finally:
+        store.close()
 
 
 def cmd_list(args) -> int:

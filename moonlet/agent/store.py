@@ -13,12 +13,14 @@ marks them discarded, so a resumed run loses at most that step."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,14 +49,23 @@ CREATE TABLE IF NOT EXISTS subagents (
   parent_id TEXT, child_id TEXT, tool_use_id TEXT, idx INTEGER, item TEXT, status TEXT,
   result TEXT, error TEXT, started_at REAL, finished_at REAL);
 CREATE TABLE IF NOT EXISTS file_snapshots (
-  session_id TEXT, step INTEGER, tool_use_id TEXT, path TEXT, existed INTEGER, content BLOB, created_at REAL);
+  session_id TEXT, step INTEGER, tool_use_id TEXT, path TEXT, existed INTEGER, content BLOB, created_at REAL,
+  blob TEXT);
+CREATE TABLE IF NOT EXISTS file_blobs (hash TEXT PRIMARY KEY, size INTEGER, data BLOB);
 CREATE INDEX IF NOT EXISTS messages_by_session ON messages (session_id, seq);
-CREATE INDEX IF NOT EXISTS file_snapshots_by_session ON file_snapshots (session_id, step);
+CREATE INDEX IF NOT EXISTS file_snapshots_by_session ON file_snapshots (session_id, step, path);
 CREATE INDEX IF NOT EXISTS checkpoints_by_session ON checkpoints (session_id, step);
 CREATE INDEX IF NOT EXISTS tool_calls_by_session ON tool_calls (session_id, tool_use_id);
 CREATE INDEX IF NOT EXISTS sessions_by_parent ON sessions (parent_id);
 CREATE INDEX IF NOT EXISTS subagents_by_parent ON subagents (parent_id);
 """
+
+
+# A file larger than this is not snapshotted before a file tool changes it (rewind then says it cannot
+# restore it) — a session editing a huge file many times would otherwise grow the store without bound.
+SNAPSHOT_MAX_BYTES = 16 * 1024 * 1024
+# ``existed`` values of a file snapshot
+SNAP_ABSENT, SNAP_KEPT, SNAP_TOO_LARGE = 0, 1, 2
 
 
 def default_db_path() -> Path:
@@ -96,7 +107,11 @@ class SessionStore:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process death
             self._db.executescript(SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(file_snapshots)")}
+            if "blob" not in columns:  # a database written before snapshots were content-addressed
+                self._db.execute("ALTER TABLE file_snapshots ADD COLUMN blob TEXT")
         self._seq: dict[str, int] = {}
+        self.snapshot_max_bytes = SNAPSHOT_MAX_BYTES
 
     def close(self) -> None:
         with self._lock:
@@ -231,13 +246,51 @@ class SessionStore:
 
     def record_file_snapshot(self, sid: str, step: int, tool_use_id: str, path: str, content: bytes | None) -> None:
         """The content ``path`` (absolute) had before a file tool changed it at ``step`` (None: it did not
-        exist), for ``moonlet agent rewind``."""
-        self._exec("INSERT INTO file_snapshots VALUES (?,?,?,?,?,?,?)",
-                   (sid, step, tool_use_id, path, int(content is not None), content, time.time()))
+        exist), for ``moonlet agent rewind``.
+
+        Rewind restores a path to its content before the first change of the step it rewinds from, so
+        only the first snapshot of a path in a step is kept (later ones in the same step are skipped).
+        Contents are stored once per distinct content (``file_blobs``: blake2b hash -> zlib-compressed
+        bytes), so a file edited and restored many times costs one copy per version, compressed. A file
+        over ``snapshot_max_bytes`` is recorded as too large to keep."""
+        if self._one("SELECT 1 AS x FROM file_snapshots WHERE session_id=? AND step=? AND path=? LIMIT 1",
+                     (sid, step, path)):
+            return
+        digest, existed = None, SNAP_ABSENT
+        if content is not None:
+            existed = SNAP_TOO_LARGE if len(content) > self.snapshot_max_bytes else SNAP_KEPT
+        if existed == SNAP_KEPT:
+            digest = hashlib.blake2b(content, digest_size=20).hexdigest()
+            with self._lock:
+                self._db.execute("INSERT OR IGNORE INTO file_blobs VALUES (?,?,?)",
+                                 (digest, len(content), zlib.compress(content, 6)))
+        self._exec("INSERT INTO file_snapshots VALUES (?,?,?,?,?,?,?,?)",
+                   (sid, step, tool_use_id, path, existed, None, time.time(), digest))
 
     def file_snapshots(self, sid: str, from_step: int = 0) -> list[dict]:
-        """Snapshots taken at ``from_step`` or later, oldest first."""
-        return self._all("SELECT * FROM file_snapshots WHERE session_id=? AND step>=? ORDER BY rowid", (sid, from_step))
+        """Snapshots taken at ``from_step`` or later, oldest first (without their contents: see
+        ``snapshot_content``)."""
+        return self._all("SELECT session_id, step, tool_use_id, path, existed, created_at, blob, "
+                         "content IS NOT NULL AS legacy FROM file_snapshots WHERE session_id=? AND step>=? "
+                         "ORDER BY rowid", (sid, from_step))
+
+    def snapshot_content(self, row: dict) -> bytes | None:
+        """The bytes a snapshot row recorded (None: the file did not exist). ValueError for a file that was
+        too large to keep."""
+        if row["existed"] == SNAP_ABSENT:
+            return None
+        if row["existed"] == SNAP_TOO_LARGE:
+            raise ValueError(f"{row['path']} was larger than {self.snapshot_max_bytes} bytes when the agent changed it "
+                             "(step {}); its earlier content was not kept".format(row["step"]))
+        if row.get("legacy"):  # written before content-addressed snapshots: the bytes are in the row
+            found = self._one("SELECT content FROM file_snapshots WHERE session_id=? AND step=? AND path=? AND "
+                              "tool_use_id=? AND content IS NOT NULL", (row["session_id"], row["step"], row["path"],
+                                                                         row["tool_use_id"]))
+            return found["content"]
+        found = self._one("SELECT data FROM file_blobs WHERE hash=?", (row["blob"],))
+        if found is None:
+            raise ValueError(f"the stored content of {row['path']} (step {row['step']}) is missing from the store")
+        return zlib.decompress(found["data"])
 
     def event(self, sid: str, step: int, kind: str, data: dict | None = None) -> None:
         self._exec("INSERT INTO events VALUES (?,?,?,?,?)", (sid, step, kind, _dump(data or {}), time.time()))
@@ -320,6 +373,62 @@ class SessionStore:
         self._seq[new] = (row["m"] or 0) if row else 0
         self.event(new, cp["step"], "forked", {"from": sid, "step": cp["step"]})
         return new
+
+    # deleting ---------------------------------------------------------------------------------------
+    def session_tree(self, sid: str) -> list[str]:
+        """``sid`` and all its sub-agents (and theirs), parents first."""
+        ids = [sid]
+        for s in ids:
+            ids.extend(c["id"] for c in self._all("SELECT id FROM sessions WHERE parent_id=?", (s,)))
+        return ids
+
+    def delete_session(self, sid: str) -> list[str]:
+        """Delete a top-level session with its sub-agents and every record of theirs (one transaction),
+        then the file contents no snapshot refers to any more. Returns the deleted ids."""
+        session = self.get_session(sid)
+        if session is None:
+            raise ValueError(f"no session {sid!r} in {self.path}")
+        if session["parent_id"]:
+            raise ValueError(f"session {sid} is a sub-agent of {session['parent_id']}; delete the top session")
+        ids = self.session_tree(sid)
+        marks = ",".join("?" * len(ids))
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                for table in ("messages", "tool_calls", "checkpoints", "compactions", "usage", "events",
+                              "file_snapshots"):
+                    self._db.execute(f"DELETE FROM {table} WHERE session_id IN ({marks})", ids)
+                self._db.execute(f"DELETE FROM subagents WHERE parent_id IN ({marks}) OR child_id IN ({marks})",
+                                 ids + ids)
+                self._db.execute(f"DELETE FROM sessions WHERE id IN ({marks})", ids)
+                self._db.execute("DELETE FROM file_blobs WHERE hash NOT IN "
+                                 "(SELECT blob FROM file_snapshots WHERE blob IS NOT NULL)")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        for s in ids:
+            self._seq.pop(s, None)
+        return ids
+
+    def stale_sessions(self, older_than_s: float, now: float | None = None) -> list[dict]:
+        """Top-level sessions whose last activity (their own or any sub-agent's) is more than
+        ``older_than_s`` seconds ago, oldest first."""
+        now = time.time() if now is None else now
+        out = []
+        for s in self._all("SELECT id, task, status, created_at, updated_at FROM sessions WHERE parent_id IS NULL "
+                           "ORDER BY updated_at"):
+            tree = self.session_tree(s["id"])
+            marks = ",".join("?" * len(tree))
+            last = self._one(f"SELECT MAX(updated_at) AS t FROM sessions WHERE id IN ({marks})", tree)["t"]
+            if last is not None and last < now - older_than_s:
+                out.append({**s, "last_active": last})
+        return out
+
+    def vacuum(self) -> None:
+        """Give the space of deleted records back to the file system."""
+        with self._lock:
+            self._db.execute("VACUUM")
 
     # export -----------------------------------------------------------------------------------
     def trace(self, sid: str, recursive: bool = True):
