@@ -99,16 +99,23 @@ class MTPHead(nn.Module):
                 b.zero_()
         return self
 
-    def forward_train(self, rotary: RotaryEmbedding, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward_train(self, rotary: RotaryEmbedding, hidden: torch.Tensor, input_ids: torch.Tensor,
+                      positions: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Plain full-sequence forward of the first MTP layer (no cache), the reference the engine is
         tested against and the training path: hidden [B, T, H] (the main model's final-normed states),
-        input_ids [B, T] -> logits [B, T - 1, vocab] where row i predicts token i + 2."""
+        input_ids [B, T] -> logits [B, T - 1, vocab] where row i predicts token i + 2. Packed documents:
+        the main model's ``positions`` and ``segment_ids`` [B, T]; row i then attends within its segment
+        (a row whose token i + 1 is in the next segment predicts nothing useful: mask its loss)."""
         layer = self.layers[0]
         B, T = input_ids.shape
         x = layer.combine(layer.embed_tokens(input_ids[:, 1:]), hidden[:, :-1])
-        positions = torch.arange(T - 1, device=input_ids.device)[None]
+        positions = (torch.arange(T - 1, device=input_ids.device)[None] if positions is None
+                     else positions[:, :-1])
         cos, sin = rotary(positions)
         mask = torch.ones(T - 1, T - 1, dtype=torch.bool, device=input_ids.device).tril()[None]
+        if segment_ids is not None:
+            seg = segment_ids[:, :-1]
+            mask = mask & (seg[:, :, None] == seg[:, None, :])
         return layer.logits(layer(x, cos, sin, mask=mask))
 
 

@@ -84,12 +84,14 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, kv: LatentKV | None = None,
-                attention_mask: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(input_ids, positions, kv, attention_mask, inputs_embeds))
+                attention_mask: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, positions, kv, attention_mask, inputs_embeds, segment_ids))
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                       kv: LatentKV | None = None, attention_mask: torch.Tensor | None = None,
-                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                      inputs_embeds: torch.Tensor | None = None,
+                      segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, H].
 
         input_ids [B, T]. positions [B, T] or [T]; default 0..T-1, or the cache's next positions when
@@ -99,6 +101,9 @@ class Transformer(nn.Module):
         With ``kv``, attention runs on the absorbed path over the latent cache (not for models with
         KDA layers: NotImplementedError). KDA layers handle left padding exactly (padded tokens do not
         touch their state); right padding only affects the padded positions.
+        segment_ids [B, T]: packed documents (training): a token attends only to earlier tokens of the
+        same segment; pass ``positions`` restarting at each segment too. Dense MLA models only (a
+        MoBA or KDA layer is a ValueError), and not with ``kv``.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}")
@@ -111,7 +116,9 @@ class Transformer(nn.Module):
             positions = positions[None]
         cos, sin = self.model.rotary_emb(positions)
         mask = None
-        if attention_mask is not None and kv is None:
+        if segment_ids is not None:
+            mask = self._segment_mask(segment_ids, kv, attention_mask, (B, T))
+        elif attention_mask is not None and kv is None:
             causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
             mask = causal[None] & attention_mask.bool()[:, None, :]
             mask = mask | torch.eye(T, dtype=torch.bool, device=input_ids.device)[None]  # padded rows stay finite
@@ -130,6 +137,22 @@ class Transformer(nn.Module):
         if kv is not None:
             kv.end()
         return self.model.norm(x)
+
+    def _segment_mask(self, segment_ids: torch.Tensor, kv, attention_mask, shape) -> torch.Tensor:
+        """Causal attention within each segment: [B, T, T] bool."""
+        if kv is not None or attention_mask is not None:
+            raise ValueError("segment_ids (packed documents) go without a cache and without an attention_mask "
+                             "(mark padding as a segment of its own)")
+        if tuple(segment_ids.shape) != shape:
+            raise ValueError(f"segment_ids must be [batch, seq] = {list(shape)}; got {list(segment_ids.shape)}")
+        cfg = self.config
+        if cfg.kda_layer_ids or getattr(cfg, "moba_config", None):
+            kind = "Kimi Delta Attention" if cfg.kda_layer_ids else "MoBA"
+            raise ValueError(f"document masking (segment_ids) is implemented for dense MLA layers; this model has "
+                             f"{kind} layers. Train it without document_mask (pieces packed under one causal mask)")
+        T = shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+        return causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
 
     # ---- construction helpers -------------------------------------------------------------------
     @torch.no_grad()

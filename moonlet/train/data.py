@@ -111,14 +111,22 @@ class TokenDataset:
 class PackedLoader:
     """Deterministic batches of packed rows: ``next_batch()`` -> (inputs [b, T], targets [b, T],
     loss_mask [b, T] float) for this rank's ``rows_per_rank`` rows of a global batch of
-    ``batch_size`` rows. ``state_dict()``/``load_state_dict()`` resume exactly."""
+    ``batch_size`` rows. ``state_dict()``/``load_state_dict()`` resume exactly.
+
+    ``document_mask``: keep the packed pieces apart. Each batch then also has ``segments`` [b, T]
+    (the piece each input token belongs to, numbered in its row; padding -1) and ``positions`` [b, T]
+    (restarting at 0 at each piece), for an attention mask that stops a token attending to another
+    piece; and a target that lies in the next piece (the last token of a piece predicting the first of
+    the next) is not counted. Without it, pieces are packed back to back under one causal mask, as in
+    pretraining."""
 
     def __init__(self, dataset: TokenDataset, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, pad_id: int = 0):
+                 world_size: int = 1, pad_id: int = 0, document_mask: bool = False):
         if batch_size % world_size:
             raise ValueError(f"global batch_size {batch_size} is not divisible by world_size {world_size}")
         self.ds, self.seq_len, self.batch_size = dataset, seq_len, batch_size
         self.seed, self.rank, self.world_size, self.pad_id = seed, rank, world_size, pad_id
+        self.document_mask = document_mask
         row = seq_len + 1
         # Split long documents into row-sized pieces once; the pieces are what gets shuffled.
         self.pieces: list[tuple[int, int, int]] = []
@@ -141,10 +149,11 @@ class PackedLoader:
             self._order = self._permutation(self.epoch)
         return self.pieces[self._order[self.cursor]]
 
-    def _row(self) -> tuple[np.ndarray, np.ndarray]:
+    def _row(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         row = self.seq_len + 1
         toks = np.full(row, self.pad_id, dtype=np.int64)
         mask = np.zeros(row, dtype=np.uint8)
+        seg = np.full(row, -1, dtype=np.int64)
         used = 0
         while True:
             s, a, b = self._next_piece()
@@ -153,21 +162,29 @@ class PackedLoader:
                 break  # this piece starts the next row
             toks[used:used + n] = self.ds.tokens[s][a:b]
             mask[used:used + n] = self.ds.masks[s][a:b]
+            seg[used:used + n] = seg[used - 1] + 1 if used else 0
             used += n
             self.cursor += 1
-        return toks, mask
+        return toks, mask, seg
 
     def next_batch(self) -> dict[str, torch.Tensor | int]:
         """This rank's rows of the next global batch: ``inputs``/``targets`` [b, T] int64, ``mask`` [b, T]
         float (1 = count this target in the loss) and ``global_targets``, the number of counted targets
-        over the whole global batch (so every rank can normalize the loss the same way)."""
+        over the whole global batch (so every rank can normalize the loss the same way); with
+        ``document_mask`` also ``segments`` and ``positions`` [b, T] int64."""
         rows = [self._row() for _ in range(self.batch_size)]
         per = self.batch_size // self.world_size
         toks = torch.from_numpy(np.stack([r[0] for r in rows]))
         mask = torch.from_numpy(np.stack([r[1] for r in rows]))[:, 1:]  # the target of position j is token j+1
         mine = slice(self.rank * per, (self.rank + 1) * per)
-        return {"inputs": toks[mine, :-1], "targets": toks[mine, 1:], "mask": mask[mine].float(),
-                "global_targets": int(mask.sum())}
+        out = {"inputs": toks[mine, :-1], "targets": toks[mine, 1:]}
+        if self.document_mask:
+            seg = torch.from_numpy(np.stack([r[2] for r in rows]))
+            mask = mask * (seg[:, :-1] == seg[:, 1:])  # a target in the next piece is not this piece's
+            out["segments"] = seg[mine, :-1]
+            out["positions"] = _positions_in_segments(seg[mine, :-1])
+        out.update(mask=mask[mine].float(), global_targets=int(mask.sum()))
+        return out
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "num_pieces": len(self.pieces)}
@@ -180,3 +197,13 @@ class PackedLoader:
             )
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self._order = self._permutation(self.epoch)
+
+
+def _positions_in_segments(seg: torch.Tensor) -> torch.Tensor:
+    """[b, T] segment ids (runs of equal values) -> each token's position in its run, from 0."""
+    T = seg.shape[1]
+    idx = torch.arange(T).expand_as(seg)
+    starts = torch.ones_like(seg, dtype=torch.bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # index where each run began
+    return idx - first

@@ -100,6 +100,9 @@ class TrainConfig:
     # update), only the low-rank factors train, with AdamW whatever ``optimizer`` says, and checkpoints
     # hold the adapter in PEFT's format (adapter_config.json + adapter_model.safetensors) instead of the model
     lora: dict | None = None
+    # Packed documents attend only to themselves (positions restart per piece, a target in the next piece
+    # is not counted) instead of packing under one causal mask; dense MLA models only (not MoBA / KDA)
+    document_mask: bool = False
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -169,6 +172,10 @@ class Trainer:
         torch.manual_seed(config.seed)
 
         self.model_config = config.model_config().replace(torch_dtype="float32")
+        if config.document_mask and (self.model_config.kda_layer_ids or self.model_config.moba_config):
+            kind = "Kimi Delta Attention" if self.model_config.kda_layer_ids else "MoBA"
+            raise ValueError(f"document_mask is implemented for dense MLA models; this model has {kind} layers. "
+                             "Set document_mask to false (pieces packed under one causal mask)")
         self.model = Transformer(self.model_config).init_weights(seed=config.seed).to(self.device).train()
         if config.init_from:
             init = resolve_init(config.init_from)
@@ -201,7 +208,8 @@ class Trainer:
         if dataset.vocab_size > self.model_config.vocab_size:
             raise ValueError(f"dataset vocabulary ({dataset.vocab_size}) is larger than the model's "
                              f"({self.model_config.vocab_size})")
-        self.loader = PackedLoader(dataset, config.seq_len, config.batch_size, config.seed, self.rank, self.world)
+        self.loader = PackedLoader(dataset, config.seq_len, config.batch_size, config.seed, self.rank, self.world,
+                                   document_mask=config.document_mask)
         self.eval_dataset = TokenDataset(config.eval_data) if config.eval_data else None
         self.step = 0
         self.clipped_heads = 0  # head-steps QK-Clip touched
@@ -258,23 +266,34 @@ class Trainer:
     def _ctx(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
 
+    def _packing(self, batch: dict) -> dict:
+        """The model's packed-document arguments for a batch (none without ``document_mask``)."""
+        if "segments" not in batch:
+            return {}
+        return {"positions": batch["positions"].to(self.device), "segment_ids": batch["segments"].to(self.device)}
+
     def _micro_loss(self, batch: dict, global_targets: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum of masked token losses / global target count (backpropagated), and the raw sum."""
         inputs = batch["inputs"].to(self.device)
         targets = batch["targets"].to(self.device)
         mask = batch["mask"].to(self.device)
+        packing = self._packing(batch)
         with self._ctx():
-            hidden = self.model.hidden_states(inputs)
+            hidden = self.model.hidden_states(inputs, **packing)
             logits = self.model.lm_head(hidden)
         losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
         total = (losses * mask.reshape(-1)).sum()
         loss = total / max(global_targets, 1)
         if self.mtp is not None:  # row i predicts the token after next: targets shifted by one more
             with self._ctx():
-                mlogits = self.mtp.forward_train(self.model.model.rotary_emb, hidden, inputs)
+                mlogits = self.mtp.forward_train(self.model.model.rotary_emb, hidden, inputs, **packing)
             mlosses = F.cross_entropy(mlogits.float().reshape(-1, mlogits.shape[-1]), targets[:, 1:].reshape(-1),
                                       reduction="none")
-            mtotal = (mlosses * mask[:, 1:].reshape(-1)).sum()
+            mmask = mask[:, 1:]
+            if "segment_ids" in packing:  # row i combines tokens i and i + 1: both in one piece
+                seg = packing["segment_ids"]
+                mmask = mmask * (seg[:, :-1] == seg[:, 1:])
+            mtotal = (mlosses * mmask.reshape(-1)).sum()
             loss = loss + self.cfg.mtp_loss_weight * mtotal / max(global_targets, 1)
             self._mtp_sum = getattr(self, "_mtp_sum", 0.0) + float(mtotal.detach())
         if self.cfg.aux_loss_alpha > 0:
@@ -333,12 +352,12 @@ class Trainer:
             return None
         self.model.eval()
         loader = PackedLoader(self.eval_dataset, self.cfg.seq_len, self.cfg.batch_size, seed=1234, rank=self.rank,
-                              world_size=self.world)
+                              world_size=self.world, document_mask=self.cfg.document_mask)
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for _ in range(self.cfg.eval_batches):
             b = loader.next_batch()
             with self._ctx():
-                logits = self.model(b["inputs"].to(self.device))
+                logits = self.model(b["inputs"].to(self.device), **self._packing(b))
             losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), b["targets"].to(self.device).reshape(-1),
                                      reduction="none")
             m = b["mask"].to(self.device).reshape(-1)

@@ -52,7 +52,7 @@ def test_rows_pack_whole_pieces_and_cover_an_epoch(tmp_path):
     assert sorted(order.tolist()) == list(range(len(pieces)))
     stream = []
     while loader.epoch == 0:
-        toks, mask = loader._row()
+        toks, mask, _ = loader._row()
         real = toks[toks != pad]
         stream += real.tolist()
         assert (toks[len(real):] == pad).all() and (mask[len(real):] == 0).all()  # padding only at the end
