@@ -159,3 +159,41 @@ def tiny_vision_tokenizer_dir(directory, chat_template: str = "kimi-k2.6"):
     Tokenizer(_tiny_bpe(512), {name: i for i, name in names.items()}).save_pretrained(
         directory, chat_template=chat_template)
     return directory
+
+
+def tiny_pdf(pages: list[str], page_size: tuple[int, int] = (200, 200)) -> bytes:
+    """A minimal valid PDF (1.4, one Helvetica font, a correct xref table) whose page i shows the lines of
+    ``pages[i]`` (ASCII), top to bottom; an empty string makes a page with no text. Written by hand,
+    so tests know exactly what text each page holds, independently of any PDF library."""
+    width, height = page_size
+    objects: list[bytes] = []  # object i + 1
+
+    def escape(line: str) -> str:
+        return line.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+
+    n = len(pages)
+    font_id, pages_id = 3 + 2 * n, 2
+    kids = " ".join(f"{3 + 2 * i} 0 R" for i in range(n))
+    objects.append(b"<< /Type /Catalog /Pages 2 0 R >>")
+    objects.append(f"<< /Type /Pages /Kids [{kids}] /Count {n} >>".encode())
+    for i, text in enumerate(pages):
+        ops = [f"BT /F1 10 Tf 12 TL 10 {height - 20} Td"]
+        for line in text.split("\n") if text else []:
+            ops.append(f"({escape(line)}) Tj T*")
+        ops.append("ET")
+        stream = "\n".join(ops).encode("latin-1") if text else b""
+        objects.append(f"<< /Type /Page /Parent {pages_id} 0 R /MediaBox [0 0 {width} {height}] "
+                       f"/Resources << /Font << /F1 {font_id} 0 R >> >> /Contents {4 + 2 * i} 0 R >>".encode())
+        objects.append(f"<< /Length {len(stream)} >>\nstream\n".encode() + stream + b"\nendstream")
+    objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>")
+    out = bytearray(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
+    offsets = []
+    for i, body in enumerate(objects):
+        offsets.append(len(out))
+        out += f"{i + 1} 0 obj\n".encode() + body + b"\nendobj\n"
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    for off in offsets:
+        out += f"{off:010d} 00000 n \n".encode()
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return bytes(out)

@@ -5,12 +5,13 @@ What is done with each part of a request:
 - Consecutive turns of the same role are merged; a final assistant turn is a prefill: its text is
   placed after the generation prompt and the reply continues it (thinking is switched off then,
   so the prefill is answer text, not reasoning).
-- User turns: text blocks (joined by blank lines) and text ``document`` blocks become the user
-  message; each ``tool_result`` becomes a tool message (``## Return of <K2 id>``) placed before
+- User turns: text blocks and ``document`` blocks (joined by blank lines) become the user message
+  (a document's text, title and context; a PDF's pages as text with page markers, and as images on
+  models with vision: see ``documents``); each ``tool_result`` becomes a tool message (``## Return of <K2 id>``) placed before
   the user's text; ``is_error`` results are prefixed with "Error: ". ``image`` blocks (in user turns
   and tool results) with a ``base64`` source become the K2.5 image placeholder at their place (see
   ``images``) on models with vision; a ``url`` source is a 400 (the server fetches nothing), and a
-  text-only model answers any image with a 400. Non-text documents get a 400.
+  text-only model answers any image with a 400. Documents in tool results are read as in user turns.
 - Assistant turns: text -> content, ``thinking`` -> reasoning_content, ``tool_use`` -> tool_calls
   with K2 ids (see ``tool_ids``); ``redacted_thinking`` is dropped (it cannot be read back).
 - ``tools`` with ``input_schema`` become K2 function declarations; Anthropic server tools (typed,
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import json
 
+from . import documents
 from .errors import invalid
 from .generation import Conversation, apply_tool_choice
 from .images import Images, join_content
@@ -78,6 +80,67 @@ def _image(block: dict, where: str, images: Images) -> str:
                   param=f"{where}.source.type")
 
 
+def _document(block: dict, where: str, images: Images) -> str:
+    """A ``document`` block -> its prompt text (see ``documents``): a ``base64`` PDF, a ``text`` source, or a
+    ``content`` source (text and image blocks), with its ``title`` and ``context``. PDF page images (models
+    with vision) and a content source's images are added to ``images``."""
+    citations = block.get("citations")
+    if citations is not None:
+        if not isinstance(citations, dict):
+            raise invalid(f"{where}.citations must be an object ({{'enabled': bool}})", param=f"{where}.citations")
+        if citations.get("enabled"):
+            raise invalid(f"{where}.citations: citations are not supported by this server; send the document "
+                          f"without citations.enabled", param=f"{where}.citations")
+    title = documents.optional_string(block.get("title"), f"{where}.title")
+    context = documents.optional_string(block.get("context"), f"{where}.context")
+    source = block.get("source")
+    if not isinstance(source, dict):
+        raise invalid(f"{where}.source must be an object ({{'type': 'base64', 'media_type': 'application/pdf', "
+                      f"'data'}}, {{'type': 'text', 'data'}} or {{'type': 'content', 'content'}})",
+                      param=f"{where}.source")
+    kind = source.get("type")
+    if kind == "text":
+        data = source.get("data")
+        if not isinstance(data, str):
+            raise invalid(f"{where}.source.data must be the document's text", param=f"{where}.source.data")
+        return documents.text_document(data, title, context)
+    if kind == "base64":
+        media_type = source.get("media_type")
+        if media_type != documents.PDF_MEDIA_TYPE:
+            raise invalid(f"{where}.source.media_type must be {documents.PDF_MEDIA_TYPE!r} for a base64 document; "
+                          f"got {media_type!r} (send text as a 'text' source)", param=f"{where}.source.media_type")
+        data = documents.decode_base64_pdf(source.get("data"), f"{where}.source.data")
+        return documents.pdf_document(data, where, images, title, context)
+    if kind == "content":
+        content = source.get("content")
+        w = f"{where}.source.content"
+        if isinstance(content, str):
+            parts = [("text", content)]
+        elif isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                t = part.get("type") if isinstance(part, dict) else None
+                if t == "text":
+                    parts.append(("text", _text_of(part, f"{w}.{j}")))
+                elif t == "image":
+                    parts.append(("image", _image(part, f"{w}.{j}", images)))
+                else:
+                    raise invalid(f"{w}.{j} has type {t!r}; a content document holds text and image blocks",
+                                  param=f"{w}.{j}")
+        else:
+            raise invalid(f"{w} must be a string or a list of text and image blocks", param=w)
+        return documents.text_document(join_content(parts, "\n\n"), title, context)
+    if kind == "url":
+        raise invalid(f"{where}.source: this server does not fetch documents from URLs; send the PDF inline as a "
+                      f"base64 source ({{'type': 'base64', 'media_type': 'application/pdf', 'data': ...}})",
+                      param=f"{where}.source")
+    if kind == "file":
+        raise invalid(f"{where}.source: file sources (the Files API) are not supported by this server; send the "
+                      f"PDF inline as a base64 source", param=f"{where}.source")
+    raise invalid(f"{where}.source.type {kind!r} is not supported; send 'base64' (a PDF), 'text' or 'content'",
+                  param=f"{where}.source.type")
+
+
 def _no_vision(kind: str, where: str):
     return invalid(f"{where} is an {kind} block, but this model reads text only (no vision); remove the "
                    f"{kind} or describe it in text", param=where)
@@ -113,9 +176,10 @@ def _tool_result_text(block: dict, where: str, images: Images) -> str:
             elif kind == "image":
                 parts.append(("image", _image(part, f"{where}.content.{j}", images)))
             elif kind == "document":
-                raise _no_vision(kind, f"{where}.content.{j}")
+                parts.append(("text", _document(part, f"{where}.content.{j}", images)))
             else:
-                raise invalid(f"{where}.content.{j} has type {kind!r}; tool results may hold text and image blocks",
+                raise invalid(f"{where}.content.{j} has type {kind!r}; tool results may hold text, image and "
+                              f"document blocks",
                               param=f"{where}.content.{j}")
         text = join_content(parts, "\n")
     else:
@@ -145,11 +209,7 @@ def _user_turn(blocks: list[dict], where: str, ids: ToolIdMap, images: Images) -
         elif kind == "image":
             texts.append(("image", _image(block, w, user_images)))
         elif kind == "document":
-            source = block.get("source") or {}
-            if source.get("type") == "text" and isinstance(source.get("data"), str):
-                texts.append(("text", source["data"]))
-            else:
-                raise _no_vision("non-text document", w)
+            texts.append(("text", _document(block, w, user_images)))
         elif kind in ("thinking", "redacted_thinking", "tool_use"):
             raise invalid(f"{w} is a {kind} block, which only an assistant turn may hold", param=w)
         else:

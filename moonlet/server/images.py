@@ -50,6 +50,17 @@ class Images:
         self.images.append(decode_image(data, media_type, where))
         return IMAGE_PLACEHOLDER
 
+    def add_decoded(self, image, where: str) -> str:
+        """An image made by the server itself (a PDF page rendered by ``documents``), as an RGB Pillow image
+        within the size limits; returns its placeholder. Only the per-request count is checked here."""
+        if not self.vision:
+            raise no_vision(where)
+        if len(self.images) >= MAX_IMAGES:
+            raise invalid(f"{where}: a request may hold at most {MAX_IMAGES} images (PDF pages sent as images "
+                          f"count too)", param=where)
+        self.images.append(image)
+        return IMAGE_PLACEHOLDER
+
     def add_base64(self, data, media_type, where: str, part: str | None = None) -> str:
         """An image given as base64 text (``data`` at ``where + '.data'``) of ``media_type``; ``part``: where
         the image part itself is (named when the model has no vision)."""

@@ -39,6 +39,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..engine.params import SamplingParams, StructuredOutput
+from .documents import file_input
 from .errors import APIError, invalid, openai_stream_error
 from .generation import (Conversation, EngineRun, SSEResponse, apply_tool_choice, build_prompt, check_structured,
                          fit_max_tokens, make_sampling, openai_response_format, sse_frame, start_run, supports_images,
@@ -128,9 +129,11 @@ def sampling_params(body: SamplingFields, max_tokens: int, stop_ids: list[int], 
         skip_special_tokens=False, thinking_token_budget=body.thinking_token_budget, structured=structured, n=n)
 
 
-def _text_content(content, where: str, images: Images | None = None) -> str | None:
+def _text_content(content, where: str, images: Images | None = None, files=None) -> str | None:
     """A message's content as text. ``images`` (user messages only): ``image_url`` parts become the image
-    placeholder at their place and their images are collected there; elsewhere an image is a 400."""
+    placeholder at their place and their images are collected there; elsewhere an image is a 400.
+    ``file`` parts (user messages only) are PDFs read by ``documents.file_input`` (``files``: the server's
+    FileStore, for ``file_id``)."""
     if content is None or isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -148,7 +151,15 @@ def _text_content(content, where: str, images: Images | None = None) -> str | No
                                                    else f"{w}.image_url", part=w)))
         elif kind == "image_url" and images is None:
             raise invalid(f"{w} is an image_url part; only user messages may hold images", param=w)
-        elif kind in ("input_audio", "file", "image"):
+        elif kind == "file" and images is not None:
+            spec = part.get("file")
+            if not isinstance(spec, dict):
+                raise invalid(f"{w}.file must be an object ({{'file_data': 'data:application/pdf;base64,...', "
+                              f"'filename'}} or {{'file_id'}})", param=f"{w}.file")
+            parts.append(("text", file_input(spec, f"{w}.file", w, images, files)))
+        elif kind == "file":
+            raise invalid(f"{w} is a file part; only user messages may hold files", param=w)
+        elif kind in ("input_audio", "image"):
             raise invalid(f"{w} is an {kind} part, but this server reads text (and, on models with vision, "
                           f"image_url parts); send text", param=w)
         else:
@@ -174,8 +185,9 @@ def _convert_tools(tools) -> dict[str, dict]:
     return out
 
 
-def to_conversation(body: ChatRequest, vision: bool = False) -> Conversation:
-    """The K2 chat input of a chat request; ``vision``: the model takes images (else an image is a 400)."""
+def to_conversation(body: ChatRequest, vision: bool = False, files=None) -> Conversation:
+    """The K2 chat input of a chat request; ``vision``: the model takes images (else an image is a 400);
+    ``files``: the server's FileStore, which ``file`` parts with a ``file_id`` read from."""
     tools = _convert_tools(body.tools)
     choice = body.tool_choice if body.tool_choice is not None else "auto"
     forced = None
@@ -205,7 +217,7 @@ def to_conversation(body: ChatRequest, vision: bool = False) -> Conversation:
         if role in ("system", "developer", "user"):
             messages.append({"role": "user" if role == "user" else "system",
                              "content": _text_content(m.get("content"), where,
-                                                      images if role == "user" else None) or ""})
+                                                      images if role == "user" else None, files) or ""})
         elif role == "assistant":
             out = {"role": "assistant", "content": _text_content(m.get("content"), where) or ""}
             reasoning = m.get("reasoning_content") or m.get("reasoning")
@@ -353,7 +365,7 @@ class _ChatChoice:
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request):
     st = state_of(request)
-    conv = to_conversation(body, vision=supports_images(st.engine))
+    conv = to_conversation(body, vision=supports_images(st.engine), files=getattr(request.app.state, "files", None))
     prompt = await build_prompt(st.engine, st.tokenizer, conv)
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens, _ = fit_max_tokens(len(prompt.token_ids), requested, st.max_model_len, "openai")

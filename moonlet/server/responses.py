@@ -44,6 +44,7 @@ from starlette.responses import JSONResponse, Response
 from ..chat import THINK_END
 from ..engine.params import SamplingParams, StructuredOutput
 from ..engine.structured import structured_available
+from .documents import file_input
 from .errors import APIError, invalid, openai_stream_error
 from .generation import (Conversation, EngineRun, Prompt, SSEResponse, apply_tool_choice, build_prompt,
                          check_structured, fit_max_tokens, json_schema_format, make_sampling, sse_frame, start_run,
@@ -209,10 +210,11 @@ def text_format(body: ResponsesRequest) -> tuple[StructuredOutput | None, dict]:
                   param="text.format.type")
 
 
-def _text(content, where: str, images: Images | None = None) -> str:
+def _text(content, where: str, images: Images | None = None, files=None) -> str:
     """The text of a message's (or tool output's) content: a string, or a list of text parts.
     ``images`` (user messages only): ``input_image`` parts with a data URL become the image placeholder
-    at their place and their images are collected there."""
+    at their place and their images are collected there; ``input_file`` parts are PDFs read by
+    ``documents.file_input`` (``files``: the server's FileStore, for ``file_id``)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -230,6 +232,11 @@ def _text(content, where: str, images: Images | None = None) -> str:
             texts.append(("image", images.add_url(part.get("image_url"), f"{where}.{j}.image_url", part=f"{where}.{j}")))
         elif kind == "input_image":
             raise invalid(f"{where}.{j} is an input_image part; only user messages may hold images",
+                          param=f"{where}.{j}")
+        elif kind == "input_file" and images is not None:
+            texts.append(("text", file_input(part, f"{where}.{j}", f"{where}.{j}", images, files)))
+        elif kind == "input_file":
+            raise invalid(f"{where}.{j} is an input_file part; only user messages may hold files",
                           param=f"{where}.{j}")
         elif kind in _NOT_TEXT:
             raise invalid(f"{where}.{j} is an {kind} part, but this server reads text (and, on models with "
@@ -313,10 +320,11 @@ class _Turns:
     """Builds chat messages from items: an assistant turn stays open (reasoning, text and tool
     calls merge into it) until a non-assistant message or a tool result comes."""
 
-    def __init__(self, vision: bool = False):
+    def __init__(self, vision: bool = False, files=None):
         self.messages: list[dict] = []
         self.ids = ToolIdMap(decode=openai_decode)
         self.images = Images(vision)  # the user messages' images, in order
+        self.files = files  # the server's FileStore (input_file parts with a file_id), or None
 
     def _assistant(self, fresh_if) -> dict:
         last = self.messages[-1] if self.messages else None
@@ -335,7 +343,8 @@ class _Turns:
             if role not in ("user", "system", "developer", "assistant"):
                 raise invalid(f"{where}.role must be user, system, developer or assistant; got {role!r}",
                               param=f"{where}.role")
-            text = _text(item.get("content"), f"{where}.content", self.images if role == "user" else None)
+            text = _text(item.get("content"), f"{where}.content", self.images if role == "user" else None,
+                         self.files)
             if role != "assistant":
                 self.messages.append({"role": "user" if role == "user" else "system", "content": text})
                 return
@@ -383,13 +392,14 @@ class _Turns:
 
 
 def to_conversation(body: ResponsesRequest, history: list[dict], items: list[dict],
-                    vision: bool = False) -> tuple[Conversation, dict]:
+                    vision: bool = False, files=None) -> tuple[Conversation, dict]:
     """The K2 conversation for a request (``history``: a stored chain's items, ``items``: the new
     input), and the parameters the response echoes (tools, tool_choice, reasoning). ``vision``: the
-    model takes images (else an input_image is a 400)."""
+    model takes images (else an input_image is a 400); ``files``: the server's FileStore (input_file
+    parts with a file_id)."""
     tools, tools_echo = _convert_tools(body.tools)
     kind, forced, choice_echo = _tool_choice(body.tool_choice, tools)
-    turns = _Turns(vision)
+    turns = _Turns(vision, files)
     if body.instructions:
         turns.messages.append({"role": "system", "content": body.instructions})
     for item in history:
@@ -629,7 +639,8 @@ async def create_response(body: ResponsesRequest, request: Request):
     structured, format_echo = text_format(body)
     history = store.conversation(body.previous_response_id) if body.previous_response_id else []
     items = input_items(body.input)
-    conv, echo = to_conversation(body, history, items, vision=supports_images(st.engine))
+    conv, echo = to_conversation(body, history, items, vision=supports_images(st.engine),
+                                 files=getattr(request.app.state, "files", None))
     try:
         prompt = await build_prompt(st.engine, st.tokenizer, conv)
         max_tokens, _ = fit_max_tokens(len(prompt.token_ids), body.max_output_tokens, st.max_model_len, "openai")

@@ -135,3 +135,45 @@ def test_validate_args_subset():
     assert validate_args({}, schema) == ["input: missing required field 'a'"]
     assert validate_args({"a": True}, schema)[0].startswith("input.a: expected integer")
     assert validate_args("x", {"type": "object", "x-unknown": 1}) and validate_args({}, {"weird": True}) == []
+
+
+def test_read_file_pdf_pages(ws, monkeypatch):
+    """A PDF (written by hand, so its page texts are known) reads as its pages' text with markers; `pages`
+    picks a range; long PDFs stop at the page cap or the size cap with a note how to read on."""
+    from moonlet.agent.tools import files
+    from moonlet.testing import tiny_pdf
+
+    texts = [f"Text of page {n}\nline two of page {n}" for n in range(1, 26)]
+    texts[3] = ""
+    (ws.root / "doc.pdf").write_bytes(tiny_pdf(texts))
+
+    def page_block(n):
+        return f"--- page {n} ---\n" + (texts[n - 1] or f"[page {n} has no text layer (a scanned or image-only page)]")
+
+    out = call(ws, "read_file", path="doc.pdf", pages="3-5").content
+    assert out == "\n".join(["[PDF: doc.pdf, 25 pages]", page_block(3), page_block(4), page_block(5),
+                             '[showing pages 3-5 of 25; use pages="6-25" to read on]'])
+    assert call(ws, "read_file", path="doc.pdf", pages="25").content == "\n".join(
+        ["[PDF: doc.pdf, 25 pages]", page_block(25), "--- end of document ---"])
+    whole = call(ws, "read_file", path="doc.pdf").content  # no range: the first 20 pages
+    assert whole == "\n".join(["[PDF: doc.pdf, 25 pages]"] + [page_block(n) for n in range(1, 21)]
+                              + ['[showing pages 1-20 of 25; use pages="21-25" to read on]'])
+    monkeypatch.setattr(files, "MAX_BYTES", 200)  # the size cap: whole pages while they fit
+    small = call(ws, "read_file", path="doc.pdf", pages="2-9").content
+    assert small == "\n".join(["[PDF: doc.pdf, 25 pages]", page_block(2), page_block(3), page_block(4),
+                               '[showing pages 2-4 of 25; use pages="5-24" to read on]'])
+    monkeypatch.setattr(files, "MAX_BYTES", 40)  # one page over the cap on its own: its start, cut
+    block = page_block(2)
+    assert call(ws, "read_file", path="doc.pdf", pages="2-3").content == "\n".join(
+        ["[PDF: doc.pdf, 25 pages]", block[:15], f"[... page 2 cut, {len(block) - 15} more characters]",
+         '[showing pages 2-2 of 25; use pages="3-22" to read on]'])
+    for bad, match in ((dict(pages="0"), "start at 1"), (dict(pages="a-b"), "not a page range"),
+                       (dict(pages="30"), "has 25 pages"), (dict(offset=2), "not offset/limit")):
+        with pytest.raises(ToolError, match=match):
+            call(ws, "read_file", path="doc.pdf", **bad)
+    (ws.root / "a.txt").write_text("hi\n")
+    with pytest.raises(ToolError, match="for PDF files"):
+        call(ws, "read_file", path="a.txt", pages="1")
+    (ws.root / "broken.pdf").write_bytes(tiny_pdf(texts)[:300])
+    with pytest.raises(ToolError, match="broken.pdf: the PDF could not be read"):
+        call(ws, "read_file", path="broken.pdf")

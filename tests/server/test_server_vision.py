@@ -273,3 +273,39 @@ def test_model_info_says_whether_images_are_accepted(stack, scripted):
         for headers in ({"x-api-key": "test-key", "anthropic-version": "2023-06-01"}, {"authorization": "Bearer test-key"}):
             info = httpx.get(f"{url}/v1/models/{name}", headers=headers).json()
             assert info["vision"] is vision and vision_from_model_info(info) is vision
+
+
+def test_pdf_pages_go_in_as_images_on_a_vision_model(stack, monkeypatch):
+    """A PDF part on a vision model: each page's image after its marker, then its text. The reply equals the
+    greedy loop over the full multimodal forward with the page rendered by PDFium directly (at the same
+    size) and the page layout written out by hand; count_tokens counts the page image's tokens."""
+    pypdfium2 = pytest.importorskip("pypdfium2")
+    from moonlet.server import documents
+    from moonlet.testing import tiny_pdf
+
+    server, llm, vlm, tok = stack
+    monkeypatch.setattr(documents, "PAGE_IMAGE_SIDE", 40)  # a 200x100 pt page -> 40x20 px: few image tokens
+    data = tiny_pdf(["Hi there"], page_size=(200, 100))
+    doc = pypdfium2.PdfDocument(data)
+    page_image = doc[0].render(scale=40 / 200).to_pil().convert("RGB")
+    doc.close()
+    assert page_image.size == (40, 20)
+    content = "\n".join(["Document: a.pdf", "--- page 1 ---", IMAGE_PLACEHOLDER, "Hi there", "--- end of document ---"])
+    ids = expected_prompt(tok, "Read:\n" + content, [page_image])
+    want = reference(vlm, tok, ids, [page_image])
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    r = client.chat.completions.create(
+        model="tiny-vl", max_tokens=MAX_TOKENS, temperature=0, logprobs=True,
+        extra_body={"chat_template_kwargs": NO_THINK},
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Read:"}, {"type": "file", "file": {
+            "file_data": "data:application/pdf;base64," + base64.b64encode(data).decode(), "filename": "a.pdf"}}]}])
+    # 40x20 px in 4-px patches, padded to multiples of 8 px: a 6 x 10 grid -> 3 x 5 = 15 image tokens
+    assert r.usage.prompt_tokens == len(ids) and ids.count(vlm.placeholder_id) == 15
+    assert [bytes(e.bytes) for e in r.choices[0].logprobs.content][:len(want)] == [tok.decode_bytes([t]) for t in want]
+    count = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0).messages.count_tokens(
+        model="tiny-vl", thinking={"type": "disabled"}, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "Read:"},
+            {"type": "document", "title": "a.pdf", "source": {"type": "base64", "media_type": "application/pdf",
+                                                             "data": base64.b64encode(data).decode()}}]}])
+    # the same PDF as an Anthropic document (a turn's blocks are joined by a blank line there)
+    assert count.input_tokens == len(expected_prompt(tok, "Read:\n\n" + content, [page_image]))
