@@ -1,4 +1,4 @@
-"""The shell sandbox (moonlet/agent/sandbox.py, Linux Landlock): the rulesets built for each ABI
+"""The shell sandbox (moonlet/agent/sandbox.py and landlock.py, Linux Landlock): the rulesets built for each ABI
 version against the bit values of the kernel's documented UAPI (always runs), and, where the kernel
 has Landlock, real sandboxed commands: writes inside the work directory and temp work and writes
 outside fail with nothing created, reads outside work, TCP to a listener in this process is denied
@@ -18,13 +18,14 @@ import pytest
 
 from agent_scripted import Reply, ScriptedEndpoint, last_results, make_agent, result_text, text, tool
 
-from moonlet.agent import sandbox as sb
-from moonlet.agent.sandbox import SandboxConfig, SandboxUnavailable, build_ruleset, resolve_policy
+from moonlet.agent import landlock as ll
+from moonlet.agent.landlock import build_ruleset
+from moonlet.agent.sandbox import SandboxConfig, SandboxUnavailable, resolve_policy
 from moonlet.agent.tools import ToolContext, Workspace
 from moonlet.agent.tools.shell import JobOutputTool, ShellTool
 
-ABI = sb.landlock_abi()
-needs_landlock = pytest.mark.skipif(ABI < 1, reason=f"no Landlock here: {sb.probe()[1]}")
+ABI = ll.landlock_abi()
+needs_landlock = pytest.mark.skipif(ABI < 1, reason=f"no Landlock here: {ll.probe()[1]}")
 needs_net = pytest.mark.skipif(ABI < 4, reason=f"Landlock ABI {ABI} has no network rules (4 needed)")
 
 # include/uapi/linux/landlock.h: (right, bit, the ABI version that introduced it)
@@ -42,14 +43,14 @@ def documented(table, abi, names=None):
 
 def test_access_masks_and_structs_per_abi_match_the_documented_values():
     for name, bit, _ in DOCUMENTED_FS:
-        assert getattr(sb, f"FS_{name}") == 1 << bit
+        assert getattr(ll, f"FS_{name}") == 1 << bit
     for abi in range(1, 9):  # 8: a newer kernel than this code knows gets the rights of 7
-        known = min(abi, sb.KNOWN_ABI)
+        known = min(abi, ll.KNOWN_ABI)
         fs, net, scoped = documented(DOCUMENTED_FS, abi), documented(DOCUMENTED_NET, abi), \
             documented(DOCUMENTED_SCOPE, abi)
-        assert (sb.fs_rights(abi), sb.net_rights(abi), sb.scopes(abi)) == (fs, net, scoped), abi
+        assert (ll.fs_rights(abi), ll.net_rights(abi), ll.scopes(abi)) == (fs, net, scoped), abi
         # struct landlock_ruleset_attr grows with the ABI: fs (1), net (4), scoped (6), each a __u64
-        attr = sb.ruleset_attr(fs, net, scoped, known)
+        attr = ll.ruleset_attr(fs, net, scoped, known)
         assert len(attr) == (24 if abi >= 6 else 16 if abi >= 4 else 8)
         assert struct.unpack(f"<{len(attr) // 8}Q", attr) == (fs, net, scoped)[:len(attr) // 8]
 
@@ -70,19 +71,19 @@ def test_access_masks_and_structs_per_abi_match_the_documented_values():
         assert confined.paths[:2] == [("/usr", file_read), ("/work/f", file_read)]  # (/usr is "not a dir" here)
     # struct landlock_path_beneath_attr is packed: __u64 allowed_access, __s32 parent_fd (12 bytes);
     # struct landlock_net_port_attr: __u64 allowed_access, __u64 port (16 bytes)
-    assert sb.path_beneath_attr(0x1FFF, 7) == (0x1FFF).to_bytes(8, sys.byteorder) + (7).to_bytes(4, sys.byteorder)
-    assert sb.net_port_attr(2, 443) == (2).to_bytes(8, sys.byteorder) + (443).to_bytes(8, sys.byteorder)
+    assert ll.path_beneath_attr(0x1FFF, 7) == (0x1FFF).to_bytes(8, sys.byteorder) + (7).to_bytes(4, sys.byteorder)
+    assert ll.net_port_attr(2, 443) == (2).to_bytes(8, sys.byteorder) + (443).to_bytes(8, sys.byteorder)
     with pytest.raises(ValueError):
-        sb.ruleset_attr(1, 3, 0, 3)  # network rights on a kernel without them
-    assert sb.parse_network("allow") is None and sb.parse_network("deny") == ()
-    assert sb.parse_network("8000, 443,443") == (443, 8000)
+        ll.ruleset_attr(1, 3, 0, 3)  # network rights on a kernel without them
+    assert ll.parse_network("allow") is None and ll.parse_network("deny") == ()
+    assert ll.parse_network("8000, 443,443") == (443, 8000)
     for bad in ("0", "70000", "http", ""):
         with pytest.raises(ValueError, match="allow, deny or"):
-            sb.parse_network(bad)
+            ll.parse_network(bad)
 
 
 def test_sandbox_on_without_landlock_is_a_clear_error(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(sb, "_probe", (0, "the kernel was built without Landlock (CONFIG_SECURITY_LANDLOCK)"))
+    monkeypatch.setattr(ll, "_probe", (0, "the kernel was built without Landlock (CONFIG_SECURITY_LANDLOCK)"))
     with pytest.raises(SandboxUnavailable) as e:
         resolve_policy(SandboxConfig("on"), tmp_path)
     message = str(e.value)
@@ -157,9 +158,9 @@ def test_writes_only_inside_the_workspace_and_temp_reads_everywhere(place):
 @needs_landlock
 def test_every_older_abis_downgraded_ruleset_still_confines_writes(place):
     ws, outside, _ = place
-    for abi in range(1, min(ABI, sb.KNOWN_ABI) + 1):
+    for abi in range(1, min(ABI, ll.KNOWN_ABI) + 1):
         target = outside / f"abi{abi}.txt"
-        run = subprocess.run([sys.executable, "-I", "-S", sb.__file__, f"--abi={abi}", f"--write={ws.root}",
+        run = subprocess.run([sys.executable, "-I", "-S", ll.__file__, f"--abi={abi}", f"--write={ws.root}",
                               "--device=/dev/null", "--", "/bin/sh", "-c",
                               f"echo a > in{abi}.txt; echo b > {target}; cat {outside}/readable.txt"],
                              cwd=ws.root, capture_output=True, text=True, timeout=30)
