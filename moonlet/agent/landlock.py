@@ -7,7 +7,7 @@ starts. If the sandbox cannot be applied it prints why and exits with code 125 w
 command (it fails closed).
 
 This file imports only small standard modules (no dataclasses, argparse, tempfile: each run pays for
-its imports, about 1 ms here against over 100 ms with those), and is started by its path with ``-I -S``
+its imports: about 10 ms here, against about 100 ms with those), and is started by its path with ``-I -S``
 so neither the moonlet package nor site-packages are loaded. The policy (what is writable, the
 network) is decided by the agent in ``moonlet.agent.sandbox``.
 

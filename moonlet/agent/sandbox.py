@@ -13,7 +13,7 @@ sandboxed.
 
 How it is applied: the shell tool runs ``python -I -S landlock.py [policy flags] -- /bin/sh -c
 COMMAND``, a fresh single-threaded process that restricts itself and ``exec``s the shell. The other
-way, a ``preexec_fn``, would save that interpreter start (about 25 ms) but runs Python code between
+way, a ``preexec_fn``, would save that interpreter start (about 20 ms) but runs Python code between
 ``fork`` and ``exec`` in a copy of a process that has other threads (the in-process model server,
 asyncio's worker threads): a lock held by another thread at fork time (the allocator's, the import
 lock) deadlocks the child, which is why Python's documentation warns against it with threads; it also
@@ -135,7 +135,8 @@ class SandboxPolicy:
         elif self.abi < 4:
             net = f"not restricted (Landlock ABI {self.abi} has no network control; 4 needed)"
         elif self.net_ports:
-            net = f"TCP connections only to ports {', '.join(map(str, self.net_ports))}; no listening"
+            ports = ", ".join(map(str, self.net_ports))
+            net = f"TCP connections only to port{'s' if len(self.net_ports) > 1 else ''} {ports}; no listening"
         else:
             net = "no TCP connections or listening"
         extra = "; no signals to processes outside the sandbox" if self.abi >= 6 else ""
