@@ -82,6 +82,24 @@ def test_access_masks_and_structs_per_abi_match_the_documented_values():
             ll.parse_network(bad)
 
 
+def test_policy_words_and_confinement_follow_the_abi(tmp_path):
+    from moonlet.agent.sandbox import SandboxPolicy
+    old = SandboxPolicy(3, ["/w"], net_ports=())
+    assert not old.confined and "not restricted (Landlock ABI 3" in old.describe()  # no network control: asks
+    new = SandboxPolicy(4, ["/w"], net_ports=())
+    assert new.confined and "no TCP connections" in new.describe()
+    assert not SandboxPolicy(7, ["/w"], net_ports=(443,)).confined and not SandboxPolicy(7, ["/w"], net_ports=None).confined
+    assert new.wrapper_args() == ["--abi=4", "--write=/w", "--network=deny"]
+    # the wrapper fails closed: a policy it cannot apply runs nothing (exit 125)
+    marker = tmp_path / "ran"
+    run = subprocess.run([sys.executable, "-I", "-S", ll.__file__, "--network=99999", "--", "touch", str(marker)],
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == ll.EXIT_SANDBOX_FAILED and "did not run" in run.stderr and not marker.exists()
+    run = subprocess.run([sys.executable, "-I", "-S", ll.__file__, "--bogus", "--", "true"], capture_output=True,
+                         text=True, timeout=30)
+    assert run.returncode == 2 and "--bogus" in run.stderr
+
+
 def test_sandbox_on_without_landlock_is_a_clear_error(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(ll, "_probe", (0, "the kernel was built without Landlock (CONFIG_SECURITY_LANDLOCK)"))
     with pytest.raises(SandboxUnavailable) as e:
