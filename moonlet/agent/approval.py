@@ -1,8 +1,10 @@
 """Approval policy for tool calls: `ask` (every call), `reads` (read-only tools run without asking,
-the rest ask), `yolo` (nothing asks) or `plan` (read-only tools run, every other call is refused
-without asking: the agent investigates and answers with a plan; resume with another mode to carry
-it out). Asking needs a prompt function; without one (no terminal) a call that needs approval is
-rejected with a message saying how to allow it."""
+the rest ask), `edits` (like `reads`, and calls confined to the work directory run too: the file
+editing tools, and shell commands when the shell sandbox keeps them to the work directory and temp
+with no network — see ``Tool.confined``), `yolo` (nothing asks) or `plan` (read-only tools run,
+every other call is refused without asking: the agent investigates and answers with a plan; resume
+with another mode to carry it out). Asking needs a prompt function; without one (no terminal) a call
+that needs approval is rejected with a message saying how to allow it."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-MODES = ("ask", "reads", "yolo", "plan")
+MODES = ("ask", "reads", "edits", "yolo", "plan")
 PLAN_REFUSAL = ("plan mode: this session may only read and investigate, not change anything or run commands. "
                 "Put this step in your plan instead, and finish with the complete plan.")
 PLAN_PROMPT = ("# Plan mode\nYou are in plan mode: use only the read-only tools to investigate, make no changes, and "
@@ -38,14 +40,16 @@ class ApprovalPolicy:
         self.always: set[str] = set()   # tools approved for the session
         self._lock = asyncio.Lock()     # one question at a time, even from concurrent sub-agents
 
-    def needs_asking(self, tool) -> bool:
+    def needs_asking(self, tool, agent=None) -> bool:
         if self.mode == "yolo" or tool.name in self.always:
             return False
-        return not (self.mode in ("reads", "plan") and tool.read_only)
+        if self.mode in ("reads", "edits", "plan") and tool.read_only:
+            return False
+        return not (self.mode == "edits" and tool.confined(agent))
 
     async def check(self, tool, args: dict, agent=None, force: bool = False) -> Decision:
         """`force` asks even where the policy would not (a PreToolUse hook answered "ask")."""
-        if not force and not self.needs_asking(tool):
+        if not force and not self.needs_asking(tool, agent):
             return Decision(True)
         if self.mode == "plan" and not tool.read_only:  # (a hook's "ask" on a read still asks)
             return Decision(False, PLAN_REFUSAL)

@@ -119,9 +119,22 @@ def _agent_args(p, resume: bool = False) -> None:
     g = p.add_argument_group("agent")
     g.add_argument("--workdir", help="directory the file tools are confined to (default: current directory)")
     g.add_argument("--yolo", action="store_true", help="approve every tool call without asking")
-    g.add_argument("--approval", choices=("ask", "reads", "yolo", "plan"),
-                   help="ask for every call, auto-approve reads (default), approve everything, or plan: read-only "
-                        "tools only, the agent answers with a plan (resume with another mode to carry it out)")
+    g.add_argument("--approval", choices=("ask", "reads", "edits", "yolo", "plan"),
+                   help="ask for every call, auto-approve reads (default), edits: reads plus file edits and "
+                        "sandboxed shell commands (with --sandbox and no network), approve everything, or plan: "
+                        "read-only tools only, the agent answers with a plan (resume with another mode to carry it out)")
+    g.add_argument("--sandbox", choices=("on", "off", "auto"),
+                   help="run shell commands in a Landlock sandbox: writes only in the work directory, the temp "
+                        "directory and --sandbox-allow-write paths, no TCP unless --sandbox-network allows it "
+                        "(default off; auto: on where the kernel supports it; on: an error where it does not)")
+    g.add_argument("--sandbox-network", metavar="allow|deny|PORTS",
+                   help="TCP for sandboxed commands: deny (default), allow, or comma-separated ports they may "
+                        "connect to (e.g. 443,8000)")
+    g.add_argument("--sandbox-allow-write", action="append", metavar="PATH",
+                   help="another path sandboxed commands may write in (repeatable)")
+    g.add_argument("--sandbox-allow-read", action="append", metavar="PATH",
+                   help="confine sandboxed commands' reads to these paths (repeatable), the writable ones and "
+                        "the system directories (default: read everywhere)")
     g.add_argument("--max-steps", type=int, help="step budget for the session (default 1000)")
     g.add_argument("--max-hours", type=float, help="wall-clock budget for the session in hours")
     g.add_argument("--max-tokens", type=int, help="token budget (input + output of all model calls)")
@@ -303,6 +316,30 @@ def _hooks(args, workdir: str, saved: dict | None):
     return HookRunner(config) if config else None
 
 
+def _sandbox(args, saved: dict | None, workdir: str):
+    """The sandbox setting for this run: the saved session's, with the flags given now replacing its
+    parts (paths made absolute against the current directory). Checked here, before the model
+    starts: ``on`` without Landlock and allowed paths that do not exist are errors."""
+    from .sandbox import SandboxConfig, resolve_policy
+    config = SandboxConfig.from_dict(((saved or {}).get("agent") or {}).get("sandbox"))
+    if args.sandbox is not None:
+        config.mode = args.sandbox
+    if args.sandbox_network is not None:
+        config.network = args.sandbox_network
+    if args.sandbox_allow_write:
+        config.allow_write = [os.path.abspath(p) for p in args.sandbox_allow_write]
+    if args.sandbox_allow_read:
+        config.allow_read = [os.path.abspath(p) for p in args.sandbox_allow_read]
+    config.__post_init__()  # (a bad --sandbox-network)
+    given = [f for f, v in (("--sandbox-network", args.sandbox_network), ("--sandbox-allow-write",
+             args.sandbox_allow_write), ("--sandbox-allow-read", args.sandbox_allow_read)) if v]
+    if config.mode == "off" and given:
+        raise ValueError(f"{', '.join(given)} set the shell sandbox's policy, and the sandbox is off; add "
+                         "--sandbox on (or auto), or leave them out")
+    resolve_policy(config, workdir)
+    return config
+
+
 def _approval(args, saved_mode: str | None):
     from .approval import ApprovalPolicy, terminal_prompt
     mode = "yolo" if args.yolo else (args.approval or saved_mode or "reads")
@@ -447,6 +484,7 @@ async def _run_async(args, resume: bool) -> int:
         saved = session["config"]
     workdir = args.workdir or (saved or {}).get("workdir") or os.getcwd()
     hooks = _hooks(args, workdir, saved)  # a bad hooks file fails here, before anything starts
+    sandbox = _sandbox(args, saved, workdir)  # so does an impossible sandbox
     from .commands import expand_prompt, load_commands
 
     commands = load_commands(workdir)  # custom /commands (a bad file fails here too)
@@ -476,6 +514,7 @@ async def _run_async(args, resume: bool) -> int:
             config.project_instructions = args.project_instructions
         elif launch.get("system_prompt") and not resume and not args.system_prompt:
             config.project_instructions = False  # a small model's trained prompt: keep it as trained
+        config.sandbox = sandbox
         if args.vision is not None:
             config.vision = args.vision
         elif sess.vision is not None:  # (a resumed remote session keeps what it was started with)
@@ -497,10 +536,16 @@ async def _run_async(args, resume: bool) -> int:
         if getattr(args, "output_format", "text") == "stream-json":
             agent.events.emit(agent, "init", model=model, workdir=str(workspace.root), tools=agent.tools.names(),
                               approval=approval.mode, context_window=config.context_window, resumed=resume,
+                              sandbox=agent.sandbox.describe() if agent.sandbox else "off",
                               instructions=[path for path, _ in agent.instructions.files])
         if not args.quiet:
             print(f"session {agent.session_id} · model {model} · window {config.context_window} · workdir "
                   f"{workspace.root} · approval {approval.mode}", file=sys.stderr)
+            if agent.sandbox is not None:
+                print(f"sandbox: {agent.sandbox.describe()}", file=sys.stderr)
+            elif config.sandbox.mode == "auto":
+                from .sandbox import probe
+                print(f"sandbox: off (auto: {probe()[1]})", file=sys.stderr)
             if agent.instructions:
                 print(f"instructions: {', '.join(path for path, _ in agent.instructions.files)}", file=sys.stderr)
             if agent.agent_types:

@@ -21,6 +21,7 @@ from .images import strip_image_data
 from .agent_types import load_agent_types
 from .instructions import Instructions, load_instructions
 from .prompts import SUBAGENT_PROMPT, SYSTEM_PROMPT
+from .sandbox import SandboxConfig, resolve_policy
 from .store import SessionStore
 from .stream import wire_message
 from .tokens import TokenCounter
@@ -69,6 +70,7 @@ class AgentConfig:
     max_stop_blocks: int = 5              # consecutive Stop-hook blocks honoured before a stop is let through
     vision: bool = False                  # the model takes images: tools return image blocks (else text notes)
     project_instructions: bool = True     # AGENTS.md files (moonlet.agent.instructions) join the system prompt
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)  # the shell's Landlock sandbox (sandbox.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,6 +81,7 @@ class AgentConfig:
         d["budgets"] = Budgets(**d.get("budgets", {}))
         d["compaction"] = CompactionConfig(**d.get("compaction", {}))
         d["repeat_reminders"] = tuple(d.get("repeat_reminders", (3, 5, 8)))
+        d["sandbox"] = SandboxConfig.from_dict(d.get("sandbox"))
         known = cls.__dataclass_fields__
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -168,6 +171,8 @@ class Agent:
         self.parent = parent
         self.label = label
         self.hooks = hooks if hooks is not None and hooks.config else None
+        # the shell sandbox: `on` without Landlock, or an allowed path that does not exist, fails here
+        self.sandbox = resolve_policy(config.sandbox, workspace.root) if parent is None else parent.sandbox
         self.session_context: list[str] = []     # from SessionStart hooks, added to the system prompt
         # AGENTS.md files for the work directory, read once per process (a resume reads them again)
         self.instructions = load_instructions(workspace.root) if config.project_instructions else Instructions([])

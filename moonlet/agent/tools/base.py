@@ -1,6 +1,8 @@
 """What a tool is: a name, a description and a JSON-Schema for its input (the Anthropic tool shape),
 an async `run`, and two flags the loop needs: `read_only` (auto-approved under the `reads` policy)
-and `parallel_safe` (may run at the same time as its neighbours in one reply)."""
+and `parallel_safe` (may run at the same time as its neighbours in one reply); and `confined(agent)`:
+whether a call can change files only inside the agent's work directory (and temp) and reach no
+network (auto-approved under the `edits` policy)."""
 
 from __future__ import annotations
 
@@ -52,6 +54,11 @@ class Tool:
     @property
     def concurrent(self) -> bool:
         return self.read_only if self.parallel_safe is None else self.parallel_safe
+
+    def confined(self, agent=None) -> bool:
+        """Whether this tool can only change files in the work directory (or the temp directory) and
+        cannot reach the network: the file-editing tools, and the shell when its sandbox says so."""
+        return False
 
     def spec(self) -> dict:
         return {"name": self.name, "description": self.description, "input_schema": self.input_schema}

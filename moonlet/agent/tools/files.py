@@ -140,6 +140,9 @@ class WriteFileTool(Tool):
         "required": ["path", "content"],
     }
 
+    def confined(self, agent=None) -> bool:
+        return True  # paths are resolved inside the work directory
+
     async def run(self, args: dict, ctx: ToolContext) -> ToolResult:
         path = ctx.workspace.resolve(args["path"])
         if path.is_dir():
@@ -161,6 +164,9 @@ class StrReplaceTool(Tool):
         "properties": {"path": {"type": "string"}, "old": {"type": "string"}, "new": {"type": "string"}},
         "required": ["path", "old", "new"],
     }
+
+    def confined(self, agent=None) -> bool:
+        return True  # paths are resolved inside the work directory
 
     async def run(self, args: dict, ctx: ToolContext) -> ToolResult:
         path = ctx.workspace.resolve(args["path"])

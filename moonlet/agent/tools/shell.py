@@ -1,6 +1,9 @@
 """Shell commands in the work directory: foreground with a timeout, or in the background as jobs whose
-output is read later. Output beyond a size cap is cut in the middle with a note. The shell is not
-sandboxed: the approval policy is what guards it."""
+output is read later. Output beyond a size cap is cut in the middle with a note. With the agent's
+sandbox on (``moonlet.agent.sandbox``), each command runs under Landlock: writes confined to the work
+directory, the temp directory and allowed paths, TCP denied unless allowed; a failure that looks like a
+denial gets a note naming the policy, so the model can ask the user. Without it, the approval policy
+is what guards the shell."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import os
 import signal
 import time
 
+from ..sandbox import SandboxConfig, SandboxPolicy, denial_note, resolve_policy
 from .base import Tool, ToolContext, ToolError, ToolResult
 
 DEFAULT_TIMEOUT = 60
@@ -65,8 +69,9 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
 
 
 class _Job:
-    def __init__(self, job_id: str, command: str, proc: asyncio.subprocess.Process):
-        self.id, self.command, self.proc = job_id, command, proc
+    def __init__(self, job_id: str, command: str, proc: asyncio.subprocess.Process,
+                 policy: SandboxPolicy | None = None):
+        self.id, self.command, self.proc, self.policy = job_id, command, proc, policy
         self.output = OutputBuffer()
         self.started = time.monotonic()
         self.reader = asyncio.ensure_future(self._read())
@@ -76,11 +81,19 @@ class _Job:
         await self.proc.wait()
 
 
-async def _spawn(command: str, cwd: str) -> asyncio.subprocess.Process:
-    # its own process group, so a timeout kills the command's children too
-    return await asyncio.create_subprocess_shell(
-        command, cwd=cwd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+async def _spawn(command: str, cwd: str, policy: SandboxPolicy | None = None) -> asyncio.subprocess.Process:
+    # its own process group, so a timeout kills the command's children too; sandboxed, the wrapper
+    # restricts itself and execs /bin/sh -c (the same shell create_subprocess_shell runs), keeping the pid
+    pipes = dict(cwd=cwd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                 stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+    if policy is not None:
+        return await asyncio.create_subprocess_exec(*policy.argv(command), **pipes)
+    return await asyncio.create_subprocess_shell(command, **pipes)
+
+
+def _with_denial_note(text: str, policy: SandboxPolicy | None, code: int | None) -> str:
+    note = denial_note(policy, text, code) if policy is not None else None
+    return f"{text}\n{note}" if note else text
 
 
 class ShellTool(Tool):
@@ -99,17 +112,42 @@ class ShellTool(Tool):
         "required": ["command"],
     }
 
-    def __init__(self):
+    def __init__(self, sandbox: SandboxConfig | None = None):
+        """``sandbox``: this tool's own sandbox setting; None (the default) follows the agent's
+        ``AgentConfig.sandbox`` (no sandbox when the tool runs without an agent)."""
         self.jobs: dict[str, _Job] = {}
         self._ids = itertools.count(1)
+        self.sandbox = sandbox
+
+    def sandbox_config(self, agent) -> SandboxConfig | None:
+        if self.sandbox is not None:
+            return self.sandbox
+        return getattr(getattr(agent, "config", None), "sandbox", None)
+
+    def policy(self, workdir, agent=None) -> SandboxPolicy | None:
+        """The sandbox commands run under in ``workdir`` (None: not sandboxed)."""
+        return resolve_policy(self.sandbox_config(agent), workdir)
+
+    def confined(self, agent=None) -> bool:
+        if agent is None:
+            return False
+        try:
+            policy = self.policy(agent.workspace.root, agent)
+        except ValueError:
+            return False  # (run() reports why the sandbox cannot be set up)
+        return policy is not None and policy.confined
 
     async def run(self, args: dict, ctx: ToolContext) -> ToolResult:
         command = args["command"]
         if not command.strip():
             raise ToolError("command is empty")
-        proc = await _spawn(command, str(ctx.workspace.root))
+        try:
+            policy = self.policy(ctx.workspace.root, ctx.agent)
+        except ValueError as e:  # `on` without Landlock, a missing allowed path
+            raise ToolError(f"the shell sandbox cannot be set up, so the command did not run: {e}")
+        proc = await _spawn(command, str(ctx.workspace.root), policy)
         if args.get("background"):
-            job = _Job(f"job{next(self._ids)}", command, proc)
+            job = _Job(f"job{next(self._ids)}", command, proc, policy)
             self.jobs[job.id] = job
             return ToolResult(f"started background job {job.id} (pid {proc.pid}); use job_output with job_id "
                               f"{job.id!r} to read its output or stop it")
@@ -127,8 +165,8 @@ class ShellTool(Tool):
             raise
         text = buf.text()
         code = proc.returncode
-        return ToolResult(f"{text}{'' if text.endswith(chr(10)) or not text else chr(10)}[exit code {code}]",
-                          is_error=code != 0)
+        text = f"{text}{'' if text.endswith(chr(10)) or not text else chr(10)}[exit code {code}]"
+        return ToolResult(_with_denial_note(text, policy, code), is_error=code != 0)
 
     async def close(self) -> None:
         for job in self.jobs.values():
@@ -155,6 +193,9 @@ class JobOutputTool(Tool):
     def __init__(self, shell: ShellTool):
         self.shell = shell
 
+    def confined(self, agent=None) -> bool:
+        return self.shell.confined(agent)  # it reads and stops the shell's own jobs
+
     async def run(self, args: dict, ctx: ToolContext) -> ToolResult:
         job = self.shell.jobs.get(args["job_id"])
         if job is None:
@@ -169,5 +210,5 @@ class JobOutputTool(Tool):
         text = job.output.text()
         code = job.proc.returncode
         status = "running" if code is None else f"exited with code {code}"
-        return ToolResult(f"[job {job.id}: {job.command!r} — {status}, "
-                          f"{time.monotonic() - job.started:.0f}s]\n{text}")
+        return ToolResult(_with_denial_note(f"[job {job.id}: {job.command!r} — {status}, "
+                                            f"{time.monotonic() - job.started:.0f}s]\n{text}", job.policy, code))
