@@ -417,3 +417,20 @@ def test_server_metrics_report_the_disk_tier(model, tmp_path):
     assert value["moonlet_disk_cache_bytes_used"] == 6 * FILE
     assert value["moonlet_disk_cache_writes_dropped_total"] == 0
     assert value["moonlet_disk_cache_corrupt_total"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_restart_serves_the_prompt_from_disk(tmp_path):
+    """On CUDA the blocks leave the pool by an asynchronous copy into pinned memory (the writer waits for
+    its event) and come back by one upload per part."""
+    gpu_model = random_model(tiny_k2_config(), seed=11)
+    prompt = tokens(37, seed=1)
+    want = greedy_reference(gpu_model, prompt, 6)
+    kw = dict(device="cuda", decode_graphs="off")
+    with engine(gpu_model, tmp_path, **kw) as first:
+        first.generate([prompt], PARAMS)
+    with engine(gpu_model, tmp_path, **kw) as second:
+        out = second.generate([prompt], PARAMS)[0]
+        assert second.stats()["disk_cache_hits"] == out.num_cached_tokens == 36
+    assert out.token_ids == want
