@@ -175,9 +175,6 @@ class EngineCore:
                                     state_slots=rc.max_num_seqs if hybrid else 0, state_snapshots=rc.state_snapshots,
                                     host_blocks=rc.host_blocks)
         self.pool, _, self.runner = build_runner(self.model, rc, workers)
-        self.disk = None  # the disk tier of the prefix cache (disk_cache_dir)
-        if rc.disk_cache_dir is not None:
-            self.disk = self._open_disk_cache(rc, image_processor)
         self.proposer = None
         if self.draft_model is not None:
             self.proposer = DraftModelProposer(rc.speculative, rc.max_model_len, build_draft_runner(self.draft_model, rc),
@@ -209,6 +206,9 @@ class EngineCore:
         self.spec_draft_tokens = 0  # draft tokens verified (speculative decoding)
         self.spec_accepted_tokens = 0  # of those, kept as output tokens
         self.spec_verifications = 0  # sequence-steps that verified at least one draft
+        self.disk = None  # the disk tier of the prefix cache (disk_cache_dir); opened last: it locks its directory
+        if rc.disk_cache_dir is not None:
+            self.disk = self._open_disk_cache(rc, image_processor)
 
     def _open_disk_cache(self, rc, image_processor):
         """The disk tier for this model and pool (``disk_cache.open_disk_cache``), attached to the cache

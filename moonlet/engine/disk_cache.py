@@ -388,6 +388,11 @@ class DiskBlockStore:
                 if event is not None:
                     event.synchronize()
                 self._write(digest, parts)
+            except Exception:  # noqa: BLE001 - the engine goes on; this block is just not on disk
+                logger.exception("disk cache: writing a block failed")
+                self.counters.write_errors += 1
+                with self._lock:
+                    self._pending.discard(digest)
             finally:
                 self._queue.task_done()
 

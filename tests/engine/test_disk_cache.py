@@ -267,6 +267,22 @@ def test_moba_page_sums_come_back_and_tokens_unchanged(tmp_path):
     assert out.token_ids == greedy_reference(moba_model, prompt, 6)
 
 
+def test_draft_model_catches_up_over_blocks_read_from_disk(model, tmp_path):
+    """With a draft model, blocks read from disk carry no draft latents: the draft recomputes them (catch-up)
+    and the output is unchanged."""
+    draft = random_model(tiny_k2_config(num_hidden_layers=2), seed=13)
+    prompt = tokens(37, seed=14)
+    spec = dict(speculative="draft", speculative_model=draft, num_speculative_tokens=3)
+    with engine(model, tmp_path, **spec) as first:
+        first.generate([prompt], PARAMS)
+    with engine(model, tmp_path, **spec) as second:
+        out = second.generate([prompt], PARAMS)[0]
+        stats = second.stats()
+    assert out.num_cached_tokens == stats["disk_cache_hits"] == 36
+    assert stats["draft_catch_up_tokens"] >= 36 and stats["spec_draft_tokens"] > 0
+    assert out.token_ids == greedy_reference(model, prompt, 6)
+
+
 # ---- the store on its own ---------------------------------------------------------------------------------
 
 LAYOUT = BlockLayout(num_layers=2, block_size=2, latent_dim=3, dtype=torch.float32, fp8_scales=False,
@@ -316,6 +332,28 @@ def test_full_write_queue_drops_and_counts(tmp_path):
     assert store.counters.blocks_written == 2 and len(store) == 2
     assert store.wants(bytes([3]) * 16) and not store.wants(bytes([2]) * 16)  # a dropped block may come again
     store.close()
+
+
+def test_a_failing_write_is_counted_and_the_writer_goes_on(tmp_path, caplog):
+    store = DiskBlockStore(tmp_path, 10 * LAYOUT.file_bytes, LAYOUT, MANIFEST)
+    write = store._write
+    calls = []
+
+    def failing_once(digest, content):
+        calls.append(digest)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        write(digest, content)
+
+    store._write = failing_once
+    store.put(b"x" * 16, parts(1.0))
+    store.flush()  # returns: the failure is counted, the writer thread lives on
+    assert store.counters.write_errors == 1 and b"x" * 16 not in store and store.wants(b"x" * 16)
+    store.put(b"x" * 16, parts(1.0))
+    store.flush()
+    assert b"x" * 16 in store and store.read(b"x" * 16) is not None
+    store.close()
+    assert "writing a block failed" in caplog.text
 
 
 def test_disk_hits_called_off_when_admission_fails_and_leave_room(tmp_path):
