@@ -10,8 +10,9 @@ those images: equal placeholders with other pixels are other content). A later r
 starts with the same full blocks shares them (reference counts) instead of recomputing them. Blocks
 nobody holds stay cached until the allocator needs them, least recently freed first. With a host
 tier (``host_cache.py``) an evicted block's content moves to host memory first, and a later prefix
-hit there copies it back instead of recomputing it. With a disk tier (``disk_cache.py``) every named block is also written to a file, and a
-hit there (also after a restart) is read back into a fresh device block.
+hit there copies it back instead of recomputing it. With a disk tier (``disk_cache.py``) every named
+block is also written to a file, and a hit there (also after a restart) is read back into a fresh
+device block.
 """
 
 from __future__ import annotations

@@ -457,8 +457,9 @@ class EngineCore:
     def _step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch.seqs:
-            if batch.swap_out or batch.swap_in or batch.disk_in or batch.state_copies:  # evictions decided while scheduling still
-                self.runner.execute(batch)  # move to the host tier; state copies still run (every rank)
+            # evictions decided while scheduling still move to the host tier; state copies still run (every rank)
+            if batch.swap_out or batch.swap_in or batch.disk_in or batch.state_copies:
+                self.runner.execute(batch)
             if self.scheduler.has_work():
                 raise RuntimeError("the scheduler could not schedule any work although requests are pending "
                                    f"({len(self.scheduler.waiting)} waiting, {len(self.scheduler.running)} running, "
