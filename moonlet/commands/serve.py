@@ -95,5 +95,9 @@ def run(args) -> int:
     stats = engine.stats()
     print(f"moonlet serve: KV cache {stats['blocks_total']} blocks x {stats['block_size']} tokens in "
           f"{stats['kv_cache_dtype']} ({stats['kv_cache_bytes'] / 2**20:.1f} MiB)", flush=True)
+    if stats.get("disk_cache_bytes_total"):
+        print(f"moonlet serve: disk cache {engine.engine.disk.directory}: {stats['disk_cache_blocks_used']} blocks "
+              f"({stats['disk_cache_bytes_used'] / 2**20:.1f} of {stats['disk_cache_bytes_total'] / 2**20:.1f} MiB)",
+              flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -10,7 +10,9 @@ those images: equal placeholders with other pixels are other content). A later r
 starts with the same full blocks shares them (reference counts) instead of recomputing them. Blocks
 nobody holds stay cached until the allocator needs them, least recently freed first. With a host
 tier (``host_cache.py``) an evicted block's content moves to host memory first, and a later prefix
-hit there copies it back instead of recomputing it.
+hit there copies it back instead of recomputing it. With a disk tier (``disk_cache.py``) every named
+block is also written to a file, and a hit there (also after a restart) is read back into a fresh
+device block.
 """
 
 from __future__ import annotations
@@ -155,6 +157,8 @@ class CacheCounters:
     host_cache_hits: int = 0  # of those, tokens whose blocks came from the host tier
     host_blocks_swapped_in: int = 0  # host -> device block copies
     host_blocks_swapped_out: int = 0  # device -> host block copies (evictions kept)
+    disk_cache_hits: int = 0  # of prefix_cache_hits, tokens whose blocks were read from the disk tier
+    disk_blocks_loaded: int = 0  # disk -> device block copies (of admitted sequences)
 
 
 class BlockAllocator:
@@ -334,6 +338,12 @@ class KVCacheManager:
 
             self.host = HostBlockIndex(host_blocks)
             self.allocator.on_evict = self._evict_to_host
+        # the disk tier (disk_cache.DiskBlockStore, set by the engine): named blocks are queued for writing
+        # (``take_disk_writes``), prefix hits on disk are read while matching and loaded by the step
+        self.disk = None
+        self._disk_in: list[tuple[list, int]] = []  # (block content read from disk, device block), this step
+        self._disk_in_of: dict["Sequence", list[tuple[list, int]]] = {}  # matched, not yet admitted
+        self._disk_writes: list[tuple[int, bytes]] = []  # (device block, hash) named since the last take
         # recurrent-state slots (models with KDA layers): a sequence holds one from its first
         # allocation until its blocks are freed
         self.state_slots = state_slots
@@ -401,7 +411,7 @@ class KVCacheManager:
             return 0
         matchable = (len(seq.token_ids) - 1) // self.block_size
         hashes = self._hashes(seq, matchable)
-        if self.host is not None:
+        if self.host is not None or self.disk is not None:
             return self._match_with_host(seq, hashes, token_budget)
         blocks: list[int] = []
         for digest in hashes:
@@ -434,29 +444,45 @@ class KVCacheManager:
         that the step runs when the sequence is admitted (``admit``; ``free`` calls it off). A host
         hit is taken only while enough free blocks stay for the sequence's first chunk (the rest of
         the prompt, or ``token_budget`` tokens of it): swapping in blocks that would only be given
-        back when admission fails is wasted copying."""
+        back when admission fails is wasted copying.
+
+        Disk tier (``disk``): a hash held by neither continues the chain when its file is on disk: the file
+        is read and checked here, synchronously (a bad or vanished file ends the chain: those tokens are
+        computed), into a fresh device block named at once, as a host hit is; the step copies the content
+        in after the host swap-ins (``take_disk_loads``)."""
         bs, alloc = self.block_size, self.allocator
         swaps: list[tuple[int, int]] = []
+        loads: list[tuple[list, int]] = []
         for digest in hashes:
             block = alloc.lookup(digest)
             if block is not None:
                 alloc.acquire_cached(block)  # now, so that a swap-in's allocation cannot evict it
             else:
-                src = self.host.get(digest)
-                if src is None:
+                src = self.host.get(digest) if self.host is not None else None
+                if src is None and (self.disk is None or digest not in self.disk):
                     break
                 held = len(seq.block_table) + 1  # blocks held after this hit
                 rest = seq.num_tokens - held * bs
                 chunk = rest if token_budget is None else min(rest, token_budget)
                 if alloc.num_free < 1 + self.blocks_needed(held * bs + chunk) - held:
                     break
-                self.host.pin(src)  # before allocating: an eviction to the host must not reuse src
+                if src is not None:
+                    self.host.pin(src)  # before allocating: an eviction to the host must not reuse src
+                else:
+                    content = self.disk.read(digest)
+                    if content is None:  # gone or failed its checks: compute from here on
+                        break
                 block = alloc.allocate()
                 alloc.register(block, digest)
-                swaps.append((src, block))
+                if src is not None:
+                    swaps.append((src, block))
+                else:
+                    loads.append((content, block))
             seq.block_table.append(block)
         if swaps:
             self._swap_in_of[seq] = swaps
+        if loads:
+            self._disk_in_of[seq] = loads
         hit = len(seq.block_table) * bs
         seq.num_computed_tokens = hit
         seq.num_registered_blocks = len(seq.block_table)
@@ -480,17 +506,35 @@ class KVCacheManager:
             self._swap_in.extend(swaps)
             self.counters.host_blocks_swapped_in += len(swaps)
             self.counters.host_cache_hits += len(swaps) * self.block_size
+        loads = self._disk_in_of.pop(seq, None)
+        if loads:
+            self._disk_in.extend(loads)
+            self.counters.disk_blocks_loaded += len(loads)
+            self.counters.disk_cache_hits += len(loads) * self.block_size
 
     def take_swaps(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """This step's copies, (swap_out, swap_in), for the ``ScheduledBatch``; the runner runs them
         before the forward, swap-outs first. Releases the step's pins on host blocks: nothing else is
         decided in this step."""
-        assert not self._swap_in_of, "take_swaps while a matched sequence is neither admitted nor freed"
+        assert not self._swap_in_of and not self._disk_in_of, \
+            "take_swaps while a matched sequence is neither admitted nor freed"
         out, into = self._swap_out, self._swap_in
         self._swap_out, self._swap_in = [], []
         if self.host is not None:
             self.host.unpin_all()
         return out, into
+
+    def take_disk_loads(self) -> list[tuple[list, int]]:
+        """This step's blocks read from the disk tier, (content, device block), for the ``ScheduledBatch``;
+        the runner copies them in after the host-tier copies, before the forward."""
+        loads, self._disk_in = self._disk_in, []
+        return loads
+
+    def take_disk_writes(self) -> list[tuple[int, bytes]]:
+        """The blocks named since the last call that the disk tier lacks, (device block, hash): their
+        content is final (named after the step that computed it) and still in place until the next step."""
+        writes, self._disk_writes = self._disk_writes, []
+        return writes
 
     def record_lookup(self, num_tokens: int, num_hit: int) -> None:
         self.counters.prefix_cache_queries += num_tokens
@@ -522,6 +566,8 @@ class KVCacheManager:
         for src, block in self._swap_in_of.pop(seq, ()):
             self.host.unpin(src)
             self.allocator.forget(block)
+        for _, block in self._disk_in_of.pop(seq, ()):
+            self.allocator.forget(block)
         for block in reversed(seq.block_table):
             self.allocator.release(block)
         seq.block_table = []
@@ -543,6 +589,9 @@ class KVCacheManager:
             hashes = self._hashes(seq, full)
             for i in range(seq.num_registered_blocks, full):
                 self.allocator.register(seq.block_table[i], hashes[i])
+                if self.disk is not None and self.allocator.hash_of[seq.block_table[i]] == hashes[i] \
+                        and self.disk.wants(hashes[i]):
+                    self._disk_writes.append((seq.block_table[i], hashes[i]))
             seq.num_registered_blocks = full
         if seq.snapshot_pending is not None:
             self.snapshots.commit(seq.snapshot_pending)

@@ -84,6 +84,13 @@ class EngineConfig:
     # evicted from the device pool, copied back on a later prefix hit instead of recomputed
     # (moonlet.engine.host_cache); 0 or None: off. Pinned memory on CUDA. Not for hybrid (KDA) models.
     host_cache_memory: int | str | None = None
+    # disk tier of the prefix cache (moonlet.engine.disk_cache): a directory where every cached block is
+    # also written (in the background), read back on a later prefix hit, also after a restart; one
+    # subdirectory per model and cache layout. disk_cache_size: its cap in bytes or e.g. "20GiB" (least
+    # recently used files deleted first; default 10 GiB, at most half the free space). Not for hybrid (KDA)
+    # models, speculative='mtp' or tensor_parallel_size > 1.
+    disk_cache_dir: str | os.PathLike | None = None
+    disk_cache_size: int | str | None = None
     # storage of the latent KV cache: "auto" (None: the model dtype) or "fp8" (float8_e4m3fn with a
     # float32 scale per token entry for the latent and one for k_pe; about half the bytes per token, so
     # about twice the tokens in the same memory; moonlet.engine.kv_quant)
@@ -133,6 +140,7 @@ class EngineConfig:
         self.speculative_config()  # raises on bad speculative settings
         self.image_cache_bytes()  # raises on a bad image feature cache size
         self.host_cache_bytes()  # raises on a bad host cache size
+        self.disk_cache_bytes()  # raises on a bad disk cache size
         resolve_kv_cache_dtype(self.kv_cache_dtype, torch.float32)  # raises on a bad or unsupported cache dtype
         if self.lora is not None and self.tensor_parallel_size > 1:
             raise ValueError(f"engine argument lora={str(self.lora)!r} with tensor_parallel_size="
@@ -164,6 +172,20 @@ class EngineConfig:
         if size < 0:
             raise ValueError(f"engine argument host_cache_memory={self.host_cache_memory!r} must be >= 0 bytes "
                              f"(0 turns the host cache tier off)")
+        return size
+
+    def disk_cache_bytes(self) -> int | None:
+        """The disk tier's cap in bytes (None: the default, decided when the directory is opened), checked."""
+        if self.disk_cache_size is None:
+            return None
+        given = f"engine argument disk_cache_size={self.disk_cache_size!r}"
+        if self.disk_cache_dir is None:
+            raise ValueError(f"{given} needs disk_cache_dir (CLI --disk-cache-dir), the directory of the disk tier")
+        if isinstance(self.disk_cache_size, bool):
+            raise ValueError(f"{given} must be a number of bytes or a size such as '20GiB'")
+        size = parse_bytes(self.disk_cache_size)
+        if size <= 0:
+            raise ValueError(f"{given} must be > 0 bytes (leave disk_cache_dir unset to turn the disk tier off)")
         return size
 
     def speculative_config(self) -> SpeculativeConfig | None:
@@ -209,6 +231,8 @@ class ResolvedConfig:
     host_blocks: int = 0  # blocks of the host cache tier (0: off)
     host_block_bytes: int = 0  # bytes per host block (latent rows of every layer, plus MoBA page sums)
     kv_cache_dtype: torch.dtype | None = None  # the pool's storage dtype (None: the model's)
+    disk_cache_dir: str | None = None  # the disk tier's directory (None: off)
+    disk_cache_bytes: int | None = None  # its cap (None: the default, DEFAULT_DISK_CACHE_BYTES or less)
 
 
 SPEC_STATE_SEQS = 8  # hybrid models: sequences that may verify drafts in one step (state rows per draft each)
@@ -299,6 +323,7 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
     from .cuda_graph import DEFAULT_BATCH_SIZES
 
     host_blocks, host_block_bytes = host_cache_blocks(cfg, model_config, block_size, kv_dtype)
+    check_disk_cache(cfg, model_config, speculative)
     sizes = cfg.decode_graph_batch_sizes or tuple(b for b in DEFAULT_BATCH_SIZES if b < cfg.max_num_seqs)
     graph_sizes = tuple(sorted({min(b, cfg.max_num_seqs) for b in sizes} | {cfg.max_num_seqs})) \
         if graphs != "off" else ()
@@ -311,6 +336,8 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
         decode_graphs=graphs, decode_graph_batch_sizes=graph_sizes, triton_decode=triton_decode,
         state_snapshots=snapshots, spec_state_rows=spec_rows, speculative=speculative, host_blocks=host_blocks,
         host_block_bytes=host_block_bytes, kv_cache_dtype=kv_dtype,
+        disk_cache_dir=os.fspath(cfg.disk_cache_dir) if cfg.disk_cache_dir is not None else None,
+        disk_cache_bytes=cfg.disk_cache_bytes(),
     )
 
 
@@ -345,6 +372,28 @@ def host_cache_blocks(cfg: EngineConfig, model_config, block_size: int, dtype: t
     if size > free:
         raise ValueError(f"{given} ({size} bytes) is more than the host's available memory ({free} bytes); lower it")
     return blocks, per_block
+
+
+def check_disk_cache(cfg: EngineConfig, model_config, speculative: SpeculativeConfig | None) -> None:
+    """ValueError when the disk tier (``cfg.disk_cache_dir``) cannot be used with these settings: prefix
+    caching off, a hybrid (KDA) model, MTP drafting, tensor parallelism. (Its size is checked against the
+    block size and the free space when the directory is opened, ``disk_cache.open_disk_cache``.)"""
+    if cfg.disk_cache_dir is None:
+        return
+    given = f"engine argument disk_cache_dir={os.fspath(cfg.disk_cache_dir)!r}"
+    if not cfg.enable_prefix_caching:
+        raise ValueError(f"{given}: the disk tier keeps prefix-cache blocks, but prefix caching is off; turn it on "
+                         f"or leave disk_cache_dir unset")
+    if model_config.kda_layer_ids:
+        raise ValueError(f"{given}: the disk tier does not support models with KDA layers (Kimi Linear, layers "
+                         f"{list(model_config.kda_layer_ids)}): a prefix hit there also needs the recurrent-state "
+                         f"snapshot at the chain's end, which is not written to disk; leave disk_cache_dir unset")
+    if speculative is not None and speculative.method == "mtp":
+        raise ValueError(f"{given} cannot be combined with speculative='mtp': blocks read back from disk would lack "
+                         f"the MTP layer's latents; turn one of them off")
+    if cfg.tensor_parallel_size > 1:
+        raise ValueError(f"{given} with tensor_parallel_size={cfg.tensor_parallel_size}: the disk tier runs on a "
+                         f"single process only for now; leave disk_cache_dir unset or use tensor_parallel_size=1")
 
 
 def add_engine_cli_args(parser) -> None:
@@ -407,6 +456,14 @@ def add_engine_cli_args(parser) -> None:
                    help="host memory for a second tier of the prefix cache, e.g. 8GiB: cached blocks evicted from "
                         "the device pool are kept there and copied back on a later prefix hit instead of being "
                         "recomputed (pinned memory on GPU; not for hybrid Kimi Linear models; default 0: off)")
+    g.add_argument("--disk-cache-dir", default=None, metavar="DIR",
+                   help="directory for a disk tier of the prefix cache: every cached block is also written there "
+                        "(in the background) and read back on a later prefix hit, also after a restart; one "
+                        "subdirectory per model and cache layout (not for hybrid Kimi Linear models, --speculative "
+                        "mtp or tensor parallelism; default: off)")
+    g.add_argument("--disk-cache-size", default=None,
+                   help="with --disk-cache-dir: its size cap, e.g. 20GiB; least recently used blocks are deleted "
+                        "first (default 10GiB, at most half the free space)")
     g.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default=None,
                    help="latent KV cache storage: auto (the model dtype) or fp8 (float8_e4m3fn with per-token "
                         "scales for the latent and k_pe: about half the bytes per token, twice the tokens in the "
@@ -437,6 +494,7 @@ def engine_args_from_cli(args) -> dict:
         quantization="quantization", host_cache_memory="host_cache_memory", kv_cache_dtype="kv_cache_dtype",
         lora="lora",
     )
+    names.update(disk_cache_dir="disk_cache_dir", disk_cache_size="disk_cache_size")
     out = {field: getattr(args, attr) for attr, field in names.items() if getattr(args, attr, None) is not None}
     for flag in ("enable_prefix_caching", "enable_chunked_prefill"):
         if getattr(args, flag, True) is False:

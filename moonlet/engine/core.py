@@ -206,6 +206,26 @@ class EngineCore:
         self.spec_draft_tokens = 0  # draft tokens verified (speculative decoding)
         self.spec_accepted_tokens = 0  # of those, kept as output tokens
         self.spec_verifications = 0  # sequence-steps that verified at least one draft
+        self.disk = None  # the disk tier of the prefix cache (disk_cache_dir); opened last: it locks its directory
+        if rc.disk_cache_dir is not None:
+            self.disk = self._open_disk_cache(rc, image_processor)
+
+    def _open_disk_cache(self, rc, image_processor):
+        """The disk tier for this model and pool (``disk_cache.open_disk_cache``), attached to the cache
+        manager (hits, which blocks to write) and the runner (the copies). Image-text models add the vision
+        tower's weights and the image preprocessing to the fingerprint: a block of image tokens holds
+        latents of their features."""
+        from .disk_cache import open_disk_cache
+
+        sums = self.runner.kv.page_sums
+        extra_modules, extra = (), None
+        if self.vision is not None:
+            extra_modules = (self.vision.vlm.vision_tower, self.vision.vlm.mm_projector)
+            extra = {"image_processor": repr(image_processor)}
+        disk = open_disk_cache(rc.disk_cache_dir, rc.disk_cache_bytes, self.model, self.pool,
+                               sums.data.shape[0] if sums is not None else 0, extra_modules, extra)
+        self.cache.disk = self.runner.disk = disk
+        return disk
 
     def _load_draft(self, config: EngineConfig, model_path) -> torch.nn.Module:
         """The draft model for ``speculative='draft'``: ``config.speculative_model`` (a loaded model, or
@@ -256,7 +276,10 @@ class EngineCore:
         return self.config.max_model_len
 
     def close(self) -> None:
-        """Stop the tensor-parallel workers, if any (idempotent; the engine cannot step afterwards)."""
+        """Stop the tensor-parallel workers, if any, and finish the disk tier's queued writes and release
+        its directory (idempotent; the engine cannot step afterwards)."""
+        if self.disk is not None:
+            self.disk.close()
         if self.workers is not None:
             self.workers.close()
 
@@ -424,11 +447,19 @@ class EngineCore:
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward, sample. Returns an output for every request that produced a
-        token this step (finished ones included)."""
+        token this step (finished ones included). With a disk tier, the blocks the step named are then
+        queued for writing."""
+        outputs = self._step()
+        if self.disk is not None:
+            self.runner.save_to_disk(self.cache.take_disk_writes())
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch.seqs:
-            if batch.swap_out or batch.swap_in or batch.state_copies:  # evictions decided while scheduling still
-                self.runner.execute(batch)  # move to the host tier; state copies still run (every rank)
+            # evictions decided while scheduling still move to the host tier; state copies still run (every rank)
+            if batch.swap_out or batch.swap_in or batch.disk_in or batch.state_copies:
+                self.runner.execute(batch)
             if self.scheduler.has_work():
                 raise RuntimeError("the scheduler could not schedule any work although requests are pending "
                                    f"({len(self.scheduler.waiting)} waiting, {len(self.scheduler.running)} running, "
@@ -565,6 +596,7 @@ class EngineCore:
             "images_skipped": vision.images_skipped if vision else 0,
             "image_cache_bytes": vision.cache.num_bytes if vision else 0,
             **self._host_stats(),
+            **self._disk_stats(),
         }
 
     def _host_stats(self) -> dict:
@@ -578,4 +610,23 @@ class EngineCore:
             "host_cache_blocks_swapped_out": c.host_blocks_swapped_out,
             "host_cache_bytes_swapped_in": c.host_blocks_swapped_in * per_block,
             "host_cache_bytes_swapped_out": c.host_blocks_swapped_out * per_block,
+        }
+
+    def _disk_stats(self) -> dict:
+        """The disk cache tier's counters (all 0 when it is off)."""
+        c, disk = self.cache.counters, self.disk
+        d = disk.counters if disk is not None else None
+        return {
+            "disk_cache_bytes_total": disk.capacity if disk is not None else 0,
+            "disk_cache_bytes_used": disk.bytes_used if disk is not None else 0,
+            "disk_cache_blocks_used": len(disk) if disk is not None else 0,
+            "disk_cache_hits": c.disk_cache_hits,
+            "disk_cache_blocks_read": d.blocks_read if d is not None else 0,
+            "disk_cache_bytes_read": d.bytes_read if d is not None else 0,
+            "disk_cache_blocks_written": d.blocks_written if d is not None else 0,
+            "disk_cache_bytes_written": d.bytes_written if d is not None else 0,
+            "disk_cache_writes_dropped": d.writes_dropped if d is not None else 0,
+            "disk_cache_write_errors": d.write_errors if d is not None else 0,
+            "disk_cache_blocks_evicted": d.blocks_evicted if d is not None else 0,
+            "disk_cache_corrupt": d.corrupt if d is not None else 0,
         }

@@ -40,6 +40,9 @@ class StepInput:
     state_copies: list = field(default_factory=list)
     # the MTP drafter's steps: per token, the hidden state it is combined with ([N, hidden], flat order)
     inputs_embeds: torch.Tensor | None = None
+    # disk tier: (block content read from disk, device block) copies in, after the host tier's
+    # (ScheduledBatch.disk_in)
+    disk_in: list = field(default_factory=list)
 
 
 class ModelRunner:
@@ -63,6 +66,7 @@ class ModelRunner:
         self.graph_steps = 0  # decode steps served from the graphs (or their eager stand-in)
         self.workers = None  # tensor parallelism: moonlet.engine.parallel.Workers, sent every step
         self.host = None  # HostCachePool: the host tier of the prefix cache (host_cache_memory), or None
+        self.disk = None  # disk_cache.DiskBlockStore: the disk tier (disk_cache_dir), or None
         # MTP speculative decoding: keep each step's hidden states of all its tokens (last_hidden [N, H],
         # with last_step, the StepInput they belong to); such steps never replay decode graphs
         self.keep_hidden = False
@@ -98,7 +102,7 @@ class ModelRunner:
         return StepInput(tokens, starts, sample, [s.block_table for s in batch.seqs], slots,
                          list(batch.state_inits), list(batch.state_saves), image_rows,
                          list(getattr(batch, "swap_out", ())), list(getattr(batch, "swap_in", ())),
-                         list(getattr(batch, "state_copies", ())))
+                         list(getattr(batch, "state_copies", ())), disk_in=list(getattr(batch, "disk_in", ())))
 
     def build_layout(self, step: StepInput) -> tuple[torch.Tensor, BatchLayout, list[tuple[int, int]]]:
         """input_ids [1, N], the layout, and per entry (first flat index, count) of the rows to sample:
@@ -216,13 +220,33 @@ class ModelRunner:
         return rows, logits
 
     def swap(self, batch: ScheduledBatch | StepInput) -> None:
-        """The step's host-tier copies, before anything in the step writes the pool: evicted blocks out
-        to host memory (with their MoBA page sums), then host prefix hits into their new device blocks."""
-        if self.host is None or not (batch.swap_out or batch.swap_in):
+        """The step's host- and disk-tier copies, before anything in the step writes the pool: evicted
+        blocks out to host memory (with their MoBA page sums), then host prefix hits into their new device
+        blocks, then the blocks read from disk into theirs."""
+        disk_in = getattr(batch, "disk_in", ())
+        if not (batch.swap_out or batch.swap_in or disk_in):
             return
         sums = self.kv.page_sums.data if self.kv.page_sums is not None else None
-        self.host.swap_out(batch.swap_out, self.pool, sums)
-        self.host.swap_in(batch.swap_in, self.pool, sums)
+        if self.host is not None:
+            self.host.swap_out(batch.swap_out, self.pool, sums)
+            self.host.swap_in(batch.swap_in, self.pool, sums)
+        if disk_in:
+            from .disk_cache import load_blocks
+
+            load_blocks(self.pool, sums, disk_in)
+
+    def save_to_disk(self, blocks: list[tuple[int, bytes]]) -> None:
+        """Queue device blocks for the disk tier: ``blocks`` of (device block, hash), named after the step
+        that just ran (``KVCacheManager.take_disk_writes``). Their content (and MoBA page sums) is copied
+        out now, before a later step can reuse the blocks; the writer thread writes the files."""
+        if self.disk is None or not blocks:
+            return
+        from .disk_cache import gather_blocks
+
+        sums = self.kv.page_sums.data if self.kv.page_sums is not None else None
+        contents, event = gather_blocks(self.pool, sums, [b for b, _ in blocks])
+        for (_, digest), parts in zip(blocks, contents):
+            self.disk.put(digest, parts, event)
 
     @staticmethod
     def image_rows(batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -63,6 +63,9 @@ class ScheduledBatch:
     # block) copies of host prefix hits; both run before the forward, in this order
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
+    # disk tier: (block content read from disk, device block) of admitted disk prefix hits; copied in
+    # after the host tier's copies, before the forward
+    disk_in: list = field(default_factory=list)
     # models with KDA layers and speculative decoding: per verifying sequence, the snapshot rows its state
     # is copied to after each of its drafts (offsets 1 .. drafts), and the (source row, destination row)
     # state copies the last verification left to do, run before anything else (EngineCore.step)
@@ -315,6 +318,7 @@ class Scheduler:
 
         batch = ScheduledBatch(preempted=preempted, draft_tokens=drafts)
         batch.swap_out, batch.swap_in = self.cache.take_swaps()
+        batch.disk_in = self.cache.take_disk_loads()
         batch.state_copies, self.pending_state_copies = self.pending_state_copies, []
         next_row = self.spec_state_rows[0]
         # decodes (1 token) first, as the runner's layout wants

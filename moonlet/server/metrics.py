@@ -46,6 +46,10 @@ class _EngineCollector:
              "host_cache_blocks_total"),
             ("moonlet_host_cache_blocks_used", "Host-tier blocks holding an evicted prefix-cache block",
              "host_cache_blocks_used"),
+            ("moonlet_disk_cache_bytes_total", "Size cap of the prefix cache's disk tier (0: off)",
+             "disk_cache_bytes_total"),
+            ("moonlet_disk_cache_bytes_used", "Bytes of block files in the disk tier", "disk_cache_bytes_used"),
+            ("moonlet_disk_cache_blocks_used", "Block files in the disk tier", "disk_cache_blocks_used"),
         ]
         for name, doc, key in gauges:
             if key in stats:
@@ -83,6 +87,22 @@ class _EngineCollector:
              "host_cache_bytes_swapped_in"),
             ("moonlet_host_cache_swapped_out_bytes", "Bytes copied from the device pool to the host tier",
              "host_cache_bytes_swapped_out"),
+            # the prefix cache's disk tier (disk_cache_dir)
+            ("moonlet_disk_cache_hits", "Prompt tokens whose cached blocks were read from the disk tier",
+             "disk_cache_hits"),
+            ("moonlet_disk_cache_blocks_read", "Block files read from the disk tier (checked)",
+             "disk_cache_blocks_read"),
+            ("moonlet_disk_cache_read_bytes", "Bytes read from the disk tier", "disk_cache_bytes_read"),
+            ("moonlet_disk_cache_blocks_written", "Block files written to the disk tier", "disk_cache_blocks_written"),
+            ("moonlet_disk_cache_written_bytes", "Bytes written to the disk tier", "disk_cache_bytes_written"),
+            ("moonlet_disk_cache_writes_dropped", "Blocks not written to the disk tier because its queue was full",
+             "disk_cache_writes_dropped"),
+            ("moonlet_disk_cache_write_errors", "Disk-tier writes that failed (disk full, permissions)",
+             "disk_cache_write_errors"),
+            ("moonlet_disk_cache_blocks_evicted", "Block files deleted to keep the disk tier under its cap",
+             "disk_cache_blocks_evicted"),
+            ("moonlet_disk_cache_corrupt", "Disk-tier block files rejected by their checks (recomputed)",
+             "disk_cache_corrupt"),
             # hybrid (KDA) models
             ("moonlet_state_snapshots_saved", "Recurrent-state snapshots written", "state_snapshots_saved"),
             ("moonlet_state_snapshots_restored", "Recurrent-state snapshots a prefix hit resumed from",
