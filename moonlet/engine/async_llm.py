@@ -199,6 +199,11 @@ class AsyncLLM:
         """``EngineCore.remove_lora`` on the engine thread; ValueError when unknown or in use."""
         await self._call(self.engine.remove_lora, name)
 
+    @property
+    def lora_enabled(self) -> bool:
+        """Whether this engine serves LoRA adapters unmerged (enable_lora / lora_modules)."""
+        return self.engine.lora is not None
+
     def list_loras(self) -> dict[str, str]:
         """{name: adapter directory} of the registered adapters (as of the last add / remove)."""
         return dict(self._loras)

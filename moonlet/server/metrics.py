@@ -46,6 +46,8 @@ class _EngineCollector:
              "host_cache_blocks_total"),
             ("moonlet_host_cache_blocks_used", "Host-tier blocks holding an evicted prefix-cache block",
              "host_cache_blocks_used"),
+            ("moonlet_lora_adapters", "LoRA adapters registered (multi-LoRA serving)", "lora_adapters"),
+            ("moonlet_lora_adapters_resident", "LoRA adapters resident on the device", "lora_resident"),
         ]
         for name, doc, key in gauges:
             if key in stats:
@@ -83,6 +85,9 @@ class _EngineCollector:
              "host_cache_bytes_swapped_in"),
             ("moonlet_host_cache_swapped_out_bytes", "Bytes copied from the device pool to the host tier",
              "host_cache_bytes_swapped_out"),
+            # multi-LoRA serving
+            ("moonlet_lora_loads", "LoRA adapters copied into a resident slot", "lora_loads"),
+            ("moonlet_lora_evictions", "Resident LoRA adapters replaced by another", "lora_evictions"),
             # hybrid (KDA) models
             ("moonlet_state_snapshots_saved", "Recurrent-state snapshots written", "state_snapshots_saved"),
             ("moonlet_state_snapshots_restored", "Recurrent-state snapshots a prefix hit resumed from",
@@ -91,6 +96,13 @@ class _EngineCollector:
         for name, doc, key in counters:
             if key in stats:
                 yield CounterMetricFamily(name, doc, value=float(stats[key]))
+        by_adapter = stats.get("lora_requests") or {}
+        if by_adapter:
+            requests = CounterMetricFamily("moonlet_lora_requests", "Requests added under each LoRA adapter",
+                                           labels=["adapter"])
+            for adapter, count in sorted(by_adapter.items()):
+                requests.add_metric([adapter], float(count))
+            yield requests
         queries, hits = stats.get("prefix_cache_queries"), stats.get("prefix_cache_hits")
         if queries is not None and hits is not None:
             yield GaugeMetricFamily("moonlet_prefix_cache_hit_rate",
