@@ -98,9 +98,9 @@ def test_mixed_batch_equals_each_adapter_merged(model, adapters, merged, prompts
 
 
 def test_base_requests_unchanged_by_enabling_lora(model, adapters, prompts):
-    plain = [o.token_ids for o in LLM(model=model, num_blocks=64).generate(prompts, greedy(logprobs=2))]
+    plain = [(o.token_ids, o.logprobs) for o in LLM(model=model, num_blocks=64).generate(prompts, greedy(logprobs=2))]
     llm = _lora_llm(model, adapters, num_blocks=64)
-    assert [o.token_ids for o in llm.generate(prompts, greedy(logprobs=2))] == plain
+    assert [(o.token_ids, o.logprobs) for o in llm.generate(prompts, greedy(logprobs=2))] == plain  # exactly
 
 
 def test_prefix_cache_is_isolated_between_adapters(model, adapters, merged):
