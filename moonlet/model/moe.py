@@ -152,7 +152,8 @@ class MoE(nn.Module):
         again is a no-op while the views hold; after .to(), cast() or replacing weight tensors
         it re-stacks (forward does that by itself too).
         """
-        if self.stacked is not None and self._stack_is_current() and not (self.shared_apart and self.stacked.shared_slot):
+        stale_shared = self.stacked is not None and self.shared_apart and self.stacked.shared_slot
+        if self.stacked is not None and self._stack_is_current() and not stale_shared:
             return
         if any(isinstance(m.gate_proj, QuantizedLinear) for m in self.experts):
             self._fuse_quantized_experts()
