@@ -197,3 +197,26 @@ def tiny_pdf(pages: list[str], page_size: tuple[int, int] = (200, 200)) -> bytes
         out += f"{off:010d} 00000 n \n".encode()
     out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
     return bytes(out)
+
+
+def random_adapter(model, directory, r: int = 4, alpha: float = 8.0, targets=None, seed: int = 0,
+                   std: float = 0.2):
+    """Write a PEFT LoRA adapter for ``model`` to ``directory`` with random nonzero factors (A and B drawn
+    from normal(0, std)), so that it changes the model's outputs. ``targets``: module-name suffixes
+    (default: moonlet.model.lora's DEFAULT_TARGETS). ``model`` itself is not changed. Returns the path."""
+    import copy
+
+    import torch
+
+    from .model.lora import LoraSettings, add_lora, save_adapter
+
+    settings = LoraSettings(r=r, alpha=alpha) if targets is None else LoraSettings(r=r, alpha=alpha,
+                                                                                    targets=tuple(targets))
+    wrapped = copy.deepcopy(model)
+    add_lora(wrapped, settings, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                p.copy_(std * torch.randn(p.shape, generator=gen))
+    return save_adapter(wrapped, directory)

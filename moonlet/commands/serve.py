@@ -58,6 +58,10 @@ def register(sub) -> None:
     p.add_argument("--batch-retention-days", type=float, default=29.0,
                    help="days after its creation an ended batch keeps its requests and results; then they are "
                         "deleted and the batch is archived (default 29, as the Message Batches API)")
+    p.add_argument("--allow-runtime-lora", action="store_true",
+                   help="with --enable-lora / --lora-modules: add POST /v1/load_lora_adapter {lora_name, lora_path} "
+                        "and /v1/unload_lora_adapter {lora_name} (vLLM's routes); adapter paths are read from the "
+                        "server's disk, so only for trusted clients (default: off)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_cli_args(p)
     p.set_defaults(func=run)
@@ -72,6 +76,8 @@ def run(args) -> int:
     from ..server import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.allow_runtime_lora and not (args.enable_lora or args.lora_modules):
+        raise SystemExit("moonlet serve: --allow-runtime-lora needs --enable-lora (or --lora-modules NAME=PATH)")
     path = resolve_model(args.model)
     engine = AsyncLLM(path, start=False, **engine_args(args, path))
     if args.batch_concurrency < 1:
@@ -87,11 +93,14 @@ def run(args) -> int:
     app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
                      max_concurrent_requests=args.max_concurrent_requests, shutdown_engine_on_exit=True,
                      batch_dir=batch_dir, batch_concurrency=args.batch_concurrency,
-                     batch_retention_days=args.batch_retention_days)
+                     batch_retention_days=args.batch_retention_days,
+                     allow_runtime_lora=args.allow_runtime_lora)
     name = app.state.moonlet.served_model_name
     print(f"moonlet serve: {name} (context {engine.max_model_len} tokens) on http://{args.host}:{args.port} "
           f"— Anthropic: /v1/messages, OpenAI: /v1/chat/completions; auth {'on' if args.api_key else 'off'}",
           flush=True)
+    for adapter, adapter_path in engine.list_loras().items():
+        print(f"moonlet serve: LoRA adapter {adapter} ({adapter_path}) — select it with model={adapter!r}", flush=True)
     stats = engine.stats()
     print(f"moonlet serve: KV cache {stats['blocks_total']} blocks x {stats['block_size']} tokens in "
           f"{stats['kv_cache_dtype']} ({stats['kv_cache_bytes'] / 2**20:.1f} MiB)", flush=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import itertools
 import logging
 import threading
@@ -66,6 +67,7 @@ class AsyncLLM:
         self._error: BaseException | None = None
         self._stats = self.engine.stats()
         self._ids = itertools.count()
+        self._loras = self.engine.list_loras()  # {name: path}, replaced after each add_lora / remove_lora
         if start:
             self.start()
 
@@ -188,6 +190,38 @@ class AsyncLLM:
                 if self._streams.get(request_id) is stream:
                     del self._streams[request_id]
 
+    # ---- LoRA adapters (multi-LoRA serving) ------------------------------------------------------
+    async def add_lora(self, name: str, path) -> None:
+        """``EngineCore.add_lora`` on the engine thread (between steps); ValueError as it raises."""
+        await self._call(self.engine.add_lora, name, str(path))
+
+    async def remove_lora(self, name: str) -> None:
+        """``EngineCore.remove_lora`` on the engine thread; ValueError when unknown or in use."""
+        await self._call(self.engine.remove_lora, name)
+
+    @property
+    def lora_enabled(self) -> bool:
+        """Whether this engine serves LoRA adapters unmerged (enable_lora / lora_modules)."""
+        return self.engine.lora is not None
+
+    def list_loras(self) -> dict[str, str]:
+        """{name: adapter directory} of the registered adapters (as of the last add / remove)."""
+        return dict(self._loras)
+
+    async def _call(self, fn, *args):
+        """Run ``fn(*args)`` on the engine thread between steps (directly when the thread is not running)
+        and refresh the adapter list."""
+        if not self.is_running:
+            result = fn(*args)
+        else:
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            with self._lock:
+                self._commands.append(("call", fn, args, future))
+            self._wakeup.set()
+            result = await asyncio.wrap_future(future)
+        self._loras = self.engine.list_loras()
+        return result
+
     async def abort(self, request_id: str) -> None:
         """Abort a request (no-op if it is unknown or finished). Its stream gets a final output with
         finish_reason 'abort' for each of its samples still going."""
@@ -228,6 +262,12 @@ class AsyncLLM:
                     self.engine.add_request(rid, ids, params)
                 except Exception as e:  # noqa: BLE001 - reported to the caller, the engine goes on
                     self._deliver(rid, e)
+            elif cmd[0] == "call":
+                _, fn, args, future = cmd
+                try:
+                    future.set_result(fn(*args))
+                except Exception as e:  # noqa: BLE001 - the caller's error, the engine goes on
+                    future.set_exception(e)
             elif cmd[0] == "abort_sample":
                 out = self.engine.abort_sample(cmd[1], cmd[2])
                 if out is not None:
@@ -258,7 +298,11 @@ class AsyncLLM:
         with self._lock:
             streams = list(self._streams.items())
             self._streams.clear()
+            commands = list(self._commands)
             self._commands.clear()
             self._queued_adds = 0
         for _, stream in streams:
             stream.put(error)
+        for cmd in commands:
+            if cmd[0] == "call" and not cmd[3].done():
+                cmd[3].set_exception(error)

@@ -134,6 +134,7 @@ class PagedLatentKV:
         self.page_sums = PageSums(moba.layers, pool.num_blocks, pool.latent_dim, pool.data.device) \
             if moba is not None and moba.layers else None
         self.layout: BatchLayout | None = None
+        self.lora = None  # moonlet.engine.lora.MultiLora when the engine serves LoRA adapters unmerged
 
     def set_batch(self, layout: BatchLayout) -> None:
         self.layout = layout
@@ -207,24 +208,36 @@ class PagedLatentKV:
         N, h = q_nope.shape[1:3]
         out = torch.empty(N, h, w_uv.shape[1], device=q_nope.device, dtype=torch.float32)
         nd = lay.num_decodes
+        lora = self.lora  # per-token LoRA adapters (moonlet.engine.lora): kv_b_proj's part of W_UK / W_UV
         if self.page_sums is not None and layer in self.moba.layers:  # MoBA layers stay absorbed throughout
             q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
+            if lora is not None:
+                q_latent = lora.absorb_q(layer, q_nope, q_latent)
             q = torch.cat([q_latent[0], q_pe[0].to(q_latent.dtype)], dim=-1)
             o = self._attend_latent(layer, q, pool, scale)
-            return torch.einsum("thc,hvc->thv", o.to(w_uv.dtype), w_uv)[None].to(q_nope.dtype)
+            res = torch.einsum("thc,hvc->thv", o.to(w_uv.dtype), w_uv)[None]
+            if lora is not None:
+                res = lora.absorb_v(layer, o[None], res)
+            return res.to(q_nope.dtype)
         if nd:
             q_latent = torch.einsum("thd,hdc->thc", q_nope[0, :nd], w_uk)
+            if lora is not None and lora.index is not None:
+                q_latent = lora.absorb_q(layer, q_nope[:, :nd], q_latent[None], rows=nd)[0]
             q = torch.cat([q_latent, q_pe[0, :nd].to(q_latent.dtype)], dim=-1)
             o = self.decode_kernel(q, pool, lay.decode_block_tables, lay.decode_ctx_lens, scale, self.kv_lora,
                                    **self._scales_kw(layer))
-            out[:nd] = torch.einsum("thc,hvc->thv", o.to(w_uv.dtype), w_uv)
+            res = torch.einsum("thc,hvc->thv", o.to(w_uv.dtype), w_uv)
+            if lora is not None and lora.index is not None:
+                res = lora.absorb_v(layer, o[None], res[None], rows=nd)[0]
+            out[:nd] = res
         D = pool.shape[-1]
         scales = self.pool.layer_scales(layer)
         for span in lay.prefills:
             s, e = span.start, span.start + span.num_tokens
             ctx = pool[span.block_ids].reshape(-1, D)[:span.ctx_len]
             ctx_scales = None if scales is None else scales[span.block_ids].reshape(-1, scales.shape[-1])[:span.ctx_len]
-            out[s:e] = expanded_prefill_attention(q_nope[0, s:e], q_pe[0, s:e], ctx, self.kv_lora, w_uk, w_uv,
+            uk, uv = (w_uk, w_uv) if lora is None else lora.span_weights(layer, s, w_uk, w_uv)
+            out[s:e] = expanded_prefill_attention(q_nope[0, s:e], q_pe[0, s:e], ctx, self.kv_lora, uk, uv,
                                                   scale, ctx_scales=ctx_scales)
         return out[None].to(q_nope.dtype)
 

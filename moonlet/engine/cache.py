@@ -378,9 +378,14 @@ class KVCacheManager:
         """Hashes of the sequence's first ``num_full_blocks`` full blocks (memoized on the sequence)."""
         bs, hashes, tokens = self.block_size, seq.block_hashes, seq.token_ids
         images = getattr(seq, "images", None)
+        # a LoRA adapter's requests compute other latents for the same tokens: its digest goes into every
+        # block's hash, so blocks are shared only under the same adapter (or none)
+        lora = getattr(seq, "lora_key", None)
         while len(hashes) < num_full_blocks:
             i = len(hashes)
             extra = images.block_key(i * bs, (i + 1) * bs) if images is not None else None
+            if lora is not None:
+                extra = b"lora:" + lora + (b"" if extra is None else b"|" + extra)
             hashes.append(block_hash(hashes[-1] if hashes else None, tokens[i * bs:(i + 1) * bs], extra))
         return hashes[:num_full_blocks]
 

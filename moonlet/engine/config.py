@@ -98,6 +98,16 @@ class EngineConfig:
     # a PEFT LoRA adapter directory merged into the weights at load time (moonlet.model.lora); with it
     # quantized checkpoints default to "dequantize" (the merge needs dense weights); not with tensor_parallel_size > 1
     lora: str | os.PathLike | None = None
+    # multi-LoRA serving (moonlet.engine.lora): adapters served unmerged over the base model, several at
+    # once and batched together, selected per request (SamplingParams.lora). ``lora_modules``: {name: PEFT
+    # adapter directory} registered at start (implies enable_lora); more with add_lora at run time.
+    # ``max_loras`` adapters are resident on the device at once (stacked factors per adapted linear, ranks
+    # zero-padded to ``max_lora_rank``); other adapters wait in host memory and replace the least recently
+    # used resident one that no running request holds
+    enable_lora: bool = False
+    lora_modules: dict[str, str | os.PathLike] | None = None
+    max_loras: int = 4
+    max_lora_rank: int = 16
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -137,6 +147,7 @@ class EngineConfig:
                              f"positive integers")
         if self.kv_cache_fraction is not None and not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"engine argument kv_cache_fraction={self.kv_cache_fraction!r} must be in (0, 1]")
+        self._validate_lora()
         self.speculative_config()  # raises on bad speculative settings
         self.image_cache_bytes()  # raises on a bad image feature cache size
         self.host_cache_bytes()  # raises on a bad host cache size
@@ -150,6 +161,27 @@ class EngineConfig:
         if self.lora is not None and self.quantization == "keep":
             raise ValueError(f"engine argument lora={str(self.lora)!r} with quantization='keep': merging an adapter "
                              "needs dense weights; use quantization='dequantize' (the default with lora)")
+
+    @property
+    def lora_enabled(self) -> bool:
+        """Whether the engine serves LoRA adapters unmerged (``enable_lora`` or ``lora_modules``)."""
+        return bool(self.enable_lora or self.lora_modules)
+
+    def _validate_lora(self) -> None:
+        for name in ("max_loras", "max_lora_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"engine argument {name}={value!r} must be a positive integer")
+        if self.lora_modules is not None:
+            if not isinstance(self.lora_modules, dict) or any(not isinstance(k, str) or not k
+                                                              for k in self.lora_modules):
+                raise ValueError(f"engine argument lora_modules={self.lora_modules!r} must be a dict "
+                                 "{adapter name: PEFT adapter directory} (CLI --lora-modules name=path ...)")
+        if self.lora_enabled and self.tensor_parallel_size > 1:
+            raise ValueError(f"multi-LoRA serving (enable_lora / lora_modules) with tensor_parallel_size="
+                             f"{self.tensor_parallel_size} is not supported: the adapters' factors are not sharded "
+                             "over the ranks; serve with tensor_parallel_size=1, or merge one adapter into the "
+                             "checkpoint (moonlet lora merge) and serve that")
 
     def image_cache_bytes(self) -> int:
         """The image feature cache's size in bytes (vision models), checked."""
@@ -472,6 +504,17 @@ def add_engine_cli_args(parser) -> None:
                    help="a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) merged into "
                         "the weights at load time (quantized checkpoints are then dequantized; not with "
                         "--tensor-parallel-size > 1)")
+    g.add_argument("--enable-lora", action="store_true", default=None,
+                   help="serve LoRA adapters unmerged, several at once, selected per request (by model name in "
+                        "the APIs); adapters come from --lora-modules or are added at run time")
+    g.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help="LoRA adapters served unmerged over the base model, each a PEFT adapter directory under "
+                        "a name that requests select (the APIs' model field); implies --enable-lora")
+    g.add_argument("--max-loras", type=int, default=None,
+                   help="LoRA adapters resident on the device at once; others wait in host memory and replace "
+                        "the least recently used one no running request holds (default 4)")
+    g.add_argument("--max-lora-rank", type=int, default=None,
+                   help="largest LoRA rank an adapter may have; every resident slot is padded to it (default 16)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model and cache dtype (default: the checkpoint's)")
@@ -492,11 +535,27 @@ def engine_args_from_cli(args) -> dict:
         num_speculative_tokens="num_speculative_tokens", ngram_max="ngram_max", ngram_min="ngram_min",
         image_feature_cache_memory="image_feature_cache_memory", tensor_parallel_size="tensor_parallel_size",
         quantization="quantization", host_cache_memory="host_cache_memory", kv_cache_dtype="kv_cache_dtype",
-        lora="lora",
+        lora="lora", enable_lora="enable_lora", max_loras="max_loras", max_lora_rank="max_lora_rank",
     )
     names.update(disk_cache_dir="disk_cache_dir", disk_cache_size="disk_cache_size")
     out = {field: getattr(args, attr) for attr, field in names.items() if getattr(args, attr, None) is not None}
+    if getattr(args, "lora_modules", None):
+        out["lora_modules"] = parse_lora_modules(args.lora_modules)
     for flag in ("enable_prefix_caching", "enable_chunked_prefill"):
         if getattr(args, flag, True) is False:
             out[flag] = False
+    return out
+
+
+def parse_lora_modules(items) -> dict[str, str]:
+    """``--lora-modules`` values (``name=path`` each) -> {name: path}; ValueError naming a bad item."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = str(item).partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules {item!r}: write each adapter as NAME=PATH (a PEFT adapter directory)")
+        if name in out:
+            raise ValueError(f"--lora-modules names {name!r} twice; give each adapter its own name")
+        out[name] = path
     return out

@@ -156,6 +156,10 @@ class EngineCore:
         self.model = model.eval()
         if self.vision is not None:
             self.vision.vlm.language_model = self.model
+        if config.lora_enabled:  # shared experts stay dense MLPs, so that adapters on their linears apply
+            for module in self.model.modules():
+                if hasattr(module, "shared_apart"):
+                    module.shared_apart = True
         fuse_moe_experts(self.model)  # grouped-GEMM MoE for inference, on every device (after any cast)
         self.tokenizer = tokenizer
         self.model_config = model.config
@@ -174,7 +178,14 @@ class EngineCore:
         self.cache = KVCacheManager(rc.num_blocks, rc.block_size, rc.enable_prefix_caching,
                                     state_slots=rc.max_num_seqs if hybrid else 0, state_snapshots=rc.state_snapshots,
                                     host_blocks=rc.host_blocks)
-        self.pool, _, self.runner = build_runner(self.model, rc, workers)
+        self.lora = None  # multi-LoRA serving: adapters by name, resident slots, per-token LoRA (MultiLora)
+        if config.lora_enabled:
+            from .lora import MultiLora
+
+            self.lora = MultiLora(self.model, config.max_loras, config.max_lora_rank)
+            for name, path in (config.lora_modules or {}).items():
+                self.lora.add(name, path)
+        self.pool, _, self.runner = build_runner(self.model, rc, workers, lora=self.lora)
         self.proposer = None
         if self.draft_model is not None:
             self.proposer = DraftModelProposer(rc.speculative, rc.max_model_len, build_draft_runner(self.draft_model, rc),
@@ -189,7 +200,8 @@ class EngineCore:
         elif rc.speculative is not None:
             self.proposer = NgramProposer(rc.speculative, rc.max_model_len)
         self.scheduler = Scheduler(self.cache, rc.max_num_seqs, rc.max_num_batched_tokens, rc.enable_chunked_prefill,
-                                   proposer=self.proposer, spec_state_rows=(rc.state_snapshots, rc.spec_state_rows))
+                                   proposer=self.proposer, spec_state_rows=(rc.state_snapshots, rc.spec_state_rows),
+                                   lora=self.lora)
         self.sampler = Sampler(model.device, rc.seed)
         self.requests: dict[str, Sequence] = {}  # unfinished requests (sample 0's sequence when n > 1)
         self.samples: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples (SamplingParams.n)
@@ -282,6 +294,36 @@ class EngineCore:
             self.disk.close()
         if self.workers is not None:
             self.workers.close()
+        if self.lora is not None:  # the LoRA hooks leave the model (it may be the caller's object)
+            self.lora.close()
+
+    # ---- LoRA adapters (multi-LoRA serving) ------------------------------------------------------
+    def _multi_lora(self):
+        if self.lora is None:
+            raise ValueError("this engine serves no LoRA adapters: start it with enable_lora=True or lora_modules "
+                             "(CLI --enable-lora / --lora-modules NAME=PATH)")
+        return self.lora
+
+    def add_lora(self, name: str, path) -> None:
+        """Register the PEFT LoRA adapter directory ``path`` under ``name``; requests then select it with
+        ``SamplingParams(lora=name)``. It is read and checked now, and copied to the device when a request
+        needs it. ValueError when multi-LoRA is off, the name is taken, or the adapter does not fit."""
+        self._multi_lora().add(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        """Unregister an adapter. ValueError when unknown or while an unfinished request uses it."""
+        lora = self._multi_lora()
+        lora.get(name)
+        users = [rid for rid, seqs in self.samples.items() if any(s.params.lora == name for s in seqs)]
+        if users:
+            raise ValueError(f"LoRA adapter {name!r} is in use by {len(users)} unfinished request(s) "
+                             f"({', '.join(users[:3])}{', ...' if len(users) > 3 else ''}); wait for them or abort "
+                             "them first")
+        lora.remove(name)
+
+    def list_loras(self) -> dict[str, str]:
+        """{name: adapter directory} of the registered adapters (empty when multi-LoRA is off)."""
+        return {} if self.lora is None else {n: a.path for n, a in self.lora.adapters.items()}
 
     @property
     def supports_images(self) -> bool:
@@ -352,6 +394,8 @@ class EngineCore:
                              "request has no images; pass the images with the prompt")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
+        if params.lora is not None:
+            self._multi_lora().get(params.lora)  # ValueError naming the registered ones
         if params.thinking_token_budget is not None:
             thinking_markers(params, self.tokenizer, vocab)
         if params.structured is not None:
@@ -377,6 +421,8 @@ class EngineCore:
         ids = self.check_request(prompt_token_ids, params)
         seqs = [self._new_sequence(request_id, ids, prompt_token_ids, params.sample_params(i), i)
                 for i in range(params.n)]
+        if params.lora is not None:
+            self.lora.get(params.lora).requests += 1
         self.requests[request_id] = seqs[0]
         self.samples[request_id] = seqs
         self.scheduler.add_group(seqs)
@@ -391,6 +437,8 @@ class EngineCore:
 
             detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
         seq = Sequence(request_id, ids, params, stop_ids, detok, index=index)
+        if params.lora is not None:  # its blocks are named under the adapter's content digest
+            seq.lora_key = self.lora.get(params.lora).digest
         if isinstance(prompt, MultimodalPrompt):
             seq.images = RequestImages.from_prompt(prompt)
         seq.thinking = ThinkingBudget.for_request(params, ids, self.tokenizer)
@@ -597,7 +645,15 @@ class EngineCore:
             "image_cache_bytes": vision.cache.num_bytes if vision else 0,
             **self._host_stats(),
             **self._disk_stats(),
+            **self._lora_stats(),
         }
+
+    def _lora_stats(self) -> dict:
+        """Multi-LoRA counters (0 when off) and ``lora_requests``: {adapter: requests added under it}."""
+        lora = self.lora
+        if lora is None:
+            return {"lora_adapters": 0, "lora_resident": 0, "lora_loads": 0, "lora_evictions": 0, "lora_requests": {}}
+        return {**lora.stats(), "lora_requests": {n: a.requests for n, a in lora.adapters.items()}}
 
     def _host_stats(self) -> dict:
         """The host cache tier's counters (all 0 when it is off)."""

@@ -17,6 +17,11 @@ their gathers and scatters touch nothing else. What a step does to the states be
 runs outside the graph: loading slots (zeros for a sequence starting at token 0, a snapshot after a
 prefix hit) before the replay, and copying slots into snapshot rows after it.
 
+Multi-LoRA serving (``lora``, a ``moonlet.engine.lora.MultiLora``): the rows' adapter slots are one
+more static buffer (-1 for base rows and padding); the graphs always run the LoRA hooks over it (a
+batch without adapters adds zeros), and loading an adapter into a slot overwrites the stacked factors
+in place, so the captured graphs read the new adapter.
+
 The same code runs eagerly with ``capture=False`` (on CPU, say): that is how the padding and buffer
 logic is tested against the engine's ordinary path without a GPU.
 """
@@ -32,7 +37,7 @@ DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, kv: PagedLatentKV, scratch_block: int, max_blocks: int,
-                 batch_sizes=DEFAULT_BATCH_SIZES, capture: bool = True):
+                 batch_sizes=DEFAULT_BATCH_SIZES, capture: bool = True, lora=None):
         if not batch_sizes:
             raise ValueError("DecodeGraphs needs at least one batch size")
         self.model, self.kv = model, kv
@@ -55,6 +60,8 @@ class DecodeGraphs:
                 raise ValueError("DecodeGraphs for a model with KDA layers needs RecurrentStates(scratch_row=True): "
                                  "padding rows decode into that row")
             self.state_slots = torch.full((B,), self.states.scratch_row, dtype=torch.long, device=dev)
+        self.lora = lora
+        self.lora_slots = torch.full((B,), -1, dtype=torch.long, device=dev) if lora is not None else None
         self.logits: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.mempool = None
@@ -77,13 +84,21 @@ class DecodeGraphs:
         if self.states is not None:
             self.states.clear_scratch()
         self.kv.set_batch(self._layout(bs))
-        hidden = self.model.hidden_states(self.input_ids[:, :bs], positions=self.positions[None, :bs], kv=self.kv)
-        self.kv.set_batch(None)
+        if self.lora is not None:
+            self.lora.set_step(self.lora_slots[:bs])
+        try:
+            hidden = self.model.hidden_states(self.input_ids[:, :bs], positions=self.positions[None, :bs],
+                                              kv=self.kv)
+        finally:
+            self.kv.set_batch(None)
+            if self.lora is not None:
+                self.lora.set_step(None)
         return self.model.lm_head(hidden[0]).float()  # [bs, vocab]
 
     @torch.inference_mode()
     def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]],
-            state_slots: list[int] | None = None, state_inits=(), state_saves=()) -> torch.Tensor:
+            state_slots: list[int] | None = None, state_inits=(), state_saves=(),
+            lora_slots: list[int] | None = None) -> torch.Tensor:
         """One decode step for n sequences (token, its position, its block table) -> logits [n, vocab].
 
         Hybrid models also give each sequence's recurrent-state slot, the slots to load before the
@@ -112,6 +127,11 @@ class DecodeGraphs:
         self.slots[:bs].copy_(slots, non_blocking=True)
         self.tables[:bs].copy_(table, non_blocking=True)
         self.ctx_lens[:bs].copy_(ctx, non_blocking=True)
+        if self.lora_slots is not None:
+            adapters = torch.full((bs,), -1, dtype=torch.long)
+            if lora_slots is not None:
+                adapters[:n] = torch.tensor(lora_slots, dtype=torch.long)
+            self.lora_slots[:bs].copy_(adapters, non_blocking=True)
         if self.states is not None:
             rows = torch.full((bs,), self.states.scratch_row, dtype=torch.long)
             rows[:n] = torch.tensor(state_slots, dtype=torch.long)

@@ -48,6 +48,19 @@ class LLM:
     def stats(self) -> dict:
         return self.engine.stats()
 
+    def add_lora(self, name: str, path) -> None:
+        """Register a PEFT LoRA adapter directory under ``name`` (multi-LoRA serving: the engine must be
+        built with ``enable_lora=True`` or ``lora_modules``); select it with ``SamplingParams(lora=name)``."""
+        self.engine.add_lora(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        """Unregister an adapter (ValueError when unknown)."""
+        self.engine.remove_lora(name)
+
+    def list_loras(self) -> dict[str, str]:
+        """{name: adapter directory} of the registered adapters."""
+        return self.engine.list_loras()
+
     def _encode(self, prompt: Prompt) -> list[int] | MultimodalPrompt:
         if isinstance(prompt, MultimodalPrompt):
             return prompt

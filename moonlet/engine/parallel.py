@@ -54,10 +54,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_runner(model, rc, workers=None):
+def build_runner(model, rc, workers=None, lora=None):
     """The latent pool, recurrent states (models with KDA layers) and ModelRunner for a loaded model
     and a ``ResolvedConfig``, decode graphs captured when the config asks for them: the same on every
-    rank, so the ranks' pools have the same block ids and their graphs capture the same collectives."""
+    rank, so the ranks' pools have the same block ids and their graphs capture the same collectives.
+    ``lora``: the engine's ``MultiLora`` (multi-LoRA serving), wired in before any graph is captured."""
     from .cache import LatentCachePool, latent_layer_ids
     from .recurrent import RecurrentStates
     from .runner import ModelRunner
@@ -78,6 +79,7 @@ def build_runner(model, rc, workers=None):
     runner = ModelRunner(model, pool, expanded_prefill=rc.expanded_prefill, triton_decode=rc.triton_decode,
                          states=states)
     runner.workers = workers
+    runner.lora = runner.kv.lora = lora
     if rc.host_blocks:  # the host tier of the prefix cache, shaped after the pool (and MoBA page sums)
         from .host_cache import HostCachePool
 

@@ -161,6 +161,8 @@ class SamplingParams:
     after n thinking tokens the engine emits the closing marker in place of sampled tokens and the
     answer follows (see ``moonlet.engine.thinking``); the markers default to the tokenizer's
     ``<think>`` / ``</think>``, or ``thinking_start_token_ids`` / ``thinking_end_token_ids``.
+    ``lora``: the name of a LoRA adapter registered with the engine (``add_lora``, multi-LoRA serving,
+    ``moonlet.engine.lora``) that this request runs under; None: the base model.
     """
 
     max_tokens: int = 256
@@ -182,6 +184,7 @@ class SamplingParams:
     thinking_end_token_ids: list[int] | None = None
     structured: StructuredOutput | None = None
     n: int = 1
+    lora: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.structured, dict):
@@ -237,6 +240,8 @@ class SamplingParams:
             if ids is not None and (not isinstance(ids, list) or not ids
                                     or any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in ids)):
                 bad(name, ids, "must be None (the tokenizer's marker) or a non-empty list of token ids >= 0")
+        if self.lora is not None and (not isinstance(self.lora, str) or not self.lora):
+            bad("lora", self.lora, "must be None (the base model) or the name of a registered LoRA adapter")
         if self.structured is not None and not isinstance(self.structured, StructuredOutput):
             bad("structured", self.structured, "must be None or a StructuredOutput")
 

@@ -43,6 +43,9 @@ class StepInput:
     # disk tier: (block content read from disk, device block) copies in, after the host tier's
     # (ScheduledBatch.disk_in)
     disk_in: list = field(default_factory=list)
+    # multi-LoRA serving: per entry, the resident slot of its adapter (-1: the base model); None when the
+    # engine serves no adapters
+    lora_slots: list[int] | None = None
 
 
 class ModelRunner:
@@ -72,13 +75,14 @@ class ModelRunner:
         self.keep_hidden = False
         self.last_hidden: torch.Tensor | None = None
         self.last_step: StepInput | None = None
+        self.lora = None  # moonlet.engine.lora.MultiLora (multi-LoRA serving), or None
 
     def enable_decode_graphs(self, scratch_block: int, max_model_len: int, batch_sizes, capture: bool) -> None:
         """Serve decode-only steps from ``DecodeGraphs`` (``capture=False``: its static buffers, run eagerly)."""
         from .cuda_graph import DecodeGraphs
 
         self.graphs = DecodeGraphs(self.model, self.kv, scratch_block, -(-max_model_len // self.block_size),
-                                   batch_sizes, capture=capture)
+                                   batch_sizes, capture=capture, lora=self.lora)
 
     def prepare(self, batch: ScheduledBatch) -> StepInput:
         """The step's forward in plain data (what tensor-parallel workers receive)."""
@@ -99,10 +103,14 @@ class ModelRunner:
         if image_rows is not None:
             image_rows = (image_rows[0].cpu(), image_rows[1].cpu()) if self.workers is not None else image_rows
         # block tables as they are (no per-step copy of long tables; sending to workers pickles them)
+        lora_slots = None
+        if self.lora is not None:
+            lora_slots = [-1 if s.lora_slot is None else s.lora_slot for s in batch.seqs]
         return StepInput(tokens, starts, sample, [s.block_table for s in batch.seqs], slots,
                          list(batch.state_inits), list(batch.state_saves), image_rows,
                          list(getattr(batch, "swap_out", ())), list(getattr(batch, "swap_in", ())),
-                         list(getattr(batch, "state_copies", ())), disk_in=list(getattr(batch, "disk_in", ())))
+                         list(getattr(batch, "state_copies", ())), disk_in=list(getattr(batch, "disk_in", ())),
+                         lora_slots=lora_slots)
 
     def build_layout(self, step: StepInput) -> tuple[torch.Tensor, BatchLayout, list[tuple[int, int]]]:
         """input_ids [1, N], the layout, and per entry (first flat index, count) of the rows to sample:
@@ -202,11 +210,15 @@ class ModelRunner:
             self.states.begin_step(step.state_inits, step.state_saves, step.state_slots[:layout.num_decodes],
                                    step.state_copies)
         self.kv.set_batch(layout)
+        if self.lora is not None:
+            self._set_lora(step)
         try:
             hidden = self.model.hidden_states(input_ids, positions=layout.positions[None], kv=self.kv,
                                               inputs_embeds=inputs_embeds)  # [1, N, H]
         finally:
             self.kv.set_batch(None)
+            if self.lora is not None:
+                self.lora.set_step(None)
             if self.states is not None:
                 self.states.end_step()
         if self.keep_hidden:
@@ -218,6 +230,15 @@ class ModelRunner:
         index = torch.tensor(flat, device=self.device)
         logits = self.model.lm_head(hidden[0, index]).float()  # only the rows we sample from
         return rows, logits
+
+    def _set_lora(self, step: StepInput) -> None:
+        """Each flat token's adapter slot for the forward (entries in batch order, as the layout lays
+        them out); no adapter token at all: the LoRA hooks stay off."""
+        if step.lora_slots is None or all(s < 0 for s in step.lora_slots):
+            self.lora.set_step(None)
+            return
+        per_token = [slot for slot, new in zip(step.lora_slots, step.tokens) for _ in new]
+        self.lora.set_step(torch.tensor(per_token, dtype=torch.long, device=self.device), per_token)
 
     def swap(self, batch: ScheduledBatch | StepInput) -> None:
         """The step's host- and disk-tier copies, before anything in the step writes the pool: evicted
@@ -276,7 +297,7 @@ class ModelRunner:
         if step.state_copies:
             self.states.copy_rows(step.state_copies)
         logits = self.graphs.run([t[0] for t in step.tokens], step.starts, step.block_tables, step.state_slots,
-                                 step.state_inits, step.state_saves)
+                                 step.state_inits, step.state_saves, lora_slots=step.lora_slots)
         self.graph_steps += 1
         rows = [i for i, count in enumerate(step.sample) if count]
         if not rows:

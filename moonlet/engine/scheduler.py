@@ -82,8 +82,12 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True, proposer=None, spec_state_rows: tuple[int, int] = (0, 0)):
+                 enable_chunked_prefill: bool = True, proposer=None, spec_state_rows: tuple[int, int] = (0, 0),
+                 lora=None):
         self.cache = cache
+        # multi-LoRA serving (moonlet.engine.lora.MultiLora): a request's adapter must be resident to run;
+        # a request whose adapter cannot get a slot waits while later requests are admitted past it
+        self.lora = lora
         # speculative decoding: None, or an object with max_drafts(seq) and either propose(seq) -> draft
         # token ids (n-gram) or, when its ``batched`` is true, propose_batch([(seq, k)]) -> lists (draft model)
         self.proposer = proposer
@@ -148,6 +152,8 @@ class Scheduler:
                 self.waiting.remove(seq)
         self._release([seq])
         self.cache.free(seq)
+        if self.lora is not None:
+            self.lora.release(seq)
         seq.status = SequenceStatus.FINISHED
 
     def _unpark(self, seq: Sequence) -> bool:
@@ -165,6 +171,8 @@ class Scheduler:
         self._release([seq])  # its blocks leave; the full ones stay cached for the parked samples
         self.running.remove(seq)
         self.cache.free(seq)
+        if self.lora is not None:
+            self.lora.release(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -288,20 +296,29 @@ class Scheduler:
             if seq.status is SequenceStatus.RUNNING:
                 run(seq)
 
-        # 2. waiting requests, in order, unless this step already had to preempt
+        # 2. waiting requests, in order, unless this step already had to preempt; a request whose LoRA
+        # adapter cannot be made resident (every slot held by running requests) is skipped, keeping its place
+        skipped: list[Sequence] = []
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if self.lora is not None and not self.lora.acquire(seq):
+                skipped.append(self.waiting.popleft())
+                continue
             hit = self.cache.match_prefix(seq, budget)
             n = seq.num_uncomputed_tokens
             if n > budget:
                 if not self.enable_chunked_prefill:
                     self.cache.free(seq)
                     seq.num_computed_tokens = 0
+                    if self.lora is not None:
+                        self.lora.release(seq)
                     break
                 n = budget
             if not self.cache.allocate(seq, n):
                 self.cache.free(seq)  # give back the prefix-hit blocks; retry when blocks free up
                 seq.num_computed_tokens = 0
+                if self.lora is not None:
+                    self.lora.release(seq)
                 break
             self.waiting.popleft()
             self.cache.record_lookup(seq.num_tokens, hit)
@@ -315,6 +332,8 @@ class Scheduler:
             budget -= n
             if seq in self.parked and hit == (seq.num_tokens - 1) // self.cache.block_size * self.cache.block_size:
                 self._release([seq])  # its prompt was cached already: the others hit as much right now
+
+        self.waiting.extendleft(reversed(skipped))  # back in their places, ahead of the rest
 
         batch = ScheduledBatch(preempted=preempted, draft_tokens=drafts)
         batch.swap_out, batch.swap_in = self.cache.take_swaps()

@@ -105,6 +105,10 @@ class Sequence:
         # image requests: each image's prompt positions, digest and patches, and its features while a
         # step needs them (``VisionInputs.provide``)
         self.images: RequestImages | None = None
+        # multi-LoRA serving: the adapter's content digest (part of every block hash) and, while running,
+        # its resident slot (moonlet.engine.lora)
+        self.lora_key: bytes | None = None
+        self.lora_slot: int | None = None
         self.text = _TextState(detokenizer, params)
         self._reported_tokens = 0
         self._reported_chars = 0

@@ -173,5 +173,9 @@ class MLAttention(nn.Module):
         if getattr(kv, "expanded_prefill", False):  # the cache attends per head itself (see PagedLatentKV)
             return kv.attend_heads(self.layer_idx, q_nope, q_pe, latent, k_pe, w_uk, w_uv, self.softmax_scale)
         q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # [B, T, h, kv_lora]
+        lora = getattr(kv, "lora", None)  # the engine's per-token LoRA adapters (moonlet.engine.lora)
+        if lora is not None:  # an adapter on kv_b_proj changes W_UK / W_UV per token
+            q_latent = lora.absorb_q(self.layer_idx, q_nope, q_latent)
         out_latent = kv.attend(self.layer_idx, q_latent, q_pe, latent, k_pe, self.softmax_scale)
-        return torch.einsum("bthc,hvc->bthv", out_latent.to(w_uv.dtype), w_uv)  # [B, T, h, v]
+        out = torch.einsum("bthc,hvc->bthv", out_latent.to(w_uv.dtype), w_uv)  # [B, T, h, v]
+        return out if lora is None else lora.absorb_v(self.layer_idx, out_latent, out)

@@ -114,6 +114,9 @@ class MoE(nn.Module):
         # intermediate dimension; ``tp`` sums every rank's partial output.
         self.expert_offset: int | None = None
         self.tp = None
+        # keep the shared expert a dense MLP of its own, out of the grouped GEMM's stack (multi-LoRA serving
+        # adapts its linears through their forward hooks, which a stacked group never calls)
+        self.shared_apart = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -149,7 +152,8 @@ class MoE(nn.Module):
         again is a no-op while the views hold; after .to(), cast() or replacing weight tensors
         it re-stacks (forward does that by itself too).
         """
-        if self.stacked is not None and self._stack_is_current():
+        stale_shared = self.stacked is not None and self.shared_apart and self.stacked.shared_slot
+        if self.stacked is not None and self._stack_is_current() and not stale_shared:
             return
         if any(isinstance(m.gate_proj, QuantizedLinear) for m in self.experts):
             self._fuse_quantized_experts()
@@ -158,7 +162,7 @@ class MoE(nn.Module):
         shared = self.shared_experts
         # (not under expert parallelism: there the shared expert's share is summed with the routed
         # experts' partial outputs, and the group index past the local experts marks skipped slots)
-        shared_slot = (shared is not None and self.expert_offset is None
+        shared_slot = (shared is not None and self.expert_offset is None and not self.shared_apart
                        and not isinstance(shared.gate_proj, QuantizedLinear)
                        and shared.gate_proj.weight.shape == mlps[0].gate_proj.weight.shape)
         if shared_slot:
@@ -188,7 +192,7 @@ class MoE(nn.Module):
             self.stacked = None  # mixed storage: the per-expert loop handles it
             return
         shared = self.shared_experts
-        shared_slot = (shared is not None and self.expert_offset is None and all(isinstance(p, QuantizedLinear) and fmt(p) == fmt(mlps[0].gate_proj)
+        shared_slot = (shared is not None and self.expert_offset is None and not self.shared_apart and all(isinstance(p, QuantizedLinear) and fmt(p) == fmt(mlps[0].gate_proj)
                                                   for p in (shared.gate_proj, shared.up_proj, shared.down_proj))
                        and shared.gate_proj.matrix().shape == first.shape)
         if shared_slot:

@@ -251,6 +251,7 @@ async def create_message(body: MessagesRequest, request: Request):
         structured = conv.tool_constraint
         check_structured(structured, "tools")
     params = _sampling(body, max_tokens, conv, st.tokenizer, structured)
+    params.lora = st.lora_for(body.model)  # multi-LoRA: the adapter the model name selects
     rid = request_id_of(request)
     run = EngineRun(st.engine, prompt.engine_input, params, rid, "anthropic", st.metrics)
     first = await start_run(run, request)

@@ -17,7 +17,8 @@ from fastapi import FastAPI, Query
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from pydantic import BaseModel
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from . import anthropic as anthropic_api
 from . import batches as batches_api
@@ -40,6 +41,17 @@ _OPEN_PATHS = ("/health", "/metrics")
 
 class BodyTooLarge(Exception):
     pass
+
+
+class LoadLoraRequest(BaseModel):
+    """POST /v1/load_lora_adapter (vLLM's body): a PEFT adapter directory on the server's disk."""
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraRequest(BaseModel):
+    """POST /v1/unload_lora_adapter (vLLM's body)."""
+    lora_name: str
 
 
 class RequestContext:
@@ -116,23 +128,31 @@ class RequestContext:
                 self.in_flight -= 1
 
 
-def _model_card(state: ServerState, api: str) -> dict:
-    name = state.served_model_name
+def _model_card(state: ServerState, api: str, name: str | None = None) -> dict:
+    """The card of the served model, or (``name`` an adapter's) of a LoRA adapter over it: OpenAI's with
+    vLLM's ``parent`` (the base model id) and ``root`` (the adapter's directory)."""
+    base = state.served_model_name
+    name = name or base
     # vision: whether image input is accepted (an extension field; moonlet's agent reads it)
     vision = supports_images(state.engine)
     if api == "anthropic":
         created = datetime.fromtimestamp(state.created, tz=timezone.utc).isoformat().replace("+00:00", "Z")
         # max_input_tokens / max_tokens: the context window, so clients can size their conversations
-        return {"id": name, "type": "model", "display_name": name, "created_at": created,
+        card = {"id": name, "type": "model", "display_name": name, "created_at": created,
                 "max_input_tokens": state.max_model_len, "max_tokens": state.max_model_len, "vision": vision}
-    return {"id": name, "object": "model", "created": int(state.created), "owned_by": "moonlet",
-            "max_model_len": state.max_model_len, "vision": vision}
+    else:
+        card = {"id": name, "object": "model", "created": int(state.created), "owned_by": "moonlet",
+                "max_model_len": state.max_model_len, "vision": vision}
+    if name != base:  # a LoRA adapter
+        card.update(parent=base, root=state.loras().get(name))
+    return card
 
 
 def create_app(engine, served_model_name: str | None = None, api_key: str | None = None, *,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_concurrent_requests: int | None = None,
                shutdown_engine_on_exit: bool = False, batch_dir: str | None = None,
-               batch_concurrency: int = 8, batch_retention_days: float = 29.0) -> FastAPI:
+               batch_concurrency: int = 8, batch_retention_days: float = 29.0,
+               allow_runtime_lora: bool = False) -> FastAPI:
     """The server app for ``engine`` (an AsyncLLM). ``served_model_name`` is what /v1/models lists
     (default: the engine's model name); generation requests naming any model are served by this one.
     ``api_key``: when set, every /v1 request must carry it. ``max_concurrent_requests``: generation
@@ -140,7 +160,9 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     ``shutdown_engine_on_exit``, shut down with it. Message batches (``batches.py``) and OpenAI
     batches (``openai_batches.py``) are kept in ``batch_dir`` (None: in memory only), the OpenAI
     Files API's files in ``batch_dir/files``; together they run ``batch_concurrency`` requests at a time.
-    An ended batch's requests and results are deleted ``batch_retention_days`` after its creation."""
+    An ended batch's requests and results are deleted ``batch_retention_days`` after its creation.
+    An engine serving LoRA adapters (multi-LoRA) lists them in /v1/models and requests select one by its
+    name in ``model``; ``allow_runtime_lora`` adds POST /v1/load_lora_adapter and /v1/unload_lora_adapter."""
     if getattr(engine, "tokenizer", None) is None:
         raise ValueError("the engine has no tokenizer; the server renders chat messages and needs one "
                          "(use a checkpoint directory that ships tiktoken.model)")
@@ -163,7 +185,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
 
     app = FastAPI(title="moonlet", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.moonlet = ServerState(engine=engine, served_model_name=name, metrics=ServerMetrics(engine),
-                                    api_key=api_key)
+                                    api_key=api_key, allow_runtime_lora=allow_runtime_lora)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -207,7 +229,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     async def list_models(request: Request, after_id: str | None = None, before_id: str | None = None,
                           limit: int = Query(20, ge=1, le=1000)):
         st, api = state_of(request), api_of(request)
-        ids = [st.served_model_name]
+        ids = [st.served_model_name, *sorted(st.loras())]  # the base model, then its LoRA adapters
         lo, hi = 0, len(ids)
         for cursor, which in ((after_id, "after_id"), (before_id, "before_id")):
             if cursor is not None and cursor not in ids:
@@ -220,7 +242,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
             lo = max(lo, hi - limit)
         page = ids[lo:hi][:limit]
         has_more = lo + len(page) < hi if before_id is None else lo > 0
-        data = [_model_card(st, api) for _ in page]
+        data = [_model_card(st, api, model_id) for model_id in page]
         if api == "anthropic":
             return {"data": data, "has_more": has_more, "first_id": page[0] if page else None,
                     "last_id": page[-1] if page else None}
@@ -229,10 +251,38 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request):
         st = state_of(request)
-        if model_id != st.served_model_name:
-            raise APIError("not_found", f"model {model_id!r} not found; this server serves {st.served_model_name!r}",
-                           param="model")
-        return _model_card(st, api_of(request))
+        if model_id != st.served_model_name and model_id not in st.loras():
+            names = ", ".join(repr(n) for n in [st.served_model_name, *sorted(st.loras())])
+            raise APIError("not_found", f"model {model_id!r} not found; this server serves {names}", param="model")
+        return _model_card(st, api_of(request), model_id)
+
+    if allow_runtime_lora:  # vLLM's runtime adapter routes (it gates them behind an environment variable)
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(body: LoadLoraRequest, request: Request):
+            st = state_of(request)
+            if not st.lora_enabled:
+                raise APIError("invalid_request", "this server serves no LoRA adapters: start it with --enable-lora "
+                                                  "(or --lora-modules) to load adapters at run time")
+            if body.lora_name == st.served_model_name:
+                raise APIError("invalid_request", f"lora_name {body.lora_name!r} is the base model's name; choose "
+                                                  "another", param="lora_name")
+            try:
+                await st.engine.add_lora(body.lora_name, body.lora_path)
+            except ValueError as e:
+                raise APIError("invalid_request", str(e), param="lora_path") from None
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(body: UnloadLoraRequest, request: Request):
+            st = state_of(request)
+            if body.lora_name not in st.loras():
+                raise APIError("not_found", f"LoRA adapter {body.lora_name!r} is not loaded; loaded: "
+                                            f"{', '.join(sorted(st.loras())) or 'none'}", param="lora_name")
+            try:
+                await st.engine.remove_lora(body.lora_name)
+            except ValueError as e:
+                raise APIError("invalid_request", str(e), param="lora_name") from None
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     app.include_router(batches_api.router)
     app.include_router(openai_batches.router)

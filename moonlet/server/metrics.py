@@ -50,6 +50,8 @@ class _EngineCollector:
              "disk_cache_bytes_total"),
             ("moonlet_disk_cache_bytes_used", "Bytes of block files in the disk tier", "disk_cache_bytes_used"),
             ("moonlet_disk_cache_blocks_used", "Block files in the disk tier", "disk_cache_blocks_used"),
+            ("moonlet_lora_adapters", "LoRA adapters registered (multi-LoRA serving)", "lora_adapters"),
+            ("moonlet_lora_adapters_resident", "LoRA adapters resident on the device", "lora_resident"),
         ]
         for name, doc, key in gauges:
             if key in stats:
@@ -103,6 +105,9 @@ class _EngineCollector:
              "disk_cache_blocks_evicted"),
             ("moonlet_disk_cache_corrupt", "Disk-tier block files rejected by their checks (recomputed)",
              "disk_cache_corrupt"),
+            # multi-LoRA serving
+            ("moonlet_lora_loads", "LoRA adapters copied into a resident slot", "lora_loads"),
+            ("moonlet_lora_evictions", "Resident LoRA adapters replaced by another", "lora_evictions"),
             # hybrid (KDA) models
             ("moonlet_state_snapshots_saved", "Recurrent-state snapshots written", "state_snapshots_saved"),
             ("moonlet_state_snapshots_restored", "Recurrent-state snapshots a prefix hit resumed from",
@@ -111,6 +116,13 @@ class _EngineCollector:
         for name, doc, key in counters:
             if key in stats:
                 yield CounterMetricFamily(name, doc, value=float(stats[key]))
+        by_adapter = stats.get("lora_requests") or {}
+        if by_adapter:
+            requests = CounterMetricFamily("moonlet_lora_requests", "Requests added under each LoRA adapter",
+                                           labels=["adapter"])
+            for adapter, count in sorted(by_adapter.items()):
+                requests.add_metric([adapter], float(count))
+            yield requests
         queries, hits = stats.get("prefix_cache_queries"), stats.get("prefix_cache_hits")
         if queries is not None and hits is not None:
             yield GaugeMetricFamily("moonlet_prefix_cache_hit_rate",

@@ -375,6 +375,7 @@ async def chat_completions(body: ChatRequest, request: Request):
         raise invalid("a forced tool call (tool_choice 'required' or a named function) cannot be combined with "
                       "a structured response_format; drop one of them", param="response_format")
     params = sampling_params(body, max_tokens, stop_ids, top_n, tools=conv.tool_constraint)
+    params.lora = st.lora_for(body.model)  # multi-LoRA: the adapter the model name selects
     run = EngineRun(st.engine, prompt.engine_input, params, request_id_of(request), "openai", st.metrics)
     first = await start_run(run, request)
     if first is None:

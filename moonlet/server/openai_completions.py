@@ -65,6 +65,7 @@ async def completions(body: CompletionRequest, request: Request):
         raise invalid("the prompt is empty; give at least one token", param="prompt")
     max_tokens, _ = fit_max_tokens(len(ids), body.max_tokens, st.max_model_len, "openai")
     params = sampling_params(body, max_tokens, [], body.logprobs, engine=st.engine)
+    params.lora = st.lora_for(body.model)  # multi-LoRA: the adapter the model name selects
     run = EngineRun(st.engine, ids, params, request_id_of(request), "openai", st.metrics)
     first = await start_run(run, request)
     if first is None:

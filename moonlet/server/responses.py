@@ -655,6 +655,7 @@ async def create_response(body: ResponsesRequest, request: Request):
         structured = conv.tool_constraint
         check_structured(structured, "tools")
     params = _sampling(body, max_tokens, conv, st.tokenizer, structured)
+    params.lora = st.lora_for(body.model)  # multi-LoRA: the adapter the model name selects
     run = EngineRun(st.engine, prompt.engine_input, params, request_id_of(request), "openai", st.metrics)
     try:
         first = await start_run(run, request)
