@@ -11,6 +11,7 @@ input is valid under that tool's ``input_schema`` (see ``generation.tool_constra
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -181,7 +182,9 @@ def _usage(run: EngineRun) -> dict:
 
 async def _prepare(body: CountTokensRequest, request: Request) -> tuple[Conversation, Prompt]:
     st = state_of(request)
-    conv = to_conversation(body, vision=supports_images(st.engine))
+    # in a worker thread: decoding images and reading PDFs can take a while (the event loop serves the
+    # other streams meanwhile)
+    conv = await asyncio.to_thread(to_conversation, body, vision=supports_images(st.engine))
     # rendering and tokenizing a long conversation takes a while: keep the event loop (other streams) free;
     # images are expanded to their token counts here, so count_tokens and usage include them
     return conv, await build_prompt(st.engine, st.tokenizer, conv)

@@ -50,6 +50,14 @@ class Images:
         self.images.append(decode_image(data, media_type, where))
         return IMAGE_PLACEHOLDER
 
+    def add_file(self, data: bytes, where: str) -> str:
+        """An image read from an uploaded file (a Responses ``input_image`` ``file_id``): its type is
+        recognized from its first bytes; returns its placeholder."""
+        media_type = sniff_image_type(data)
+        if media_type is None:
+            raise invalid(f"{where}: the file is not a PNG, JPEG, GIF or WebP image", param=where)
+        return self.add(data, media_type, where)
+
     def add_decoded(self, image, where: str) -> str:
         """An image made by the server itself (a PDF page rendered by ``documents``), as an RGB Pillow image
         within the size limits; returns its placeholder. Only the per-request count is checked here."""
@@ -103,6 +111,19 @@ def b64decode(data: str, where: str) -> bytes:
         return base64.b64decode("".join(data.split()), validate=True)
     except (binascii.Error, ValueError) as e:
         raise invalid(f"{where} is not valid base64: {e}", param=where) from None
+
+
+def sniff_image_type(data: bytes) -> str | None:
+    """The media type of an image's bytes by their signature (None: not one this server decodes)."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
 
 
 def decode_image(data: bytes, media_type: str, where: str):

@@ -27,6 +27,7 @@ each carrying its index, and ends each choice with its own finish chunk.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -365,7 +366,9 @@ class _ChatChoice:
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request):
     st = state_of(request)
-    conv = to_conversation(body, vision=supports_images(st.engine), files=getattr(request.app.state, "files", None))
+    # in a worker thread: decoding images and reading PDFs can take a while
+    conv = await asyncio.to_thread(to_conversation, body, vision=supports_images(st.engine),
+                                   files=getattr(request.app.state, "files", None))
     prompt = await build_prompt(st.engine, st.tokenizer, conv)
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens, _ = fit_max_tokens(len(prompt.token_ids), requested, st.max_model_len, "openai")

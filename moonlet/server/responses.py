@@ -27,6 +27,7 @@ Structured output: ``text.format`` ``{"type": "json_schema", "name", "schema", "
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import logging
@@ -210,6 +211,21 @@ def text_format(body: ResponsesRequest) -> tuple[StructuredOutput | None, dict]:
                   param="text.format.type")
 
 
+def _image_file(file_id, where: str, images: Images, files) -> str:
+    """An ``input_image`` given by ``file_id``: the image uploaded to /v1/files -> its placeholder."""
+    if not isinstance(file_id, str) or not file_id:
+        raise invalid(f"{where} must be the id of a file uploaded to /v1/files", param=where)
+    if files is None:
+        raise invalid(f"{where}: this server has no file store; send the image inline as image_url "
+                      "'data:image/png;base64,...'", param=where)
+    try:
+        data = files.content(file_id)
+    except APIError:
+        raise invalid(f"{where}: no file {file_id!r} on this server; upload it first (POST /v1/files)",
+                      param=where) from None
+    return images.add_file(data, where)
+
+
 def _text(content, where: str, images: Images | None = None, files=None) -> str:
     """The text of a message's (or tool output's) content: a string, or a list of text parts.
     ``images`` (user messages only): ``input_image`` parts with a data URL become the image placeholder
@@ -227,8 +243,8 @@ def _text(content, where: str, images: Images | None = None, files=None) -> str:
             texts.append(("text", part[key]))
         elif kind == "input_image" and images is not None:
             if images.vision and part.get("file_id") is not None and part.get("image_url") is None:
-                raise invalid(f"{where}.{j}.file_id: this server has no file store; send the image inline as "
-                              f"image_url 'data:image/png;base64,...'", param=f"{where}.{j}.file_id")
+                texts.append(("image", _image_file(part["file_id"], f"{where}.{j}.file_id", images, files)))
+                continue
             texts.append(("image", images.add_url(part.get("image_url"), f"{where}.{j}.image_url", part=f"{where}.{j}")))
         elif kind == "input_image":
             raise invalid(f"{where}.{j} is an input_image part; only user messages may hold images",
@@ -639,8 +655,9 @@ async def create_response(body: ResponsesRequest, request: Request):
     structured, format_echo = text_format(body)
     history = store.conversation(body.previous_response_id) if body.previous_response_id else []
     items = input_items(body.input)
-    conv, echo = to_conversation(body, history, items, vision=supports_images(st.engine),
-                                 files=getattr(request.app.state, "files", None))
+    # in a worker thread: decoding images and reading PDFs can take a while
+    conv, echo = await asyncio.to_thread(to_conversation, body, history, items, vision=supports_images(st.engine),
+                                         files=getattr(request.app.state, "files", None))
     try:
         prompt = await build_prompt(st.engine, st.tokenizer, conv)
         max_tokens, _ = fit_max_tokens(len(prompt.token_ids), body.max_output_tokens, st.max_model_len, "openai")

@@ -11,6 +11,7 @@ Errors use the OpenAI shape.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter
@@ -56,7 +57,8 @@ async def tokenize(body: TokenizeRequest, request: Request):
 
         chat = ChatRequest(model=body.model or st.served_model_name, messages=body.messages, tools=body.tools,
                            tool_choice=body.tool_choice, chat_template_kwargs=body.chat_template_kwargs)
-        conv = to_conversation(chat, vision=supports_images(st.engine), files=getattr(request.app.state, "files", None))
+        conv = await asyncio.to_thread(to_conversation, chat, vision=supports_images(st.engine),
+                                       files=getattr(request.app.state, "files", None))
         if not body.add_generation_prompt:
             ids = tok.apply_chat_template(conv.messages, tools=conv.tools or None, add_generation_prompt=False,
                                           tokenize=True, **conv.template_kwargs)

@@ -163,6 +163,28 @@ def test_responses_input_image(stack):
         tok, IMAGE_PLACEHOLDER + "What is this?", [OTHER]))
 
 
+def test_responses_input_image_by_file_id_equals_inline(stack):
+    """An image uploaded to /v1/files and named by file_id is the same input as the image inline; an
+    uploaded file that is not an image is a 400 naming the part."""
+    import io
+
+    server, llm, vlm, tok = stack
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    uploaded = client.files.create(file=("picture.png", io.BytesIO(OTHER)), purpose="vision")
+    text = client.files.create(file=("notes.txt", io.BytesIO(b"not an image")), purpose="user_data")
+    replies = []
+    for image in ({"type": "input_image", "file_id": uploaded.id}, {"type": "input_image", "image_url": data_url(OTHER)}):
+        r = client.responses.create(model="tiny-vl", max_output_tokens=MAX_TOKENS, temperature=0,
+                                    reasoning={"effort": "none"}, input=[{"type": "message", "role": "user", "content": [
+                                        image, {"type": "input_text", "text": "What is this?"}]}])
+        replies.append((r.output_text, r.usage.input_tokens))
+    assert replies[0] == replies[1]
+    bad = _post(server, "/v1/responses", {"model": "m", "input": [{"role": "user", "content": [
+        {"type": "input_image", "file_id": text.id}]}]})
+    assert bad.status_code == 400 and "not a PNG" in bad.json()["error"]["message"]
+    assert bad.json()["error"]["param"] == "input.0.content.0.file_id"
+
+
 def _post(server, path: str, body: dict) -> httpx.Response:
     return httpx.post(server.url + path, json=body, timeout=30)
 
@@ -207,7 +229,7 @@ BAD_PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10).decode()
         {"type": "input_image", "image_url": "data:image/png;base64," + BAD_PNG}]}]},
      "input.0.content.0.image_url", "does not decode"),
     ("/v1/responses", {"model": "m", "input": [{"role": "user", "content": [
-        {"type": "input_image", "file_id": "file-1"}]}]}, "input.0.content.0.file_id", "no file store"),
+        {"type": "input_image", "file_id": "file-1"}]}]}, "input.0.content.0.file_id", "no file 'file-1'"),
 ])
 def test_bad_images_are_400_with_their_place(stack, path, body, param, fragment):
     server = stack[0]
