@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -179,7 +180,7 @@ class BatchManager:
         d = self._dir(batch.id)
         if d is None:
             return
-        tmp = d / "batch.json.tmp"
+        tmp = d / f"batch.json.{os.getpid()}.{threading.get_ident()}.tmp"  # one per writer: never shared
         tmp.write_text(json.dumps(batch.state()))
         os.replace(tmp, d / "batch.json")
 
