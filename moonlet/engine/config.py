@@ -18,6 +18,7 @@ CPU_KV_MAX_BYTES = 1 << 30
 CUDA_KV_FRACTION = 0.8
 # vision models: projected image features kept by image digest (on the model's device)
 IMAGE_FEATURE_CACHE_BYTES = 256 * 2**20
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 @dataclass
@@ -41,6 +42,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     max_waiting: int = 1024  # more waiting requests than this: EngineOverloadedError
+    # which waiting request is admitted next and which running one is preempted first: "fcfs" (arrival
+    # order) or "priority" (SamplingParams.priority, lower first, then arrival; vLLM's convention)
+    scheduling_policy: str = "fcfs"
     device: str | None = None
     dtype: str | None = None
     seed: int | None = None
@@ -131,6 +135,9 @@ class EngineConfig:
             raise ValueError(f"engine argument state_snapshots={self.state_snapshots!r} must be an integer >= 0")
         if self.max_waiting < 0:
             raise ValueError(f"engine argument max_waiting={self.max_waiting!r} must be >= 0")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"engine argument scheduling_policy={self.scheduling_policy!r} must be one of "
+                             f"{', '.join(map(repr, SCHEDULING_POLICIES))}")
         if self.prefill_attention not in (None, "expanded", "absorbed"):
             raise ValueError(f"engine argument prefill_attention={self.prefill_attention!r} must be 'expanded' or "
                              f"'absorbed'")
@@ -251,6 +258,7 @@ class ResolvedConfig:
     enable_chunked_prefill: bool
     max_waiting: int
     seed: int | None
+    scheduling_policy: str = "fcfs"
     expanded_prefill: bool = False
     decode_graphs: str = "off"
     decode_graph_batch_sizes: tuple[int, ...] = ()
@@ -363,7 +371,7 @@ def resolve(cfg: EngineConfig, model_config, device: torch.device, dtype: torch.
         device=device, block_size=block_size, num_blocks=num_blocks, max_model_len=max_model_len,
         max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=max_batched,
         enable_prefix_caching=cfg.enable_prefix_caching, enable_chunked_prefill=cfg.enable_chunked_prefill,
-        max_waiting=cfg.max_waiting, seed=cfg.seed,
+        max_waiting=cfg.max_waiting, seed=cfg.seed, scheduling_policy=cfg.scheduling_policy,
         expanded_prefill=(cfg.prefill_attention or ("expanded" if on_cuda else "absorbed")) == "expanded",
         decode_graphs=graphs, decode_graph_batch_sizes=graph_sizes, triton_decode=triton_decode,
         state_snapshots=snapshots, spec_state_rows=spec_rows, speculative=speculative, host_blocks=host_blocks,
@@ -452,6 +460,9 @@ def add_engine_cli_args(parser) -> None:
                    help="compute each prompt in one step")
     g.add_argument("--max-waiting", type=int, default=None,
                    help="waiting requests beyond which new ones are refused as overloaded (default 1024)")
+    g.add_argument("--scheduling-policy", choices=list(SCHEDULING_POLICIES), default=None,
+                   help="which waiting request runs next and which running one is preempted first: fcfs (arrival "
+                        "order) or priority (the request's priority, lower first, then arrival; default fcfs)")
     g.add_argument("--prefill-attention", choices=["expanded", "absorbed"], default=None,
                    help="prefill on expanded per-head keys/values or over the latents (default: expanded on GPU, "
                         "absorbed on CPU)")
@@ -536,6 +547,7 @@ def engine_args_from_cli(args) -> dict:
         image_feature_cache_memory="image_feature_cache_memory", tensor_parallel_size="tensor_parallel_size",
         quantization="quantization", host_cache_memory="host_cache_memory", kv_cache_dtype="kv_cache_dtype",
         lora="lora", enable_lora="enable_lora", max_loras="max_loras", max_lora_rank="max_lora_rank",
+        scheduling_policy="scheduling_policy",
     )
     names.update(disk_cache_dir="disk_cache_dir", disk_cache_size="disk_cache_size")
     out = {field: getattr(args, attr) for attr, field in names.items() if getattr(args, attr, None) is not None}

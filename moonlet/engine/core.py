@@ -15,6 +15,7 @@ from .errors import PromptTooLongError
 from .multimodal import MultimodalPrompt, RequestImages, VisionInputs
 from .parallel import build_runner
 from .params import SamplingParams
+from .processors import LogitProcessors, bad_word_token_ids
 from .sampler import Sampler
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence
@@ -201,7 +202,7 @@ class EngineCore:
             self.proposer = NgramProposer(rc.speculative, rc.max_model_len)
         self.scheduler = Scheduler(self.cache, rc.max_num_seqs, rc.max_num_batched_tokens, rc.enable_chunked_prefill,
                                    proposer=self.proposer, spec_state_rows=(rc.state_snapshots, rc.spec_state_rows),
-                                   lora=self.lora)
+                                   lora=self.lora, policy=rc.scheduling_policy)
         self.sampler = Sampler(model.device, rc.seed)
         self.requests: dict[str, Sequence] = {}  # unfinished requests (sample 0's sequence when n > 1)
         self.samples: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples (SamplingParams.n)
@@ -400,7 +401,29 @@ class EngineCore:
             thinking_markers(params, self.tokenizer, vocab)
         if params.structured is not None:
             self.check_structured(params.structured)
+        self._check_processors(params, vocab)
         return ids
+
+    def _check_processors(self, params: SamplingParams, vocab: int) -> None:
+        """The token ids of logit_bias and allowed_token_ids against the vocabulary, bad_words against
+        the tokenizer, and priority against the scheduling policy."""
+        for name, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ())):
+            outside = [t for t in ids if not 0 <= t < vocab]
+            if outside:
+                raise ValueError(f"{name}: token id {outside[0]} is outside the model's vocabulary [0, {vocab})")
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise ValueError("bad_words need a tokenizer; this engine has none (use logit_bias with -100, or "
+                                 "allowed_token_ids)")
+            if params.allowed_token_ids is not None:
+                single = {w[0] for w in bad_word_token_ids(self.tokenizer, params.bad_words) if len(w) == 1}
+                if set(params.allowed_token_ids) <= single:
+                    raise ValueError(f"bad_words ban every token of allowed_token_ids={params.allowed_token_ids}; "
+                                     "nothing could be generated")
+        if params.priority != 0 and self.config.scheduling_policy != "priority":
+            raise ValueError(f"priority={params.priority}: this engine schedules first come, first served "
+                             f"(scheduling_policy={self.config.scheduling_policy!r}); start it with "
+                             "scheduling_policy='priority' (--scheduling-policy priority) or send priority 0")
 
     def add_request(self, request_id: str, prompt_token_ids, params: SamplingParams, images=None) -> Sequence:
         """Queue a request. ``prompt_token_ids``: token ids, or a ``MultimodalPrompt`` (``prepare_prompt``);
@@ -423,6 +446,8 @@ class EngineCore:
                 for i in range(params.n)]
         if params.lora is not None:
             self.lora.get(params.lora).requests += 1
+        for seq in seqs[1:]:  # one request's prompt logprobs: computed once, by whichever sample gets there
+            seq.prompt_logprobs = seqs[0].prompt_logprobs
         self.requests[request_id] = seqs[0]
         self.samples[request_id] = seqs
         self.scheduler.add_group(seqs)
@@ -448,6 +473,9 @@ class EngineCore:
             except ValueError:
                 markers = None
             seq.structured = self.grammars.new_state(params.structured, stop_ids, ids, markers)
+        if params.needs_processors:
+            bad = bad_word_token_ids(self.tokenizer, params.bad_words) if params.bad_words else []
+            seq.processors = LogitProcessors(params, stop_ids, bad, self.model.device)
         return seq
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -520,6 +548,10 @@ class EngineCore:
             if work:
                 self.vision.provide(work)
         to_sample, logits = self.runner.execute(batch)
+        for entry, (offset, lps, ranks, top_v, top_i) in self.runner.prompt_logprobs.items():
+            seq = batch.seqs[entry]  # its rows predict prompt tokens num_computed_tokens + offset + 1 ...
+            first = seq.num_computed_tokens + offset + 1
+            seq.prompt_logprobs.add(first, seq.token_ids[first:first + len(lps)], lps, ranks, top_v, top_i)
         drafts = batch.draft_tokens
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             if seq not in drafts:  # a verifying sequence's computed count depends on what it accepts
@@ -528,12 +560,17 @@ class EngineCore:
                 if seq.images is not None:
                     seq.images.release(seq.num_computed_tokens)
         outputs: list[RequestOutput] = []
+        finished: list[Sequence] = []
+        if any(seq.params.max_tokens == 0 for seq in to_sample):  # prompt only: finished, nothing sampled
+            to_sample, logits = self._finish_prompt_only(to_sample, logits, drafts, finished, outputs)
         if not to_sample:
             if isinstance(self.proposer, MTPProposer):  # prompt chunks only: the MTP layer catches up over them
                 self.proposer.observe(batch.seqs, self.runner)
+            for seq in finished:
+                self.scheduler.remove(seq)
+                self._finish(seq)
             return outputs
         results = self.sampler.verify(logits, to_sample, [drafts.get(seq, ()) for seq in to_sample])
-        finished: list[Sequence] = []
         for seq, result in zip(to_sample, results):
             kept = 0
             for token, lp in zip(result.tokens, result.logprobs):
@@ -564,6 +601,27 @@ class EngineCore:
             self.scheduler.remove(seq)
             self._finish(seq)
         return outputs
+
+    @staticmethod
+    def _finish_prompt_only(to_sample: list[Sequence], logits: torch.Tensor, drafts: dict,
+                            finished: list[Sequence], outputs: list[RequestOutput]):
+        """Finish the ``max_tokens=0`` sequences among ``to_sample`` (their prompt is computed; they end
+        with 'length' and no token); returns the other sequences and their logits rows."""
+        keep_seqs, keep_rows, row = [], [], 0
+        for seq in to_sample:
+            count = 1 + len(drafts.get(seq, ()))
+            if seq.params.max_tokens == 0:
+                seq.finish_reason = "length"
+                seq.text.finish()
+                finished.append(seq)
+                outputs.append(seq.make_output())
+            else:
+                keep_seqs.append(seq)
+                keep_rows.extend(range(row, row + count))
+            row += count
+        if not keep_seqs:
+            return [], None
+        return keep_seqs, logits[torch.tensor(keep_rows, device=logits.device)]
 
     def _finish(self, seq: Sequence) -> None:
         """A finished sample leaves its request; the request is finished with its last sample."""

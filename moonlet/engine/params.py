@@ -157,6 +157,21 @@ class SamplingParams:
     ``ignore_eos``. ``seed`` gives the request its own random generator, so its samples do not depend
     on what else is batched with it. ``logprobs=n`` returns, per generated token, the log-probability
     of the sampled token and of the n most likely tokens under the model's raw distribution.
+    ``prompt_logprobs=k`` (vLLM's name): per prompt token after the first, the raw log-probability of
+    that token given the ones before it and of the k most likely tokens there (``RequestOutput.
+    prompt_logprobs``); such a request computes its whole prompt (no prefix-cache hits until its prompt
+    logprobs are complete), though its blocks are cached for others. ``max_tokens=0`` computes the
+    prompt only (its logprobs, or to warm the prefix cache) and generates nothing.
+
+    Logit processors (OpenAI's and vLLM's names; ``moonlet.engine.processors``), applied per row on
+    the raw logits before the penalties: ``logit_bias`` {token id: bias in [-100, 100]} added to the logits (greedy too);
+    ``min_tokens=n``: the stop tokens (EOS, ``stop_token_ids``) are masked and stop strings ignored
+    until n tokens were generated; ``bad_words``: strings whose token sequences may not be generated
+    (the last token of a word is masked where the output ends with the rest of it); and
+    ``allowed_token_ids``: only these may be sampled. ``logprobs`` stay the raw model distribution.
+    ``priority`` (vLLM's convention, lower is earlier): with ``EngineConfig.scheduling_policy=
+    "priority"`` the order of admission and the reverse order of preemption; the FCFS engine takes
+    only 0.
     ``thinking_token_budget=n`` (vLLM's name) caps the tokens generated inside ``<think> ... </think>``:
     after n thinking tokens the engine emits the closing marker in place of sampled tokens and the
     answer follows (see ``moonlet.engine.thinking``); the markers default to the tokenizer's
@@ -185,6 +200,12 @@ class SamplingParams:
     structured: StructuredOutput | None = None
     n: int = 1
     lora: str | None = None
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    priority: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.structured, dict):
@@ -193,10 +214,20 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or [])]
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
-        for name in ("thinking_start_token_ids", "thinking_end_token_ids"):
+        for name in ("thinking_start_token_ids", "thinking_end_token_ids", "allowed_token_ids"):
             ids = getattr(self, name)
             if ids is not None and not isinstance(ids, (str, bytes)):
                 setattr(self, name, list(ids))
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        elif self.bad_words is not None:
+            self.bad_words = list(self.bad_words)
+        if isinstance(self.logit_bias, dict):  # JSON keys are strings: {"42": 5} means token 42
+            try:
+                self.logit_bias = {int(k): v for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError):
+                raise ValueError(f"SamplingParams.logit_bias={self.logit_bias!r} is invalid: keys must be token "
+                                 f"ids (integers)") from None
         self.validate()
 
     def validate(self) -> None:
@@ -204,8 +235,8 @@ class SamplingParams:
         def bad(name: str, value, rule: str):
             raise ValueError(f"SamplingParams.{name}={value!r} is invalid: {rule}")
 
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            bad("max_tokens", self.max_tokens, "must be an integer >= 1")
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 0:
+            bad("max_tokens", self.max_tokens, "must be an integer >= 0 (0: compute the prompt, generate nothing)")
         if self.temperature < 0:
             bad("temperature", self.temperature, "must be >= 0 (0 means greedy)")
         if not 0 < self.top_p <= 1:
@@ -244,6 +275,42 @@ class SamplingParams:
             bad("lora", self.lora, "must be None (the base model) or the name of a registered LoRA adapter")
         if self.structured is not None and not isinstance(self.structured, StructuredOutput):
             bad("structured", self.structured, "must be None or a StructuredOutput")
+        self._validate_processors(bad)
+
+    def _validate_processors(self, bad) -> None:
+        """prompt_logprobs, the logit processors and priority (token ids against the vocabulary are
+        checked by the engine, ``EngineCore.check_request``)."""
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if self.prompt_logprobs is not None and (not is_int(self.prompt_logprobs) or self.prompt_logprobs < 0):
+            bad("prompt_logprobs", self.prompt_logprobs, "must be None or an integer >= 0 (top tokens per position)")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                bad("logit_bias", self.logit_bias, "must be None or a dict {token id: bias}")
+            for token, bias in self.logit_bias.items():
+                if token < 0:
+                    bad("logit_bias", self.logit_bias, f"token id {token} must be >= 0")
+                if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+                    bad("logit_bias", self.logit_bias, f"the bias of token {token} ({bias!r}) must be a number in "
+                        f"[-100, 100]")
+        if not is_int(self.min_tokens) or self.min_tokens < 0:
+            bad("min_tokens", self.min_tokens, "must be an integer >= 0")
+        if self.min_tokens > self.max_tokens:
+            bad("min_tokens", self.min_tokens, f"must be <= max_tokens ({self.max_tokens})")
+        if self.bad_words is not None and any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
+            bad("bad_words", self.bad_words, "must be a list of non-blank strings")
+        if self.allowed_token_ids is not None and (
+                not self.allowed_token_ids or any(not is_int(t) or t < 0 for t in self.allowed_token_ids)):
+            bad("allowed_token_ids", self.allowed_token_ids, "must be None or a non-empty list of token ids >= 0")
+        if self.structured is not None and self.min_tokens:
+            bad("min_tokens", self.min_tokens, "cannot be combined with structured outputs (the grammar decides "
+                "where the output may end); drop one of them")
+        if self.structured is not None and self.allowed_token_ids is not None:
+            bad("allowed_token_ids", self.allowed_token_ids, "cannot be combined with structured outputs (the "
+                "grammar decides which tokens may come); drop one of them")
+        if not is_int(self.priority):
+            bad("priority", self.priority, "must be an integer (lower values are scheduled first)")
 
     def sample_params(self, index: int) -> "SamplingParams":
         """The parameters of sample ``index`` of an ``n > 1`` request: these, with seed + index when a
@@ -255,6 +322,13 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def needs_processors(self) -> bool:
+        """Whether the row needs ``moonlet.engine.processors`` (logit bias, min_tokens, bad words,
+        allowed tokens)."""
+        return bool(self.logit_bias) or self.min_tokens > 0 or bool(self.bad_words) or \
+            self.allowed_token_ids is not None
 
     @property
     def needs_penalties(self) -> bool:

@@ -46,6 +46,12 @@ class StepInput:
     # multi-LoRA serving: per entry, the resident slot of its adapter (-1: the base model); None when the
     # engine serves no adapters
     lora_slots: list[int] | None = None
+    # prompt logprobs (SamplingParams.prompt_logprobs): (entry, first row of its chunk, k, the prompt tokens
+    # those rows predict) — the LM head also runs on those rows (ModelRunner.prompt_logprobs)
+    prompt_logprobs: list = field(default_factory=list)
+
+
+PROMPT_LOGPROB_ROWS = 256  # rows per LM-head call for prompt logprobs (bounds the [rows, vocab] logits)
 
 
 class ModelRunner:
@@ -76,6 +82,9 @@ class ModelRunner:
         self.last_hidden: torch.Tensor | None = None
         self.last_step: StepInput | None = None
         self.lora = None  # moonlet.engine.lora.MultiLora (multi-LoRA serving), or None
+        # the last step's prompt logprobs: entry -> (first row of its chunk, token logprobs, ranks,
+        # top-k values, top-k ids), lists per row (see StepInput.prompt_logprobs)
+        self.prompt_logprobs: dict[int, tuple] = {}
 
     def enable_decode_graphs(self, scratch_block: int, max_model_len: int, batch_sizes, capture: bool) -> None:
         """Serve decode-only steps from ``DecodeGraphs`` (``capture=False``: its static buffers, run eagerly)."""
@@ -86,10 +95,16 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> StepInput:
         """The step's forward in plain data (what tensor-parallel workers receive)."""
-        tokens, starts, sample = [], [], []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        tokens, starts, sample, prompt_lps = [], [], [], []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
             drafts = batch.draft_tokens.get(seq)
+            plp = getattr(seq, "prompt_logprobs", None)
+            if plp is not None and not plp.complete and not drafts:
+                # rows predicting the prompt tokens not recorded yet: token p + 1 from position p
+                lo, hi = max(start, len(plp.logprobs) - 1), min(start + n, seq.num_prompt_tokens - 1)
+                if hi > lo:
+                    prompt_lps.append((i, lo - start, plp.k, seq.token_ids[lo + 1:hi + 1]))
             if drafts:
                 assert n == 1 + len(drafts) and start + 1 == seq.num_tokens, "a verification span is 1 + drafts"
                 tokens.append([seq.token_ids[start]] + list(drafts))
@@ -110,7 +125,7 @@ class ModelRunner:
                          list(batch.state_inits), list(batch.state_saves), image_rows,
                          list(getattr(batch, "swap_out", ())), list(getattr(batch, "swap_in", ())),
                          list(getattr(batch, "state_copies", ())), disk_in=list(getattr(batch, "disk_in", ())),
-                         lora_slots=lora_slots)
+                         lora_slots=lora_slots, prompt_logprobs=prompt_lps)
 
     def build_layout(self, step: StepInput) -> tuple[torch.Tensor, BatchLayout, list[tuple[int, int]]]:
         """input_ids [1, N], the layout, and per entry (first flat index, count) of the rows to sample:
@@ -191,11 +206,13 @@ class ModelRunner:
     def run(self, step: StepInput) -> tuple[list[int], torch.Tensor | None]:
         """Run a prepared step: (the entries sampled, their logits rows as ``execute`` describes)."""
         self.swap(step)
+        self.prompt_logprobs = {}
         if not step.tokens:  # only host-tier copies this step
             if step.state_copies and self.states is not None:
                 self.states.copy_rows(step.state_copies)
             return [], None
         if self.graphs is not None and not self.keep_hidden and step.inputs_embeds is None and \
+                not step.prompt_logprobs and \
                 all(len(t) == 1 for t in step.tokens) and \
                 step.image_rows is None and self.graphs.can_run(len(step.tokens),
                                                                 max(len(t) for t in step.block_tables)):
@@ -223,6 +240,8 @@ class ModelRunner:
                 self.states.end_step()
         if self.keep_hidden:
             self.last_hidden, self.last_step = hidden[0], step
+        if step.prompt_logprobs:
+            self.prompt_logprobs = self._prompt_logprobs(hidden[0], step)
         rows = [i for i, (_, count) in enumerate(sample_at) if count]
         if not rows:
             return [], None
@@ -239,6 +258,34 @@ class ModelRunner:
             return
         per_token = [slot for slot, new in zip(step.lora_slots, step.tokens) for _ in new]
         self.lora.set_step(torch.tensor(per_token, dtype=torch.long, device=self.device), per_token)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, step: StepInput) -> dict[int, tuple]:
+        """The LM head over the rows ``step.prompt_logprobs`` names, in slices of PROMPT_LOGPROB_ROWS rows:
+        per entry, each row's log-softmax at its prompt token, that token's rank (1 + the tokens more
+        likely) and the top k. Every tensor-parallel rank runs the same LM-head calls (they gather)."""
+        flat = [0]
+        for t in step.tokens:
+            flat.append(flat[-1] + len(t))
+        out: dict[int, tuple] = {}
+        for entry, offset, k, targets in step.prompt_logprobs:
+            first = flat[entry] + offset
+            lps, ranks, top_v, top_i = [], [], [], []
+            for a in range(0, len(targets), PROMPT_LOGPROB_ROWS):
+                b = min(a + PROMPT_LOGPROB_ROWS, len(targets))
+                logp = self.model.lm_head(hidden[first + a:first + b]).float().log_softmax(dim=-1)
+                target = torch.tensor(targets[a:b], device=logp.device)
+                own = logp.gather(1, target[:, None])  # [rows, 1]
+                lps += own[:, 0].tolist()
+                ranks += ((logp > own).sum(dim=-1) + 1).tolist()
+                if k:
+                    values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+                    top_v += values.tolist()
+                    top_i += ids.tolist()
+                else:
+                    top_v += [[] for _ in range(b - a)]
+                    top_i += [[] for _ in range(b - a)]
+            out[entry] = (offset, lps, ranks, top_v, top_i)
+        return out
 
     def swap(self, batch: ScheduledBatch | StepInput) -> None:
         """The step's host- and disk-tier copies, before anything in the step writes the pool: evicted

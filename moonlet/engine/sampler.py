@@ -1,6 +1,7 @@
 """Turns a batch of next-token logits into tokens, each row under its own request's SamplingParams.
 
-Order of operations per row: (raw log-probabilities for ``logprobs``) → repetition penalty →
+Order of operations per row: (raw log-probabilities for ``logprobs``) → logit processors (logit
+bias, allowed tokens, bad words, min_tokens; ``processors``) → repetition penalty →
 presence/frequency penalties → greedy argmax if temperature is 0, else temperature → top-k → top-p
 → min-p → sample. Sampling uses the exponential race (argmax of p / Exp(1) noise), which draws
 exactly one noise vector per row per step; a request with a seed draws it from its own generator,
@@ -28,6 +29,7 @@ from typing import NamedTuple, Sequence as Seq
 import torch
 
 from .params import SamplingParams
+from .processors import apply_processors
 
 
 def apply_penalties(logits: torch.Tensor, prompt_ids: list[list[int]], output_ids: list[list[int]],
@@ -119,7 +121,8 @@ class Sampler:
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, seqs: Seq) -> tuple[list[int], list[dict[int, float] | None]]:
         """logits [S, V] for ``seqs`` (objects with .params, .prompt_token_ids, .output_token_ids,
-        .token_ids, .generator, and .thinking for rows with a thinking budget). Returns the sampled
+        .token_ids, .generator, .thinking for rows with a thinking budget and .processors for rows
+        with logit processors). Returns the sampled
         token ids (the forced ones for spent thinking budgets) and, per row, a logprobs dict or None."""
         results = self.verify(logits, seqs)
         return [r.tokens[0] for r in results], [r.logprobs[0] for r in results]
@@ -160,10 +163,15 @@ class Sampler:
         raw_logprobs = logits.log_softmax(dim=-1) if any(want_lp) else None
 
         owned = False  # whether ``logits`` is our own copy (the runner's tensor is never changed)
+        proc_rows = [(i, owners[i].processors, owners[i].output_token_ids + list(drafts[which[i]][:offsets[i]]))
+                     for i in range(R) if getattr(owners[i], "processors", None) is not None]
+        if proc_rows:
+            logits, owned = apply_processors(logits.clone(), proc_rows), True
         pen_rows = [i for i, p in enumerate(params) if p.needs_penalties]
         if pen_rows:
             idx = torch.tensor(pen_rows, device=logits.device)
-            logits, owned = logits.clone(), True
+            if not owned:
+                logits, owned = logits.clone(), True
             outputs = [owners[i].output_token_ids + list(drafts[which[i]][:offsets[i]]) for i in pen_rows]
             logits[idx] = apply_penalties(logits[idx], [owners[i].prompt_token_ids for i in pen_rows], outputs,
                                           [params[i] for i in pen_rows])

@@ -11,6 +11,15 @@ sequence is preempted: its blocks are freed and it goes back to the front of the
 be recomputed later (its full blocks usually survive in the prefix cache, so the recompute is often
 a cache hit).
 
+Priority scheduling (``policy="priority"``): the waiting queue is kept in order of
+(``SamplingParams.priority``, arrival) — lower values first, vLLM's convention — so admission takes
+the most urgent request that fits next, and the preemption victim is the running sequence with the
+largest (priority, arrival): the least urgent, the latest among equals. A preempted sequence goes
+back to its place in that order. Running sequences are not preempted to admit a more urgent one.
+
+A sequence whose prompt logprobs are still to be computed (``Sequence.needs_prompt_logprobs``) takes
+no prefix-cache hit: every prompt position's logits are needed. Its blocks are still cached for others.
+
 Speculative decoding (``proposer`` set, see ``spec``): after every running decode has its token,
 each decode may take drafts — ``1 + d`` tokens of budget and the cache slots for them — from what
 budget is left and from blocks that the running prefill chunks will not need this step. When
@@ -83,11 +92,12 @@ class ScheduledBatch:
 class Scheduler:
     def __init__(self, cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
                  enable_chunked_prefill: bool = True, proposer=None, spec_state_rows: tuple[int, int] = (0, 0),
-                 lora=None):
+                 lora=None, policy: str = "fcfs"):
         self.cache = cache
         # multi-LoRA serving (moonlet.engine.lora.MultiLora): a request's adapter must be resident to run;
         # a request whose adapter cannot get a slot waits while later requests are admitted past it
         self.lora = lora
+        self.policy = policy  # "fcfs" or "priority" (EngineConfig.scheduling_policy)
         # speculative decoding: None, or an object with max_drafts(seq) and either propose(seq) -> draft
         # token ids (n-gram) or, when its ``batched`` is true, propose_batch([(seq, k)]) -> lists (draft model)
         self.proposer = proposer
@@ -166,6 +176,21 @@ class Scheduler:
                     del self.parked[leader]
                 return True
         return False
+
+    def _victim(self) -> Sequence:
+        """The running sequence to preempt: the one admitted last (FCFS), or the least urgent — largest
+        (priority, arrival), the latest admitted among equals (priority policy)."""
+        if self.policy != "priority":
+            return self.running[-1]
+        return max(reversed(self.running), key=lambda s: (s.params.priority, s.arrival_time))
+
+    def _order_waiting(self) -> None:
+        """Priority policy: sort the waiting queue by (priority, arrival), in place (stable: equal keys
+        keep their order; a nearly sorted queue sorts in linear time)."""
+        if self.policy == "priority" and len(self.waiting) > 1:
+            ordered = sorted(self.waiting, key=lambda s: (s.params.priority, s.arrival_time))
+            self.waiting.clear()
+            self.waiting.extend(ordered)
 
     def _preempt(self, seq: Sequence) -> None:
         self._release([seq])  # its blocks leave; the full ones stay cached for the parked samples
@@ -268,7 +293,7 @@ class Scheduler:
             nonlocal budget
             n = min(seq.num_uncomputed_tokens, budget)
             while not self.cache.allocate(seq, n):
-                victim = self.running[-1]  # lowest priority: admitted last
+                victim = self._victim()
                 budget += chosen.pop(victim, 0)
                 drafts.pop(victim, None)
                 self._preempt(victim)
@@ -296,15 +321,21 @@ class Scheduler:
             if seq.status is SequenceStatus.RUNNING:
                 run(seq)
 
-        # 2. waiting requests, in order, unless this step already had to preempt; a request whose LoRA
-        # adapter cannot be made resident (every slot held by running requests) is skipped, keeping its place
+        # 2. waiting requests, in order (the policy's), unless this step already had to preempt; a request
+        # whose LoRA adapter cannot be made resident (every slot held by running requests) is skipped,
+        # keeping its place
+        if not preempted:
+            self._order_waiting()
         skipped: list[Sequence] = []
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if self.lora is not None and not self.lora.acquire(seq):
                 skipped.append(self.waiting.popleft())
                 continue
-            hit = self.cache.match_prefix(seq, budget)
+            if seq.needs_prompt_logprobs:  # every prompt position's logits are needed: no prefix hit
+                hit = seq.num_computed_tokens = 0
+            else:
+                hit = self.cache.match_prefix(seq, budget)
             n = seq.num_uncomputed_tokens
             if n > budget:
                 if not self.enable_chunked_prefill:

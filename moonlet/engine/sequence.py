@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import torch
 
     from .multimodal import RequestImages
+    from .processors import LogitProcessors
     from .draft import DraftProgress
     from .spec import NgramIndex
     from .structured import StructuredState
@@ -34,6 +35,10 @@ class RequestOutput:
     top-n in descending order plus the sampled token; ``new_logprobs`` is the part for new_token_ids.
     ``index``: which sample of the request this is (0..n-1 for ``SamplingParams.n``; 0 when n is 1);
     every other field is that sample's own (``num_cached_tokens``: what its own admission hit).
+    ``prompt_logprobs`` (``SamplingParams.prompt_logprobs``, once the whole prompt is computed; the
+    same for every sample): per prompt token, None for the first, then {token id: log-probability}
+    holding the top k in descending order plus the prompt's own token; ``prompt_logprob_ranks`` the
+    rank of the prompt's token there (1: the most likely; None for the first).
     """
 
     request_id: str
@@ -49,6 +54,8 @@ class RequestOutput:
     logprobs: list[dict[int, float]] | None = None
     new_logprobs: list[dict[int, float]] | None = None
     index: int = 0
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_logprob_ranks: list[int | None] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -99,6 +106,11 @@ class Sequence:
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.thinking: ThinkingBudget | None = None  # set by the engine when params.thinking_token_budget is set
         self.structured: StructuredState | None = None  # set by the engine when params.structured is set
+        self.processors: LogitProcessors | None = None  # set by the engine for logit_bias, min_tokens, ...
+        # params.prompt_logprobs: filled as the prompt is computed (the samples of a request share one)
+        self.prompt_logprobs: PromptLogprobs | None = None
+        if params.prompt_logprobs is not None:
+            self.prompt_logprobs = PromptLogprobs(params.prompt_logprobs, len(prompt_token_ids))
         self.ngram_index: NgramIndex | None = None  # speculative decoding: made by the proposer on first use
         self.draft_progress: DraftProgress | None = None  # draft-model speculation: what the draft pool holds
         self.mtp_drafts: tuple[int, list[int]] | None = None  # MTP speculation: (num_tokens then, drafts)
@@ -134,6 +146,12 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether this sequence's prompt logprobs are still to be computed (it then takes no prefix
+        hits: the positions a hit skips would have none)."""
+        return self.prompt_logprobs is not None and not self.prompt_logprobs.complete
+
     def append_token(self, token_id: int, max_model_len: int, logprobs: dict[int, float] | None = None) -> None:
         """Record a sampled token and decide whether the request is finished."""
         self.token_ids.append(token_id)
@@ -154,7 +172,7 @@ class Sequence:
             self.stop_reason = token_id if token_id in params.stop_token_ids else None
             self.text.finish()
             return
-        matched = self.text.push(token_id)
+        matched = self.text.push(token_id, match=self.num_output_tokens >= params.min_tokens)
         if matched is not None:
             self.finish_reason, self.stop_reason = "stop", matched
             return
@@ -185,8 +203,14 @@ class Sequence:
             text=text, new_text=new_text, finished=self.finish_reason is not None,
             finish_reason=self.finish_reason, stop_reason=self.stop_reason,
             logprobs=list(self.logprobs) if self.logprobs is not None else None, new_logprobs=new_lp,
-            index=self.index,
+            index=self.index, **self._prompt_logprobs(),
         )
+
+    def _prompt_logprobs(self) -> dict:
+        plp = self.prompt_logprobs
+        if plp is None or not plp.complete:
+            return {}
+        return {"prompt_logprobs": plp.logprobs, "prompt_logprob_ranks": plp.ranks}
 
 
 class _TextState:
@@ -200,14 +224,14 @@ class _TextState:
         self.text = ""
         self.done = False
 
-    def push(self, token_id: int) -> str | None:
+    def push(self, token_id: int, match: bool = True) -> str | None:
         """Add a token's text; return the stop string that now ends the text, if any (the text is cut
-        before it)."""
+        before it). ``match=False`` (before ``min_tokens``): stop strings are not looked for."""
         if self.detok is None:
             return None
         before = len(self.text)
         self.text += self.detok.push(token_id)
-        if not self.stops or len(self.text) == before:
+        if not match or not self.stops or len(self.text) == before:
             return None
         # only a match that uses the new text is new; it can start up to max_stop-1 chars earlier
         start = max(0, before - self.max_stop + 1)
@@ -238,3 +262,33 @@ class _TextState:
                     hold = k
                     break
         return self.text[: len(self.text) - hold] if hold else self.text
+
+
+class PromptLogprobs:
+    """A request's prompt log-probabilities (``SamplingParams.prompt_logprobs=k``), filled as its
+    prompt chunks are computed: ``logprobs[j]`` / ``ranks[j]`` for prompt token j (None for j = 0).
+    The samples of an ``n > 1`` request share one: whichever computes a position first records it."""
+
+    def __init__(self, k: int, num_prompt_tokens: int):
+        self.k = k
+        self.total = num_prompt_tokens
+        self.logprobs: list[dict[int, float] | None] = [None]
+        self.ranks: list[int | None] = [None]
+
+    @property
+    def complete(self) -> bool:
+        return len(self.logprobs) >= self.total
+
+    def add(self, first: int, targets: list[int], token_lps: list[float], ranks: list[int],
+            top_values: list[list[float]], top_ids: list[list[int]]) -> None:
+        """Record prompt tokens ``first``, ``first + 1`` ... (``targets``): each one's log-probability,
+        rank and the top-k values and ids of its position. Positions already recorded are skipped
+        (a recompute after preemption, or another sample in the same step)."""
+        assert first <= len(self.logprobs), "prompt logprobs must be recorded in order"
+        for j in range(len(self.logprobs) - first, len(targets)):
+            token = targets[j]
+            d = dict(zip(top_ids[j], top_values[j]))
+            if token not in d:
+                d[token] = token_lps[j]
+            self.logprobs.append(d)
+            self.ranks.append(ranks[j])

@@ -226,7 +226,8 @@ def make_sampling(**fields) -> SamplingParams:
     try:
         return SamplingParams(**fields)
     except ValueError as e:
-        raise invalid(str(e).replace("SamplingParams.", "")) from e
+        field_name = re.match(r"SamplingParams\.(\w+)=", str(e))
+        raise invalid(str(e).replace("SamplingParams.", ""), param=field_name.group(1) if field_name else None) from e
 
 
 _SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")

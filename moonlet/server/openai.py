@@ -19,6 +19,12 @@ Tools with ``function.strict: true``: every tool call the reply makes names a de
 its arguments are valid JSON under that function's ``parameters`` (the other tools' arguments: any
 JSON object); text and reasoning stay free (see ``generation.tool_constraint``).
 
+vLLM's extras for scoring and steering (also on ``/v1/completions``): ``prompt_logprobs`` (the
+response's ``prompt_logprobs``: None, then per prompt token {token id: {logprob, rank,
+decoded_token}}; not when streaming), ``min_tokens``, ``bad_words``, ``allowed_token_ids`` and
+``priority`` (an engine started with ``--scheduling-policy priority``; others refuse a nonzero one);
+OpenAI's ``logit_bias`` ({token id: -100..100}). See ``moonlet.engine.processors``.
+
 ``n`` (1..``MAX_N``, also on ``/v1/completions``): one engine request with n samples
 (``SamplingParams.n``; the prompt is computed once, choice i uses seed + i); each choice has its own
 message, tool calls, reasoning, logprobs and finish_reason; a stream interleaves the choices' chunks,
@@ -77,6 +83,13 @@ class SamplingFields(BaseModel):
     thinking_token_budget: int | None = Field(None, ge=0)
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None  # vLLM's extra
+    logit_bias: dict[str, float] | None = None  # {token id (as a string): bias in [-100, 100]}
+    # vLLM's extras: logit processors, prompt logprobs, the request's priority (lower is earlier)
+    min_tokens: int | None = Field(None, ge=0)
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    priority: int | None = None
 
 
 def structured_of(body: SamplingFields):
@@ -106,12 +119,14 @@ class ChatRequest(SamplingFields):
 
 
 def sampling_params(body: SamplingFields, max_tokens: int, stop_ids: list[int], logprobs: int | None,
-                    engine=None, tools: StructuredOutput | None = None) -> SamplingParams:
+                    engine=None, tools: StructuredOutput | None = None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     """The request's SamplingParams. A structured-output constraint is tagged with its field and
     compiled when the engine gets the request (off the event loop; a schema it cannot use is a 400
     naming the field). ``tools``: the strict-tool constraint (``Conversation.tool_constraint``),
     used when the request asks for no response format — a format constrains the content and then
-    the tool calls are not constrained. ``engine`` is unused (kept for callers)."""
+    the tool calls are not constrained. ``engine`` is unused (kept for callers). ``prompt_logprobs``:
+    the top tokens per prompt position the reply needs (default the body's ``prompt_logprobs``)."""
     n = 1 if body.n is None else body.n
     if not 1 <= n <= MAX_N:
         raise invalid(f"n={n} is out of range: it is the number of choices to generate, an integer from 1 to "
@@ -127,7 +142,36 @@ def sampling_params(body: SamplingFields, max_tokens: int, stop_ids: list[int], 
         min_p=body.min_p or 0.0, presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0, repetition_penalty=body.repetition_penalty or 1.0,
         stop=stop, stop_token_ids=stop_ids, ignore_eos=body.ignore_eos, seed=body.seed, logprobs=logprobs,
-        skip_special_tokens=False, thinking_token_budget=body.thinking_token_budget, structured=structured, n=n)
+        skip_special_tokens=False, thinking_token_budget=body.thinking_token_budget, structured=structured, n=n,
+        prompt_logprobs=body.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
+        logit_bias=body.logit_bias, min_tokens=body.min_tokens or 0, bad_words=body.bad_words,
+        allowed_token_ids=body.allowed_token_ids, priority=body.priority or 0)
+
+
+def top_items(d: dict[int, float], k: int, token: int) -> list[tuple[int, float]]:
+    """The first ``k`` entries of an engine logprobs dict (its top tokens, in descending order) and
+    ``token``'s, if it is not among them."""
+    items = list(d.items())[:k]
+    if all(t != token for t, _ in items) and token in d:
+        items.append((token, d[token]))
+    return items
+
+
+def vllm_prompt_logprobs(tokenizer, prompt_ids: list[int], out, k: int) -> list[dict | None]:
+    """vLLM's ``prompt_logprobs`` of a response: None for the first prompt token, then per token
+    {token id: {"logprob", "rank", "decoded_token"}} for its top ``k`` and the token itself (rank: 1
+    is the most likely)."""
+    result: list[dict | None] = []
+    for j, (token, d) in enumerate(zip(prompt_ids, out.prompt_logprobs or ())):
+        if d is None:
+            result.append(None)
+            continue
+        entry = {}
+        for rank, (t, lp) in enumerate(top_items(d, k, token), start=1):
+            rank = out.prompt_logprob_ranks[j] if t == token else rank
+            entry[str(t)] = {"logprob": max(float(lp), -9999.0), "rank": rank, "decoded_token": tokenizer.decode([t])}
+        result.append(entry)
+    return result
 
 
 def _text_content(content, where: str, images: Images | None = None, files=None) -> str | None:
@@ -377,6 +421,9 @@ async def chat_completions(body: ChatRequest, request: Request):
     if conv.output_prefix and ((body.response_format or {}).get("type", "text") != "text" or body.structured_outputs):
         raise invalid("a forced tool call (tool_choice 'required' or a named function) cannot be combined with "
                       "a structured response_format; drop one of them", param="response_format")
+    if body.prompt_logprobs is not None and body.stream:
+        raise invalid("prompt_logprobs is not available when streaming (as in vLLM); send stream: false",
+                      param="prompt_logprobs")
     params = sampling_params(body, max_tokens, stop_ids, top_n, tools=conv.tool_constraint)
     params.lora = st.lora_for(body.model)  # multi-LoRA: the adapter the model name selects
     run = EngineRun(st.engine, prompt.engine_input, params, request_id_of(request), "openai", st.metrics)
@@ -391,8 +438,11 @@ async def chat_completions(body: ChatRequest, request: Request):
         return SSEResponse(_chat_stream(run, first, prompt, choices, lp, body.model, cid, created, usage))
     try:
         stopping: list[int] = []
+        scored = [first]  # an output carrying the prompt's logprobs (every sample's do, once complete)
 
         def take(out) -> None:
+            if out.prompt_logprobs is not None:
+                scored[0] = out
             c = choices[out.index]
             if c.reply.done:  # a single call already ended this choice; the rest is not part of it
                 return
@@ -418,8 +468,12 @@ async def chat_completions(body: ChatRequest, request: Request):
             out_choices.append({"index": c.index, "message": c.reply.message(),
                                 "logprobs": {"content": c.entries} if lp else None,
                                 "finish_reason": finish_reason(run, len(c.reply.tool_calls), c.index)})
-        return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": body.model,
-                             "choices": out_choices, "usage": openai_usage(run)})
+        data = {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
+                "choices": out_choices, "usage": openai_usage(run)}
+        if body.prompt_logprobs is not None:
+            data["prompt_logprobs"] = vllm_prompt_logprobs(st.tokenizer, prompt.token_ids, scored[0],
+                                                           body.prompt_logprobs)
+        return JSONResponse(data)
     finally:
         await run.close()
 

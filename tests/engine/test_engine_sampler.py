@@ -111,7 +111,7 @@ def test_invalid_params_are_rejected_with_the_field_name():
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="max_tokens"):
-        SamplingParams(max_tokens=0)
+        SamplingParams(max_tokens=-1)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
     assert SamplingParams(stop="x").stop == ["x"]
