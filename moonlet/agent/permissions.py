@@ -117,7 +117,7 @@ class PathPattern:
         else:
             self.absolute = False
             body = p[1:] if p.startswith("/") else p
-            if "/" not in body.rstrip("/"):
+            if "/" not in p.rstrip("/"):   # a bare name: at any depth (a leading / anchors it)
                 body = "**/" + body
         if body.endswith("/"):
             body += "**"
