@@ -400,3 +400,53 @@ def test_resume_keeps_cli_rules(tmp_path):
         assert out.returncode == 0, out.stderr
         assert "ran-" not in out.stdout and "no terminal to ask" in out.stdout
         assert "deny rule 'shell(rm:*)'" in out.stdout
+
+
+def test_save_always_writes_settings_local(tmp_path):
+    from types import SimpleNamespace
+    (tmp_path / ".moonlet").mkdir()
+    local = tmp_path / ".moonlet" / "settings.local.json"
+    local.write_text(json.dumps({"permissions": {"deny": ["shell(rm:*)"]}, "keep": True}))
+    shell = make_tools().get("shell")
+    agent = SimpleNamespace(workspace=SimpleNamespace(root=tmp_path), label=None, hooks=None, session_id="s",
+                            state=SimpleNamespace(steps=0), store=SimpleNamespace(event=lambda *a: None))
+    prompt = _Prompt(Decision(True, remember=True, persist=True))
+    policy = ApprovalPolicy("ask", prompt)
+    assert asyncio.run(policy.check(shell, {"command": "make -j4 && pytest -q"}, agent)).approved
+    data = json.loads(local.read_text())
+    assert data["keep"] is True and data["permissions"]["allow"] == ["shell(make:*)", "shell(pytest:*)"]
+    assert data["permissions"]["deny"] == ["shell(rm:*)"]
+    loaded = load_rules(str(tmp_path))
+    assert loaded.evaluate("shell", {"command": "pytest tests"}, str(tmp_path)).kind == "allow"
+
+
+def test_deny_rule_beats_a_hooks_allow_and_ask_rule_still_asks(tmp_path):
+    hook = tmp_path / "allow.py"
+    hook.write_text("import json\nprint(json.dumps({'hookSpecificOutput': {'permissionDecision': 'allow'}}))\n")
+    hooks = {"hooks": {"PreToolUse": [{"matcher": "shell", "hooks": [
+        {"type": "command", "command": f"{sys.executable} {hook}"}]}]}}
+    (tmp_path / "x").write_text("x")
+
+    def script(body):
+        if not last_results(body):
+            return Reply([tool("shell", {"command": "rm x"}), tool("shell", {"command": "git status"}),
+                          tool("shell", {"command": "echo hooked"})])
+        return Reply([text("done")])
+
+    prompt = _Prompt(Decision(False))
+    with ScriptedEndpoint(script) as ep:
+        agent = make_agent(ep.url, tmp_path, approval="ask", prompt=prompt, hooks=hooks)
+        agent.approval.rules = rules(deny=["shell(rm:*)"], ask=["shell(git:*)"])
+
+        async def go():
+            try:
+                return await agent.run("go")
+            finally:
+                await agent.close()
+                await agent.client.aclose()
+
+        asyncio.run(go())
+        rm, git, echo = last_results(ep.requests[-1])
+    assert (tmp_path / "x").exists() and "deny rule 'shell(rm:*)' from test" in result_text(rm)
+    assert len(prompt.asked) == 1 and "git status" in prompt.asked[0] and "ask rule 'shell(git:*)'" in prompt.asked[0]
+    assert git.get("is_error") and "hooked" in result_text(echo)  # the hook's allow ran echo unasked
