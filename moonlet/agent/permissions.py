@@ -387,7 +387,9 @@ class Rule:
             raise bad("a rule must be a string")
         m = _RULE.match(self.text.strip())
         if not m:
-            raise bad("expected TOOL or TOOL(SPECIFIER), e.g. read_file, shell(git diff:*), write_file(src/**)")
+            hint = ("; if this is the task, put it before the flag or write --allowed-tools=RULE"
+                    if self.source.startswith("--") else "")
+            raise bad("expected TOOL or TOOL(SPECIFIER), e.g. read_file, shell(git diff:*), write_file(src/**)" + hint)
         self.tool, self.spec = m.group(1), m.group(2)
         if self.tool in CLAUDE_NAMES:
             raise bad(f"moonlet's tool for Claude Code's {self.tool} is {CLAUDE_NAMES[self.tool]!r}")
