@@ -723,7 +723,7 @@ def show_session(store, sid: str) -> str:
                                           f"`{str(d.get('command'))[:60]}` {how} {d.get('duration_s', 0):.1f}s"
                                           f"{what}{err}"))
         elif e["kind"] in ("retry", "budget_stop", "repeat_guard", "resumed", "swarm", "prompt_blocked",
-                           "hook_stopped", "stop_hook_limit"):
+                           "hook_stopped", "stop_hook_limit", "permission_denied"):
             rows.append((e["created_at"], f"{'':10}{e['kind']} {json.dumps(e['data'])[:120]}"))
     for t, text in sorted(rows, key=lambda r: r[0]):
         lines.append(f"  {_ts(t, t0)}  {text}")
