@@ -140,7 +140,7 @@ COMPOUND = [
     "aa 'x|y' > /dev/null 2>&1",
     "if aa; then bb; fi; cc",
     "aa\nbb\\\n more",
-    "aa <(bb) # cc",
+    "aa <(bb) # cc\nwait $!",   # (bash does not wait for a process substitution by itself)
 ]
 
 
@@ -155,12 +155,13 @@ def test_split_finds_every_command_bash_runs(tmp_path, command):
     for name in ("aa", "bb", "cc", "ff"):
         shim = bin_dir / name
         code = 1 if name == "ff" else 0
-        shim.write_text(f'#!/bin/sh\nprintf "%s\\0" "$(basename "$0")" "$@" >> {log}; printf "\\036" >> {log}\n'
+        # one write per record (appends of a few bytes do not interleave): name\0args\0...\036\0
+        shim.write_text(f'#!/bin/sh\nprintf "%s\\0" "$(basename "$0")" "$@" "$(printf "\\036")" >> {log}\n'
                         f"exit {code}\n")
         shim.chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
     subprocess.run(["bash", "-c", command], env=env, cwd=tmp_path, capture_output=True, timeout=30)
-    ran = [rec.split("\0")[:-1] for rec in log.read_text().split("\036") if rec]
+    ran = [rec.split("\0")[:-1] for rec in log.read_text().split("\036\0") if rec]
     # a substitution's (empty) output and a process substitution's /dev/fd path stand where the
     # placeholder word is
     ran = [[w for w in c if w and not w.startswith("/dev/fd/")] for c in ran]
