@@ -90,6 +90,17 @@ def register(sub) -> None:
     pr.add_argument("--db")
     pr.set_defaults(func=cmd_prune)
 
+    pm = asub.add_parser("permissions", help="print the effective permission rules with their sources",
+                         description="The allow / ask / deny rules a run in the work directory would use: "
+                                     ".moonlet/settings.json, .moonlet/settings.local.json, "
+                                     "$MOONLET_HOME/settings.json and the flags given here (or, with --session, "
+                                     "the rules saved with that session's flags).")
+    pm.add_argument("--workdir", help="work directory (default: current directory, or the session's)")
+    pm.add_argument("--session", help="include the --allowed-tools / --disallowed-tools saved with this session")
+    pm.add_argument("--db")
+    _permission_args(pm)
+    pm.set_defaults(func=cmd_permissions)
+
     ls = asub.add_parser("list", help="list recent sessions")
     ls.add_argument("--db")
     ls.add_argument("-n", type=int, default=20)
@@ -135,6 +146,7 @@ def _agent_args(p, resume: bool = False) -> None:
     g.add_argument("--sandbox-allow-read", action="append", metavar="PATH",
                    help="confine sandboxed commands' reads to these paths (repeatable), the writable ones and "
                         "the system directories (default: read everywhere)")
+    _permission_args(g, resume)
     g.add_argument("--max-steps", type=int, help="step budget for the session (default 1000)")
     g.add_argument("--max-hours", type=float, help="wall-clock budget for the session in hours")
     g.add_argument("--max-tokens", type=int, help="token budget (input + output of all model calls)")
@@ -164,6 +176,27 @@ def _agent_args(p, resume: bool = False) -> None:
                         "session id, stop reason and usage at the end; stream-json: one JSON object per line for "
                         "every reply, tool call and result, then the result object (needs a task, not interactive)")
     g.add_argument("--show-thinking", action="store_true")
+
+
+def _permission_args(g, resume: bool = False) -> None:
+    again = " (replaces the session's saved ones)" if resume else ""
+    g.add_argument("--allowed-tools", nargs="+", action="append", metavar="RULE",
+                   help="allow rules for this session, e.g. read_file 'shell(git diff:*)' 'write_file(src/**)': "
+                        "matching calls run without asking" + again)
+    g.add_argument("--disallowed-tools", nargs="+", action="append", metavar="RULE",
+                   help="deny rules for this session: matching calls are refused without asking" + again)
+
+
+def _cli_rules(args, saved: dict | None) -> dict:
+    """The --allowed-tools / --disallowed-tools rules of this run: the flags given now, else (on
+    resume) the ones saved with the session. Each list is replaced separately."""
+    from .permissions import split_rule_args
+    kept = dict((saved or {}).get("permissions") or {})
+    out = {}
+    for kind, flag in (("allow", "allowed_tools"), ("deny", "disallowed_tools")):
+        given = split_rule_args(getattr(args, flag, None))
+        out[kind] = given if given else list(kept.get(kind) or [])
+    return out
 
 
 def _store(args):
@@ -340,10 +373,10 @@ def _sandbox(args, saved: dict | None, workdir: str):
     return config
 
 
-def _approval(args, saved_mode: str | None):
+def _approval(args, saved_mode: str | None, rules=None):
     from .approval import ApprovalPolicy, terminal_prompt
     mode = "yolo" if args.yolo else (args.approval or saved_mode or "reads")
-    return ApprovalPolicy(mode, terminal_prompt if sys.stdin.isatty() else None)
+    return ApprovalPolicy(mode, terminal_prompt if sys.stdin.isatty() else None, rules)
 
 
 def _events(args):
@@ -485,6 +518,10 @@ async def _run_async(args, resume: bool) -> int:
     workdir = args.workdir or (saved or {}).get("workdir") or os.getcwd()
     hooks = _hooks(args, workdir, saved)  # a bad hooks file fails here, before anything starts
     sandbox = _sandbox(args, saved, workdir)  # so does an impossible sandbox
+    from .permissions import load_rules
+
+    cli_rules = _cli_rules(args, saved)
+    rules = load_rules(workdir, cli_rules)  # and a bad settings file or rule
     from .commands import expand_prompt, load_commands
 
     commands = load_commands(workdir)  # custom /commands (a bad file fails here too)
@@ -524,14 +561,14 @@ async def _run_async(args, resume: bool) -> int:
             return apply_profile(make_tools(depth, config.max_depth, sess.mcp_tools), launch.get("tools"),
                                  launch.get("tool_overrides"))
 
-        approval = _approval(args, (saved or {}).get("approval"))
+        approval = _approval(args, (saved or {}).get("approval"), rules)
         kwargs = dict(events=_events(args), approval=approval, tool_factory=factory, hooks=hooks)
         if resume:
             agent = Agent.restore(store, session["id"], sess.client, factory(0), workspace, config=config, **kwargs)
         else:
             agent = Agent(sess.client, config, factory(0), workspace, store, task=task or "(interactive)",
                           session_id=args.session_id, **kwargs)
-        full = dict(agent._session_config(), launch={k: v for k, v in launch.items()})
+        full = dict(agent._session_config(), launch={k: v for k, v in launch.items()}, permissions=cli_rules)
         store.update_config(agent.session_id, full)
         if getattr(args, "output_format", "text") == "stream-json":
             agent.events.emit(agent, "init", model=model, workdir=str(workspace.root), tools=agent.tools.names(),
@@ -550,6 +587,10 @@ async def _run_async(args, resume: bool) -> int:
                 print(f"instructions: {', '.join(path for path, _ in agent.instructions.files)}", file=sys.stderr)
             if agent.agent_types:
                 print(f"sub-agent types: {', '.join(agent.agent_types)}", file=sys.stderr)
+            if rules:
+                counts = {k: sum(r.kind == k for r in rules.rules) for k in ("allow", "ask", "deny")}
+                print("permission rules: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n) +
+                      " (moonlet agent permissions lists them)", file=sys.stderr)
             if agent.hooks:
                 n = sum(len(g.hooks) for groups in agent.hooks.config.events.values() for g in groups)
                 print(f"hooks: {n} from {', '.join(agent.hooks.config.sources)}", file=sys.stderr)
@@ -682,7 +723,7 @@ def show_session(store, sid: str) -> str:
                                           f"`{str(d.get('command'))[:60]}` {how} {d.get('duration_s', 0):.1f}s"
                                           f"{what}{err}"))
         elif e["kind"] in ("retry", "budget_stop", "repeat_guard", "resumed", "swarm", "prompt_blocked",
-                           "hook_stopped", "stop_hook_limit"):
+                           "hook_stopped", "stop_hook_limit", "permission_denied"):
             rows.append((e["created_at"], f"{'':10}{e['kind']} {json.dumps(e['data'])[:120]}"))
     for t, text in sorted(rows, key=lambda r: r[0]):
         lines.append(f"  {_ts(t, t0)}  {text}")
@@ -856,6 +897,30 @@ def cmd_prune(args) -> int:
         return 0
     finally:
         store.close()
+
+
+def cmd_permissions(args) -> int:
+    from .permissions import load_rules, settings_files
+    saved = None
+    if args.session:
+        store = _store(args)
+        try:
+            saved = store.find_session(args.session)["config"] or {}
+        finally:
+            store.close()
+    workdir = os.path.realpath(args.workdir or (saved or {}).get("workdir") or os.getcwd())
+    rules = load_rules(workdir, _cli_rules(args, saved))
+    print(f"work directory: {workdir}")
+    print("settings files: " + ", ".join(f"{p}{'' if os.path.isfile(p) else ' (absent)'}"
+                                         for p in settings_files(workdir)))
+    if not rules:
+        print("no permission rules: the approval mode decides every call")
+        return 0
+    for kind in ("deny", "ask", "allow"):
+        for r in rules.rules:
+            if r.kind == kind:
+                print(f"{kind:<6} {r.text:<40} {r.source}")
+    return 0
 
 
 def cmd_list(args) -> int:

@@ -626,16 +626,21 @@ class Agent:
                 self.store.event(self.session_id, self.state.steps, "input_updated",
                                  {"tool": name, "tool_use_id": use_id, "original": args,
                                   "updated": pre.updated_input, "invalid": bad[:10]})
-            elif pre.permission == "allow":  # the hook answers for the user; recorded like an approval
-                approved = True
-                self.store.event(self.session_id, self.state.steps, "approval",
-                                 {"tool": name, "approved": True, "by": "PreToolUse hook"})
             else:
+                # a hook's "allow" answers for the user (recorded like an approval), except where a
+                # permission rule denies the call or asks for it
+                hook_allow = pre.permission == "allow"
                 decision = await self.approval.check(tool, pre.updated_input if pre.updated_input is not None
-                                                     else args, self, force=pre.permission == "ask")
+                                                     else args, self, force=pre.permission == "ask",
+                                                     preapproved=hook_allow)
                 approved = decision.approved
-                if not approved and self.approval.mode == "plan":
-                    result = error(decision.feedback)  # refused by the mode, not by the user
+                if approved and hook_allow:
+                    self.store.event(self.session_id, self.state.steps, "approval",
+                                     {"tool": name, "approved": True, "by": "PreToolUse hook"})
+                if not approved and decision.refusal:
+                    result = error(decision.refusal)  # refused by a rule or the mode, not by the user
+                    self.store.event(self.session_id, self.state.steps, "permission_denied",
+                                     {"tool": name, "reason": decision.refusal})
                 elif not approved:
                     result = error("The user did not approve this call." +
                                    (f" Their feedback: {decision.feedback}" if decision.feedback else ""))
