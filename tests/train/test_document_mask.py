@@ -140,6 +140,27 @@ def test_kda_and_moba_layers_give_each_packed_document_its_own_logits_and_gradie
         assert not torch.allclose(model(ids)[0, 5:75], logits[0, 5:75], atol=1e-3)
 
 
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_the_mtp_layer_of_a_kda_or_moba_model_keeps_packed_documents_apart(kind):
+    cfg = MODELS[kind](num_nextn_predict_layers=1)  # MoBA: the MTP layer is a MoBA layer too
+    model = random_model(cfg, seed=1)
+    mtp = MTPHead(cfg)
+    torch.manual_seed(2)
+    for p in mtp.parameters():
+        p.data.normal_(0, 0.05)
+    lengths = [6, 30, 2, 11]
+    docs, ids, seg, pos = _packed(cfg, lengths, pad=4, seed=6)
+    with torch.no_grad():
+        hidden = model.hidden_states(ids, positions=pos, segment_ids=seg)
+        mlogits = mtp.forward_train(model.model.rotary_emb, hidden, ids, positions=pos, segment_ids=seg)
+        start = 0
+        for doc in docs:
+            n = len(doc)
+            alone = mtp.forward_train(model.model.rotary_emb, model.hidden_states(doc[None]), doc[None])
+            torch.testing.assert_close(mlogits[0, start:start + n - 1], alone[0], atol=2e-5, rtol=1e-4)
+            start += n
+
+
 def test_moba_max_logit_over_packed_documents_is_the_max_over_the_documents_alone():
     model = random_model(MODELS["moba"](), seed=3)
     docs, ids, seg, pos = _packed(model.config, [9, 30, 3], pad=5, seed=4)
@@ -178,8 +199,9 @@ def test_segment_layout_round_trip_and_recurring_ids():
 
 
 @pytest.mark.parametrize("model", [tiny_k2_config(num_nextn_predict_layers=1),
-                                   tiny_kimi_linear_config(num_nextn_predict_layers=1, vocab_size=320)],
-                         ids=["k2", "kimi_linear"])
+                                   tiny_kimi_linear_config(num_nextn_predict_layers=1, vocab_size=320),
+                                   tiny_k2_config(num_nextn_predict_layers=1, moba_config=MOBA)],
+                         ids=["k2", "kimi_linear", "moba"])  # MoBA: the MTP layer is a MoBA layer too
 def test_trainer_loss_equals_the_documents_losses_one_by_one(data, tmp_path, model):
     cfg = TrainConfig.from_dict(dict(
         model=model.to_dict(), train_data=str(data / "train"),
