@@ -117,9 +117,11 @@ class MLAttention(nn.Module):
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LatentKV | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, segments=None) -> torch.Tensor:
         """x [B,T,H]; cos/sin [B or 1, T, rope/2]; mask [B or 1, T, T] bool for the expanded path
-        (None = causal). With ``kv``, runs the absorbed path over that cache."""
+        (None = causal). With ``kv``, runs the absorbed path over that cache. segments: a
+        ``packing.SegmentLayout`` of packed documents, which a MoBA layer attends one per row (a
+        dense layer keeps them apart with ``mask``)."""
         B, T, _ = x.shape
         q_nope, q_pe = self.project_q(x)
         latent, k_pe = self.project_latent(x)
@@ -127,18 +129,20 @@ class MLAttention(nn.Module):
             q_pe = apply_rope(q_pe, cos, sin)
             k_pe = apply_rope(k_pe, cos, sin)
         if kv is None:
-            out = self._expanded(q_nope, q_pe, latent, k_pe, mask)
+            out = self._expanded(q_nope, q_pe, latent, k_pe, mask, segments)
         else:
             out = self._absorbed(q_nope, q_pe, latent, k_pe, kv)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.v_head_dim))
 
-    def _expanded(self, q_nope, q_pe, latent, k_pe, mask) -> torch.Tensor:
+    def _expanded(self, q_nope, q_pe, latent, k_pe, mask, segments=None) -> torch.Tensor:
         B, T = latent.shape[:2]
         kvb = self.kv_b_proj(latent).view(B, T, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kvb.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, h, T, qk]
         k = torch.cat([k_nope, k_pe[:, :, None].expand(B, T, self.num_heads, -1)], dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)
+        if self.moba is not None and segments is not None:
+            return self._moba_per_segment(q, k, v, segments)
         if self.moba is not None and mask is not None:
             raise ValueError(
                 f"layer {self.layer_idx} uses MoBA block-sparse attention (moba_config), which supports causal "
@@ -154,6 +158,22 @@ class MLAttention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.softmax_scale)
         return out.transpose(1, 2)  # [B, T, h, v]
+
+    def _moba_per_segment(self, q, k, v, segments) -> torch.Tensor:
+        """MoBA over packed documents, each in a row of its own (right-padded: exact for the real
+        tokens, which are causal and whose gate scores only complete blocks before their own), so
+        blocks count from each document's first token. q, k, v [B, h, T, ·] -> [B, T, h, v]."""
+        block_size, top_k = self.moba
+
+        def attend(q_rows, k_rows, v_rows, valid):  # [n, L, h, ·]
+            q_rows, k_rows, v_rows = (t.transpose(1, 2) for t in (q_rows, k_rows, v_rows))
+            if self.record_max_logit:
+                head_max = moba_max_logit(q_rows, k_rows, block_size, top_k, self.softmax_scale, valid=valid)
+                self.max_logit = head_max if self.max_logit is None else torch.maximum(self.max_logit, head_max)
+            out = moba_attention(q_rows, k_rows, v_rows, block_size, top_k, self.softmax_scale)
+            return out.transpose(1, 2)
+
+        return segments.apply(attend, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
 
     @torch.no_grad()
     def _record_max_logit(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> None:

@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from ..config import ModelConfig
 from .norm import RMSNorm
+from .packing import SegmentLayout
 from .rope import RotaryEmbedding
 from .transformer import DecoderLayer
 
@@ -112,11 +113,14 @@ class MTPHead(nn.Module):
         positions = (torch.arange(T - 1, device=input_ids.device)[None] if positions is None
                      else positions[:, :-1])
         cos, sin = rotary(positions)
-        mask = torch.ones(T - 1, T - 1, dtype=torch.bool, device=input_ids.device).tril()[None]
+        mask = segments = None  # None: causal (a MoBA layer takes no explicit mask)
         if segment_ids is not None:
             seg = segment_ids[:, :-1]
-            mask = mask & (seg[:, :, None] == seg[:, None, :])
-        return layer.logits(layer(x, cos, sin, mask=mask))
+            causal = torch.ones(T - 1, T - 1, dtype=torch.bool, device=input_ids.device).tril()[None]
+            mask = causal & (seg[:, :, None] == seg[:, None, :])
+            if getattr(layer.self_attn, "moba", None) is not None:  # MoBA runs each piece in its own row
+                segments = SegmentLayout(seg)
+        return layer.logits(layer(x, cos, sin, mask=mask, segments=segments))
 
 
 class MTPDrafter(nn.Module):

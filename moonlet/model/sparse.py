@@ -332,19 +332,27 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
 
 
 @torch.no_grad()
-def moba_max_logit(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, scale: float) -> torch.Tensor:
+def moba_max_logit(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, scale: float,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
     """Per-head maximum of the scaled logits over the (query, key) pairs MoBA attends to, across the
-    batch: [heads] float32. Tiled like ``moba_attention`` (no [T, T] matrix)."""
+    batch: [heads] float32. Tiled like ``moba_attention`` (no [T, T] matrix).
+
+    valid [batch, T] bool: rows right-padded after their real tokens (True = real); padded queries
+    are left out (the real ones attend only real keys, being causal)."""
     _check_inputs(q, k, None, block_size, top_k)
     Bt, h, T, d = q.shape
     BH = Bt * h
+    if valid is not None and tuple(valid.shape) != (Bt, T):
+        raise ValueError(f"valid must be [batch, T] = {[Bt, T]}; got {list(valid.shape)}")
+    real_query = (torch.ones(BH * T, dtype=torch.bool, device=q.device) if valid is None
+                  else valid.to(torch.bool)[:, None].expand(Bt, h, T).reshape(BH * T))
     cdt = torch.promote_types(q.dtype, torch.float32)
     q3, k3 = q.reshape(BH, T, d), k.reshape(BH, T, d)
     nb = -(-T // block_size)
     pos = torch.arange(block_size, device=q.device)
     causal = pos[None, :] <= pos[:, None]
     qb, kb = _blocked(q3, block_size), _blocked(k3, block_size)
-    real_row = (torch.arange(qb.shape[0], device=q.device) % nb * block_size)[:, None] + pos < T  # [BH*nb, B]
+    real_row = _blocked(real_query.view(BH, T, 1).float(), block_size)[..., 0] > 0  # [BH*nb, B]
     per_block = torch.empty(qb.shape[0], dtype=torch.float32, device=q.device)
     for sl in _own_tiles(qb.shape[0], block_size):
         allowed = causal & real_row[sl][:, :, None]
@@ -356,6 +364,7 @@ def moba_max_logit(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int
         q2, k2 = q3.reshape(BH * T, d), k3.reshape(BH * T, d)
         for sl in plan.tiles():
             s = _scores(q2[plan.rows[sl]], k2[plan.key_rows[sl]], scale, cdt)
-            chunk_max = s.masked_fill(plan.pad[sl][..., None], float("-inf")).amax(dim=(1, 2)).float()
+            skip = plan.pad[sl] | ~real_query[plan.rows[sl]]
+            chunk_max = s.masked_fill(skip[..., None], float("-inf")).amax(dim=(1, 2)).float()
             head_max = head_max.scatter_reduce(0, plan.bh[sl], chunk_max, reduce="amax")
     return head_max.view(Bt, h).amax(dim=0)

@@ -21,6 +21,7 @@ from .attention import LatentKV, MLAttention
 from .kda import KimiDeltaAttention
 from .moe import MLP, MoE
 from .norm import RMSNorm
+from .packing import SegmentLayout
 from .quantized import QuantizedLinear
 from .rope import RotaryEmbedding
 
@@ -47,16 +48,21 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv=None, mask=None, pad_mask=None):
-        """mask [B or 1, T, T] bool for MLA's expanded path; pad_mask [B, T] (1 = real token) for KDA."""
+    def forward(self, x, cos, sin, kv=None, mask=None, pad_mask=None, segments: SegmentLayout | None = None):
+        """mask [B or 1, T, T] bool for MLA's expanded path; pad_mask [B, T] (1 = real token) for KDA;
+        segments: packed documents, run one per row by KDA and MoBA layers (see moonlet.model.packing)."""
         h = self.input_layernorm(x)
         if self.is_kda:
-            if kv is None:
+            if kv is None and segments is not None:
+                x = x + segments.apply(lambda rows, valid: self.self_attn(rows, pad_mask=valid), h)
+            elif kv is None:
                 x = x + self.self_attn(h, pad_mask=pad_mask)
             elif hasattr(kv, "recurrent"):  # the engine's cache carries each sequence's KDA state
                 x = x + kv.recurrent(self.layer_idx, self.self_attn, h)
             else:
                 raise _kda_needs_no_cache(self.layer_idx)
+        elif segments is not None:
+            x = x + self.self_attn(h, cos, sin, kv=kv, mask=mask, segments=segments)
         else:
             x = x + self.self_attn(h, cos, sin, kv=kv, mask=mask)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -101,9 +107,11 @@ class Transformer(nn.Module):
         With ``kv``, attention runs on the absorbed path over the latent cache (not for models with
         KDA layers: NotImplementedError). KDA layers handle left padding exactly (padded tokens do not
         touch their state); right padding only affects the padded positions.
-        segment_ids [B, T]: packed documents (training): a token attends only to earlier tokens of the
-        same segment; pass ``positions`` restarting at each segment too. Dense MLA models only (a
-        MoBA or KDA layer is a ValueError), and not with ``kv``.
+        segment_ids [B, T]: packed documents (training), -1 for padding: a token sees only earlier
+        tokens of the same segment; pass ``positions`` restarting at each segment too. Dense MLA
+        layers mask; KDA and MoBA layers run each segment in a row of its own (state, convolutions
+        and MoBA blocks start at the segment's first token; see moonlet.model.packing). Not with
+        ``kv`` or ``attention_mask``.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}")
@@ -115,9 +123,11 @@ class Transformer(nn.Module):
         if positions.dim() == 1:
             positions = positions[None]
         cos, sin = self.model.rotary_emb(positions)
-        mask = None
+        mask = segments = None
         if segment_ids is not None:
             mask = self._segment_mask(segment_ids, kv, attention_mask, (B, T))
+            if self.config.kda_layer_ids or self.config.moba_config:
+                segments = SegmentLayout(segment_ids)
         elif attention_mask is not None and kv is None:
             causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
             mask = causal[None] & attention_mask.bool()[:, None, :]
@@ -133,7 +143,7 @@ class Transformer(nn.Module):
             kv.begin(T)
         pad_mask = attention_mask if kv is None else None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, kv=kv, mask=mask, pad_mask=pad_mask)
+            x = layer(x, cos, sin, kv=kv, mask=mask, pad_mask=pad_mask, segments=segments)
         if kv is not None:
             kv.end()
         return self.model.norm(x)
@@ -145,11 +155,6 @@ class Transformer(nn.Module):
                              "(mark padding as a segment of its own)")
         if tuple(segment_ids.shape) != shape:
             raise ValueError(f"segment_ids must be [batch, seq] = {list(shape)}; got {list(segment_ids.shape)}")
-        cfg = self.config
-        if cfg.kda_layer_ids or getattr(cfg, "moba_config", None):
-            kind = "Kimi Delta Attention" if cfg.kda_layer_ids else "MoBA"
-            raise ValueError(f"document masking (segment_ids) is implemented for dense MLA layers; this model has "
-                             f"{kind} layers. Train it without document_mask (pieces packed under one causal mask)")
         T = shape[1]
         causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
         return causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])

@@ -101,7 +101,8 @@ class TrainConfig:
     # hold the adapter in PEFT's format (adapter_config.json + adapter_model.safetensors) instead of the model
     lora: dict | None = None
     # Packed documents attend only to themselves (positions restart per piece, a target in the next piece
-    # is not counted) instead of packing under one causal mask; dense MLA models only (not MoBA / KDA)
+    # is not counted) instead of packing under one causal mask; dense MLA layers mask, KDA and MoBA layers
+    # run each piece in a row of its own (moonlet.model.packing)
     document_mask: bool = False
 
     @classmethod
@@ -172,10 +173,6 @@ class Trainer:
         torch.manual_seed(config.seed)
 
         self.model_config = config.model_config().replace(torch_dtype="float32")
-        if config.document_mask and (self.model_config.kda_layer_ids or self.model_config.moba_config):
-            kind = "Kimi Delta Attention" if self.model_config.kda_layer_ids else "MoBA"
-            raise ValueError(f"document_mask is implemented for dense MLA models; this model has {kind} layers. "
-                             "Set document_mask to false (pieces packed under one causal mask)")
         self.model = Transformer(self.model_config).init_weights(seed=config.seed).to(self.device).train()
         if config.init_from:
             init = resolve_init(config.init_from)
