@@ -33,6 +33,11 @@ class StructuredOutput:
     argument marker: its arguments, the call's end, any further calls, the section's end — what a
     server's forced call prefills). ``parallel_tool_calls=False``: at most one call.
 
+``content`` (only with ``tools`` and ``tool_start="text"``): a response format and tools in one request
+— a ``json_schema`` or ``json_object`` constraint. The reply's content is then either one JSON value
+under it or a tool-call section (no text before the section); a thinking section the prompt leaves
+open stays free, as for a plain JSON constraint.
+
     ``param`` (not part of the constraint's identity): the request field the constraint came from,
     carried by a compile error (``StructuredOutputError.param``) so a server can name it.
 
@@ -51,6 +56,7 @@ class StructuredOutput:
     any_whitespace: bool = True
     tool_start: str = "text"
     parallel_tool_calls: bool = True
+    content: "StructuredOutput | None" = None
     param: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +94,8 @@ class StructuredOutput:
             raise ValueError(f"StructuredOutput.choice={self.choice!r} must be a non-empty list of non-empty strings")
         if self.tools is not None:
             self._validate_tools()
+        elif self.content is not None:
+            raise ValueError("StructuredOutput.content is the response format beside tools; it needs tools")
         for name in ("json_object", "strict", "any_whitespace", "parallel_tool_calls"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"StructuredOutput.{name}={getattr(self, name)!r} must be a bool")
@@ -111,6 +119,13 @@ class StructuredOutput:
                                  f"got {type(schema).__name__}")
         if self.tool_start not in TOOL_STARTS:
             raise ValueError(f"StructuredOutput.tool_start={self.tool_start!r} must be one of {', '.join(TOOL_STARTS)}")
+        if self.content is not None:
+            if not isinstance(self.content, StructuredOutput) or self.content.kind not in ("json_schema", "json_object"):
+                raise ValueError("StructuredOutput.content must be a json_schema or json_object StructuredOutput (the "
+                                 "response format beside the tools)")
+            if self.tool_start != "text":
+                raise ValueError(f"StructuredOutput.content needs tool_start='text' (a reply that may answer with the "
+                                 f"format instead of calling a tool); got tool_start={self.tool_start!r}")
 
     @property
     def kind(self) -> str:
@@ -137,7 +152,7 @@ class StructuredOutput:
             return (kind, self.any_whitespace)
         if kind == "tools":
             return (kind, json.dumps(self.tools, ensure_ascii=False, sort_keys=True), self.tool_start,
-                    self.parallel_tool_calls, self.strict)
+                    self.parallel_tool_calls, self.strict, None if self.content is None else self.content.key)
         if kind == "grammar":
             return (kind, self.grammar)
         return (kind, self.regex) if kind == "regex" else (kind, tuple(self.choice))

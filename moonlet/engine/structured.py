@@ -41,6 +41,11 @@ the section opener starts the constraint), so a thinking section needs no waitin
 While the matcher is inside a call's arguments the state also masks tokens holding raw control
 bytes and every special token but the call's end (the JSON string rules would let their text in).
 
+A response format beside tools (``StructuredOutput.content``): the structural tag is the format's
+JSON grammar or the tool section, over the tool vocabulary view; the state masks special tokens
+inside the JSON and waits for ``</think>`` as a plain format does. Every constrained row also
+excludes UTF-8 surrogates, which the library's character classes admit (``GrammarCache.utf8``).
+
 Grammars are compiled once per distinct constraint per engine (an LRU of ``GrammarCache.capacity``
 entries; concurrent compiles of the same constraint wait for one), when the request is checked
 (``EngineCore.check_request``; ``AsyncLLM.generate`` runs that check in a worker thread for a
@@ -130,7 +135,16 @@ class GrammarCache:
         # (when the request allows any whitespace between values)
         any_ctrl = [any(b < 0x20 for b in v) for v in vocab]
         bad_ctrl = [any(b < 0x20 and b not in b"\t\n\r" for b in v) for v in vocab]
-        self.json_masks = {False: _pack_allowed(any_ctrl, vocab_size), True: _pack_allowed(bad_ctrl, vocab_size)}
+        # UTF-8 has no surrogates (U+D800..U+DFFF, bytes ED A0..BF xx), but the library's character
+        # classes let them through, and a reply holding one does not decode. So every constrained row is
+        # also masked: never a token holding ED A0..BF, and after a token ending in ED, none starting with
+        # A0..BF (StructuredState.utf8)
+        surrogate = [any(a == 0xED and 0xA0 <= b <= 0xBF for a, b in zip(v, v[1:])) for v in vocab]
+        self.no_surrogate = _pack_allowed(surrogate, vocab_size)
+        self.utf8 = (frozenset(i for i, v in enumerate(vocab) if v and v[-1] == 0xED),
+                     _pack_allowed([bool(v) and 0xA0 <= v[0] <= 0xBF for v in vocab], vocab_size))
+        self.json_masks = {ws: _pack_allowed([c or u for c, u in zip(ctrl, surrogate)], vocab_size)
+                           for ws, ctrl in ((False, any_ctrl), (True, bad_ctrl))}
         self.tokenizer = tokenizer
         self._tool_vocab: ToolVocab | None = None
         self._cache: OrderedDict[tuple, object] = OrderedDict()
@@ -214,7 +228,20 @@ class GrammarCache:
             args = (tv.args_begin, tv.call_end, tv.args_mask)
             matcher = self.xgr.GrammarMatcher(compiled, override_stop_tokens=stops) if stops else \
                 self.xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
-            return StructuredState(matcher, self.vocab_size, args=args, in_args=spec.tool_start == "arguments")
+            if spec.content is None:
+                return StructuredState(matcher, self.vocab_size, extra_mask=self.no_surrogate, args=args,
+                                       in_args=spec.tool_start == "arguments", utf8=self.utf8)
+            # a format beside the tools: the content is JSON (no special token inside it but the stops)
+            # or a tool section; free thinking first when the prompt leaves it open, as for plain JSON
+            content_mask = _with_bits(self.json_masks[spec.content.any_whitespace], range(tv.num_base, self.vocab_size),
+                                      False)
+            content_mask = _with_bits(content_mask, stops, True)
+            first_mask = _with_bits(content_mask, [tv.section_begin], True)
+            end = None
+            if think_markers is not None and prompt_leaves_thinking_open(prompt_ids, *think_markers):
+                end = think_markers[1]
+            return StructuredState(matcher, self.vocab_size, end, args=args,
+                                   content=(tv.section_begin, first_mask, content_mask), utf8=self.utf8)
         if stops:
             matcher = self.xgr.GrammarMatcher(compiled, override_stop_tokens=stops)
         else:  # nothing may end the request: it ends when the grammar is complete
@@ -222,23 +249,33 @@ class GrammarCache:
         end: tuple[int, ...] | None = None
         if think_markers is not None and prompt_leaves_thinking_open(prompt_ids, *think_markers):
             end = think_markers[1]
-        extra = self.json_masks[spec.any_whitespace] if spec.kind in ("json_schema", "json_object") else None
-        return StructuredState(matcher, self.vocab_size, end, extra)
+        extra = self.json_masks[spec.any_whitespace] if spec.kind in ("json_schema", "json_object") else \
+            self.no_surrogate
+        return StructuredState(matcher, self.vocab_size, end, extra, utf8=self.utf8)
 
 
 class StructuredState:
     """One request's constraint state: its grammar matcher, and whether the constraint is in force
     yet (it waits for ``</think>`` when the prompt opened a thinking section)."""
 
-    __slots__ = ("matcher", "vocab_size", "think_end", "active", "failed", "extra_mask", "args", "in_args")
+    __slots__ = ("matcher", "vocab_size", "think_end", "active", "failed", "extra_mask", "args", "in_args",
+                 "content", "branch", "utf8")
 
     def __init__(self, matcher, vocab_size: int, think_end: tuple[int, ...] | None = None,
                  extra_mask: torch.Tensor | None = None, args: tuple[int, int, torch.Tensor] | None = None,
-                 in_args: bool = False):
+                 in_args: bool = False, content: tuple[int, torch.Tensor, torch.Tensor] | None = None,
+                 utf8: tuple[frozenset, torch.Tensor] | None = None):
         self.matcher = matcher
+        # (the tokens ending in byte ED, the row ANDed after one: no token starting with A0..BF)
+        self.utf8 = utf8
         # tool calls: (argument-marker id, call-end id, the bitmask row ANDed while inside arguments)
         self.args = args
         self.in_args = in_args
+        # a response format beside tools: (section-opener id, the row ANDed at the reply's first
+        # constrained token, the row ANDed inside JSON content); ``branch``: None until that first
+        # token, then "content" or "tools" (the opener)
+        self.content = content
+        self.branch: str | None = None
         self.extra_mask = extra_mask  # a static bitmask row ANDed with the grammar's (JSON: no raw control bytes)
         self.vocab_size = vocab_size
         self.think_end = think_end  # the closer the constraint waits for (None: in force from the start)
@@ -269,7 +306,19 @@ class StructuredState:
             self.failed = True
             return False
         self.in_args = self._next_in_args(self.in_args, token)
+        self.branch = self._next_branch(self.branch, token)
         return True
+
+    def _next_branch(self, branch: str | None, token: int) -> str | None:
+        """Which side of a format-or-tools reply the matcher is on after ``token``."""
+        if self.content is None or branch is not None:
+            return branch
+        return "tools" if token == self.content[0] else "content"
+
+    def _content_row(self, branch: str | None) -> torch.Tensor | None:
+        if self.content is None or branch == "tools":
+            return None
+        return self.content[1] if branch is None else self.content[2]
 
     def _next_in_args(self, in_args: bool, token: int) -> bool:
         """Whether the matcher is inside a call's arguments after ``token``."""
@@ -290,6 +339,7 @@ class StructuredState:
         tail = list(token_ids[-len(self.think_end):]) if self.think_end is not None and not active else []
         fed = 0
         in_args = self.in_args
+        branch = self.branch
         try:
             for j in range(len(drafts) + 1):
                 if active:
@@ -300,6 +350,12 @@ class StructuredState:
                         bitmask[first_row + j] &= self.extra_mask
                     if in_args:
                         bitmask[first_row + j] &= self.args[2]
+                    row = self._content_row(branch)
+                    if row is not None:
+                        bitmask[first_row + j] &= row
+                    last = int(drafts[j - 1]) if j else (int(token_ids[-1]) if len(token_ids) else -1)
+                    if self.utf8 is not None and last in self.utf8[0]:
+                        bitmask[first_row + j] &= self.utf8[1]
                     rows.append(first_row + j)
                 if j == len(drafts):
                     break
@@ -309,6 +365,7 @@ class StructuredState:
                         break
                     fed += 1
                     in_args = self._next_in_args(in_args, d)
+                    branch = self._next_branch(branch, d)
                 else:
                     tail.append(d)
                     if self._waits_over(tail):
@@ -336,6 +393,7 @@ class ToolVocab:
         self.section_begin, self.section_end, self.call_begin, self.args_begin, self.call_end = ids
         self.markers = ids
         n = min(tok.num_base_tokens, V)
+        self.num_base = n  # ids from here on are special tokens
         vocab = [tok.token_bytes(i) for i in range(n)] + [b""] * (V - n)
         for name, i in tok.special_tokens.items():
             if n <= i < V:
@@ -343,7 +401,8 @@ class ToolVocab:
         self.xgr = xgr
         self.info = xgr.TokenizerInfo(vocab, vocab_type=xgr.VocabType.RAW, vocab_size=V, stop_token_ids=[])
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
-        forbidden = [any(b < 0x20 for b in v) for v in vocab[:n]] + [i != self.call_end for i in range(n, V)]
+        forbidden = [any(b < 0x20 for b in v) or any(a == 0xED and 0xA0 <= b <= 0xBF for a, b in zip(v, v[1:]))
+                     for v in vocab[:n]] + [i != self.call_end for i in range(n, V)]
         self.args_mask = _pack_allowed(forbidden, V)
 
     def compile(self, spec: StructuredOutput):
@@ -374,6 +433,9 @@ class ToolVocab:
         rest = ([{"type": "star", "content": call}] if spec.parallel_tool_calls else []) + [token(self.section_end)]
         if spec.tool_start == "arguments":
             fmt = {"type": "sequence", "elements": [args[0], token(self.call_end)] + rest}
+        elif spec.content is not None:  # JSON content under the format, or a tool section
+            fmt = {"type": "or", "elements": [self._content(spec.content),
+                                              {"type": "sequence", "elements": [token(self.section_begin), call] + rest}]}
         else:
             fmt = {"type": "sequence", "elements": [call] + rest}
             if spec.tool_start == "text":
@@ -386,6 +448,29 @@ class ToolVocab:
                                                                                      "format": fmt}))
         except (RuntimeError, ValueError, TypeError) as e:
             raise ValueError(f"cannot compile the tool-call grammar: {_detail(e)}") from None
+
+    def _content(self, content: StructuredOutput) -> dict:
+        """The structural-tag element of a response format beside tools: its JSON grammar."""
+        schema = content.json_schema if content.kind == "json_schema" else {"type": "object"}
+        text = schema if isinstance(schema, str) else json.dumps(schema, ensure_ascii=False)
+        try:
+            grammar = self.xgr.Grammar.from_json_schema(text, any_whitespace=content.any_whitespace,
+                                                        strict_mode=content.strict and content.kind == "json_schema")
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise ValueError(f"cannot compile the structured-output {content.kind.replace('_', ' ')}: "
+                             f"{_detail(e)}") from None
+        return {"type": "grammar", "grammar": str(grammar)}
+
+
+def _with_bits(row: torch.Tensor, ids, on: bool) -> torch.Tensor:
+    """A copy of the int32 bitmask row ``row`` with the bits of ``ids`` set (``on``) or cleared."""
+    row = row.clone()
+    for i in ids:
+        word, bit = divmod(int(i), 32)
+        value = int(row[word]) & 0xFFFFFFFF
+        value = value | (1 << bit) if on else value & ~(1 << bit)
+        row[word] = value - (1 << 32) if value >= 1 << 31 else value
+    return row
 
 
 def _detail(e: BaseException) -> str:

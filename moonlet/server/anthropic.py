@@ -28,7 +28,7 @@ from ..engine.params import SamplingParams, StructuredOutput
 from .anthropic_convert import check_thinking_budget, to_conversation
 from .errors import APIError, anthropic_stream_error, invalid
 from .generation import (Conversation, EngineRun, Prompt, SSEResponse, build_prompt, check_structured, fit_max_tokens,
-                         json_schema_format, make_sampling, sse_frame, start_run, supports_images,
+                         format_beside_tools, json_schema_format, make_sampling, sse_frame, start_run, supports_images,
                          tool_section_stop_ids)
 from .reply import ReplyBuilder
 from .state import request_id_of, state_of
@@ -250,7 +250,8 @@ async def create_message(body: MessagesRequest, request: Request):
             raise invalid("a forced tool call (tool_choice any or tool) cannot be combined with a structured "
                           "output format; drop one of them", param=param)
         check_structured(structured, f"{param}.schema")
-    else:  # strict tools (an output format constrains the text instead; the calls are then not constrained)
+        structured = format_beside_tools(structured, conv)  # with tools to call: JSON text or tool calls
+    else:  # strict tools
         structured = conv.tool_constraint
         check_structured(structured, "tools")
     params = _sampling(body, max_tokens, conv, st.tokenizer, structured)

@@ -88,6 +88,7 @@ class Conversation:
     thinking_budget: int | None = None  # cap on thinking tokens (SamplingParams.thinking_token_budget)
     images: list = field(default_factory=list)  # decoded images, in the order of their placeholders
     tool_constraint: StructuredOutput | None = None  # strict tools: the calls the reply may make
+    strict_tools: frozenset = frozenset()  # the names of the tools marked strict
 
 
 def apply_tool_choice(conv: Conversation, kind: str, forced_name: str | None, call_index: int,
@@ -111,6 +112,7 @@ def apply_tool_choice(conv: Conversation, kind: str, forced_name: str | None, ca
         if kind == "tool":
             conv.output_prefix += CALL_BEGIN + k2_id(forced_name, call_index) + ARGS_BEGIN
     conv.single_call = single_call
+    conv.strict_tools = frozenset(strict)
     if strict and conv.tools:
         conv.tool_constraint = tool_constraint(conv.tools, set(strict), kind, forced_name, single_call)
 
@@ -135,6 +137,22 @@ def tool_constraint(tools: list[dict], strict: set[str], kind: str, forced_name:
     except ValueError as e:
         raise invalid(f"cannot constrain the tool calls: {str(e).replace('StructuredOutput.', '')}",
                       param="tools") from None
+
+
+def format_beside_tools(structured: StructuredOutput | None, conv: Conversation) -> StructuredOutput | None:
+    """A response format (``structured``, already checked) in a request whose reply may also call
+    tools (``tool_choice`` auto with tools declared): the reply is then either JSON under the format or
+    a tool-call section whose calls are constrained as ``tool_constraint`` makes them (strict tools'
+    arguments under their schemas, the others any object) — what OpenAI and Anthropic do when a request
+    has both. Other constraints (a regex, a choice, a grammar) and requests with no tool to call keep
+    ``structured`` as it is: the tool-call markers are then not allowed."""
+    if structured is None or structured.kind not in ("json_schema", "json_object") or not conv.tools \
+            or conv.forbid_tools or conv.output_prefix:
+        return structured
+    tools = tool_constraint(conv.tools, set(conv.strict_tools), "auto", None, conv.single_call)
+    tools.content = structured
+    tools.param = structured.param  # a schema the library refuses is the format's; a tool's names the tool
+    return tools
 
 
 @dataclass

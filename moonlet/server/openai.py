@@ -49,7 +49,7 @@ from ..engine.params import SamplingParams, StructuredOutput
 from .documents import file_input
 from .errors import APIError, invalid, openai_stream_error
 from .generation import (Conversation, EngineRun, SSEResponse, apply_tool_choice, build_prompt, check_structured,
-                         fit_max_tokens, make_sampling, openai_response_format, sse_frame, start_run, supports_images,
+                         fit_max_tokens, format_beside_tools, make_sampling, openai_response_format, sse_frame, start_run, supports_images,
                          tool_section_stop_ids, vllm_structured_outputs)
 from .images import Images, join_content
 from .reply import ReplyBuilder
@@ -120,12 +120,12 @@ class ChatRequest(SamplingFields):
 
 def sampling_params(body: SamplingFields, max_tokens: int, stop_ids: list[int], logprobs: int | None,
                     engine=None, tools: StructuredOutput | None = None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
+                    prompt_logprobs: int | None = None, conv: Conversation | None = None) -> SamplingParams:
     """The request's SamplingParams. A structured-output constraint is tagged with its field and
     compiled when the engine gets the request (off the event loop; a schema it cannot use is a 400
     naming the field). ``tools``: the strict-tool constraint (``Conversation.tool_constraint``),
-    used when the request asks for no response format — a format constrains the content and then
-    the tool calls are not constrained. ``engine`` is unused (kept for callers). ``prompt_logprobs``:
+    used when the request asks for no response format; ``conv``: with a JSON format and tools the
+    reply may call, the format and the tools combine (``format_beside_tools``). ``engine`` is unused (kept for callers). ``prompt_logprobs``:
     the top tokens per prompt position the reply needs (default the body's ``prompt_logprobs``)."""
     n = 1 if body.n is None else body.n
     if not 1 <= n <= MAX_N:
@@ -136,6 +136,8 @@ def sampling_params(body: SamplingFields, max_tokens: int, stop_ids: list[int], 
     if structured is None and tools is not None:
         structured, param = tools, "tools"
     check_structured(structured, param)
+    if conv is not None and param != "tools":  # a format beside callable tools: JSON or tool calls
+        structured = format_beside_tools(structured, conv)
     return make_sampling(
         max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
         top_p=body.top_p or 1.0, top_k=body.top_k if body.top_k and body.top_k > 0 else -1,
@@ -424,7 +426,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     if body.prompt_logprobs is not None and body.stream:
         raise invalid("prompt_logprobs is not available when streaming (as in vLLM); send stream: false",
                       param="prompt_logprobs")
-    params = sampling_params(body, max_tokens, stop_ids, top_n, tools=conv.tool_constraint)
+    params = sampling_params(body, max_tokens, stop_ids, top_n, tools=conv.tool_constraint, conv=conv)
     params.lora = st.lora_for(body.model)  # multi-LoRA: the adapter the model name selects
     run = EngineRun(st.engine, prompt.engine_input, params, request_id_of(request), "openai", st.metrics)
     first = await start_run(run, request)

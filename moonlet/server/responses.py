@@ -48,8 +48,8 @@ from ..engine.structured import structured_available
 from .documents import file_input
 from .errors import APIError, invalid, openai_stream_error
 from .generation import (Conversation, EngineRun, Prompt, SSEResponse, apply_tool_choice, build_prompt,
-                         check_structured, fit_max_tokens, json_schema_format, make_sampling, sse_frame, start_run,
-                         supports_images, tool_section_stop_ids)
+                         check_structured, fit_max_tokens, format_beside_tools, json_schema_format, make_sampling,
+                         sse_frame, start_run, supports_images, tool_section_stop_ids)
 from .images import Images, join_content
 from .reply import ReplyBuilder
 from .state import request_id_of, state_of
@@ -668,7 +668,8 @@ async def create_response(body: ResponsesRequest, request: Request):
             raise invalid("a forced tool call (tool_choice 'required' or a named function) cannot be combined "
                           "with a structured text.format; drop one of them", param="text.format")
         check_structured(structured, "text.format.schema" if structured.kind == "json_schema" else "text.format")
-    else:  # strict tools (a text.format constrains the text instead; the calls are then not constrained)
+        structured = format_beside_tools(structured, conv)  # with tools to call: JSON text or tool calls
+    else:  # strict tools
         structured = conv.tool_constraint
         check_structured(structured, "tools")
     params = _sampling(body, max_tokens, conv, st.tokenizer, structured)

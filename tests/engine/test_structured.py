@@ -570,3 +570,151 @@ def test_ebnf_grammar(llm):
     with pytest.raises(ValueError, match="non-empty EBNF"):
         StructuredOutput(grammar="  ")
     assert not llm.engine.has_unfinished()
+
+
+# ---- a response format beside tools ---------------------------------------------------------------
+def format_or_tools(**kw) -> SamplingParams:
+    kw.setdefault("max_tokens", 150)
+    content = StructuredOutput(json_schema=SCHEMA, any_whitespace=False)
+    return SamplingParams(structured=StructuredOutput(tools=TOOLS, content=content, parallel_tool_calls=False), **kw)
+
+
+def format_or_tools_reference(model, tok, prompt: list[int], max_tokens: int, bias: dict[int, float]) -> list[int]:
+    """Greedy decoding with no engine: a grammar built here with xgrammar's structural-tag classes —
+    the JSON under SCHEMA, or K2's section holding one call — over a vocabulary holding K2's named
+    special tokens; at the first token only base tokens without raw control bytes, the stops and the
+    section opener; inside the JSON only such base tokens and the stops; inside arguments only such base
+    tokens and the call's end. ``bias`` is added to the logits (the request's logit_bias)."""
+    from xgrammar import structural_tag as st
+
+    V = model.config.vocab_size
+    n = tok.num_base_tokens
+    vocab = [tok.token_bytes(i) for i in range(n)] + [b""] * (V - n)
+    for name, i in tok.special_tokens.items():
+        vocab[i] = name.encode()
+    sec_begin, sec_end, call_begin, args_begin, call_end = [tok.token_id(m) for m in MARKERS]
+    stops = sorted(set(tok.stop_token_ids) | {1})
+    info = xgr.TokenizerInfo(vocab, vocab_type=xgr.VocabType.RAW, vocab_size=V)
+
+    def call(tool):
+        grammar = xgr.Grammar.from_json_schema(json.dumps(tool["parameters"]), any_whitespace=False, strict_mode=True)
+        return st.SequenceFormat(elements=[
+            st.TokenFormat(token=call_begin), st.ConstStringFormat(value=f"functions.{tool['name']}:"),
+            st.RegexFormat(pattern="[0-9]{1,6}"), st.TokenFormat(token=args_begin), st.GrammarFormat(grammar=str(grammar)),
+            st.TokenFormat(token=call_end)])
+
+    content = st.GrammarFormat(grammar=str(xgr.Grammar.from_json_schema(json.dumps(SCHEMA), any_whitespace=False)))
+    section = st.SequenceFormat(elements=[st.TokenFormat(token=sec_begin), st.OrFormat(elements=[call(t) for t in TOOLS]),
+                                          st.TokenFormat(token=sec_end)])
+    compiled = xgr.GrammarCompiler(info).compile_structural_tag(
+        st.StructuralTag(format=st.OrFormat(elements=[content, section])))
+    matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=stops)
+    plain = torch.tensor([not any(b < 0x20 for b in v) for v in vocab[:n]] + [False] * (V - n))
+    in_json, in_args_ok, first = plain.clone(), plain.clone(), plain.clone()
+    in_json[stops] = True
+    in_args_ok[call_end] = True
+    first[stops] = True
+    first[sec_begin] = True
+    bitmask = xgr.allocate_token_bitmask(1, V)
+    ids, out, in_args = list(prompt), [], False
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            logits = model(torch.tensor([ids]))[0, -1].float()
+            for t, b in bias.items():
+                logits[t] += b
+            matcher.fill_next_token_bitmask(bitmask)
+            allowed = ((bitmask[0, :, None] >> torch.arange(32, dtype=torch.int32)) & 1).reshape(-1)[:V].bool()
+            if not out:
+                allowed &= first
+            elif out[0] != sec_begin:
+                allowed &= in_json
+            elif in_args:
+                allowed &= in_args_ok
+            t = int(logits.masked_fill(~allowed, float("-inf")).argmax())
+            out.append(t)
+            ids.append(t)
+            assert matcher.accept_token(t)
+            in_args = True if t == args_begin else False if t == call_end else in_args
+            if matcher.is_terminated():
+                break
+    return out
+
+
+def test_format_beside_tools_fields_are_checked():
+    content = StructuredOutput(json_object=True)
+    with pytest.raises(ValueError, match="needs tools"):
+        StructuredOutput(json_object=True, content=content)
+    with pytest.raises(ValueError, match="tool_start='text'"):
+        StructuredOutput(tools=TOOLS, content=content, tool_start="section")
+    with pytest.raises(ValueError, match="json_schema or json_object"):
+        StructuredOutput(tools=TOOLS, content=StructuredOutput(regex="a+"))
+    with_format = StructuredOutput(tools=TOOLS, content=content)
+    assert with_format.kind == "tools" and with_format.key != StructuredOutput(tools=TOOLS).key
+
+
+@pytest.mark.parametrize("call_tool", [False, True])
+def test_format_beside_tools_equals_a_plain_masked_loop(model, tok, call_tool):
+    """Greedy replies under a format beside tools: JSON under the schema, or (the section opener
+    biased up) one valid call, token for token what the independent masked loop picks."""
+    prompt = tok.encode("Answer or use a tool")
+    bias = {tok.token_id(SECTION): 100.0} if call_tool else {}
+    engine = LLM(model=model, tokenizer=tok, num_blocks=128, block_size=8)
+    out = engine.generate(prompt, format_or_tools(temperature=0, logit_bias=bias or None))[0]
+    assert out.token_ids == format_or_tools_reference(model, tok, prompt, 150, bias)
+    assert out.finish_reason == "stop"
+    if call_tool:
+        assert len(check_calls(out.text, "")) == 1
+    else:
+        validate(json.loads(out.text), SCHEMA)
+
+
+def test_format_beside_tools_sampled_replies_are_json_or_valid_calls(llm, tok):
+    section = tok.token_id(SECTION)
+    params = [format_or_tools(temperature=1.0, seed=s, max_tokens=200,
+                              logit_bias={section: 4.0} if s % 2 else None) for s in range(8)]
+    outs = llm.generate(["Hello", "Call a tool.", "x y z", "1 2 3"] * 2, params)
+    kinds = set()
+    for out in outs:
+        if out.finish_reason != "stop":
+            continue
+        if out.token_ids[0] == section:
+            kinds.add("call")
+            assert len(check_calls(out.text, "")) == 1
+        else:
+            kinds.add("json")
+            validate(json.loads(out.text), SCHEMA)
+    assert kinds == {"call", "json"}
+
+
+def test_format_beside_tools_keeps_reasoning_free(llm, tok):
+    ids = tok.apply_chat_template([{"role": "user", "content": "Answer in JSON."}], thinking=True, tokenize=True)
+    k = 6
+    free = llm.generate(ids, SamplingParams(temperature=0, max_tokens=k, ignore_eos=True))[0]
+    out = llm.generate(ids, format_or_tools(temperature=0, thinking_token_budget=k))[0]
+    assert out.token_ids[:k] == free.token_ids and out.token_ids[k] == tok.token_id("</think>")
+    assert out.finish_reason == "stop"
+    if out.token_ids[k + 1] == tok.token_id(SECTION):  # this model's greedy choice; either side is allowed
+        assert len(check_calls(tok.decode(out.token_ids[k + 1:], skip_special_tokens=False), "")) == 1
+    else:
+        validate(json.loads(tok.decode(out.token_ids[k + 1:], skip_special_tokens=True)), SCHEMA)
+
+
+@pytest.mark.parametrize("constraint", ["json", "tools"])
+def test_no_surrogate_code_points_even_when_the_model_wants_them(llm, tok, constraint):
+    """The grammar library's character classes admit UTF-8 surrogates (ED A0..BF xx); the engine masks
+    them. Logits pushed towards ED and then A0..BF: the reply's bytes never hold a surrogate (and a
+    finished reply decodes strictly), while ED itself still appears (followed by 80..9F)."""
+    ed = [i for i in range(tok.num_base_tokens) if tok.token_bytes(i) == b"\xed"]
+    high = [i for i in range(tok.num_base_tokens) if tok.token_bytes(i)[:1] and 0xA0 <= tok.token_bytes(i)[0] <= 0xBF]
+    assert ed and high
+    bias = {ed[0]: 30.0, **{i: 15.0 for i in high}}
+    if constraint == "json":
+        structured = StructuredOutput(json_schema={"type": "object", "properties": {"s": {"type": "string"}},
+                                                   "required": ["s"]}, any_whitespace=False)
+    else:
+        structured = StructuredOutput(tools=[{"name": "f", "parameters": {
+            "type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]}}], tool_start="section")
+    out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=40, logit_bias=bias, structured=structured))[0]
+    raw = b"".join(tok.token_bytes(t) for t in out.token_ids if t < tok.num_base_tokens)
+    assert b"\xed" in raw
+    assert not any(a == 0xED and 0xA0 <= b <= 0xBF for a, b in zip(raw, raw[1:])), raw

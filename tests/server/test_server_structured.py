@@ -407,3 +407,58 @@ def test_scripted_engine_receives_the_tool_constraint(scripted, engine):
         ("tools", "section", False, "tools"), ("tools", "arguments", True, "tools"), ("tools", "text", True, "tools")]
     assert specs[0].tools == [{"name": "forecast", "parameters": TOOL_SCHEMA}, {"name": "paint", "parameters": None}]
     assert specs[1].tools == specs[2].tools == [{"name": "paint", "parameters": COLOR_SCHEMA}]
+
+
+# ---- a response format beside tools ---------------------------------------------------------------
+def test_scripted_engine_receives_the_format_beside_the_tools(scripted, engine):
+    """A JSON format in a request whose reply may call tools becomes one constraint: the tools (strict
+    ones with their schemas, the others any object) with the format as its content — in all three APIs.
+    A forbidden tool choice, or a regex, keeps the format alone."""
+    auth = {"authorization": "Bearer test-key", "x-api-key": "test-key", "anthropic-version": "2023-06-01"}
+    fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": SCHEMA, "strict": True}}
+    post(scripted.url, "/v1/chat/completions", {"model": "m", "messages": MESSAGES, "response_format": fmt,
+                                                "tools": [openai_tools()[0], openai_tools(False)[1]]}, auth)
+    post(scripted.url, "/v1/responses", {"model": "m", "input": "x", "tools": [
+        {"type": "function", "name": "paint", "parameters": COLOR_SCHEMA}],
+        "text": {"format": {"type": "json_schema", "name": "w", "schema": SCHEMA}}}, auth)
+    post(scripted.url, "/v1/messages", {"model": "m", "max_tokens": 5, "messages": MESSAGES,
+                                        "tools": [{"name": "paint", "input_schema": COLOR_SCHEMA}],
+                                        "output_config": {"format": {"type": "json_schema", "schema": SCHEMA}}}, auth)
+    specs = [c.params.structured for c in engine.calls[-3:]]
+    assert [(s.kind, s.tool_start, s.param) for s in specs] == [
+        ("tools", "text", "response_format.json_schema.schema"), ("tools", "text", "text.format.schema"),
+        ("tools", "text", "output_config.format.schema")]
+    assert specs[0].tools == [{"name": "forecast", "parameters": TOOL_SCHEMA}, {"name": "paint", "parameters": None}]
+    assert specs[1].tools == [{"name": "paint", "parameters": COLOR_SCHEMA}]  # Responses: strict by default
+    assert specs[2].tools == [{"name": "paint", "parameters": None}]  # Messages: not strict unless asked
+    assert all(s.content.kind == "json_schema" and s.content.json_schema == SCHEMA for s in specs)
+    post(scripted.url, "/v1/chat/completions", {"model": "m", "messages": MESSAGES, "response_format": fmt,
+                                                "tools": openai_tools(), "tool_choice": "none"}, auth)
+    post(scripted.url, "/v1/chat/completions", {"model": "m", "messages": MESSAGES, "tools": openai_tools(),
+                                                "structured_outputs": {"regex": "[a-z]+"}}, auth)
+    kinds = [c.params.structured.kind for c in engine.calls[-2:]]
+    assert kinds == ["json_schema", "regex"]
+
+
+@pytest.mark.parametrize("call_tool", [False, True])
+def test_chat_format_beside_tools_answers_json_or_calls_a_tool(stack, call_tool):
+    """The real engine: with the tool-section opener pushed up (logit_bias) the reply is a valid call
+    (finish_reason tool_calls); pushed down, JSON under the format."""
+    server, _, tok = stack
+    fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": SCHEMA, "strict": True}}
+    bias = {str(tok.token_id("<|tool_calls_section_begin|>")): 100 if call_tool else -100}
+    for seed in range(2):
+        r = post(server.url, "/v1/chat/completions", {
+            "model": "tiny", "messages": MESSAGES, "max_tokens": 150, "temperature": 1.0, "seed": seed,
+            "response_format": fmt, "tools": openai_tools(), "parallel_tool_calls": False, "logit_bias": bias,
+            "chat_template_kwargs": NO_THINK})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        if call_tool:
+            assert choice["finish_reason"] == "tool_calls", choice
+            calls = choice["message"]["tool_calls"]
+            assert len(calls) == 1
+            check_args(calls[0]["function"]["name"], calls[0]["function"]["arguments"])
+        else:
+            assert choice["finish_reason"] == "stop" and not choice["message"].get("tool_calls"), choice
+            check(choice["message"]["content"])
