@@ -29,7 +29,7 @@ pytest.importorskip("mcp", reason="the official MCP SDK (pip install mcp) is the
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SERVER = os.path.join(HERE, "mcp_sdk_server.py")
-ALL_TOOLS = ["add", "fail", "picture", "ask_roots", "sleep"]
+ALL_TOOLS = ["add", "fail", "picture", "ask_roots", "sleep", "grow", "shrink"]
 
 
 def free_port() -> int:
@@ -139,8 +139,8 @@ def test_streamable_http_lists_and_calls_the_sdk_servers_tools(sdk_server, tmp_p
             await client.close()
 
     session, tools, added, added_seen, failed, picture, roots = asyncio.run(go())
-    assert list(tools) == [f"mcp__sdk__{t}" for t in ALL_TOOLS]  # three tools/list pages
-    assert [t.read_only for t in tools.values()] == [True, False, True, False, False]
+    assert list(tools) == [f"mcp__sdk__{t}" for t in ALL_TOOLS]  # four tools/list pages
+    assert [t.read_only for t in tools.values()] == [True, False, True, False, False, False, False]
     assert tools["mcp__sdk__add"].input_schema["required"] == ["a", "b"]
     assert added.content == "5.5" and not added.is_error
     # on the call's own SSE stream: the server's log notification and ping came before the answer
@@ -159,8 +159,8 @@ def test_streamable_http_lists_and_calls_the_sdk_servers_tools(sdk_server, tmp_p
         assert r["headers"]["authorization"] == "Bearer s3cret"
     assert all(r["headers"]["mcp-protocol-version"] == "2025-06-18" for r in posts[1:])
     methods = [r["body"].get("method") for r in posts]
-    assert methods[:5] == ["initialize", "notifications/initialized", "tools/list", "tools/list", "tools/list"]
-    assert [r["body"]["params"].get("cursor") for r in posts[2:5]] == [None, "2", "4"]
+    assert methods[:6] == ["initialize", "notifications/initialized"] + ["tools/list"] * 4
+    assert [r["body"]["params"].get("cursor") for r in posts[2:6]] == [None, "2", "4", "6"]
     assert {"jsonrpc": "2.0", "id": 1, "result": {}} in [r["body"] for r in posts]  # the ping's answer
     assert received[-1]["http"] == "DELETE"  # the session ended on close
 
@@ -294,6 +294,72 @@ def test_agent_run_with_an_http_server_from_mcp_config(sdk_server, tmp_path):
     assert calls == [{"jsonrpc": "2.0", "id": calls[0]["id"], "method": "tools/call",
                       "params": {"name": "add", "arguments": {"a": 40, "b": 2}}}]
     assert server.received()[-1]["http"] == "DELETE"  # the CLI closed the session on exit
+
+
+async def announced(client: McpClient, tool, version: int) -> None:
+    """Call `grow`/`shrink` until the client has read a changed tool list. Over Streamable HTTP the
+    server's announcement travels on the GET stream, which may not be open yet for the first call
+    (the SDK drops messages for a stream that is not there): then the next call's reaches it."""
+    for _ in range(10):
+        assert not (await tool.run({}, ToolContext(Workspace(".")))).is_error
+        for _ in range(100):
+            await client.settle()
+            if client.tools_version != version:
+                return
+            await asyncio.sleep(0.02)
+    raise AssertionError(f"the client never read a changed tool list after {tool.name}")
+
+
+@pytest.mark.parametrize("transport", ["streamable-http", "sse", "stdio"])
+def test_a_changed_tool_list_is_read_again_and_roots_are_answered(sdk_server, tmp_path, transport):
+    """The SDK server adds and removes a tool and sends notifications/tools/list_changed outside any
+    request; an agent's registry offers the new list (read again over four pages) and drops the
+    removed tool; a registry limited to some tools does not take the new one in. roots/list is
+    answered with the work directory as a file:// URI the SDK parses."""
+    from urllib.parse import quote
+
+    from moonlet.agent.tools import make_tools
+    if transport == "stdio":
+        config = McpServerConfig("sdk", [sys.executable, SERVER, "stdio"])
+    else:
+        config = McpServerConfig("sdk", type="http" if transport == "streamable-http" else "sse",
+                                 url=sdk_server(transport).url)
+    work = tmp_path / "my work"
+    work.mkdir()
+
+    async def go():
+        clients, _ = await start_mcp_servers([config], roots=[str(work)])
+        client = clients[0]
+        try:
+            registry = make_tools(sources=clients)
+            limited = make_tools(sources=clients)
+            limited.restrict(["mcp__sdk__add", "mcp__sdk__grow"])
+            before = registry.names()
+            by_name = dict(registry.tools)
+            roots = await by_name["mcp__sdk__ask_roots"].run({}, ToolContext(Workspace(tmp_path)))
+            await announced(client, by_name["mcp__sdk__grow"], client.tools_version)
+            grown = await registry.refresh()
+            extra = registry.get("mcp__sdk__extra")
+            echoed = await extra.run({"word": "moon"}, ToolContext(Workspace(tmp_path)))
+            limited_grown = await limited.refresh()
+            await announced(client, by_name["mcp__sdk__shrink"], client.tools_version)
+            shrunk = await registry.refresh()
+            with pytest.raises(ToolError, match=r"'sdk' no longer offers the tool 'extra' \(its tool list changed\)"):
+                await extra.run({"word": "moon"}, ToolContext(Workspace(tmp_path)))
+            return before, roots, grown, echoed, limited_grown, limited.names(), shrunk, registry
+        finally:
+            await client.close()
+
+    before, roots, grown, echoed, limited_grown, limited_names, shrunk, registry = asyncio.run(go())
+    assert "mcp__sdk__extra" not in before
+    assert (grown.added, grown.removed) == (["mcp__sdk__extra"], [])
+    assert echoed.content == "extra: moon" and not echoed.is_error
+    assert limited_grown.added == [] and limited_names == ["mcp__sdk__add", "mcp__sdk__grow"]
+    assert (shrunk.added, shrunk.removed) == ([], ["mcp__sdk__extra"])
+    assert registry.names() == before
+    assert "no longer available" in registry.missing("mcp__sdk__extra")
+    uri = "file://" + quote(os.path.realpath(work))
+    assert roots.content == "answered: " + json.dumps([{"uri": uri, "name": "my work"}])
 
 
 # -- failure modes --------------------------------------------------------------------------------
