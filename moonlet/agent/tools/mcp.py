@@ -294,6 +294,8 @@ class McpClient:
             text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
             log.log(_LEVELS.get(level, logging.INFO), "MCP server %r%s: %s", self.name,
                     f" ({params['logger']})" if params.get("logger") else "", text[:2000])
+            if len(text) > 4000:  # a chatty server must not fill the session's events
+                data = text[:4000] + f"… [{len(text) - 4000} more characters]"
             self.notices.append({"server": self.name, "kind": "log", "level": level,
                                  "logger": params.get("logger"), "data": data})
         elif method == "notifications/progress":
