@@ -214,6 +214,7 @@ class Session:
         self.client = None
         self.mcp_clients = []
         self.mcp_tools = []
+        self.roots: list[str] = []  # directories MCP servers get for roots/list: the work directory first
         self.vision: bool | None = None  # what the model says about itself (None: it does not say)
 
     def launch(self) -> dict:
@@ -274,7 +275,7 @@ class Session:
                 info = await self.client.model_info(model) or {}
             self.vision = vision_from_model_info(info)
         if configs:
-            self.mcp_clients, self.mcp_tools = await start_mcp_servers(configs)
+            self.mcp_clients, self.mcp_tools = await start_mcp_servers(configs, roots=self.roots)
         launch["model_name"] = model
         return launch, model, window
 
@@ -530,6 +531,7 @@ async def _run_async(args, resume: bool) -> int:
     message = getattr(args, "message", None)
     message = message and (expand_prompt(message, commands) or message)
     sess = Session(args, saved)
+    sess.roots = [os.path.realpath(workdir)]
     try:
         launch, model, window = await sess.open()
         if resume:
@@ -558,7 +560,7 @@ async def _run_async(args, resume: bool) -> int:
             config.vision = sess.vision
 
         def factory(depth):
-            return apply_profile(make_tools(depth, config.max_depth, sess.mcp_tools), launch.get("tools"),
+            return apply_profile(make_tools(depth, config.max_depth, sources=sess.mcp_clients), launch.get("tools"),
                                  launch.get("tool_overrides"))
 
         approval = _approval(args, (saved or {}).get("approval"), rules)

@@ -402,6 +402,7 @@ class Agent:
             if stop:
                 self.store.event(self.session_id, self.state.steps, "budget_stop", {"budget": stop})
                 return TurnResult(stop, self._last_text(), self.state.steps)
+            await self._sync_tools()
             await self.maybe_compact()
             self.checkpoint()
             self.state.steps += 1
@@ -422,6 +423,17 @@ class Agent:
             if stop_turn:
                 self.store.event(self.session_id, self.state.steps, "repeat_guard", {})
                 return TurnResult("repeat_guard", self._last_text(), self.state.steps)
+
+    async def _sync_tools(self) -> None:
+        """Take in the changes of tools that may change during a session (an MCP server that sent
+        `notifications/tools/list_changed`), so this step's request offers the current list, and
+        record them and the servers' log messages in the session's events."""
+        changes = await self.tools.refresh()
+        if changes.added or changes.removed:
+            self.store.event(self.session_id, self.state.steps, "tools_changed",
+                             {"added": changes.added, "removed": changes.removed})
+        for notice in changes.notices:
+            self.store.event(self.session_id, self.state.steps, "mcp_notification", notice)
 
     def _last_text(self) -> str:
         for m in reversed(self.messages):
@@ -602,7 +614,7 @@ class Agent:
                                  "here; the user will decide how to continue."), True
             approved = False
         elif tool is None:
-            result, approved = error(f"Unknown tool {name!r}. Available tools: {', '.join(self.tools.names())}."), False
+            result, approved = error(self.tools.missing(name)), False
         elif "_input_error" in use:
             raw = use.get("_raw_input", "")
             result, approved = error(f"Invalid arguments for {name}: {use['_input_error']}. "
@@ -709,7 +721,7 @@ class Agent:
         if agent_type is not None:
             config.system_prompt = agent_type.prompt
             if agent_type.tools is not None:
-                tools.tools = {name: tool for name, tool in tools.tools.items() if name in agent_type.tools}
+                tools.restrict(agent_type.tools)
         return Agent(self.client, config, tools, self.workspace, self.store,
                      task=prompt, events=events or self.events.child(label), approval=self.approval,
                      tool_factory=self.tool_factory, parent=self, label=label, hooks=self.hooks)

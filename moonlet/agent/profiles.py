@@ -80,6 +80,7 @@ def apply_profile(registry: ToolRegistry, names: list[str] | None, overrides: di
         if unknown:
             raise ToolError(f"unknown tool(s) {', '.join(unknown)}; available: {', '.join(registry.names())}")
         registry.tools = {n: registry.tools[n] for n in names if n in registry.tools}
+        registry.allowed = set(names)  # an MCP server's tools added later must be named too
     for name, o in (overrides or {}).items():
         tool = registry.tools.get(name)
         if tool is not None:

@@ -13,18 +13,25 @@ from typing import AsyncIterator
 class SSEEvent:
     event: str
     data: str
+    id: str | None = None       # the stream's last event id when this event was dispatched (ids=True)
+    retry: int | None = None    # a reconnection delay in milliseconds the server asked for (ids=True)
 
 
-async def iter_sse(lines: AsyncIterator[str]) -> AsyncIterator[SSEEvent]:
+async def iter_sse(lines: AsyncIterator[str], ids: bool = False) -> AsyncIterator[SSEEvent]:
     """Yield one event per blank-line-terminated frame. Several `data:` lines are joined with newlines
-    (the SSE rule); comment lines (starting with ':') are skipped."""
-    event, data = "", []
+    (the SSE rule); comment lines (starting with ':') are skipped.
+
+    `ids=True` is for streams a client may resume (MCP's Streamable HTTP): each event carries the
+    last event id set so far (an `id:` field holds until another replaces it), frames that only set
+    an id or a `retry` are yielded too (with empty data), and a frame the end of the stream cut off
+    is dropped, as the SSE rule says — a resumed stream sends it again."""
+    event, data, last_id, retry, pending = "", [], None, None, False
     async for raw in lines:
         line = raw.rstrip("\r\n")
         if not line:
-            if data or event:
-                yield SSEEvent(event or "message", "\n".join(data))
-            event, data = "", []
+            if data or event or (ids and pending):
+                yield SSEEvent(event or "message", "\n".join(data), last_id, retry)
+            event, data, retry, pending = "", [], None, False
             continue
         if line.startswith(":"):
             continue
@@ -35,7 +42,11 @@ async def iter_sse(lines: AsyncIterator[str]) -> AsyncIterator[SSEEvent]:
             event = value
         elif name == "data":
             data.append(value)
-    if data:
+        elif name == "id" and "\x00" not in value:
+            last_id, pending = value, True
+        elif name == "retry" and value.isdigit():
+            retry, pending = int(value), True
+    if data and not ids:
         yield SSEEvent(event or "message", "\n".join(data))
 
 

@@ -9,7 +9,9 @@ MCP client tests run against. Written on the SDK's low-level `Server` so that to
 Tools: `add` (read-only; logs a notification and pings the client before answering, both on the
 request's own stream over HTTP), `fail` (an isError result), `picture` (a 3x2 PNG made with Pillow
 plus a text item), `ask_roots` (asks the client for roots/list and reports how the client answered),
-`sleep` (waits `seconds`). Two tools per tools/list page. Every JSON-RPC message the server receives
+`sleep` (waits `seconds`), `grow` / `shrink` (add or remove the tool `extra`, which echoes its
+`word`, then send `notifications/tools/list_changed` outside any request: over Streamable HTTP it
+travels on the GET stream). Two tools per tools/list page. Every JSON-RPC message the server receives
 goes, one JSON line each, to the file named by $MCP_SDK_LOG when it is set, with the HTTP headers
 that came with it."""
 
@@ -44,7 +46,11 @@ TOOLS = [
                input_schema={"type": "object", "properties": {}}),
     types.Tool(name="sleep", description="waits", input_schema={"type": "object", "properties": {
         "seconds": {"type": "number"}}}),
+    types.Tool(name="grow", description="adds the tool extra", input_schema={"type": "object", "properties": {}}),
+    types.Tool(name="shrink", description="removes the tool extra", input_schema={"type": "object", "properties": {}}),
 ]
+EXTRA = types.Tool(name="extra", description="echoes a word", input_schema={
+    "type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]})
 
 
 def png_bytes() -> bytes:
@@ -84,11 +90,21 @@ async def call_tool(ctx, params: types.CallToolRequestParams) -> types.CallToolR
                                              types.ImageContent(data=data, mime_type="image/png")])
     if params.name == "ask_roots":
         try:
-            await ctx.session.send_request(types.ListRootsRequest(), types.ListRootsResult, metadata=related)
-            answer = "answered"
+            roots = await ctx.session.send_request(types.ListRootsRequest(), types.ListRootsResult, metadata=related)
+            answer = "answered: " + json.dumps([{"uri": str(r.uri), "name": r.name} for r in roots.roots])
         except MCPError as e:
             answer = f"declined: {e.error.code}"
         return types.CallToolResult(content=[types.TextContent(text=answer)])
+    if params.name in ("grow", "shrink"):
+        present = any(t.name == "extra" for t in TOOLS)
+        if params.name == "grow" and not present:
+            TOOLS.append(EXTRA)
+        elif params.name == "shrink" and present:
+            TOOLS.remove(EXTRA)
+        await ctx.session.send_tool_list_changed()  # related to no request
+        return types.CallToolResult(content=[types.TextContent(text=f"{params.name} done")])
+    if params.name == "extra" and any(t.name == "extra" for t in TOOLS):
+        return types.CallToolResult(content=[types.TextContent(text=f"extra: {args['word']}")])
     if params.name == "sleep":
         await anyio.sleep(float(args.get("seconds", 1)))
         return types.CallToolResult(content=[types.TextContent(text="slept")])

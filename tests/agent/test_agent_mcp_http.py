@@ -29,7 +29,7 @@ pytest.importorskip("mcp", reason="the official MCP SDK (pip install mcp) is the
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SERVER = os.path.join(HERE, "mcp_sdk_server.py")
-ALL_TOOLS = ["add", "fail", "picture", "ask_roots", "sleep"]
+ALL_TOOLS = ["add", "fail", "picture", "ask_roots", "sleep", "grow", "shrink"]
 
 
 def free_port() -> int:
@@ -139,8 +139,8 @@ def test_streamable_http_lists_and_calls_the_sdk_servers_tools(sdk_server, tmp_p
             await client.close()
 
     session, tools, added, added_seen, failed, picture, roots = asyncio.run(go())
-    assert list(tools) == [f"mcp__sdk__{t}" for t in ALL_TOOLS]  # three tools/list pages
-    assert [t.read_only for t in tools.values()] == [True, False, True, False, False]
+    assert list(tools) == [f"mcp__sdk__{t}" for t in ALL_TOOLS]  # four tools/list pages
+    assert [t.read_only for t in tools.values()] == [True, False, True, False, False, False, False]
     assert tools["mcp__sdk__add"].input_schema["required"] == ["a", "b"]
     assert added.content == "5.5" and not added.is_error
     # on the call's own SSE stream: the server's log notification and ping came before the answer
@@ -159,8 +159,8 @@ def test_streamable_http_lists_and_calls_the_sdk_servers_tools(sdk_server, tmp_p
         assert r["headers"]["authorization"] == "Bearer s3cret"
     assert all(r["headers"]["mcp-protocol-version"] == "2025-06-18" for r in posts[1:])
     methods = [r["body"].get("method") for r in posts]
-    assert methods[:5] == ["initialize", "notifications/initialized", "tools/list", "tools/list", "tools/list"]
-    assert [r["body"]["params"].get("cursor") for r in posts[2:5]] == [None, "2", "4"]
+    assert methods[:6] == ["initialize", "notifications/initialized"] + ["tools/list"] * 4
+    assert [r["body"]["params"].get("cursor") for r in posts[2:6]] == [None, "2", "4", "6"]
     assert {"jsonrpc": "2.0", "id": 1, "result": {}} in [r["body"] for r in posts]  # the ping's answer
     assert received[-1]["http"] == "DELETE"  # the session ended on close
 
@@ -294,6 +294,72 @@ def test_agent_run_with_an_http_server_from_mcp_config(sdk_server, tmp_path):
     assert calls == [{"jsonrpc": "2.0", "id": calls[0]["id"], "method": "tools/call",
                       "params": {"name": "add", "arguments": {"a": 40, "b": 2}}}]
     assert server.received()[-1]["http"] == "DELETE"  # the CLI closed the session on exit
+
+
+async def announced(client: McpClient, tool, version: int) -> None:
+    """Call `grow`/`shrink` until the client has read a changed tool list. Over Streamable HTTP the
+    server's announcement travels on the GET stream, which may not be open yet for the first call
+    (the SDK drops messages for a stream that is not there): then the next call's reaches it."""
+    for _ in range(10):
+        assert not (await tool.run({}, ToolContext(Workspace(".")))).is_error
+        for _ in range(100):
+            await client.settle()
+            if client.tools_version != version:
+                return
+            await asyncio.sleep(0.02)
+    raise AssertionError(f"the client never read a changed tool list after {tool.name}")
+
+
+@pytest.mark.parametrize("transport", ["streamable-http", "sse", "stdio"])
+def test_a_changed_tool_list_is_read_again_and_roots_are_answered(sdk_server, tmp_path, transport):
+    """The SDK server adds and removes a tool and sends notifications/tools/list_changed outside any
+    request; an agent's registry offers the new list (read again over four pages) and drops the
+    removed tool; a registry limited to some tools does not take the new one in. roots/list is
+    answered with the work directory as a file:// URI the SDK parses."""
+    from urllib.parse import quote
+
+    from moonlet.agent.tools import make_tools
+    if transport == "stdio":
+        config = McpServerConfig("sdk", [sys.executable, SERVER, "stdio"])
+    else:
+        config = McpServerConfig("sdk", type="http" if transport == "streamable-http" else "sse",
+                                 url=sdk_server(transport).url)
+    work = tmp_path / "my work"
+    work.mkdir()
+
+    async def go():
+        clients, _ = await start_mcp_servers([config], roots=[str(work)])
+        client = clients[0]
+        try:
+            registry = make_tools(sources=clients)
+            limited = make_tools(sources=clients)
+            limited.restrict(["mcp__sdk__add", "mcp__sdk__grow"])
+            before = registry.names()
+            by_name = dict(registry.tools)
+            roots = await by_name["mcp__sdk__ask_roots"].run({}, ToolContext(Workspace(tmp_path)))
+            await announced(client, by_name["mcp__sdk__grow"], client.tools_version)
+            grown = await registry.refresh()
+            extra = registry.get("mcp__sdk__extra")
+            echoed = await extra.run({"word": "moon"}, ToolContext(Workspace(tmp_path)))
+            limited_grown = await limited.refresh()
+            await announced(client, by_name["mcp__sdk__shrink"], client.tools_version)
+            shrunk = await registry.refresh()
+            with pytest.raises(ToolError, match=r"'sdk' no longer offers the tool 'extra' \(its tool list changed\)"):
+                await extra.run({"word": "moon"}, ToolContext(Workspace(tmp_path)))
+            return before, roots, grown, echoed, limited_grown, limited.names(), shrunk, registry
+        finally:
+            await client.close()
+
+    before, roots, grown, echoed, limited_grown, limited_names, shrunk, registry = asyncio.run(go())
+    assert "mcp__sdk__extra" not in before
+    assert (grown.added, grown.removed) == (["mcp__sdk__extra"], [])
+    assert echoed.content == "extra: moon" and not echoed.is_error
+    assert limited_grown.added == [] and limited_names == ["mcp__sdk__add", "mcp__sdk__grow"]
+    assert (shrunk.added, shrunk.removed) == ([], ["mcp__sdk__extra"])
+    assert registry.names() == before
+    assert "no longer available" in registry.missing("mcp__sdk__extra")
+    uri = "file://" + quote(os.path.realpath(work))
+    assert roots.content == "answered: " + json.dumps([{"uri": uri, "name": "my work"}])
 
 
 # -- failure modes --------------------------------------------------------------------------------
@@ -458,3 +524,153 @@ def test_timeouts_come_from_claude_code_variables(monkeypatch):
     assert (client.timeout, client.startup_timeout) == (2.5, 0.7)
     client = McpClient(McpServerConfig("x", type="http", url="http://127.0.0.1:9/mcp", timeout=9, startup_timeout=3))
     assert (client.timeout, client.startup_timeout) == (9, 3)
+
+
+# -- resuming a dropped Streamable HTTP stream ------------------------------------------------------
+class Resumable(BaseHTTPRequestHandler):
+    """A Streamable HTTP server written here, whose tools/call answer is an SSE stream that breaks
+    before the response: /close ends the connection cleanly in the middle of the third event (the
+    response; an SSE event cut off by the end of the stream is not dispatched); /chunked breaks the
+    chunked body at the same place and answers the first resumption with 503; /noids sends its events without ids; /refuse has ids but answers the resumption with
+    405. A GET with Last-Event-ID `e2` gets the rest (the response, in full) — the events after e2
+    of that stream. Every request is recorded in `server.seen` (method, path, headers, body)."""
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
+        self.server.seen.append(("POST", self.path, dict(self.headers), body))
+        method, rid = body.get("method"), body.get("id")
+        if method == "initialize":
+            return self._json({"jsonrpc": "2.0", "id": rid, "result": {
+                "protocolVersion": "2025-06-18", "capabilities": {"tools": {}},
+                "serverInfo": {"name": "resumable", "version": "1"}}}, {"Mcp-Session-Id": "s-1"})
+        if rid is None:
+            self.send_response(202)
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
+        if method == "tools/list":
+            return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": [
+                {"name": "long", "inputSchema": {"type": "object"}}]}})
+        self.server.call_id = rid
+        mode = self.path.strip("/")
+        ids = mode != "noids"
+        log = {"jsonrpc": "2.0", "method": "notifications/message",
+               "params": {"level": "info", "logger": "long", "data": "working"}}
+        progress = {"jsonrpc": "2.0", "method": "notifications/progress",
+                    "params": {"progressToken": "t", "progress": 1, "total": 2}}
+        frames = self._frame("e1", log, ids) + self._frame("e2", progress, ids)
+        if mode in ("close", "chunked"):
+            frames += self._frame("e3", self._answer(), ids)[:30]  # cut in the middle of the response
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        if mode == "chunked":
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(frames), frames))  # and no final chunk
+        else:
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(frames)
+        self.wfile.flush()
+        self.close_connection = True
+
+    def do_GET(self):
+        self.server.seen.append(("GET", self.path, dict(self.headers), None))
+        last = self.headers.get("Last-Event-ID")
+        mode = self.path.strip("/")
+        if last is None or mode == "refuse":
+            return self._reply(405, "text/plain", b"no GET stream here")
+        if mode == "chunked" and sum(s[0] == "GET" and "Last-Event-ID" in s[2] for s in self.server.seen) == 1:
+            return self._reply(503, "text/plain", b"busy, come back")
+        assert last == "e2", last
+        rest = self._frame("e3", self._answer(), True)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Length", str(len(rest)))
+        self.end_headers()
+        self.wfile.write(rest)
+
+    def _answer(self) -> dict:
+        return {"jsonrpc": "2.0", "id": self.server.call_id,
+                "result": {"content": [{"type": "text", "text": "the long answer " + "x" * 200}]}}
+
+    @staticmethod
+    def _frame(event_id: str, msg: dict, ids: bool) -> bytes:
+        return ((f"id: {event_id}\n" if ids else "") + "event: message\ndata: " + json.dumps(msg) + "\n\n").encode()
+
+    def _json(self, msg: dict, headers: dict | None = None) -> None:
+        data = json.dumps(msg).encode()
+        self.send_response(200)
+        for k, v in {"Content-Type": "application/json", "Content-Length": str(len(data)), **(headers or {})}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _reply(self, status, ctype, body):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def resumable():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Resumable)
+    httpd.daemon_threads = True
+    httpd.seen = []
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def call_long(httpd, mode: str):
+    """Start a client on the server's /MODE, call `long`; (result or the ToolError, the client's
+    drained notices, the number of resumed streams)."""
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/{mode}"
+
+    async def go():
+        clients, tools = await start_mcp_servers([McpServerConfig("res", type="http", url=url, timeout=30)])
+        try:
+            try:
+                result = await tools[0].run({}, ToolContext(Workspace(".")))
+            except ToolError as e:
+                result = e
+            return result, clients[0].drain_notices(), clients[0].transport.resumed
+        finally:
+            await clients[0].close()
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("mode", ["close", "chunked"])
+def test_a_dropped_stream_is_resumed_with_last_event_id(resumable, mode):
+    result, notices, resumed = call_long(resumable, mode)
+    assert not isinstance(result, Exception), result
+    assert result.content == "the long answer " + "x" * 200 and not result.is_error
+    assert resumed == 1
+    # the events before the drop were handled once; nothing was delivered twice
+    assert [(n["kind"], n.get("data"), n.get("progress")) for n in notices] == [("log", "working", None),
+                                                                                 ("progress", None, 1)]
+    resumes = [s for s in resumable.seen if s[0] == "GET" and s[2].get("Last-Event-ID")]
+    assert len(resumes) == (2 if mode == "chunked" else 1)  # the 503 was retried
+    for _, _, headers, _ in resumes:
+        assert headers["Last-Event-ID"] == "e2" and headers["Mcp-Session-Id"] == "s-1"
+        assert headers["MCP-Protocol-Version"] == "2025-06-18" and headers["Accept"] == "text/event-stream"
+    calls = [s for s in resumable.seen if s[0] == "POST" and s[3].get("method") == "tools/call"]
+    assert len(calls) == 1  # resumed, not sent again
+
+
+def test_a_dropped_stream_without_ids_or_refused_resumption_fails_clearly(resumable):
+    result, notices, resumed = call_long(resumable, "noids")
+    assert isinstance(result, ToolError) and resumed == 0
+    assert "'res' ended the SSE stream of tools/call without answering it; it gave its events no ids, so the " \
+           "stream cannot be resumed" in str(result)
+    assert not [s for s in resumable.seen if s[0] == "GET" and s[2].get("Last-Event-ID")]
+    result, _, _ = call_long(resumable, "refuse")
+    assert isinstance(result, ToolError)
+    assert "refused to resume it with Last-Event-ID 'e2' (it does not offer resumption (GET))" in str(result)

@@ -78,13 +78,80 @@ class Tool:
 
 
 @dataclass
+class ToolChanges:
+    """What `ToolRegistry.refresh` found: tool names added and removed since the last look, and the
+    notices the sources collected meanwhile (an MCP server's log messages and progress)."""
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    notices: list[dict] = field(default_factory=list)
+
+
+@dataclass
 class ToolRegistry:
+    """The tools one agent offers the model. Besides fixed tools it may hold *sources* whose tools
+    change during a session (an MCP server after `notifications/tools/list_changed`): a source has
+    `name`, `tools` (its current Tool objects), `tools_version` (bumped on every change) and
+    `async settle()` (waits for a change being read); optionally `drain_notices()`. `refresh()`
+    brings the registry up to date; the loop calls it before every step. `allowed`, when set (by
+    --tools or a sub-agent type), limits which of a source's new tools are taken in."""
     tools: dict[str, Tool] = field(default_factory=dict)
+    sources: list = field(default_factory=list)
+    allowed: set[str] | None = None
+    gone: dict[str, str] = field(default_factory=dict)      # removed tool name -> why (for the model)
+    _synced: dict = field(default_factory=dict, repr=False)  # id(source) -> (version, its tool names)
 
     def add(self, tool: Tool) -> None:
         if tool.name in self.tools:
             raise ValueError(f"tool name {tool.name!r} is registered twice")
         self.tools[tool.name] = tool
+
+    def add_source(self, source) -> None:
+        """Take in a source's current tools and follow its later changes."""
+        for tool in source.tools:
+            self.add(tool)
+        self.sources.append(source)
+        self._synced[id(source)] = (source.tools_version, [t.name for t in source.tools])
+
+    def restrict(self, names) -> None:
+        """Keep only `names` (in the registry's order), now and for tools sources add later."""
+        names = set(names)
+        self.tools = {n: t for n, t in self.tools.items() if n in names}
+        self.allowed = names if self.allowed is None else self.allowed & names
+
+    async def refresh(self) -> ToolChanges:
+        """Follow the sources' changes: a tool a source no longer has leaves the registry, a new one
+        joins it (at the end, if `allowed` lets it), a changed one is replaced in place."""
+        changes = ToolChanges()
+        for source in self.sources:
+            await source.settle()
+            drain = getattr(source, "drain_notices", None)
+            if drain is not None:
+                changes.notices.extend(drain())
+            version, old = self._synced[id(source)]
+            if source.tools_version == version:
+                continue
+            current = {t.name: t for t in source.tools}
+            for name in old:
+                if name not in current and self.tools.pop(name, None) is not None:
+                    changes.removed.append(name)
+                    self.gone[name] = (f"{getattr(source, 'source_label', repr(source.name))} no longer offers it "
+                                       f"(its tool list changed)")
+            for name, tool in current.items():
+                if name in old and name in self.tools:
+                    self.tools[name] = tool
+                elif name not in old and name not in self.tools and (self.allowed is None or name in self.allowed):
+                    self.tools[name] = tool
+                    self.gone.pop(name, None)
+                    changes.added.append(name)
+            self._synced[id(source)] = (source.tools_version, list(current))
+        return changes
+
+    def missing(self, name: str) -> str:
+        """The error for a call to a tool the registry does not have."""
+        if name in self.gone:
+            return (f"Tool {name!r} is no longer available: {self.gone[name]}. Available tools: "
+                    f"{', '.join(self.names())}.")
+        return f"Unknown tool {name!r}. Available tools: {', '.join(self.names())}."
 
     def get(self, name: str) -> Tool | None:
         return self.tools.get(name)

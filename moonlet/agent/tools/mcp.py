@@ -1,6 +1,9 @@
 """MCP servers as tool providers, over stdio or HTTP. Speaks JSON-RPC 2.0: `initialize` (then the
 `notifications/initialized` notification), `tools/list` (following `nextCursor`), `tools/call`; answers
-the server's `ping` and declines its other requests. How the messages travel — a child process's
+the server's `ping` and `roots/list` (the agent's work directory, when the client was given roots) and
+declines its other requests; re-reads `tools/list` when the server sends
+`notifications/tools/list_changed`; hands log and progress notifications to the `logging` module and
+keeps them for the agent's session events. How the messages travel — a child process's
 stdin/stdout, Streamable HTTP, or the legacy HTTP+SSE transport — is `mcp_transport`'s business;
 everything here is the same for all three. Each server tool becomes an agent tool named
 `mcp__SERVER__TOOL`; tools whose annotations say `readOnlyHint: true` count as reads."""
@@ -10,12 +13,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import itertools
 import json
+import logging
 import os
 import re
 import shlex
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..images import image_content, sniff
 from .base import Tool, ToolContext, ToolError, ToolResult
@@ -27,6 +33,13 @@ __all__ = ["McpClient", "McpError", "McpServerConfig", "McpTool", "load_mcp_conf
 PROTOCOL_VERSION = "2025-06-18"
 DEFAULT_TIMEOUT = 120.0          # seconds one request may take (tool calls included)
 DEFAULT_STARTUP_TIMEOUT = 60.0   # seconds to start or connect, initialize and list the tools
+MAX_NOTICES = 200                # log/progress notifications kept per server until the agent records them
+
+log = logging.getLogger(__name__)
+# MCP's syslog levels (notifications/message) mapped to Python's
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "notice": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR, "critical": logging.CRITICAL, "alert": logging.CRITICAL,
+           "emergency": logging.CRITICAL}
 
 # the "type" values mcp.json files use, mapped to the transport each means
 _TYPES = {"stdio": "stdio", "http": "http", "streamable-http": "http", "streamable_http": "http",
@@ -155,12 +168,32 @@ def _env_seconds(name: str) -> float | None:
     return value
 
 
+def root_uri(path: str | os.PathLike) -> dict:
+    """An MCP root for a directory: its absolute `file://` URI (percent-encoded) and its name."""
+    real = Path(os.path.realpath(path))
+    return {"uri": real.as_uri(), "name": real.name or str(real)}
+
+
 class McpClient:
     """One server's session: the handshake, requests matched to responses by id, the server's own
-    requests answered, and — over Streamable HTTP — a new session when the server has dropped ours."""
+    requests answered, and — over Streamable HTTP — a new session when the server has dropped ours.
 
-    def __init__(self, config: McpServerConfig, timeout: float | None = None, startup_timeout: float | None = None):
+    It is also a tool source for `ToolRegistry`: `tools` holds the server's tools as agent tools and
+    `tools_version` goes up each time a `notifications/tools/list_changed` made it read a different
+    list; `settle()` waits for a re-read in progress. `roots`, when given (directories), are declared
+    as the `roots` capability (no `listChanged`: they do not change during a session) and are the
+    answer to the server's `roots/list`; None declines roots/list as "method not found"."""
+
+    def __init__(self, config: McpServerConfig, timeout: float | None = None, startup_timeout: float | None = None,
+                 roots: list[str] | None = None):
         self.config = config
+        self.roots = [str(r) for r in roots] if roots is not None else None
+        self.tools: list[McpTool] = []
+        self.tools_version = 0
+        self.tools_error: str | None = None      # why the last re-read failed (the old list stays)
+        self.notices: collections.deque[dict] = collections.deque(maxlen=MAX_NOTICES)
+        self._relist: asyncio.Task | None = None
+        self._relist_again = False
         self.timeout = timeout or config.timeout or _env_seconds("MCP_TOOL_TIMEOUT") or DEFAULT_TIMEOUT
         self.startup_timeout = (startup_timeout or config.startup_timeout or _env_seconds("MCP_TIMEOUT")
                                 or DEFAULT_STARTUP_TIMEOUT)
@@ -187,6 +220,10 @@ class McpClient:
         return self.config.name
 
     @property
+    def source_label(self) -> str:
+        return f"MCP server {self.name!r}"
+
+    @property
     def stderr_tail(self) -> list[str]:
         return getattr(self.transport, "stderr_tail", [])
 
@@ -206,14 +243,18 @@ class McpClient:
         await self._handshake()
 
     async def _handshake(self) -> None:
+        # the roots capability only when there are roots to give; tools/list_changed needs no client
+        # capability (the server declares `tools.listChanged`; the client just listens)
+        capabilities = {"roots": {"listChanged": False}} if self.roots is not None else {}
         result = await self._request_once("initialize", {
-            "protocolVersion": PROTOCOL_VERSION, "capabilities": {},
+            "protocolVersion": PROTOCOL_VERSION, "capabilities": capabilities,
             "clientInfo": {"name": "moonlet-agent", "version": "0.1.0"}})
         self.server_info = result.get("serverInfo", {})
         self.protocol_version = str(result.get("protocolVersion") or PROTOCOL_VERSION)
         self.transport.protocol_version = self.protocol_version
         self.sessions += 1
         await self.transport.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        await self.transport.listen()  # Streamable HTTP: the GET stream for messages outside requests
 
     async def _on_message(self, msg: dict) -> None:
         """Every message from the server, whichever transport brought it."""
@@ -221,6 +262,8 @@ class McpClient:
             reply = {"jsonrpc": "2.0", "id": msg["id"]}
             if msg["method"] == "ping":
                 reply["result"] = {}
+            elif msg["method"] == "roots/list" and self.roots is not None:
+                reply["result"] = {"roots": [root_uri(r) for r in self.roots]}
             else:
                 reply["error"] = {"code": -32601, "message": f"method {msg['method']} not supported"}
             try:
@@ -236,7 +279,73 @@ class McpClient:
                 fut.set_exception(McpError(f"MCP server {self.name!r}: {err.get('message')} (code {err.get('code')})"))
             else:
                 fut.set_result(msg.get("result") or {})
-        # notifications (logging, progress, list changes) are not used
+        elif "method" in msg:
+            self._on_notification(msg["method"], msg.get("params") or {})
+
+    def _on_notification(self, method: str, params: dict) -> None:
+        """A notification from the server: a changed tool list is read again (in a task of its own:
+        the answer comes through the very reader that is calling this); log messages and progress go
+        to the `logging` module and wait in `notices` for the agent to record them."""
+        if method == "notifications/tools/list_changed":
+            self.tools_changed()
+        elif method == "notifications/message":
+            level = str(params.get("level") or "info")
+            data = params.get("data")
+            text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+            log.log(_LEVELS.get(level, logging.INFO), "MCP server %r%s: %s", self.name,
+                    f" ({params['logger']})" if params.get("logger") else "", text[:2000])
+            if len(text) > 4000:  # a chatty server must not fill the session's events
+                data = text[:4000] + f"… [{len(text) - 4000} more characters]"
+            self.notices.append({"server": self.name, "kind": "log", "level": level,
+                                 "logger": params.get("logger"), "data": data})
+        elif method == "notifications/progress":
+            log.debug("MCP server %r progress %s/%s %s", self.name, params.get("progress"), params.get("total"),
+                      params.get("message") or "")
+            self.notices.append({"server": self.name, "kind": "progress",
+                                 **{k: params.get(k) for k in ("progressToken", "progress", "total", "message")}})
+        # other notifications (resources, prompts, cancelled) concern features moonlet does not use
+
+    def drain_notices(self) -> list[dict]:
+        """The log and progress notifications received since the last call (for the session events)."""
+        out = list(self.notices)
+        self.notices.clear()
+        return out
+
+    def tools_changed(self) -> None:
+        """Read the tool list again soon; a change announced while a re-read is under way gets one
+        more (that re-read's answer may predate it)."""
+        if self._relist is not None and not self._relist.done():
+            self._relist_again = True
+            return
+        self._relist = asyncio.ensure_future(self._relist_loop())
+
+    async def _relist_loop(self) -> None:
+        while True:
+            self._relist_again = False
+            try:
+                await self.refresh_tools()
+                self.tools_error = None
+            except McpError as e:  # keep the old list; the next notification tries again
+                self.tools_error = str(e)
+                log.warning("MCP server %r announced a new tool list but reading it failed: %s", self.name, e)
+            if not self._relist_again or self.transport.closed:
+                return
+
+    async def settle(self) -> None:
+        """Wait until a tool list re-read under way is done (shielded: a cancelled step does not stop
+        it; it has its own request timeout)."""
+        if self._relist is not None and not self._relist.done():
+            await asyncio.shield(self._relist)
+
+    async def refresh_tools(self) -> list["McpTool"]:
+        """Read the server's tools; `tools_version` goes up when they differ from the last list."""
+        specs = await self.list_tools()
+        tools = [McpTool(self, spec) for spec in specs if isinstance(spec, dict) and spec.get("name")]
+        if [t.spec() for t in tools] != [t.spec() for t in self.tools] or \
+                [t.read_only for t in tools] != [t.read_only for t in self.tools]:
+            self.tools = tools
+            self.tools_version += 1
+        return self.tools
 
     def _on_closed(self, reason: str) -> None:
         for fut in self._pending.values():
@@ -304,6 +413,7 @@ class McpClient:
             except asyncio.TimeoutError:
                 raise McpError(f"MCP server {self.name!r} dropped our session and did not answer a new initialize "
                                f"within {self.startup_timeout:g}s") from None
+        self.tools_changed()  # a restarted server may offer other tools
 
     async def list_tools(self) -> list[dict]:
         tools, cursor, seen = [], None, set()
@@ -322,6 +432,9 @@ class McpClient:
         return await self.request("tools/call", {"name": name, "arguments": arguments})
 
     async def close(self) -> None:
+        if self._relist is not None:
+            self._relist.cancel()
+            await asyncio.gather(self._relist, return_exceptions=True)
         await self.transport.close()
         self._on_closed(f"MCP server {self.name!r} is closed")
 
@@ -362,6 +475,11 @@ class McpTool(Tool):
         self.read_only = bool((spec.get("annotations") or {}).get("readOnlyHint"))
 
     async def run(self, args: dict, ctx: ToolContext) -> ToolResult:
+        if self.remote_name not in {t.remote_name for t in self.client.tools}:
+            # the server's list changed after this step's request was built
+            raise ToolError(f"MCP server {self.client.name!r} no longer offers the tool {self.remote_name!r} (its "
+                            f"tool list changed); the tools it offers now: "
+                            f"{', '.join(t.name for t in self.client.tools) or 'none'}")
         try:
             result = await self.client.call_tool(self.remote_name, args)
         except McpError as e:
@@ -387,16 +505,19 @@ class McpTool(Tool):
     # the client belongs to whoever started it, not to one agent's tool set
 
 
-async def start_mcp_servers(configs: list[McpServerConfig]) -> tuple[list[McpClient], list[McpTool]]:
-    """Start every server and collect their tools; on any failure the started ones are closed."""
+async def start_mcp_servers(configs: list[McpServerConfig], roots: list[str] | None = None
+                            ) -> tuple[list[McpClient], list[McpTool]]:
+    """Start every server and collect their tools (as first listed: a client's `tools` follows later
+    changes); on any failure the started ones are closed. `roots`: the directories to answer
+    `roots/list` with (the agent's work directory first); None declines it."""
     clients: list[McpClient] = []
     tools: list[McpTool] = []
     try:
         for config in configs:
-            client = McpClient(config)
+            client = McpClient(config, roots=roots)
             clients.append(client)
             await client.start()
-            tools.extend(McpTool(client, spec) for spec in await client.list_tools())
+            tools.extend(await client.refresh_tools())
     except BaseException:
         for c in clients:
             await c.close()

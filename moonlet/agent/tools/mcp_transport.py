@@ -12,7 +12,10 @@ the server's requests, so that logic exists once (mcp.py).
   before the response; notifications and responses get 202. The `Mcp-Session-Id` the server gives
   with the initialize answer goes with every later POST, `MCP-Protocol-Version` too; a 404 to a
   POST that carried a session id means the session is gone (`SessionExpired`: the client
-  initializes a new one); `close` DELETEs the session.
+  initializes a new one); `close` DELETEs the session. A request's stream that ends before its
+  response is resumed with a GET carrying `Last-Event-ID` when the server gave its events ids
+  (bounded retries with backoff). After initialize a GET opens the stream for the server's
+  messages that belong to no request (`notifications/tools/list_changed`, for one), if it has one.
 - `SseTransport` (the 2024-11-05 "HTTP+SSE" transport): a GET opens an SSE stream whose first
   `endpoint` event names the URL to POST messages to; all answers come on the stream."""
 
@@ -20,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import time
 from typing import Awaitable, Callable
 from urllib.parse import urljoin, urlsplit
 
@@ -30,6 +35,12 @@ from ..stream import iter_sse
 
 OnMessage = Callable[[dict], Awaitable[None]]
 OnClosed = Callable[[str], None]
+
+log = logging.getLogger(__name__)
+
+RESUME_ATTEMPTS = 5        # reconnections in a row that bring no new event before a stream is given up
+RESUME_DELAY = 0.25        # seconds before the first reconnection (a server's `retry:` replaces it) ...
+RESUME_MAX_DELAY = 5.0     # ... doubled after each fruitless one, up to this
 
 
 class McpError(Exception):
@@ -83,6 +94,10 @@ class Transport:
         """Forget the current session before the client initializes a new one."""
         self.session_id = None
         self.protocol_version = None
+
+    async def listen(self) -> None:
+        """After initialize: start receiving messages that come outside any request, where the
+        transport needs a step for that (Streamable HTTP's GET stream). Others already do."""
 
     async def close(self) -> None:
         raise NotImplementedError
@@ -203,9 +218,70 @@ class StreamableHttpTransport(Transport):
         super().__init__(name, on_message, on_closed)
         self.url, self.headers, self.connect_timeout = url, dict(headers), connect_timeout
         self.http: httpx.AsyncClient | None = None
+        self._listener: asyncio.Task | None = None
+        self.resumed = 0          # request streams resumed with Last-Event-ID (for tests and logs)
 
     async def open(self, timeout: float) -> None:
         self.http = _http_client(self.name, self.url, min(self.connect_timeout, timeout))
+
+    def new_session(self) -> None:
+        self._stop_listening()
+        super().new_session()
+
+    async def listen(self) -> None:
+        self._stop_listening()
+        self._listener = asyncio.ensure_future(self._listen(self.session_id))
+
+    def _stop_listening(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            self._listener = None
+
+    def _get_headers(self, last_event_id: str | None) -> dict:
+        h = {k: v for k, v in self._headers().items() if k != "Content-Type"}
+        h["Accept"] = "text/event-stream"
+        if last_event_id:
+            h["Last-Event-ID"] = last_event_id
+        return h
+
+    async def _listen(self, session: str | None) -> None:
+        """The GET stream for the server's messages outside requests. A server without one answers
+        405 and that is the end of it; one that has forgotten the session answers 404 (the next POST
+        finds out and starts a new session, which listens again). A stream that drops is opened again
+        (from its last event id, if it gave ids) after a pause that doubles while reconnections bring
+        nothing, up to RESUME_ATTEMPTS of them in a row."""
+        last_id, retry, fruitless = None, None, 0
+        while not self.closed and self.session_id == session:
+            opened, progressed = time.monotonic(), False
+            try:
+                async with self.http.stream("GET", self.url, headers=self._get_headers(last_id)) as resp:
+                    if resp.status_code in (404, 405):
+                        await resp.aread()
+                        log.debug("MCP server %r: no GET stream (HTTP %s)", self.name, resp.status_code)
+                        return
+                    ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+                    if 200 <= resp.status_code < 300 and ctype == "text/event-stream":
+                        async for event in iter_sse(resp.aiter_lines(), ids=True):
+                            if event.id and event.id != last_id:
+                                last_id, progressed = event.id, True
+                            if event.retry is not None:
+                                retry = event.retry
+                            if event.event == "message" and event.data.strip():
+                                progressed = True
+                                for msg in _messages(event.data, self.name, "an SSE event"):
+                                    await self.on_message(msg)
+                    else:
+                        await resp.aread()
+                        log.debug("MCP server %r answered the GET stream with HTTP %s (%s)", self.name,
+                                  resp.status_code, ctype or "no content type")
+            except (httpx.TransportError, McpError) as e:
+                log.debug("MCP server %r: GET stream lost: %s", self.name, e)
+            fruitless = 0 if progressed or time.monotonic() - opened > 30 else fruitless + 1
+            if fruitless >= RESUME_ATTEMPTS:
+                log.warning("MCP server %r: its GET stream (messages outside requests, such as tool list changes) "
+                            "could not be kept open; given up after %d tries", self.name, fruitless)
+                return
+            await asyncio.sleep(_backoff(retry, fruitless))
 
     def _headers(self) -> dict:
         h = {**self.headers, "Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
@@ -256,20 +332,72 @@ class StreamableHttpTransport(Transport):
             raise McpError(f"MCP server {self.name!r} answered {method} with HTTP {resp.status_code} and content "
                            f"type {ctype or 'none'!r}, not application/json or text/event-stream: {_excerpt(body)}; "
                            f"is {shown_url(self.url)} an MCP endpoint?")
-        async for event in iter_sse(resp.aiter_lines()):
-            if event.event != "message" or not event.data.strip():
-                continue  # priming events (an id, no data) and unknown event types carry no message
-            answered = False
-            for msg in _messages(event.data, self.name, "an SSE event"):
-                answered |= "method" not in msg and msg.get("id") == rid
-                await self.on_message(msg)
-            if answered:
-                return  # the answer is in; the server ends the stream, we need not wait for it
-        raise McpError(f"MCP server {self.name!r} ended the SSE stream of {method} without answering it")
+        last_id, retry, fruitless = None, None, 0
+        stream: httpx.Response | None = resp
+        while True:
+            progressed, why = False, "ended the SSE stream"
+            try:
+                if stream is not None:
+                    async for event in iter_sse(stream.aiter_lines(), ids=True):
+                        if event.id and event.id != last_id:
+                            last_id, progressed = event.id, True
+                        if event.retry is not None:
+                            retry = event.retry
+                        if event.event != "message" or not event.data.strip():
+                            continue  # priming events (an id, no data) and unknown event types carry no message
+                        answered = False
+                        for msg in _messages(event.data, self.name, "an SSE event"):
+                            answered |= "method" not in msg and msg.get("id") == rid
+                            await self.on_message(msg)
+                        if answered:
+                            return  # the answer is in; the server ends the stream, we need not wait for it
+                else:
+                    why = "could not be reached again"
+            except httpx.TransportError as e:
+                why = f"broke off the SSE stream ({type(e).__name__})"
+            finally:
+                if stream is not None and stream is not resp:
+                    await stream.aclose()
+            if not last_id:
+                raise McpError(f"MCP server {self.name!r} {why} of {method} without answering it; it gave its "
+                               f"events no ids, so the stream cannot be resumed and the call's outcome is unknown")
+            fruitless = 0 if progressed else fruitless + 1
+            if fruitless >= RESUME_ATTEMPTS:
+                raise McpError(f"MCP server {self.name!r} {why} of {method} without answering it, and {fruitless} "
+                               f"reconnections in a row with Last-Event-ID {last_id!r} brought nothing new")
+            await asyncio.sleep(_backoff(retry, fruitless))
+            stream = await self._resume(last_id, method)
+
+    async def _resume(self, last_id: str, method: str) -> httpx.Response | None:
+        """GET the rest of a request's stream after `last_id` (MCP's resumption). None when the server
+        cannot be reached (the caller tries again); an error when it refuses."""
+        request = self.http.build_request("GET", self.url, headers=self._get_headers(last_id))
+        try:
+            resp = await self.http.send(request, stream=True)
+        except httpx.TransportError as e:
+            log.debug("MCP server %r: resuming %s failed: %s", self.name, method, e)
+            return None
+        ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+        if 200 <= resp.status_code < 300 and ctype == "text/event-stream":
+            self.resumed += 1
+            log.info("MCP server %r: resuming the SSE stream of %s after event %r", self.name, method, last_id)
+            return resp
+        body = await resp.aread()
+        await resp.aclose()
+        if resp.status_code in (429,) or resp.status_code >= 500:
+            return None
+        why = {404: "it no longer knows the session", 405: "it does not offer resumption (GET)"}.get(
+            resp.status_code, f"HTTP {resp.status_code}, content type {ctype or 'none'!r}: {_excerpt(body)}")
+        raise McpError(f"MCP server {self.name!r} dropped the SSE stream of {method} before answering it and refused "
+                       f"to resume it with Last-Event-ID {last_id!r} ({why}); the call's outcome is unknown")
 
     async def close(self) -> None:
         if self.http is None:
             return
+        if self._listener is not None:
+            task = self._listener
+            self._stop_listening()
+            await asyncio.gather(task, return_exceptions=True)
         if self.session_id and not self.closed:
             try:  # end the session; a server may refuse (405), which is fine
                 await asyncio.wait_for(self.http.delete(self.url, headers=self._headers()), 5)
@@ -277,6 +405,12 @@ class StreamableHttpTransport(Transport):
                 pass
         self.closed = self.closed or f"MCP server {self.name!r} is closed"
         await self.http.aclose()
+
+
+def _backoff(retry_ms: int | None, fruitless: int) -> float:
+    """Seconds before a reconnection: the server's `retry:` or RESUME_DELAY, doubled per fruitless try."""
+    base = retry_ms / 1000 if retry_ms is not None else RESUME_DELAY
+    return min(base * 2 ** fruitless, max(RESUME_MAX_DELAY, base))
 
 
 class SseTransport(Transport):
