@@ -178,6 +178,9 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
             yield
         finally:
             try:
+                background = getattr(app.state, "background_responses", None)
+                if background is not None:  # background Responses still running end as cancelled
+                    await background.close()
                 await app.state.batches.stop()
             finally:
                 if shutdown_engine_on_exit and getattr(engine, "shutdown", None) is not None:

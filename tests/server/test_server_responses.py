@@ -5,6 +5,7 @@ over the bundled moonlet-tiny, which calls its calculator tool and uses the resu
 
 import copy
 import json
+import time
 
 import httpx
 import openai
@@ -269,7 +270,7 @@ def test_empty_reply_is_one_empty_message(client, engine):
 
 @pytest.mark.parametrize("body,param,fragment", [
     ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text.format.type", "must be 'text', 'json_object'"),
-    ({"input": "hi", "background": True}, "background", "background mode is not supported"),
+    ({"input": "hi", "background": True, "store": False}, "background", "needs the response stored"),
     ({"input": "hi", "truncation": "auto"}, "truncation", "never drops input items"),
     ({"input": [{"type": "message", "role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
      "input.0.content.0", "text only"),
@@ -437,6 +438,94 @@ FUZZ_BODY = {
               {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "ok"}]},
               {"role": "user", "content": "more"}],
 }
+
+
+# ---- background responses -----------------------------------------------------------------------
+def _wait_status(client, rid, statuses, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        r = client.responses.retrieve(rid)
+        if r.status in statuses:
+            return r
+        assert time.monotonic() < deadline, r.status
+        time.sleep(0.02)
+
+
+def test_background_response_is_polled_to_the_same_output(scripted, client, engine):
+    text = "Let me see.</think>Checking the map." + CALL
+    engine.push(Script(text, delay=0.01))
+    started = client.responses.create(model="m", input="Weather in Paris?", tools=TOOLS, background=True)
+    assert started.background is True and started.status in ("queued", "in_progress") and started.output == []
+    done = _wait_status(client, started.id, {"completed"})
+    assert done.background is True and done.usage.output_tokens > 0
+    engine.push(Script(text))
+    plain = client.responses.create(model="m", input="Weather in Paris?", tools=TOOLS)
+    strip = lambda r: [dict(o.model_dump(exclude_none=True), id=None) for o in r.output]  # noqa: E731
+    assert strip(done) == strip(plain)
+    # it continues a conversation like any stored response
+    engine.push(Script("Sunny."))
+    nxt = client.responses.create(model="m", previous_response_id=started.id, reasoning=NO_THINK, input=[
+        {"type": "function_call_output", "call_id": "functions.get_weather:0", "output": "sunny"}])
+    assert nxt.output_text == "Sunny."
+
+
+def test_background_stream_resumes_from_any_sequence_number(scripted, client, engine):
+    text = "Let me see.</think>Checking the map." + CALL
+    engine.push(Script(text, delay=0.005))
+    with httpx.stream("POST", scripted.url + "/v1/responses", headers=KEY, timeout=30, json={
+            "model": "m", "input": "Weather?", "tools": TOOLS, "background": True, "stream": True}) as r:
+        assert r.status_code == 200
+        first = []
+        for line in r.iter_lines():  # read a few events, then drop the connection
+            if line.startswith("data: "):
+                first.append(json.loads(line[6:]))
+                if len(first) == 4:
+                    break
+    rid = first[0]["response"]["id"]
+    assert first[0]["type"] == "response.created" and first[0]["response"]["status"] == "queued"
+    _wait_status(client, rid, {"completed"})  # generation went on without a client
+    full = list(client.responses.retrieve(rid, stream=True))
+    assert [e.sequence_number for e in full] == list(range(len(full)))
+    assert [e.model_dump(mode="json", exclude_none=True)["type"] for e in full[:4]] == [e["type"] for e in first]
+    assert full[0].response.id == rid and full[0].response.status == "queued"
+    assert full[-1].type == "response.completed"
+    rest = list(client.responses.retrieve(rid, stream=True, starting_after=3))
+    assert [e.sequence_number for e in rest] == list(range(4, len(full)))
+    deltas = "".join(e.delta for e in full if e.type == "response.output_text.delta")
+    assert deltas == "Checking the map."
+    assert full[-1].response.output_text == client.responses.retrieve(rid).output_text
+
+
+def test_background_response_can_be_cancelled(scripted, client, engine):
+    engine.push(Script("word " * 400, delay=0.01))
+    started = client.responses.create(model="m", input="Talk.", background=True, max_output_tokens=1000,
+                                      reasoning=NO_THINK)
+    _wait_status(client, started.id, {"in_progress"})
+    time.sleep(0.3)  # some words generated (the script takes 4 s for all of them)
+    cancelled = client.responses.cancel(started.id)
+    assert cancelled.status == "cancelled" and cancelled.id == started.id
+    assert engine.calls[-1].request_id in engine.aborted  # the engine request was aborted
+    again = client.responses.retrieve(started.id)
+    assert again.status == "cancelled" and client.responses.cancel(started.id).status == "cancelled"
+    assert 0 < len(again.output_text) < len("word " * 400)
+    # a finished background response is returned as it is; a foreground one cannot be cancelled
+    engine.push(Script("Done."))
+    done = client.responses.create(model="m", input="x", background=True)
+    _wait_status(client, done.id, {"completed"})
+    assert client.responses.cancel(done.id).status == "completed"
+    engine.push(Script("Hi."))
+    fg = client.responses.create(model="m", input="x")
+    with pytest.raises(openai.BadRequestError, match="background"):
+        client.responses.cancel(fg.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.cancel("resp_missing")
+
+
+def test_background_engine_failure_makes_a_failed_response(scripted, client, engine):
+    engine.push(Script("x", raise_error=EngineOverloadedError(5, 5)))
+    started = client.responses.create(model="m", input="x", background=True)
+    failed = _wait_status(client, started.id, {"failed"})
+    assert failed.error is not None and failed.error.code == "rate_limit_exceeded"
 
 
 def test_no_mutation_causes_a_server_error(scripted, engine):
