@@ -1,5 +1,5 @@
-"""The OpenAI Responses API: ``POST /v1/responses``, and ``GET`` / ``DELETE /v1/responses/{id}`` for
-responses kept in the server's in-memory store.
+"""The OpenAI Responses API: ``POST /v1/responses``, and ``GET`` / ``DELETE /v1/responses/{id}`` and
+``GET /v1/responses/{id}/input_items`` for responses kept in the server's in-memory store.
 
 A request's ``input`` (a string, or a list of items) becomes the same K2 chat conversation the chat
 completions route builds: ``message`` items (user / system / developer / assistant, text parts) are
@@ -104,6 +104,7 @@ class _Stored:
     items: list[dict]  # this response's own input items, then its output items
     previous: str | None
     size: int
+    num_input: int = 0  # how many of ``items`` are input items
 
 
 class ResponseStore:
@@ -120,13 +121,17 @@ class ResponseStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, response: dict, items: list[dict], previous: str | None) -> None:
+    def put(self, response: dict, items: list[dict], previous: str | None, num_input: int | None = None) -> None:
+        """Store ``response`` with ``items`` (its input items, ``num_input`` of them — all but the
+        response's output by default — then its output items) after ``previous``."""
+        if num_input is None:
+            num_input = len(items) - len(response.get("output") or [])
         size = len(json.dumps(response, ensure_ascii=False)) + len(json.dumps(items, ensure_ascii=False))
         if size > self.max_bytes:
             logger.warning("response %s (%d bytes) is larger than the whole store; not stored", response["id"], size)
             return
         self.delete(response["id"])
-        self._entries[response["id"]] = _Stored(response, items, previous, size)
+        self._entries[response["id"]] = _Stored(response, items, previous, size, num_input)
         self._bytes += size
         while len(self._entries) > self.max_responses or self._bytes > self.max_bytes:
             _, old = self._entries.popitem(last=False)
@@ -135,6 +140,11 @@ class ResponseStore:
     def get(self, response_id: str) -> dict | None:
         entry = self._entries.get(response_id)
         return None if entry is None else entry.response
+
+    def input_items(self, response_id: str) -> list[dict] | None:
+        """The input items a stored response was created with (not those of the responses before it)."""
+        entry = self._entries.get(response_id)
+        return None if entry is None else entry.items[:entry.num_input]
 
     def delete(self, response_id: str) -> bool:
         entry = self._entries.pop(response_id, None)
@@ -923,6 +933,48 @@ async def get_response(response_id: str, request: Request, stream: bool = False,
     if job is not None and job.final is None:
         return JSONResponse(job.response())
     return JSONResponse(_stored(request, response_id))
+
+
+def _listed_item(item: dict, response_id: str, index: int) -> dict:
+    """An input item as ``input_items`` lists it: with an id (its own, or one made from the response's
+    id and its position, stable across calls) and a message's text as content parts."""
+    item = copy.deepcopy(item)
+    kind = item.get("type", "message")
+    item["type"] = kind
+    if not item.get("id"):
+        prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}.get(kind,
+                                                                                                           "item")
+        item["id"] = f"{prefix}_{response_id.removeprefix('resp_')}_{index}"
+    if kind == "message":
+        part = "output_text" if item.get("role") == "assistant" else "input_text"
+        if isinstance(item.get("content"), str):
+            item["content"] = [{"type": part, "text": item["content"]}]
+        item.setdefault("status", "completed")
+    return item
+
+
+@router.get("/v1/responses/{response_id}/input_items")
+async def list_input_items(response_id: str, request: Request, after: str | None = None, before: str | None = None,
+                           limit: int = 20, order: Literal["asc", "desc"] = "desc"):
+    """The input items of a stored response, newest first by default, a page of ``limit`` (1-100)
+    after or before an item id."""
+    _stored(request, response_id)
+    if not 1 <= limit <= 100:
+        raise invalid(f"limit={limit} must be between 1 and 100", param="limit")
+    items = [_listed_item(item, response_id, i)
+             for i, item in enumerate(store_of(request).input_items(response_id) or [])]
+    if order == "desc":
+        items.reverse()
+    ids = [item["id"] for item in items]
+    for name, cursor in (("after", after), ("before", before)):
+        if cursor is not None and cursor not in ids:
+            raise invalid(f"{name}={cursor!r} is not an input item of response {response_id!r}", param=name)
+    start = ids.index(after) + 1 if after is not None else 0
+    end = ids.index(before) if before is not None else len(items)
+    page = items[start:end][:limit] if before is None else items[start:end][-limit:]
+    has_more = (start + len(page) < end) if before is None else (end - len(page) > start)
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": has_more}
 
 
 @router.post("/v1/responses/{response_id}/cancel")

@@ -440,6 +440,35 @@ FUZZ_BODY = {
 }
 
 
+def test_input_items_lists_a_responses_own_input(scripted, client, engine):
+    engine.push(Script("Calling." + CALL), Script("It is sunny."))
+    first = client.responses.create(model="m", input="Weather in Paris?", tools=TOOLS, reasoning=NO_THINK)
+    inputs = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Thanks."}]},
+              {"type": "function_call_output", "call_id": "functions.get_weather:0", "output": "sunny"},
+              {"type": "message", "role": "user", "content": "And tomorrow?"}]
+    second = client.responses.create(model="m", previous_response_id=first.id, input=inputs, tools=TOOLS,
+                                     reasoning=NO_THINK)
+    listed = client.responses.input_items.list(second.id, order="asc")
+    data = [item.model_dump(exclude_none=True) for item in listed.data]
+    assert [d["type"] for d in data] == ["message", "function_call_output", "message"]  # not the first response's
+    assert [c["text"] for c in data[0]["content"]] == ["Thanks."] and data[1]["output"] == "sunny"
+    assert data[2]["content"] == [{"type": "input_text", "text": "And tomorrow?"}] and data[2]["role"] == "user"
+    assert len({d["id"] for d in data}) == 3
+    # newest first by default; pages by id, stable across calls
+    desc = client.responses.input_items.list(second.id, limit=2)
+    assert [i.id for i in desc.data] == [data[2]["id"], data[1]["id"]] and desc.has_more
+    rest = client.responses.input_items.list(second.id, limit=2, after=desc.data[-1].id)
+    assert [i.id for i in rest.data] == [data[0]["id"]] and not rest.has_more
+    assert [i.id for i in client.responses.input_items.list(second.id)] == [d["id"] for d in reversed(data)]
+    one = client.responses.input_items.list(first.id)
+    assert [i.model_dump(exclude_none=True)["content"] for i in one.data] == \
+        [[{"type": "input_text", "text": "Weather in Paris?"}]]
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list("resp_missing")
+    r = httpx.get(scripted.url + f"/v1/responses/{second.id}/input_items?after=nope", headers=KEY)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "after"
+
+
 # ---- background responses -----------------------------------------------------------------------
 def _wait_status(client, rid, statuses, timeout=20.0):
     deadline = time.monotonic() + timeout
