@@ -183,7 +183,11 @@ class SamplingParams:
     ``min_tokens=n``: the stop tokens (EOS, ``stop_token_ids``) are masked and stop strings ignored
     until n tokens were generated; ``bad_words``: strings whose token sequences may not be generated
     (the last token of a word is masked where the output ends with the rest of it); and
-    ``allowed_token_ids``: only these may be sampled. ``logprobs`` stay the raw model distribution.
+    ``allowed_token_ids``: only these may be sampled. ``logits_processors`` (Python API only): callables
+    ``fn(output_token_ids: list[int], logits: Tensor[vocab]) -> Tensor[vocab]``, run in order after those
+    edits on each row of the request (the float32 row, which they may edit in place); one that raises
+    or returns anything but a tensor of the row's shape ends the request with finish_reason "abort"
+    (logged), the others go on. ``logprobs`` stay the raw model distribution.
     ``priority`` (vLLM's convention, lower is earlier): with ``EngineConfig.scheduling_policy=
     "priority"`` the order of admission and the reverse order of preemption; the FCFS engine takes
     only 0.
@@ -221,6 +225,7 @@ class SamplingParams:
     bad_words: list[str] | None = None
     allowed_token_ids: list[int] | None = None
     priority: int = 0
+    logits_processors: list | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.structured, dict):
@@ -324,6 +329,10 @@ class SamplingParams:
         if self.structured is not None and self.allowed_token_ids is not None:
             bad("allowed_token_ids", self.allowed_token_ids, "cannot be combined with structured outputs (the "
                 "grammar decides which tokens may come); drop one of them")
+        if self.logits_processors is not None and (not isinstance(self.logits_processors, (list, tuple))
+                                                   or any(not callable(f) for f in self.logits_processors)):
+            bad("logits_processors", self.logits_processors, "must be None or a list of callables "
+                "fn(output_token_ids, logits) -> logits")
         if not is_int(self.priority):
             bad("priority", self.priority, "must be an integer (lower values are scheduled first)")
 
@@ -343,7 +352,7 @@ class SamplingParams:
         """Whether the row needs ``moonlet.engine.processors`` (logit bias, min_tokens, bad words,
         allowed tokens)."""
         return bool(self.logit_bias) or self.min_tokens > 0 or bool(self.bad_words) or \
-            self.allowed_token_ids is not None
+            self.allowed_token_ids is not None or bool(self.logits_processors)
 
     @property
     def needs_penalties(self) -> bool:

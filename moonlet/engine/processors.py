@@ -16,15 +16,23 @@ sampler collects the rows that need them and edits the logits with one scatter p
   holds) are masked while fewer than ``min_tokens`` tokens were generated (``Sequence.append_token``
   also ignores stop strings until then).
 
+- ``logits_processors`` (user callables, Python API): each ``fn(output, row) -> row`` in turn, after
+  the edits above. A callable that raises, or returns something other than a tensor of the row's
+  shape, is recorded on the sequence (``LogitProcessors.error``, logged) and its request ends with
+  ``abort`` when the token is appended; the row keeps the edits made before it, and the batch goes on.
+
 They run before the penalties, on the raw logits (vLLM's order); the logprobs a request gets are taken
 before them, so they stay the model's own distribution.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Iterable
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def bad_word_token_ids(tokenizer, words: Iterable[str]) -> list[tuple[int, ...]]:
@@ -52,6 +60,8 @@ class LogitProcessors:
         self.bad_words = bad_words
         allowed = params.allowed_token_ids
         self.allowed = None if allowed is None else torch.tensor(sorted(set(allowed)), dtype=torch.long, device=device)
+        self.custom = list(params.logits_processors or [])
+        self.error: str | None = None  # why a user processor failed (the request then ends with 'abort')
 
     def banned(self, history: list[int]) -> list[int]:
         """The tokens this row may not take after the output ``history``: stop tokens before
@@ -98,4 +108,23 @@ def apply_processors(logits: torch.Tensor, rows: list[tuple[int, LogitProcessors
         logits[index] = logits[index].masked_fill(~keep, float("-inf"))
     if ban_rows:
         logits[torch.tensor(ban_rows, device=dev), torch.cat(ban_ids)] = float("-inf")
+    for row, proc, history in rows:
+        if proc.custom and proc.error is None:
+            _run_custom(logits, row, proc, history)
     return logits
+
+
+def _run_custom(logits: torch.Tensor, row: int, proc: LogitProcessors, history: list[int]) -> None:
+    """The user's processors on one row, in order; a failure is recorded on ``proc`` and stops them."""
+    for fn in proc.custom:
+        try:
+            out = fn(list(history), logits[row])
+            if not isinstance(out, torch.Tensor) or out.shape != logits[row].shape:
+                raise TypeError(f"it returned {type(out).__name__}"
+                                f"{' of shape ' + str(tuple(out.shape)) if isinstance(out, torch.Tensor) else ''}, "
+                                f"not a tensor of shape {tuple(logits[row].shape)}")
+            logits[row] = out
+        except Exception as e:  # noqa: BLE001 - one request's callable must not stop the batch
+            proc.error = f"logits processor {getattr(fn, '__name__', repr(fn))} failed: {type(e).__name__}: {e}"
+            logger.error("%s; its request ends with finish_reason 'abort'", proc.error)
+            return

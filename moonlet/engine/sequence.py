@@ -157,6 +157,9 @@ class Sequence:
         self.token_ids.append(token_id)
         if self.thinking is not None:
             self.thinking.observe(self.token_ids)
+        if self.processors is not None and self.processors.error is not None:
+            self.abort()  # a logits processor of the request failed (processors.LogitProcessors.error)
+            return
         structured = self.structured
         if structured is not None and not structured.accept(self.token_ids):
             # the sampler's mask only lets allowed tokens through; should one slip by, the output

@@ -213,3 +213,51 @@ def test_bad_values_are_clear_errors(llm):
     bare = LLM(model=llm.engine.model, num_blocks=8)
     with pytest.raises(ValueError, match="bad_words need a tokenizer"):
         bare.generate([[5, 6]], SamplingParams(bad_words=["x"]))
+
+
+def _no_repeat_of_last(out_ids, row):
+    """A user processor: never the token just generated (edits the row in place)."""
+    if out_ids:
+        row[out_ids[-1]] = float("-inf")
+    return row
+
+
+def test_user_logits_processors_equal_a_hand_edited_greedy_loop(llm, model, prompt):
+    def favor_odd(out_ids, row):  # returns a new tensor; runs after the built-in edits and the first callable
+        return row + (torch.arange(row.shape[0]) % 2) * 0.75
+
+    def edit(row, out):
+        row[7] = float("-inf")  # logit_bias -100 on token 7, then the two callables in order
+        row = _no_repeat_of_last(out, row)
+        return favor_odd(out, row)
+
+    ref = greedy_by_hand(model, prompt, 10, edit)
+    out = generate(llm, prompt, max_tokens=10, ignore_eos=True, logit_bias={7: -100},
+                   logits_processors=[_no_repeat_of_last, favor_odd])
+    plain = generate(llm, prompt, max_tokens=10, ignore_eos=True).token_ids
+    assert out.token_ids == ref != plain
+    assert all(a != b for a, b in zip(out.token_ids, out.token_ids[1:]))
+
+
+def test_a_failing_user_processor_aborts_only_its_request(llm, model, prompt):
+    calls = []
+
+    def breaks_on_third(out_ids, row):
+        calls.append(len(out_ids))
+        if len(out_ids) == 2:
+            raise RuntimeError("boom")
+        return row
+
+    def wrong_shape(out_ids, row):
+        return row[:10]
+
+    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logits_processors=[breaks_on_third]),
+              SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logits_processors=[wrong_shape]),
+              SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)]
+    outs = llm.generate([prompt] * 3, params)
+    ref = greedy_by_hand(model, prompt, 6)
+    assert outs[0].finish_reason == "abort" and outs[0].token_ids == ref[:3] and calls == [0, 1, 2]
+    assert outs[1].finish_reason == "abort" and len(outs[1].token_ids) == 1
+    assert outs[2].finish_reason == "length" and outs[2].token_ids == ref  # the batch went on
+    with pytest.raises(ValueError, match="logits_processors"):
+        SamplingParams(logits_processors=["not callable"])
