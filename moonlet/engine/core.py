@@ -688,6 +688,7 @@ class EngineCore:
             "prompt_tokens_total": self.scheduler.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
             "preemptions": self.scheduler.num_preemptions,
+            "priority_preemptions": self.scheduler.priority_preemptions,
             "requests_finished": self.requests_finished,
             "requests_aborted": self.requests_aborted,
             "steps": self.num_steps,

@@ -111,6 +111,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.priority_preemptions = 0  # of them, to admit a more urgent waiting request (priority policy)
         self.prompt_tokens_total = 0
         # parallel sampling: sample 0 of a request -> its other samples, waiting for its prompt; their
         # count is kept as a plain int (read from other threads: AsyncLLM's admission check)
@@ -183,6 +184,38 @@ class Scheduler:
         if self.policy != "priority":
             return self.running[-1]
         return max(reversed(self.running), key=lambda s: (s.params.priority, s.arrival_time))
+
+    @staticmethod
+    def _urgency(seq: Sequence) -> tuple:
+        return (seq.params.priority, seq.arrival_time)
+
+    def _less_urgent_running(self, seq: Sequence) -> bool:
+        key = self._urgency(seq)
+        return any(self._urgency(s) > key for s in self.running)
+
+    def _priority_victims(self, seq: Sequence, num_new_tokens: int, need_seat: bool) -> list[Sequence] | None:
+        """Priority policy: the running sequences to preempt, least urgent first, so that waiting ``seq``
+        (its prefix hit already taken) gets ``num_new_tokens`` slots — and a seat, ``need_seat``, when
+        ``max_num_seqs`` are running; only sequences strictly less urgent than ``seq``. None when even
+        all of them would not make room (then nobody is preempted: no thrash for nothing). A victim's
+        blocks count as freed only where it holds them alone."""
+        key = self._urgency(seq)
+        cache = self.cache
+        need = cache.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        need_slot = bool(getattr(cache, "state_slots", 0)) and getattr(seq, "state_slot", None) is None \
+            and not getattr(cache, "_free_slots", True)
+        refs = cache.allocator.ref_count
+        free, victims = cache.num_free_blocks, []
+        for victim in sorted(self.running, key=self._urgency, reverse=True):
+            if free >= need and (victims or not (need_seat or need_slot)):
+                break
+            if self._urgency(victim) <= key:
+                return None
+            victims.append(victim)
+            free += sum(1 for b in victim.block_table if refs[b] == 1)
+        if free < need or (not victims and (need_seat or need_slot)):
+            return None
+        return victims
 
     def _order_waiting(self) -> None:
         """Priority policy: sort the waiting queue by (priority, arrival), in place (stable: equal keys
@@ -327,8 +360,11 @@ class Scheduler:
         if not preempted:
             self._order_waiting()
         skipped: list[Sequence] = []
-        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and not preempted and budget > 0:
             seq = self.waiting[0]
+            full = len(self.running) >= self.max_num_seqs
+            if full and (self.policy != "priority" or not self._less_urgent_running(seq)):
+                break
             if self.lora is not None and not self.lora.acquire(seq):
                 skipped.append(self.waiting.popleft())
                 continue
@@ -345,13 +381,31 @@ class Scheduler:
                         self.lora.release(seq)
                     break
                 n = budget
-            if not self.cache.allocate(seq, n):
-                self.cache.free(seq)  # give back the prefix-hit blocks; retry when blocks free up
-                seq.num_computed_tokens = 0
-                if self.lora is not None:
-                    self.lora.release(seq)
-                break
-            self.waiting.popleft()
+            if full or not self.cache.allocate(seq, n):
+                # the priority policy makes room by preempting less urgent running sequences, when that
+                # is enough for this one; otherwise (and under FCFS) it waits for blocks to free up
+                victims = self._priority_victims(seq, n, full) if self.policy == "priority" else None
+                if victims is not None:
+                    self.waiting.popleft()  # before the victims go back to the front of the queue
+                    for victim in victims:
+                        budget += chosen.pop(victim, 0)
+                        drafts.pop(victim, None)
+                        self._preempt(victim)
+                        preempted.append(victim)
+                    if self.cache.allocate(seq, n):
+                        self.priority_preemptions += len(victims)
+                        victims = "admitted"
+                    else:  # cannot happen: the victims' own blocks were counted
+                        self.waiting.appendleft(seq)
+                        victims = None
+                if victims is None:
+                    self.cache.free(seq)  # give back the prefix-hit blocks; retry when blocks free up
+                    seq.num_computed_tokens = 0
+                    if self.lora is not None:
+                        self.lora.release(seq)
+                    break
+            else:
+                self.waiting.popleft()
             self.cache.record_lookup(seq.num_tokens, hit)
             self.cache.admit(seq)
             if seq.num_cached_tokens < 0:

@@ -51,8 +51,12 @@ def test_a_later_urgent_request_runs_before_earlier_ones(model, prompts, policy)
     prio = (lambda p: p) if policy == "priority" else (lambda p: 0)
     requests = [("a", prompts[0], prio(5)), ("b", prompts[1], prio(5)), ("c", prompts[2], prio(3)),
                 ("d", prompts[3], prio(-1))]
-    order, tokens, _ = run(engine, requests, first_steps=1)  # "a" is running when the others arrive
-    assert order == (["a", "d", "c", "b"] if policy == "priority" else ["a", "b", "c", "d"])
+    order, tokens, seqs = run(engine, requests, first_steps=1)  # "a" is running when the others arrive
+    # the priority policy preempts "a" (less urgent) for "d"; "a" then comes back before "b" (equal
+    # priority, later arrival)
+    assert order == (["d", "c", "a", "b"] if policy == "priority" else ["a", "b", "c", "d"])
+    assert seqs["a"].num_preemptions == (1 if policy == "priority" else 0)
+    assert engine.stats()["priority_preemptions"] == (1 if policy == "priority" else 0)
     for rid, prompt, _ in requests:
         assert tokens[rid] == greedy_reference(model, prompt, 6)
 
@@ -103,3 +107,52 @@ def test_cli_flag():
     assert engine_args_from_cli(parser.parse_args(["--scheduling-policy", "priority"]))["scheduling_policy"] == \
         "priority"
     assert "scheduling_policy" not in engine_args_from_cli(parser.parse_args([]))
+
+
+def test_equal_priorities_never_preempt_each_other(model, prompts):
+    engine = build_engine(model=model, num_blocks=64, max_num_seqs=1, scheduling_policy="priority")
+    order, _, seqs = run(engine, [("a", prompts[0], 1), ("b", prompts[1], 1), ("c", prompts[2], 2)], first_steps=1)
+    assert order == ["a", "b", "c"] and all(s.num_preemptions == 0 for s in seqs.values())
+
+
+def test_an_urgent_request_takes_the_blocks_of_a_less_urgent_one(model, prompts):
+    # 6 blocks of 4: the background request (24 tokens by its end) fills them; the urgent one cannot
+    # get blocks until the background one is preempted
+    long_prompt = (prompts[3] + prompts[1])[:18]
+    engine = build_engine(model=model, num_blocks=6, block_size=4, max_num_seqs=4, scheduling_policy="priority",
+                          enable_prefix_caching=False)
+    order, tokens, seqs = run(engine, [("background", long_prompt, 5), ("urgent", prompts[0][:6], 0)], first_steps=2)
+    assert order == ["urgent", "background"]
+    assert seqs["background"].num_preemptions >= 1 and seqs["urgent"].num_preemptions == 0
+    assert tokens["background"] == greedy_reference(model, long_prompt, 6)
+    assert tokens["urgent"] == greedy_reference(model, prompts[0][:6], 6)
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
+def test_no_preemption_when_it_would_not_make_room(model, prompts):
+    # 7 blocks of 4. "big" (urgent) holds 5, "small" (least urgent) 1; "mid" needs 3. Preempting "small"
+    # would free 1 block, not enough, and "big" is more urgent: nobody is preempted, "mid" waits
+    engine = build_engine(model=model, num_blocks=7, block_size=4, max_num_seqs=4, scheduling_policy="priority",
+                          enable_prefix_caching=False)
+    big, small, mid = (prompts[3] + prompts[1])[:17], prompts[0][:3], prompts[2][:9]
+    params = lambda p: SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, priority=p)  # noqa: E731
+    seqs = {"big": engine.add_request("big", big, params(0)), "small": engine.add_request("small", small, params(9))}
+    tokens, order = {}, []
+
+    def step():
+        for out in engine.step():
+            if out.finished:
+                order.append(out.request_id)
+                tokens[out.request_id] = out.token_ids
+
+    step()
+    assert len(seqs["big"].block_table) == 5 and len(seqs["small"].block_table) == 1
+    seqs["mid"] = engine.add_request("mid", mid, params(4))
+    step()
+    assert seqs["mid"].num_computed_tokens == 0  # not admitted: 1 free block
+    assert seqs["small"].num_preemptions == 0 and len(seqs["small"].block_table) == 1  # and nobody preempted
+    while engine.has_unfinished():
+        step()
+    assert engine.stats()["priority_preemptions"] == 0  # (growing later, "small" may be preempted as usual)
+    for rid, prompt in (("big", big), ("small", small), ("mid", mid)):
+        assert tokens[rid] == greedy_reference(model, prompt, 6)
