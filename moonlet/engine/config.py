@@ -112,6 +112,10 @@ class EngineConfig:
     lora_modules: dict[str, str | os.PathLike] | None = None
     max_loras: int = 4
     max_lora_rank: int = 16
+    # a waiting request whose adapter cannot get a resident slot is passed by later requests; after this
+    # many scheduling steps of waiting, later requests that use an adapter stop passing it (those of the
+    # base model still do) until it gets a slot, so it cannot wait forever
+    max_lora_wait_steps: int = 32
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -175,7 +179,7 @@ class EngineConfig:
         return bool(self.enable_lora or self.lora_modules)
 
     def _validate_lora(self) -> None:
-        for name in ("max_loras", "max_lora_rank"):
+        for name in ("max_loras", "max_lora_rank", "max_lora_wait_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"engine argument {name}={value!r} must be a positive integer")
@@ -526,6 +530,9 @@ def add_engine_cli_args(parser) -> None:
                         "the least recently used one no running request holds (default 4)")
     g.add_argument("--max-lora-rank", type=int, default=None,
                    help="largest LoRA rank an adapter may have; every resident slot is padded to it (default 16)")
+    g.add_argument("--max-lora-wait-steps", type=int, default=None,
+                   help="steps a request may wait for its LoRA adapter to get a resident slot while later "
+                        "adapter requests pass it; then they stop passing it (default 32)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model and cache dtype (default: the checkpoint's)")
@@ -547,7 +554,7 @@ def engine_args_from_cli(args) -> dict:
         image_feature_cache_memory="image_feature_cache_memory", tensor_parallel_size="tensor_parallel_size",
         quantization="quantization", host_cache_memory="host_cache_memory", kv_cache_dtype="kv_cache_dtype",
         lora="lora", enable_lora="enable_lora", max_loras="max_loras", max_lora_rank="max_lora_rank",
-        scheduling_policy="scheduling_policy",
+        max_lora_wait_steps="max_lora_wait_steps", scheduling_policy="scheduling_policy",
     )
     names.update(disk_cache_dir="disk_cache_dir", disk_cache_size="disk_cache_size")
     out = {field: getattr(args, attr) for attr, field in names.items() if getattr(args, attr, None) is not None}

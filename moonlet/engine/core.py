@@ -202,7 +202,8 @@ class EngineCore:
             self.proposer = NgramProposer(rc.speculative, rc.max_model_len)
         self.scheduler = Scheduler(self.cache, rc.max_num_seqs, rc.max_num_batched_tokens, rc.enable_chunked_prefill,
                                    proposer=self.proposer, spec_state_rows=(rc.state_snapshots, rc.spec_state_rows),
-                                   lora=self.lora, policy=rc.scheduling_policy)
+                                   lora=self.lora, policy=rc.scheduling_policy,
+                                   max_lora_wait_steps=config.max_lora_wait_steps)
         self.sampler = Sampler(model.device, rc.seed)
         self.requests: dict[str, Sequence] = {}  # unfinished requests (sample 0's sequence when n > 1)
         self.samples: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples (SamplingParams.n)

@@ -92,11 +92,12 @@ class ScheduledBatch:
 class Scheduler:
     def __init__(self, cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
                  enable_chunked_prefill: bool = True, proposer=None, spec_state_rows: tuple[int, int] = (0, 0),
-                 lora=None, policy: str = "fcfs"):
+                 lora=None, policy: str = "fcfs", max_lora_wait_steps: int = 32):
         self.cache = cache
         # multi-LoRA serving (moonlet.engine.lora.MultiLora): a request's adapter must be resident to run;
         # a request whose adapter cannot get a slot waits while later requests are admitted past it
         self.lora = lora
+        self.max_lora_wait_steps = max_lora_wait_steps
         self.policy = policy  # "fcfs" or "priority" (EngineConfig.scheduling_policy)
         # speculative decoding: None, or an object with max_drafts(seq) and either propose(seq) -> draft
         # token ids (n-gram) or, when its ``batched`` is true, propose_batch([(seq, k)]) -> lists (draft model)
@@ -360,14 +361,21 @@ class Scheduler:
         if not preempted:
             self._order_waiting()
         skipped: list[Sequence] = []
+        starving = False  # a skipped request has waited max_lora_wait_steps: adapter requests stop passing it
         while self.waiting and not preempted and budget > 0:
             seq = self.waiting[0]
             full = len(self.running) >= self.max_num_seqs
             if full and (self.policy != "priority" or not self._less_urgent_running(seq)):
                 break
-            if self.lora is not None and not self.lora.acquire(seq):
-                skipped.append(self.waiting.popleft())
-                continue
+            if self.lora is not None and seq.params.lora is not None:
+                if starving:
+                    skipped.append(self.waiting.popleft())
+                    continue
+                if not self.lora.acquire(seq):
+                    seq.lora_wait_steps += 1
+                    starving = seq.lora_wait_steps > self.max_lora_wait_steps
+                    skipped.append(self.waiting.popleft())
+                    continue
             if seq.needs_prompt_logprobs:  # every prompt position's logits are needed: no prefix hit
                 hit = seq.num_computed_tokens = 0
             else:

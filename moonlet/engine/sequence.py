@@ -121,6 +121,7 @@ class Sequence:
         # its resident slot (moonlet.engine.lora)
         self.lora_key: bytes | None = None
         self.lora_slot: int | None = None
+        self.lora_wait_steps = 0  # scheduling steps it waited for its adapter to get a resident slot
         self.text = _TextState(detokenizer, params)
         self._reported_tokens = 0
         self._reported_chars = 0

@@ -169,6 +169,39 @@ def test_waiting_adapter_request_does_not_block_later_requests(model, adapters):
     assert core.stats()["lora_loads"] == 2
 
 
+@pytest.mark.parametrize("wait_steps", [3, 1000])
+def test_a_request_starved_of_a_slot_gets_one_after_max_lora_wait_steps(model, adapters, merged, wait_steps):
+    """One slot, a steady stream of requests of adapter a (each passes a waiting request of b, since a
+    is resident). With max_lora_wait_steps=3 the b request stops being passed after 3 steps of waiting:
+    the a requests already running finish, b gets the slot and runs while the stream is still coming;
+    with an effectively unbounded wait b runs only once the stream has stopped."""
+    llm = _lora_llm(model, adapters, num_blocks=128, max_loras=1, max_lora_wait_steps=wait_steps)
+    core = llm.engine
+    core.add_request("a0", [5, 6, 7], greedy("a", max_tokens=4))
+    core.step()
+    rb = core.add_request("rb", [9, 8, 7, 6], greedy("b", max_tokens=3))
+    admitted_at, tokens = None, {}
+    for step in range(40):
+        if step < 20:  # the stream of a requests
+            core.add_request(f"a{step + 1}", [5, 6, 7, step + 10], greedy("a", max_tokens=4))
+        for out in core.step():
+            if out.finished:
+                tokens[out.request_id] = out.token_ids
+        if admitted_at is None and rb.num_computed_tokens > 0:
+            admitted_at = step
+    while core.has_unfinished():
+        for out in core.step():
+            if out.finished:
+                tokens[out.request_id] = out.token_ids
+    assert admitted_at is not None
+    if wait_steps == 3:
+        assert admitted_at < 3 + 4 + 2  # its wait, the running a requests' last tokens, one step of slack
+    else:
+        assert admitted_at >= 20
+    assert tokens["rb"] == greedy_reference(merged["b"], [9, 8, 7, 6], 3)
+    assert tokens["a7"] == greedy_reference(merged["a"], [5, 6, 7, 16], 4)
+
+
 def test_async_add_remove_and_generate(model, adapters, merged):
     import asyncio
 
