@@ -24,6 +24,14 @@ class StructuredOutput:
     compact) allows no whitespace beyond the single spaces of ``", "`` and ``": "`` — vLLM's
     ``disable_any_whitespace``, for small models that otherwise spend their tokens on blank space.
 
+    ``structural_tag`` (vLLM's and xgrammar's): a structural tag, as a dict or its JSON text — either
+    ``{"type": "structural_tag", "format": {...}}`` (xgrammar's format elements: const strings, JSON
+    schemas, regexes, grammars, sequences, ors, triggered tags...) or vLLM's earlier form
+    ``{"type": "structural_tag", "structures": [{"begin", "schema", "end"}], "triggers": [...]}``
+    (free text in which each trigger opens one of the structures whose ``begin`` it starts, whose body
+    is JSON under ``schema``). Over the text vocabulary: ``token`` elements naming special tokens are
+    not supported.
+
     ``tools``: the output is a K2 reply whose tool calls are valid — each call names one of these
     tools (``{"name": str, "parameters": JSON Schema or None}``; None: any JSON object) and its
     arguments are compact JSON valid under that tool's schema (``strict`` as above). Where the output
@@ -52,6 +60,7 @@ open stays free, as for a plain JSON constraint.
     choice: list[str] | None = None
     grammar: str | None = None
     tools: list[dict] | None = None
+    structural_tag: dict | str | None = None
     strict: bool = True
     any_whitespace: bool = True
     tool_start: str = "text"
@@ -70,11 +79,14 @@ open stays free, as for a plain JSON constraint.
         """Raise ValueError naming what is wrong (the schema's contents are checked when it compiles)."""
         given = [name for name, on in (("json_schema", self.json_schema is not None), ("json_object", self.json_object),
                                        ("regex", self.regex is not None), ("choice", self.choice is not None),
-                                       ("grammar", self.grammar is not None), ("tools", self.tools is not None))
+                                       ("grammar", self.grammar is not None), ("tools", self.tools is not None),
+                                       ("structural_tag", self.structural_tag is not None))
                  if on]
         if len(given) != 1:
             raise ValueError(f"StructuredOutput needs exactly one of json_schema, json_object, regex, choice, grammar, "
-                             f"tools; got {', '.join(given) or 'none'}")
+                             f"tools, structural_tag; got {', '.join(given) or 'none'}")
+        if self.structural_tag is not None:
+            self._validate_structural_tag()
         if self.json_schema is not None:
             schema = self.json_schema
             if isinstance(schema, str):
@@ -99,6 +111,20 @@ open stays free, as for a plain JSON constraint.
         for name in ("json_object", "strict", "any_whitespace", "parallel_tool_calls"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"StructuredOutput.{name}={getattr(self, name)!r} must be a bool")
+
+    def _validate_structural_tag(self) -> None:
+        tag = self.structural_tag
+        if isinstance(tag, str):
+            try:
+                tag = json.loads(tag)
+            except ValueError as e:
+                raise ValueError(f"StructuredOutput.structural_tag is not valid JSON: {e}") from None
+        if not isinstance(tag, dict) or tag.get("type") != "structural_tag" or \
+                not (isinstance(tag.get("format"), dict) or isinstance(tag.get("structures"), list)):
+            raise ValueError("StructuredOutput.structural_tag must be {'type': 'structural_tag', 'format': {...}} or "
+                             "{'type': 'structural_tag', 'structures': [{'begin', 'schema', 'end'}], 'triggers': "
+                             "[...]}")
+        self.structural_tag = tag
 
     def _validate_tools(self) -> None:
         if not isinstance(self.tools, list) or not self.tools:
@@ -129,13 +155,15 @@ open stays free, as for a plain JSON constraint.
 
     @property
     def kind(self) -> str:
-        """'json_schema', 'json_object', 'regex', 'choice', 'grammar' or 'tools'."""
+        """'json_schema', 'json_object', 'regex', 'choice', 'grammar', 'tools' or 'structural_tag'."""
         if self.json_schema is not None:
             return "json_schema"
         if self.json_object:
             return "json_object"
         if self.tools is not None:
             return "tools"
+        if self.structural_tag is not None:
+            return "structural_tag"
         if self.grammar is not None:
             return "grammar"
         return "regex" if self.regex is not None else "choice"
@@ -155,6 +183,8 @@ open stays free, as for a plain JSON constraint.
                     self.parallel_tool_calls, self.strict, None if self.content is None else self.content.key)
         if kind == "grammar":
             return (kind, self.grammar)
+        if kind == "structural_tag":
+            return (kind, json.dumps(self.structural_tag, ensure_ascii=False, sort_keys=True))
         return (kind, self.regex) if kind == "regex" else (kind, tuple(self.choice))
 
 

@@ -209,11 +209,32 @@ class GrammarCache:
                 return self.compiler.compile_regex(spec.regex)
             if kind == "grammar":
                 return self.compiler.compile_grammar(self.xgr.Grammar.from_ebnf(spec.grammar))
+            if kind == "structural_tag":
+                return self.compiler.compile_structural_tag(self._structural_tag(spec.structural_tag))
             # json.dumps writes each choice as a double-quoted literal with escapes EBNF reads
             rule = " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choice)
             return self.compiler.compile_grammar(self.xgr.Grammar.from_ebnf(f"root ::= {rule}"))
         except (RuntimeError, ValueError, TypeError) as e:
             raise ValueError(f"cannot compile the structured-output {kind.replace('_', ' ')}: {_detail(e)}") from None
+
+    def _structural_tag(self, tag: dict):
+        """An xgrammar StructuralTag from the request's dict: its own format, or vLLM's structures and
+        triggers (each structure's ``schema`` a JSON Schema)."""
+        xgr = self.xgr
+        if "format" in tag:
+            return xgr.StructuralTag.from_json(json.dumps(tag, ensure_ascii=False))
+        items = []
+        for i, st in enumerate(tag["structures"]):
+            if not isinstance(st, dict) or not all(isinstance(st.get(k), str) for k in ("begin", "end")) \
+                    or not isinstance(st.get("schema"), (dict, bool)):
+                raise ValueError(f"structural_tag.structures[{i}] must be {{'begin': str, 'schema': {{...}}, "
+                                 f"'end': str}}")
+            items.append(xgr.StructuralTagItem(begin=st["begin"], schema=json.dumps(st["schema"]), end=st["end"]))
+        triggers = tag.get("triggers")
+        if not isinstance(triggers, list) or not triggers or not all(isinstance(t, str) and t for t in triggers):
+            raise ValueError("structural_tag.triggers must be a non-empty list of strings (each the start of a "
+                             "structure's begin)")
+        return xgr.StructuralTag.from_legacy_structural_tag(items, triggers)
 
     def new_state(self, spec: StructuredOutput, stop_ids: Seq[int], prompt_ids: Seq[int],
                   think_markers: tuple[tuple[int, ...], tuple[int, ...]] | None) -> "StructuredState":

@@ -275,8 +275,9 @@ def json_schema_format(fmt: dict, param: str, name_required: bool = True) -> Str
 
 
 def openai_response_format(value, param: str = "response_format") -> StructuredOutput | None:
-    """Chat / completions ``response_format``: ``{"type": "text"}`` (None), ``{"type": "json_object"}``
-    or ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``."""
+    """Chat / completions ``response_format``: ``{"type": "text"}`` (None), ``{"type": "json_object"}``,
+    ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`` or vLLM's
+    ``{"type": "structural_tag", ...}`` (``StructuredOutput.structural_tag``)."""
     if value is None:
         return None
     kind = value.get("type") if isinstance(value, dict) else None
@@ -290,21 +291,39 @@ def openai_response_format(value, param: str = "response_format") -> StructuredO
             raise invalid(f"{param}.json_schema must be an object {{'name', 'schema', 'strict'}}",
                           param=f"{param}.json_schema")
         return json_schema_format(inner, f"{param}.json_schema")
-    raise invalid(f"{param}.type must be 'text', 'json_object' or 'json_schema'; got {kind!r}", param=f"{param}.type")
+    if kind == "structural_tag":  # vLLM's: the format itself is the tag (structures + triggers, or format)
+        return _structural_tag(value, param)
+    raise invalid(f"{param}.type must be 'text', 'json_object', 'json_schema' or 'structural_tag'; got {kind!r}",
+                  param=f"{param}.type")
+
+
+def _structural_tag(value, param: str) -> StructuredOutput:
+    try:
+        return StructuredOutput(structural_tag=value)
+    except (ValueError, TypeError) as e:
+        raise invalid(f"{param}: {e}".replace("StructuredOutput.structural_tag", "the structural tag"),
+                      param=param) from None
 
 
 def vllm_structured_outputs(value, param: str = "structured_outputs") -> StructuredOutput | None:
     """vLLM's ``structured_outputs`` extra: exactly one of ``json`` (a schema), ``json_object``,
-    ``regex``, ``choice``, ``grammar`` (EBNF / GBNF with a ``root`` rule); ``disable_any_whitespace``
-    as in vLLM."""
+    ``regex``, ``choice``, ``grammar`` (EBNF / GBNF with a ``root`` rule), ``structural_tag`` (its JSON
+    text or object); ``disable_any_whitespace`` as in vLLM."""
     if value is None:
         return None
     if not isinstance(value, dict):
         raise invalid(f"{param} must be an object with one of json, json_object, regex, choice, grammar", param=param)
-    unknown = sorted(set(value) - {"json", "json_object", "regex", "choice", "grammar", "disable_any_whitespace"})
+    unknown = sorted(set(value) - {"json", "json_object", "regex", "choice", "grammar", "structural_tag",
+                                   "disable_any_whitespace"})
     if unknown:
-        raise invalid(f"{param}.{unknown[0]} is not supported; use json, json_object, regex, choice or grammar",
-                      param=f"{param}.{unknown[0]}")
+        raise invalid(f"{param}.{unknown[0]} is not supported; use json, json_object, regex, choice, grammar or "
+                      f"structural_tag", param=f"{param}.{unknown[0]}")
+    if value.get("structural_tag") is not None:
+        others = [k for k in ("json", "regex", "choice", "grammar") if value.get(k) is not None]
+        if others or value.get("json_object"):
+            raise invalid(f"{param}: give exactly one of json, json_object, regex, choice, grammar, structural_tag",
+                          param=param)
+        return _structural_tag(value["structural_tag"], f"{param}.structural_tag")
     schema = value.get("json")
     if isinstance(schema, str):
         try:

@@ -718,3 +718,89 @@ def test_no_surrogate_code_points_even_when_the_model_wants_them(llm, tok, const
     raw = b"".join(tok.token_bytes(t) for t in out.token_ids if t < tok.num_base_tokens)
     assert b"\xed" in raw
     assert not any(a == 0xED and 0xA0 <= b <= 0xBF for a, b in zip(raw, raw[1:])), raw
+
+
+# ---- structural tags -------------------------------------------------------------------------------
+ANSWER = {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["x"]}
+TAG_FORMAT = {"type": "structural_tag", "format": {"type": "sequence", "elements": [
+    {"type": "const_string", "value": "<answer>"}, {"type": "regex", "pattern": "\\{\"x\": [0-9]{1,2}\\}"},
+    {"type": "const_string", "value": "</answer>"}]}}
+TAG_LEGACY = {"type": "structural_tag", "structures": [{"begin": "<answer>", "schema": ANSWER, "end": "</answer>"}],
+              "triggers": ["<"]}
+
+
+def structural_tag_reference(model, tok, prompt: list[int], tag: dict, max_tokens: int, bias: dict) -> list[int]:
+    """Greedy decoding with no engine, the structural tag compiled here by xgrammar (its legacy
+    StructuralTagItem API for the structures form) over the tokenizer's bytes; tokens holding UTF-8
+    surrogate bytes masked as the engine does."""
+    V = model.config.vocab_size
+    vocab = [tok.token_bytes(i) for i in range(tok.num_base_tokens)]
+    info = xgr.TokenizerInfo(vocab, vocab_type=xgr.VocabType.RAW, vocab_size=V)
+    compiler = xgr.GrammarCompiler(info)
+    if "format" in tag:
+        compiled = compiler.compile_structural_tag(json.dumps(tag))
+    else:
+        items = [xgr.StructuralTagItem(begin=s["begin"], schema=json.dumps(s["schema"]), end=s["end"])
+                 for s in tag["structures"]]
+        compiled = compiler.compile_structural_tag(items, tag["triggers"])
+    ok = torch.tensor([not any(a == 0xED and 0xA0 <= b <= 0xBF for a, b in zip(v, v[1:])) for v in vocab]
+                      + [True] * (V - len(vocab)))
+    matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=sorted(set(tok.stop_token_ids) | {1}))
+    bitmask = xgr.allocate_token_bitmask(1, V)
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            logits = model(torch.tensor([ids]))[0, -1].float()
+            for t, b in bias.items():
+                logits[t] += b
+            matcher.fill_next_token_bitmask(bitmask)
+            allowed = ((bitmask[0, :, None] >> torch.arange(32, dtype=torch.int32)) & 1).reshape(-1)[:V].bool() & ok
+            t = int(logits.masked_fill(~allowed, float("-inf")).argmax())
+            if out and out[-1] < len(vocab) and vocab[out[-1]][-1:] == b"\xed":
+                assert not (vocab[t][:1] and 0xA0 <= vocab[t][0] <= 0xBF)
+            out.append(t)
+            ids.append(t)
+            assert matcher.accept_token(t)
+            if matcher.is_terminated():
+                break
+    return out
+
+
+def test_structural_tag_fields_are_checked():
+    with pytest.raises(ValueError, match="structural_tag must be"):
+        StructuredOutput(structural_tag={"type": "other"})
+    with pytest.raises(ValueError, match="not valid JSON"):
+        StructuredOutput(structural_tag="{")
+    spec = StructuredOutput(structural_tag=json.dumps(TAG_FORMAT))
+    assert spec.kind == "structural_tag" and spec.key == StructuredOutput(structural_tag=TAG_FORMAT).key
+
+
+@pytest.mark.parametrize("tag", ["format", "legacy"])
+def test_structural_tag_equals_a_plain_masked_loop(model, tok, llm, tag):
+    prompt = tok.encode("The answer is")
+    spec = TAG_FORMAT if tag == "format" else TAG_LEGACY
+    # the legacy form is free text until a trigger: push the model towards "<" so that it fires
+    bias = {} if tag == "format" else {t: 8.0 for t in range(tok.num_base_tokens) if tok.token_bytes(t) == b"<"}
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=60, logit_bias=bias or None,
+                                              structured=StructuredOutput(structural_tag=spec)))[0]
+    assert out.token_ids == structural_tag_reference(model, tok, prompt, spec, 60, bias)
+    text = out.text
+    if tag == "format":
+        assert out.finish_reason == "stop" and text.startswith("<answer>") and text.endswith("</answer>")
+        assert json.loads(text[len("<answer>"):-len("</answer>")])["x"] in range(100)
+    else:
+        assert "<answer>" in text
+        body = text.split("<answer>", 1)[1]
+        if "</answer>" in body:
+            assert json.loads(body.split("</answer>")[0])["x"] in range(100)
+
+
+def test_bad_structural_tags_are_request_errors(llm):
+    from moonlet.engine.structured import StructuredOutputError
+
+    bad = {"type": "structural_tag", "format": {"type": "no_such_element"}}
+    with pytest.raises(StructuredOutputError, match="structural"):
+        llm.generate("x", SamplingParams(max_tokens=2, structured=StructuredOutput(structural_tag=bad, param="p")))
+    no_triggers = {"type": "structural_tag", "structures": [{"begin": "<a>", "schema": ANSWER, "end": "</a>"}]}
+    with pytest.raises(StructuredOutputError, match="triggers"):
+        llm.generate("x", SamplingParams(max_tokens=2, structured=StructuredOutput(structural_tag=no_triggers)))

@@ -7,6 +7,7 @@ library a structured request is a 400 naming the extra to install."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import httpx
@@ -146,6 +147,24 @@ def test_completions_response_format_and_max_tokens_cut(stack):
         json.loads(cut.choices[0].text)
 
 
+@pytest.mark.parametrize("field", ["response_format", "structured_outputs"])
+def test_vllm_structural_tag(stack, field):
+    """A structural tag (vLLM's response_format type, and structured_outputs.structural_tag as JSON text):
+    the content is exactly the tagged sequence."""
+    server, _, _ = stack
+    tag = {"type": "structural_tag", "format": {"type": "sequence", "elements": [
+        {"type": "const_string", "value": "<city>"}, {"type": "regex", "pattern": "[A-Z][a-z]{1,8}"},
+        {"type": "const_string", "value": "</city>"}]}}
+    extra = {"response_format": tag} if field == "response_format" else {"structured_outputs": {
+        "structural_tag": json.dumps(tag)}}
+    r = post(server.url, "/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, "max_tokens": 40,
+                                                  "temperature": 1.0, "seed": 3, "chat_template_kwargs": NO_THINK,
+                                                  **extra})
+    assert r.status_code == 200, r.text
+    content = r.json()["choices"][0]["message"]["content"]
+    assert re.fullmatch(r"<city>[A-Z][a-z]{1,8}</city>", content), content
+
+
 def test_responses_text_format(stack):
     server, _, _ = stack
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
@@ -194,7 +213,11 @@ def test_anthropic_output_format(stack, field):
      "response_format.json_schema.schema", "cannot compile"),
     ("/v1/chat/completions", {"structured_outputs": {"regex": "(open"}}, "structured_outputs", "cannot compile"),
     ("/v1/chat/completions", {"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag",
-     "not supported"),
+     "the structural tag must be"),
+    ("/v1/chat/completions", {"structured_outputs": {"structural_tag": {"type": "structural_tag", "format": {
+        "type": "nope"}}}}, "structured_outputs", "cannot compile"),
+    ("/v1/chat/completions", {"structured_outputs": {"regex": "a", "structural_tag": "{}"}}, "structured_outputs",
+     "exactly one"),
     ("/v1/chat/completions", {"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs",
      "cannot compile"),
     ("/v1/chat/completions", {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
