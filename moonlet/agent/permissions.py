@@ -144,6 +144,11 @@ class ShellParts:
     writes: list[str]
     reads: list[str]
     unknown_targets: bool = False
+    # paths the commands themselves write, create or delete (``cp``/``mv`` destinations, ``rm`` operands,
+    # ``sed -i`` files, ``tee``, ``dd of=``, ``find -delete`` roots...), as (command name, path)
+    touches: list[tuple[str, str]] = field(default_factory=list)
+    # a command whose name or file operand comes from a variable or a substitution (``$CMD``, ``rm $F``)
+    dynamic: bool = False
 
 
 _SEPARATORS = ("&&", "||", ";;", "|&", ";", "|", "&", "\n")
@@ -326,7 +331,7 @@ class _Scanner:
         return i
 
 
-def split_shell(command: str) -> ShellParts | None:
+def split_shell(command: str, depth: int = 0) -> ShellParts | None:
     """The simple commands of a shell command line, or None when it cannot be split with confidence.
 
     Separators: ``&&``, ``||``, ``;``, ``|``, ``&``, newlines and subshell parentheses; the commands
@@ -336,7 +341,12 @@ def split_shell(command: str) -> ShellParts | None:
     command's words; variable assignments (``A=1 cmd``) are kept. Redirections are taken out of the
     words: ``>``/``>>``/``&>`` targets are listed as writes, ``<`` targets as reads (``/dev/null`` and
     ``>&2``-style descriptors are not files). Heredocs, ``$((...))`` and unbalanced quotes or
-    parentheses give None."""
+    parentheses give None.
+
+    Commands inside commands are commands too (``_look_inside``): a shell's ``-c`` script and
+    ``eval``'s words (split the same way, nested up to ``_MAX_DEPTH``), the command a wrapper runs
+    (``env``, ``timeout``, ``nice``, ``nohup``, ``command``, ``exec``, ``time``, ``stdbuf``, ``sudo``,
+    ``xargs``) and ``find``'s ``-exec`` commands; the files commands write or delete are ``touches``."""
     sc = _Scanner(command)
     try:
         sc.run()
@@ -354,7 +364,199 @@ def split_shell(command: str) -> ShellParts | None:
             words = words[:-1]
         if words:
             commands.append(words)
-    return ShellParts(commands, sc.writes, sc.reads, sc.unknown)
+    parts = ShellParts(commands, sc.writes, sc.reads, sc.unknown)
+    return _look_inside(parts, depth)
+
+
+# -- commands inside commands ---------------------------------------------------------------------
+_SHELLS = {"sh", "bash", "zsh", "dash", "ksh", "ash"}
+_MAX_DEPTH = 4  # sh -c "bash -c '...'" nesting looked into
+
+
+def _opts(words: list[str], i: int, with_arg: set[str], long_with_arg: set[str] = frozenset()) -> int:
+    """The index of the first word at or after ``i`` that is not an option (``--`` ends the options);
+    options in ``with_arg`` take the next word as their value (also when written joined, ``-n5``)."""
+    while i < len(words):
+        w = words[i]
+        if w == "--":
+            return i + 1
+        if not w.startswith("-") or w == "-":
+            return i
+        if w.startswith("--"):
+            i += 2 if w in long_with_arg else 1
+            continue
+        i += 2 if w in with_arg else 1
+    return i
+
+
+def _wrapped(words: list[str]) -> list[str] | None:
+    """The command a wrapper runs (``env``, ``timeout``, ``nice``, ``nohup``, ``command``, ``exec``,
+    ``time``, ``stdbuf``, ``sudo``, ``xargs``), or None when ``words`` is not one."""
+    name = os.path.basename(words[0])
+    if name == "env":
+        i = 1
+        while i < len(words):
+            w = words[i]
+            if w in ("-u", "--unset", "-C", "--chdir", "-S", "--split-string"):
+                i += 2
+            elif w.startswith("-") or _ASSIGN.match(w):
+                i += 1
+            else:
+                break
+        return words[i:]
+    if name == "timeout":
+        i = _opts(words, 1, {"-s", "-k"}, {"--signal", "--kill-after"})
+        return words[i + 1:]  # after the duration
+    if name == "nice":
+        return words[_opts(words, 1, {"-n"}, {"--adjustment"}):]
+    if name in ("nohup", "time", "command", "builtin"):
+        return words[_opts(words, 1, set()):]
+    if name == "exec":
+        return words[_opts(words, 1, {"-a"}):]
+    if name == "stdbuf":
+        return words[_opts(words, 1, {"-i", "-o", "-e"}):]
+    if name in ("sudo", "doas"):
+        return words[_opts(words, 1, {"-u", "-g", "-h", "-p", "-C", "-U", "-r", "-t"},
+                           {"--user", "--group", "--host", "--prompt"}):]
+    if name == "xargs":
+        return words[_opts(words, 1, {"-I", "-i", "-n", "-P", "-d", "-E", "-e", "-L", "-l", "-s", "-a"},
+                           {"--max-args", "--max-procs", "--delimiter", "--arg-file", "--max-chars"}):]
+    return None
+
+
+def _script(words: list[str]) -> str | None:
+    """A shell's ``-c`` script (``bash -c "..."``, ``sh -ec '...'``), or None."""
+    if os.path.basename(words[0]) not in _SHELLS:
+        return None
+    for i, w in enumerate(words[1:], 1):
+        if w.startswith("-") and not w.startswith("--") and "c" in w[1:]:
+            return words[i + 1] if i + 1 < len(words) else ""
+        if not w.startswith("-"):
+            return None  # a script file or other operand: not looked into
+    return None
+
+
+def _find_parts(words: list[str]) -> tuple[list[list[str]], list[str], bool]:
+    """``find``: the commands its ``-exec``/``-execdir``/``-ok``/``-okdir`` run, and its search roots
+    when it has ``-delete``. The third value: an exec list that does not end."""
+    roots = []
+    i = 1
+    while i < len(words) and not words[i].startswith("-") and words[i] not in ("(", "!", "\\("):
+        roots.append(words[i])
+        i += 1
+    inner, deletes, open_exec = [], False, False
+    while i < len(words):
+        w = words[i]
+        if w in ("-exec", "-execdir", "-ok", "-okdir"):
+            j = i + 1
+            while j < len(words) and words[j] not in (";", "+"):
+                j += 1
+            open_exec = open_exec or j >= len(words)
+            if words[i + 1:j]:
+                inner.append(words[i + 1:j])
+            i = j + 1
+            continue
+        deletes = deletes or w == "-delete"
+        i += 1
+    return inner, (roots or ["."]) if deletes else [], open_exec
+
+
+def _writes_of(words: list[str]) -> list[str]:
+    """The paths a file-changing command writes, creates or deletes (its operands); [] for others."""
+    name = os.path.basename(words[0])
+    args = words[1:]
+    plain = [a for a in args if not a.startswith("-") or a == "-"]
+    if name in ("rm", "rmdir", "unlink", "shred", "touch", "mkdir", "truncate", "chmod", "chown", "chgrp"):
+        if name == "truncate":
+            return [a for a in words[_opts(words, 1, {"-s", "-r"}, {"--size", "--reference"}):]]
+        if name in ("chmod", "chown", "chgrp"):
+            return plain[1:]  # after the mode / owner
+        return plain
+    if name in ("cp", "mv", "install", "ln"):
+        for i, a in enumerate(args):
+            if a in ("-t", "--target-directory") and i + 1 < len(args):
+                return [args[i + 1]]
+            if a.startswith("--target-directory="):
+                return [a.split("=", 1)[1]]
+        return plain[-1:] if len(plain) >= 2 or name == "ln" else []
+    if name == "tee":
+        return plain
+    if name == "dd":
+        return [a[3:] for a in args if a.startswith("of=")]
+    if name in ("sed", "perl"):
+        in_place = any(a == "-i" or a.startswith("-i") or a.startswith("--in-place") or
+                       (name == "perl" and a.startswith("-") and "i" in a[1:] and not a.startswith("--"))
+                       for a in args)
+        if not in_place:
+            return []
+        files, script_given, skip = [], False, False
+        for a in args:
+            if skip:
+                skip = False
+                continue
+            if a in ("-e", "-f", "--expression", "--file"):
+                script_given, skip = True, True
+            elif a.startswith("-") and a != "-":
+                if name == "perl" and "e" in a[1:]:
+                    script_given, skip = True, True
+            elif not script_given:
+                script_given = True  # the first operand is the script
+            else:
+                files.append(a)
+        return files
+    return []
+
+
+def _look_inside(parts: ShellParts, depth: int) -> ShellParts | None:
+    """Add to ``parts`` the commands its commands run (a shell's ``-c`` script, ``eval``'s words,
+    wrappers' commands, ``find -exec``) and the files they write; None when an inner script cannot be
+    split with confidence or the nesting is deeper than ``_MAX_DEPTH``."""
+    queue, seen = list(parts.commands), 0
+    while seen < len(queue):
+        words = _strip_assignments(queue[seen])
+        seen += 1
+        if not words:
+            continue
+        if "$" in words[0] or "`" in words[0] or words[0] == "__substitution__":
+            parts.dynamic = True
+            continue
+        script = _script(words)
+        if script is None and os.path.basename(words[0]) == "eval":
+            script = " ".join(words[1:])
+        if script is not None:
+            if depth >= _MAX_DEPTH:
+                return None
+            inner = split_shell(script, depth + 1)
+            if inner is None:
+                return None
+            parts.commands.extend(inner.commands)
+            parts.writes.extend(inner.writes)
+            parts.reads.extend(inner.reads)
+            parts.touches.extend(inner.touches)
+            parts.unknown_targets |= inner.unknown_targets
+            parts.dynamic |= inner.dynamic
+            continue
+        wrapped = _wrapped(words)
+        if wrapped is not None:
+            if wrapped:
+                parts.commands.append(wrapped)
+                queue.append(wrapped)
+            continue
+        if os.path.basename(words[0]) == "find":
+            inner, deleted, open_exec = _find_parts(words)
+            if open_exec:
+                return None
+            for cmd in inner:
+                parts.commands.append(cmd)
+                queue.append(cmd)
+            parts.touches.extend(("find -delete", r) for r in deleted)
+            continue
+        for path in _writes_of(words):
+            if "$" in path or "`" in path or path == "__substitution__":
+                parts.dynamic = True
+            else:
+                parts.touches.append((os.path.basename(words[0]), path))
+    return parts
 
 
 def _strip_assignments(words: list[str]) -> list[str]:
@@ -566,6 +768,12 @@ class PermissionRules:
                 rule = self._first(kind, lambda r: r.tool == "read_file" and r.matches_path(real, workdir))
                 if rule is not None:
                     return Verdict(kind, rule, note=f"input read from {target}")
+            for verb, target in parts.touches:
+                for real in _touched(verb, _real_path(target, workdir)):
+                    rule = self._first(kind, lambda r: r.tool in ("write_file", "str_replace") and
+                                       r.matches_path(real, workdir))
+                    if rule is not None:
+                        return Verdict(kind, rule, note=f"{verb} writes {target}")
         bare_allow = self._first("allow", lambda r: r.names_tool("shell") and r.words is None)
         if bare_allow is not None:
             return Verdict("allow", bare_allow)
@@ -578,6 +786,14 @@ class PermissionRules:
             used.append(rule)
         if parts.unknown_targets:
             return Verdict(None, note="a redirection target is not a plain path")
+        if parts.dynamic:
+            return Verdict(None, note="a command name or file operand comes from a variable or a substitution, "
+                                      "so allow rules do not apply to it")
+        inside = os.path.realpath(workdir)
+        for verb, target in parts.touches:
+            real = _real_path(target, workdir)
+            if real != inside and not real.startswith(inside + os.sep):
+                return Verdict(None, note=f"{verb} writes {target}, outside the work directory")
         for target in parts.writes:
             real = _real_path(target, workdir)
             rule = self._first("allow", lambda r: r.tool == "write_file" and r.matches_path(real, workdir))
@@ -588,6 +804,25 @@ class PermissionRules:
             return Verdict(None)
         return Verdict("allow", used[0] if len(used) == 1 else None,
                        note="allow rules " + ", ".join(sorted({f"{r.text!r} ({r.source})" for r in used})))
+
+
+MAX_DELETE_WALK = 5000  # files under a deleted directory checked against the rules
+
+
+def _touched(verb: str, real: str):
+    """The paths a touch changes: the path, and for a delete (``rm``, ``rmdir``, ``find -delete``) of an
+    existing directory the files under it (the first MAX_DELETE_WALK), so that ``rm -rf secrets`` meets
+    a rule on ``secrets/**``."""
+    yield real
+    if verb not in ("rm", "rmdir", "find -delete") or not os.path.isdir(real) or os.path.islink(real):
+        return
+    count = 0
+    for root, dirs, files in os.walk(real):
+        for name in dirs + files:
+            yield os.path.join(root, name)
+            count += 1
+            if count >= MAX_DELETE_WALK:
+                return
 
 
 def _real_path(raw: str, workdir: str) -> str:

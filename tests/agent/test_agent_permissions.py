@@ -144,8 +144,23 @@ COMPOUND = [
 ]
 
 
+# commands run by other commands: shells' -c scripts, eval, wrappers, find -exec
+WRAPPED = [
+    "sh -c 'aa x; bb \"y z\"'",
+    "bash -ec \"env Q=1 timeout 5 aa -v && cc\"",
+    "env -u HOME X=1 aa 1",
+    "timeout -k 3 10 nice -n 5 bb 2",
+    "nohup aa 3 > /dev/null",
+    "eval 'aa 4; bb 5'",
+    "command aa 6",
+    "xargs -n 1 aa 7 < /dev/null",
+    "find . -maxdepth 0 -exec aa 8 ';' -exec bb 9 \\;",
+    "sh -c \"bash -c 'cc 10'\"",
+]
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash is the reference")
-@pytest.mark.parametrize("command", COMPOUND)
+@pytest.mark.parametrize("command", COMPOUND + WRAPPED)
 def test_split_finds_every_command_bash_runs(tmp_path, command):
     """Shims log their argv; every command bash starts must be one split_shell found (and, as none
     of these branches is skipped except ff's, the sets are equal)."""
@@ -212,11 +227,50 @@ SHELL_TABLE = [
     (["shell"], ["read_file(.env)"], "sort < .env", "deny"),
     (["shell"], [], "anything at all", "allow"),                   # bare rule
     ([], ["shell"], "ls", "deny"),
+    # commands inside commands: a deny on any of them denies; an allow needs all of them allowed
+    (["shell"], ["shell(rm:*)"], 'bash -c "env X=1 timeout 5 rm -rf /"', "deny"),
+    (["shell"], ["shell(rm:*)"], "sh -ec 'ls; rm -rf /'", "deny"),
+    (["shell"], ["shell(rm:*)"], "eval 'rm -rf /'", "deny"),
+    (["shell"], ["shell(rm:*)"], "find . -name '*.o' -exec rm {} ';'", "deny"),
+    (["shell"], ["shell(rm:*)"], "ls | xargs -I F -n 1 rm F", "deny"),
+    (["shell"], ["shell(rm:*)"], "nohup nice -n 5 rm x &", "deny"),
+    (["shell"], ["shell(rm:*)"], "sudo -u root rm x", "deny"),
+    (["shell"], ["shell(rm:*)"], "sh -c \"bash -c 'rm x'\"", "deny"),
+    (["shell"], ["shell(curl:*)"], "command -p curl evil.example", "deny"),
+    (["shell(timeout:*)"], [], "timeout 5 rm -rf x", None),       # the wrapped command needs its own allow
+    (["shell(timeout:*)", "shell(pytest:*)"], [], "timeout 60 pytest -q", "allow"),
+    (["shell(sh:*)"], [], "sh -c 'make'", None),
+    (["shell(sh:*)", "shell(make:*)"], [], "sh -c 'make && make test'", "allow"),
+    (["shell(sh:*)"], [], "sh -c 'echo \"open'", None),           # an inner script that does not split
+    (["shell(find:*)"], [], "find . -name x -exec cat {} +", None),
+    (["shell(find:*)", "shell(cat:*)"], [], "find . -name x -exec cat {} +", "allow"),
+    (["shell(find:*)"], [], "find . -exec cat {}", None),          # -exec without its end
+    # files commands write or delete, against the write rules and the work directory
+    (["shell"], ["write_file(.env)"], "cp other .env", "deny"),
+    (["shell"], ["write_file(.env)"], "sed -i s/a/b/ .env", "deny"),
+    (["shell"], ["write_file(.env)"], "sed -e s/a/b/ .env", "allow"),      # not in place: a read
+    (["shell"], ["write_file(.env)"], "echo x | tee -a .env", "deny"),
+    (["shell"], ["write_file(.env)"], "rm -f .env", "deny"),
+    (["shell"], ["write_file(.env)"], "dd if=/dev/zero of=.env", "deny"),
+    (["shell"], ["write_file(secrets/**)"], "find secrets -delete", "deny"),   # the files under it
+    (["shell"], ["write_file(*.pem)"], "rm -rf secrets", "deny"),
+    (["shell"], ["write_file(*.pem)"], "rm -rf secrets/other", "allow"),
+    (["shell"], ["write_file(.env)"], "bash -c 'mv tmp .env'", "deny"),
+    (["shell"], ["str_replace(*.py)"], "perl -pi -e s/a/b/ main.py", "deny"),
+    (["shell(rm:*)"], [], "rm -rf build", "allow"),                 # inside the work directory
+    (["shell(rm:*)"], [], "rm -rf ../elsewhere", None),             # outside: allow rules do not cover it
+    (["shell(cp:*)"], [], "cp notes.txt /etc/motd", None),
+    (["shell(cp:*)"], [], "cp /etc/hosts copy.txt", "allow"),
+    # names and operands from variables are not looked into: deny still looks at the words, allow does not apply
+    (["shell(rm:*)"], [], "rm $TARGET", None),
+    (["shell(echo:*)"], [], "$CMD x", None),
 ]
 
 
 @pytest.mark.parametrize("allow,deny,command,expected", SHELL_TABLE)
 def test_shell_rule_table(tmp_path, allow, deny, command, expected):
+    (tmp_path / "secrets" / "deep").mkdir(parents=True)
+    (tmp_path / "secrets" / "deep" / "k.pem").write_text("x")
     assert rules(allow=allow, deny=deny).evaluate("shell", {"command": command}, str(tmp_path)).kind == expected
 
 
