@@ -374,9 +374,10 @@ def _sandbox(args, saved: dict | None, workdir: str):
     return config
 
 
-def _approval(args, saved_mode: str | None, rules=None):
+def _approval(args, saved_mode: str | None, rules=None, workdir: str | None = None):
     from .approval import ApprovalPolicy, terminal_prompt
-    mode = "yolo" if args.yolo else (args.approval or saved_mode or "reads")
+    settings_mode = rules.default_mode(workdir) if rules is not None and workdir is not None else None
+    mode = "yolo" if args.yolo else (args.approval or saved_mode or settings_mode or "reads")
     return ApprovalPolicy(mode, terminal_prompt if sys.stdin.isatty() else None, rules)
 
 
@@ -563,7 +564,7 @@ async def _run_async(args, resume: bool) -> int:
             return apply_profile(make_tools(depth, config.max_depth, sources=sess.mcp_clients), launch.get("tools"),
                                  launch.get("tool_overrides"))
 
-        approval = _approval(args, (saved or {}).get("approval"), rules)
+        approval = _approval(args, (saved or {}).get("approval"), rules, workdir)
         kwargs = dict(events=_events(args), approval=approval, tool_factory=factory, hooks=hooks)
         if resume:
             agent = Agent.restore(store, session["id"], sess.client, factory(0), workspace, config=config, **kwargs)

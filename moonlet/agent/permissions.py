@@ -662,6 +662,16 @@ class PermissionRules:
 
     def __init__(self, rules: list[Rule] | None = None):
         self.rules: list[Rule] = list(rules or [])
+        self.default_modes: dict[str, str] = {}  # settings file -> its permissions.defaultMode (a moonlet mode)
+
+    def default_mode(self, workdir: str) -> str | None:
+        """The approval mode the settings files ask for (``permissions.defaultMode``): the local
+        project file's, else the project's, else the user's; None when none says."""
+        project, local, user = settings_files(workdir)
+        for path in (local, project, user):
+            if path in self.default_modes:
+                return self.default_modes[path]
+        return None
 
     def __bool__(self) -> bool:
         return bool(self.rules)
@@ -684,8 +694,11 @@ class PermissionRules:
         if not isinstance(perms, dict):
             raise PermissionRuleError(f"{source}: 'permissions' must be an object with allow/ask/deny lists")
         for kind, texts in perms.items():
-            if kind in ("defaultMode", "additionalDirectories"):
-                continue   # Claude Code keys moonlet does not use
+            if kind == "defaultMode":
+                self.default_modes[source] = _default_mode(texts, source)
+                continue
+            if kind == "additionalDirectories":
+                continue   # a Claude Code key moonlet does not use (its file tools stay in the work directory)
             self.add(kind, texts, source)
 
     def load_file(self, path: str) -> None:
@@ -860,6 +873,21 @@ def remember_rules(name: str, args: dict) -> list[str]:
         if rule not in rules:
             rules.append(rule)
     return rules
+
+
+# Claude Code's permission modes, as moonlet's approval modes
+_CLAUDE_MODES = {"default": "reads", "acceptEdits": "edits", "bypassPermissions": "yolo", "plan": "plan"}
+
+
+def _default_mode(value, source: str) -> str:
+    from .approval import MODES
+
+    if value in MODES:
+        return value
+    if value in _CLAUDE_MODES:
+        return _CLAUDE_MODES[value]
+    raise PermissionRuleError(f"{source}: permissions.defaultMode {value!r} is not an approval mode; use one of "
+                              f"{', '.join(MODES)} (or Claude Code's {', '.join(_CLAUDE_MODES)})")
 
 
 def load_rules(workdir: str, cli: dict | None = None) -> PermissionRules:

@@ -505,3 +505,29 @@ def test_deny_rule_beats_a_hooks_allow_and_ask_rule_still_asks(tmp_path):
     assert (tmp_path / "x").exists() and "deny rule 'shell(rm:*)' from test" in result_text(rm)
     assert len(prompt.asked) == 1 and "git status" in prompt.asked[0] and "ask rule 'shell(git:*)'" in prompt.asked[0]
     assert git.get("is_error") and "hooked" in result_text(echo)  # the hook's allow ran echo unasked
+
+
+def test_settings_default_mode(tmp_path, monkeypatch):
+    import argparse
+
+    from moonlet.agent.cli import _approval
+
+    work, home = tmp_path / "w", tmp_path / "home"
+    (work / ".moonlet").mkdir(parents=True)
+    home.mkdir()
+    monkeypatch.setenv("MOONLET_HOME", str(home))
+    assert load_rules(str(work)).default_mode(str(work)) is None
+    (home / "settings.json").write_text(json.dumps({"permissions": {"defaultMode": "bypassPermissions"}}))
+    assert load_rules(str(work)).default_mode(str(work)) == "yolo"       # Claude Code's name, the user's file
+    (work / ".moonlet" / "settings.json").write_text(json.dumps({"permissions": {"defaultMode": "acceptEdits"}}))
+    assert load_rules(str(work)).default_mode(str(work)) == "edits"      # the project's beats the user's
+    (work / ".moonlet" / "settings.local.json").write_text(json.dumps({"permissions": {"defaultMode": "plan"}}))
+    rules = load_rules(str(work))
+    assert rules.default_mode(str(work)) == "plan"                       # the local file's beats both
+    args = argparse.Namespace(yolo=False, approval=None)
+    assert _approval(args, None, rules, str(work)).mode == "plan"
+    assert _approval(argparse.Namespace(yolo=False, approval="ask"), None, rules, str(work)).mode == "ask"  # flag wins
+    assert _approval(args, "reads", rules, str(work)).mode == "reads"    # a resumed session keeps its mode
+    (work / ".moonlet" / "settings.local.json").write_text(json.dumps({"permissions": {"defaultMode": "sometimes"}}))
+    with pytest.raises(PermissionRuleError, match=r"settings.local.json: permissions.defaultMode 'sometimes'"):
+        load_rules(str(work))
